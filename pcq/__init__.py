@@ -1,0 +1,1 @@
+"""pcq: producer -> many-consumer work, on one machine or across many."""

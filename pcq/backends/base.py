@@ -1,0 +1,346 @@
+"""The queue interface every backend implements.
+
+A :class:`Queue` is one named, bounded, multi-producer multi-consumer queue with
+task-done counting.  Public methods keep the books — encoding, batching,
+decoding, sentinel and failure handling — and call a small set of ``_underscored``
+primitives that move opaque ``bytes``.  A backend implements only those.
+
+Life of a task::
+
+    put / put_many ──► ready ──take──► in flight ──ack──► done
+                         ▲                 │  └─ack(failure)─► delayed ─► ready (retry)
+                         │                 │                └─► dead (no retries left)
+                         └──reap / give back (consumer died or is shutting down)
+
+Contracts every backend keeps (``tests/conformance`` checks them):
+
+* **At-least-once.**  A task leaves the queue for good only when it is
+  acknowledged.  The tasks of a consumer that dies go back to ready (``reap``).
+* **Task-done counting.**  ``pending`` = put and not yet acknowledged (done or
+  dead).  ``join()`` returns when it is 0.  An acknowledgement for tasks that were
+  already handed to someone else changes no counter.
+* **Sentinel per consumer.**  ``close()`` places one sentinel per live consumer
+  behind all tasks; ``take`` never returns tasks after a sentinel, and a sentinel
+  of an earlier close epoch is dropped, never returned.
+* **Backpressure.**  With ``maxsize`` > 0, ``put`` blocks while about ``maxsize``
+  tasks are ready.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pcq.envelope import (
+    Batch,
+    Envelope,
+    Sentinel,
+    decode,
+    encode_dead,
+    encode_each,
+    encode_envelope,
+    encode_tasks,
+    new_tag,
+)
+from pcq.errors import DecodeError
+
+#: Largest number of tasks moved by one put or take.
+MAX_BATCH = 1024
+#: A batch should hold about this much handler work, so that the tasks of a slow
+#: handler spread over all consumers and a killed consumer loses little.
+TARGET_BATCH_SECONDS = 0.005
+#: A producer whose iterable took longer than this to yield an item is a trickle:
+#: every item is sent at once instead of waiting for a batch to fill.
+TRICKLE_SECONDS = 0.001
+
+
+@dataclass(slots=True)
+class Lease:
+    """Tasks taken by one consumer in one ``take``; acknowledged together.
+
+    ``batches`` hold the tasks in queue order.  ``bad`` holds messages that could
+    not be decoded, with the reason; ``ack`` dead-letters them.  ``sentinel`` is
+    set when the take ended at this consumer's sentinel: exit after handling
+    the batches.  ``receipt`` is the backend's own bookkeeping.
+    """
+
+    batches: list[Batch]
+    sentinel: Sentinel | None = None
+    bad: list[tuple[bytes, str]] = field(default_factory=list)
+    receipt: Any = None
+
+    @property
+    def size(self) -> int:
+        return sum(len(b.bodies) for b in self.batches)
+
+    def envelopes(self) -> Iterator[Envelope]:
+        for batch in self.batches:
+            yield from batch.envelopes()
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A task whose handler failed.  ``retry_in`` is None when it goes to dead letters."""
+
+    envelope: Envelope
+    error: str
+    traceback: str = ""
+    retry_in: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """A snapshot of a queue.  ``pending`` = put and not yet done or failed."""
+
+    ready: int
+    in_flight: int
+    pending: int
+    produced: int
+    done: int
+    failed: int
+    retried: int
+    dead: int
+    delayed: int
+    consumers: int
+    producers: int
+    closed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What ``ack`` hands a backend, already encoded."""
+
+    done: int  # tasks handled successfully
+    failed: int  # tasks that go to dead letters now
+    retry: list[tuple[bytes, float]]  # (message, delay in seconds)
+    dead: list[bytes]  # dead letters: failed tasks and undecodable messages
+    give_back: list[bytes]  # not started: back to ready, no attempt counted
+
+
+class Queue(ABC):
+    """One named queue on one backend.  See the module docstring for the contract.
+
+    A queue object may be handed to child processes (as a ``Process`` argument);
+    whatever it holds that cannot cross a process boundary (a socket) is rebuilt
+    in the child on first use.
+    """
+
+    #: Name this backend is registered under ("local", "redis").
+    backend: ClassVar[str]
+    #: True when a backend ships a batch of tasks as one message (local); False
+    #: when every task is a message of its own (redis: one list element a task).
+    one_message_per_batch: ClassVar[bool] = False
+
+    def __init__(self, name: str = "default", *, maxsize: int = 0) -> None:
+        self.name = name
+        self.maxsize = maxsize
+        self._tag_pid = -1
+        self._tag = ""
+        self._seq = 0
+
+    # ------------------------------------------------------------------ producing
+
+    def put(self, item: Any) -> None:
+        """Put one task; blocks while the queue is full."""
+        self._put_bodies([item])
+
+    def put_many(self, items: Iterable[Any]) -> int:
+        """Put every item of ``items`` in batches; returns how many were put.
+
+        Batches are as large as :meth:`batch_limit` allows (large for cheap
+        handlers, single tasks for expensive ones, so that tasks spread over all
+        consumers), and an item the iterable was slow to yield is sent at once:
+        a trickle is never held back waiting for a batch to fill.
+        """
+        count = 0
+        batch: list[Any] = []
+        limit = self.batch_limit()
+        clock = time.monotonic
+        last = clock()
+        for item in items:
+            batch.append(item)
+            now = clock()
+            if len(batch) >= limit or now - last > TRICKLE_SECONDS:
+                self._put_bodies(batch)
+                count += len(batch)
+                batch = []
+                limit = self.batch_limit()
+                now = clock()
+            last = now
+        if batch:
+            self._put_bodies(batch)
+            count += len(batch)
+        return count
+
+    def batch_limit(self) -> int:
+        """How many tasks one put may carry now (backends refine it from what
+        consumers report with :meth:`note_task_cost`)."""
+        return MAX_BATCH
+
+    def _put_bodies(self, bodies: Sequence[Any]) -> None:
+        if self._tag_pid != os.getpid():  # a forked child must not reuse its parent's ids
+            self._tag_pid, self._tag, self._seq = os.getpid(), new_tag(), 0
+        seq = self._seq
+        self._seq += len(bodies)
+        if self.one_message_per_batch:
+            self._put([encode_tasks(self._tag, seq, bodies)], len(bodies))
+        else:
+            self._put(encode_each(self._tag, seq, bodies), len(bodies))
+
+    # ------------------------------------------------------------------ consuming
+
+    def take(self, max_tasks: int = 1, timeout: float | None = None) -> Lease | None:
+        """Take up to ``max_tasks`` tasks (a backend may return a whole batch more).
+
+        Blocks up to ``timeout`` seconds (``None``: forever) for the first task;
+        returns None on timeout.  The tasks stay in flight, owned by this
+        consumer, until :meth:`ack`.  Call :meth:`attach_consumer` first.
+        """
+        got = self._take(max(1, max_tasks), timeout)
+        if got is None:
+            return None
+        messages, receipt = got
+        lease = Lease([], receipt=receipt)
+        for raw in messages:
+            try:
+                msg = decode(raw)
+            except DecodeError as exc:
+                lease.bad.append((raw, str(exc)))
+                continue
+            if isinstance(msg, Batch):
+                lease.batches.append(msg)
+            elif self._sentinel_is_current(msg):
+                lease.sentinel = msg
+        return lease
+
+    def ack(
+        self,
+        lease: Lease,
+        failures: Sequence[Failure] = (),
+        give_back: Sequence[Envelope] = (),
+    ) -> None:
+        """Acknowledge a lease: every task in it is done, except ``failures``
+        (retried or dead-lettered) and ``give_back`` (returned to ready, unstarted).
+
+        This is ``task_done`` for the whole lease.  Acknowledging a lease whose
+        tasks were already reaped and handed to another consumer changes no counter.
+        """
+        retry: list[tuple[bytes, float]] = []
+        dead = [encode_dead(None, reason, raw=raw) for raw, reason in lease.bad]
+        failed = 0
+        for f in failures:
+            if f.retry_in is None:
+                dead.append(encode_dead(f.envelope, f.error, f.traceback))
+                failed += 1
+            else:
+                env = f.envelope
+                again = Envelope(env.tag, env.seq, env.body, env.attempts + 1, env.enqueued_at)
+                retry.append((encode_envelope(again), f.retry_in))
+        back = [encode_envelope(env) for env in give_back]
+        done = lease.size - len(failures) - len(back)
+        self._ack(lease, Outcome(done, failed, retry, dead, back))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until every task put is acknowledged; False if ``timeout`` ran out.
+
+        Reaps the tasks of dead consumers while it waits, so a consumer that died
+        never makes it hang.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.0005
+        next_reap = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_reap:
+                self.reap()
+                next_reap = now + self.reap_interval
+            if self.counters().pending <= 0:
+                return True
+            if deadline is not None and now >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    #: How often ``join`` and idle consumers look for dead consumers' tasks.
+    reap_interval: float = 1.0
+
+    @abstractmethod
+    def close(self) -> None:
+        """Put one sentinel per live consumer behind all tasks.  Idempotent."""
+
+    @abstractmethod
+    def reap(self) -> int:
+        """Return the in-flight tasks of dead consumers to ready; how many."""
+
+    def evict(self, pid: int) -> int:
+        """A supervisor saw its consumer process ``pid`` die: return that
+        consumer's in-flight tasks to ready now, not at the next reap."""
+        return self.reap()
+
+    @abstractmethod
+    def counters(self) -> Counters: ...
+
+    @abstractmethod
+    def attach_consumer(self) -> None:
+        """Register the calling process as a consumer (in the consumer process)."""
+
+    @abstractmethod
+    def detach_consumer(self) -> None:
+        """Unregister; anything still in flight for it goes back to ready."""
+
+    @abstractmethod
+    def attach_producer(self) -> None:
+        """Register a producer; while any is attached, the queue stays open."""
+
+    @abstractmethod
+    def detach_producer(self, close_if_last: bool = True) -> None:
+        """Unregister a producer; the last one out closes the queue."""
+
+    def note_task_cost(self, seconds_per_task: float) -> None:  # noqa: B027 - optional hook
+        """Consumers report what a task costs, so producers can size batches."""
+
+    def dispose(self) -> None:  # noqa: B027 - optional hook
+        """Free what this queue object holds in this process (files, connections)."""
+
+    # ------------------------------------------------------------------ dead letters
+
+    @abstractmethod
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def requeue_dead(self) -> int:
+        """Put every dead-lettered task back in ready with its attempts reset."""
+
+    @abstractmethod
+    def purge_dead(self) -> int: ...
+
+    @abstractmethod
+    def purge(self) -> int:
+        """Drop every task that is ready or delayed and reset the counters."""
+
+    # ------------------------------------------------------------------ primitives
+
+    @abstractmethod
+    def _put(self, messages: list[bytes], tasks: int) -> None:
+        """Append ``messages`` (holding ``tasks`` tasks) to ready and count them
+        pending, atomically; block while the queue is full."""
+
+    @abstractmethod
+    def _take(self, max_tasks: int, timeout: float | None) -> tuple[list[bytes], Any] | None:
+        """Move up to ``max_tasks`` messages from ready into this consumer's in-flight
+        set, atomically, stopping after a sentinel.  Returns (messages, receipt)."""
+
+    @abstractmethod
+    def _ack(self, lease: Lease, outcome: Outcome) -> None:
+        """Remove the lease from in flight and apply ``outcome`` atomically; a stale
+        lease (no longer in flight for this consumer) changes nothing."""
+
+    def _sentinel_is_current(self, sentinel: Sentinel) -> bool:
+        """False for a sentinel of an earlier close epoch (dropped, not obeyed)."""
+        return True

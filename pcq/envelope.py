@@ -1,0 +1,199 @@
+"""What travels through a queue, and the one place that encodes and decodes it.
+
+Backends move opaque ``bytes``; only this module knows their layout.  Every
+message is a msgpack array that starts with ``MAGIC`` and a kind:
+
+``[MAGIC, TASKS, tag, seq, attempts, enqueued_at, [body, ...]]``
+    One or more tasks that share a producer ``tag``, a first sequence number,
+    an attempt count and an enqueue time.  Task ``i`` has the id
+    ``f"{tag}-{seq + i}"``.  The local backend ships a whole batch as one
+    message; the Redis backend stores one task per list element.
+``[MAGIC, SENTINEL, epoch]``
+    "Stop": one per live consumer, placed behind all tasks by ``close()``.  The
+    epoch tells sentinels of an earlier run from those of this one.
+
+A sentinel is its own kind, so any msgpack value — ``None`` included — is a
+valid task body.  Pickle is never used: a queue writer must not be able to run
+code in a consumer.  Dead letters are msgpack maps (see :func:`encode_dead`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from pcq.errors import DecodeError, SerializationError
+
+MAGIC = 0x70  # 'p': cheap first check that a message is ours
+TASKS = 0
+SENTINEL = 1
+
+#: The first bytes of every encoded sentinel (fixarray of 3, MAGIC, SENTINEL);
+#: server-side scripts use it to stop a batch at a sentinel without decoding.
+SENTINEL_PREFIX = bytes([0x93, MAGIC, SENTINEL])
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One task: its body plus what the queue knows about it."""
+
+    tag: str
+    seq: int
+    body: Any
+    attempts: int = 0
+    enqueued_at: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return f"{self.tag}-{self.seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Tasks decoded from one message; cheap to iterate, envelopes built on demand."""
+
+    tag: str
+    seq: int
+    attempts: int
+    enqueued_at: float
+    bodies: list[Any]
+
+    def envelope(self, index: int) -> Envelope:
+        return Envelope(
+            self.tag, self.seq + index, self.bodies[index], self.attempts, self.enqueued_at
+        )
+
+    def envelopes(self) -> list[Envelope]:
+        return [self.envelope(i) for i in range(len(self.bodies))]
+
+
+@dataclass(frozen=True, slots=True)
+class Sentinel:
+    """The stop message of close epoch ``epoch``."""
+
+    epoch: int
+
+
+def new_tag() -> str:
+    """A producer tag: unique enough that ``tag-seq`` never repeats in practice."""
+    return os.urandom(6).hex()
+
+
+_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+def _packb(obj: Any) -> bytes:
+    data: bytes = _packer.pack(obj)
+    return data
+
+
+def _unencodable(bodies: Sequence[Any], exc: Exception) -> SerializationError:
+    for body in bodies:
+        try:
+            _packb(body)
+        except (TypeError, ValueError, OverflowError) as inner:
+            return SerializationError(
+                f"cannot encode a task of type {type(body).__name__!r}: {inner}"
+            )
+    return SerializationError(f"cannot encode tasks: {exc}")
+
+
+def encode_tasks(
+    tag: str,
+    seq: int,
+    bodies: Sequence[Any],
+    attempts: int = 0,
+    enqueued_at: float | None = None,
+) -> bytes:
+    """Encode ``bodies`` as one message.  Raises SerializationError naming the bad type."""
+    when = time.time() if enqueued_at is None else enqueued_at
+    try:
+        return _packb([MAGIC, TASKS, tag, seq, attempts, when, bodies])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _unencodable(bodies, exc) from exc
+
+
+def encode_each(tag: str, seq: int, bodies: Sequence[Any]) -> list[bytes]:
+    """Encode every body as a message of its own (ids ``seq``, ``seq+1``, ...)."""
+    when = time.time()
+    try:
+        return [
+            _packb([MAGIC, TASKS, tag, seq + i, 0, when, [body]]) for i, body in enumerate(bodies)
+        ]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _unencodable(bodies, exc) from exc
+
+
+def encode_envelope(env: Envelope) -> bytes:
+    """Encode one task with its id, attempts and enqueue time preserved (retries)."""
+    return encode_tasks(env.tag, env.seq, [env.body], env.attempts, env.enqueued_at)
+
+
+def encode_sentinel(epoch: int) -> bytes:
+    return _packb([MAGIC, SENTINEL, epoch])
+
+
+def decode(raw: bytes) -> Batch | Sentinel:
+    """Decode one message.  Raises DecodeError, with the reason, for anything else."""
+    try:
+        msg = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise DecodeError(f"not msgpack: {exc}") from exc
+    if not isinstance(msg, list) or len(msg) < 3 or msg[0] != MAGIC:
+        raise DecodeError("not a pcq envelope (no pcq header)")
+    kind = msg[1]
+    if kind == TASKS and len(msg) == 7:
+        _, _, tag, seq, attempts, when, bodies = msg
+        if (
+            isinstance(tag, str)
+            and isinstance(seq, int)
+            and isinstance(attempts, int)
+            and isinstance(when, (int, float))
+            and isinstance(bodies, list)
+        ):
+            return Batch(tag, seq, attempts, float(when), bodies)
+    elif kind == SENTINEL and len(msg) == 3 and isinstance(msg[2], int):
+        return Sentinel(msg[2])
+    raise DecodeError(f"malformed pcq envelope (kind {kind!r}, {len(msg)} fields)")
+
+
+def encode_dead(
+    env: Envelope | None, error: str, traceback: str = "", raw: bytes | None = None
+) -> bytes:
+    """A dead letter: the task (or the raw bytes that could not be decoded) and why."""
+    record: dict[str, Any] = {"error": error, "traceback": traceback, "failed_at": time.time()}
+    if env is not None:
+        record.update(
+            id=env.id,
+            tag=env.tag,
+            seq=env.seq,
+            body=env.body,
+            attempts=env.attempts,
+            enqueued_at=env.enqueued_at,
+        )
+    if raw is not None:
+        record["raw"] = raw
+    return _packb(record)
+
+
+def decode_dead(raw: bytes) -> dict[str, Any]:
+    """Decode a dead letter written by :func:`encode_dead` (garbage becomes ``{"raw": ...}``)."""
+    try:
+        record = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception:
+        return {"error": "unreadable dead letter", "raw": raw}
+    if not isinstance(record, dict):
+        return {"error": "unreadable dead letter", "raw": raw}
+    return record
+
+
+def envelope_from_dead(record: dict[str, Any]) -> Envelope | None:
+    """The task a dead letter holds, ready to be requeued with its attempts reset."""
+    if "tag" not in record or "seq" not in record:
+        return None
+    return Envelope(str(record["tag"]), int(record["seq"]), record.get("body"), 0, time.time())

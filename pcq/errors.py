@@ -1,0 +1,47 @@
+"""The exceptions a pcq user can catch.
+
+Everything pcq raises on purpose derives from :class:`PcqError`::
+
+    PcqError
+    ├── ConfigError              bad option, URL, backend name or PRODUCER/HANDLER spec
+    │   └── ImportSpecError      "module:function" that cannot be imported or called
+    ├── SerializationError       a task body msgpack cannot carry
+    ├── DecodeError              a queue message that is not a pcq envelope
+    ├── BackendUnavailable       the queue's server cannot be reached (or refused us)
+    └── TaskTimeout              a handler ran past its timeout (raised inside it)
+
+The CLI turns any ``PcqError`` into one line on stderr and exit code 2 (usage and
+configuration) — never a traceback.  Third-party errors are translated where they
+are caught and chained (``raise BackendUnavailable(...) from exc``), so the
+original cause is kept for debugging.
+"""
+
+from __future__ import annotations
+
+
+class PcqError(Exception):
+    """Root of every error pcq raises on purpose."""
+
+
+class ConfigError(PcqError):
+    """A setting is wrong: an option, a URL, a backend name."""
+
+
+class ImportSpecError(ConfigError):
+    """A ``module:function`` or ``path/file.py:function`` spec cannot be resolved."""
+
+
+class SerializationError(PcqError):
+    """A task body cannot be encoded; the message names the offending type."""
+
+
+class DecodeError(PcqError):
+    """Bytes taken from a queue are not a valid pcq envelope."""
+
+
+class BackendUnavailable(PcqError):
+    """The backend's server cannot be reached, or refused the connection."""
+
+
+class TaskTimeout(PcqError):
+    """A handler ran past its timeout; the attempt counts as failed."""

@@ -1,0 +1,320 @@
+"""Producer and Consumer processes, and the supervisor that keeps N consumers.
+
+Both roles are ``multiprocessing.Process`` subclasses, as in the classic
+pattern: pass a queue and a function, or subclass and override ``produce()`` /
+``handle(item)``.  They work with every backend: the queue object crosses the
+process boundary and rebuilds what it must (a connection) in the child.
+
+Signals, in a child: SIGTERM and SIGINT ask for a graceful stop (a consumer
+finishes the task it is running, hands back the rest of its lease and exits; a
+producer stops producing).  A child also gets SIGTERM when its parent dies, so
+no child outlives a killed parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any
+
+from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Failure, Lease, Queue
+from pcq.envelope import Batch, Envelope
+from pcq.errors import PcqError, TaskTimeout
+
+log = logging.getLogger("pcq")
+
+#: Exit code of a Producer whose produce() raised.
+PRODUCER_FAILED = 1
+#: How long an idle consumer waits for a task before looking around (reap, stop).
+IDLE_WAIT = 0.25
+_PR_SET_PDEATHSIG = 1
+
+
+class _Stop(BaseException):
+    """Raised by the signal handler in a producer to leave produce() at once."""
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make sure this child gets SIGTERM if its parent dies (no orphans)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    else:  # pragma: no cover - no prctl: watch the parent instead
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Producer(mp.Process):
+    """Runs ``produce()`` once and puts every item it yields.
+
+    When it returns, the producer detaches; the last producer to detach closes
+    the queue (one sentinel per live consumer), unless ``close_when_done`` is
+    False.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        produce: Callable[[], Iterable[Any]] | None = None,
+        *,
+        close_when_done: bool = True,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name)
+        self.queue = queue
+        self._produce = produce
+        self.close_when_done = close_when_done
+        self._parent_pid = os.getpid()
+
+    def produce(self) -> Iterable[Any]:
+        """The items to put.  Override, or pass ``produce=`` to the constructor."""
+        if self._produce is None:
+            raise NotImplementedError("pass produce= or override Producer.produce()")
+        return self._produce()
+
+    def run(self) -> None:
+        _die_with_parent(self._parent_pid)
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            raise _Stop
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        queue = self.queue
+        queue.attach_producer()
+        code = 0
+        try:
+            queue.put_many(self.produce())
+        except _Stop:
+            code = 143
+        except PcqError as exc:
+            print(f"pcq: producer {self.name}: {exc}", file=sys.stderr, flush=True)
+            code = PRODUCER_FAILED
+        except Exception:
+            print(f"pcq: producer {self.name} failed:", file=sys.stderr)
+            traceback.print_exc()
+            code = PRODUCER_FAILED
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            queue.detach_producer(close_if_last=self.close_when_done and code == 0)
+            queue.dispose()
+        if code:
+            sys.exit(code)
+
+
+class Consumer(mp.Process):
+    """Takes tasks and calls ``handle(item)`` for each, until its sentinel.
+
+    A handler that raises is retried up to ``retries`` times, after
+    ``backoff * 2**attempt`` seconds, then dead-lettered with its traceback.  With
+    ``timeout``, a handler still running after that many seconds is interrupted
+    (SIGALRM) and the attempt counts as failed.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        handle: Callable[[Any], Any] | None = None,
+        *,
+        retries: int = 0,
+        timeout: float | None = None,
+        backoff: float = 0.05,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name)
+        self.queue = queue
+        self._handle = handle
+        self.retries = retries
+        self.timeout = timeout
+        self.backoff = backoff
+        self._parent_pid = os.getpid()
+        self._stopping = False
+
+    def handle(self, item: Any) -> Any:
+        """Handle one task.  Override, or pass ``handle=`` to the constructor."""
+        if self._handle is None:
+            raise NotImplementedError("pass handle= or override Consumer.handle()")
+        return self._handle(item)
+
+    def run(self) -> None:
+        _die_with_parent(self._parent_pid)
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self._stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        if self.timeout:
+
+            def expire(signum: int, frame: FrameType | None) -> None:
+                raise TaskTimeout(f"task ran past its timeout of {self.timeout:g} s")
+
+            signal.signal(signal.SIGALRM, expire)
+        queue = self.queue
+        queue.attach_consumer()
+        try:
+            self.consume()
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            queue.detach_consumer()
+            queue.dispose()
+
+    def consume(self) -> None:
+        """The loop: take a lease, handle it, acknowledge it; stop at a sentinel."""
+        queue = self.queue
+        want = 1  # tasks per take: grows while tasks are cheap (slow start)
+        next_reap = time.monotonic() + queue.reap_interval
+        while not self._stopping:
+            lease = queue.take(want, timeout=IDLE_WAIT)
+            if lease is None:
+                if time.monotonic() >= next_reap:
+                    queue.reap()
+                    next_reap = time.monotonic() + queue.reap_interval
+                continue
+            started = time.perf_counter()
+            failures, give_back, handled = self._handle_lease(lease)
+            queue.ack(lease, failures, give_back)
+            if handled:
+                cost = (time.perf_counter() - started) / handled
+                queue.note_task_cost(cost)
+                fit = int(TARGET_BATCH_SECONDS / cost) if cost > 0 else MAX_BATCH
+                want = max(1, min(MAX_BATCH, want * 2, fit))
+            if lease.sentinel is not None:
+                return
+
+    def _handle_lease(self, lease: Lease) -> tuple[list[Failure], list[Envelope], int]:
+        """Handle every task of ``lease``; on a stop request, finish the running
+        task and return the rest unstarted.  Returns (failures, give_back, handled)."""
+        failures: list[Failure] = []
+        call = self._call_with_timeout if self.timeout else self.handle
+        handled = 0
+        for n, batch in enumerate(lease.batches):
+            for i, body in enumerate(batch.bodies):
+                if self._stopping:
+                    rest = [batch.envelope(j) for j in range(i, len(batch.bodies))]
+                    rest += [env for later in lease.batches[n + 1 :] for env in later.envelopes()]
+                    return failures, rest, handled + i
+                try:
+                    call(body)
+                except Exception as exc:
+                    failures.append(self._failure(batch, i, exc))
+            handled += len(batch.bodies)
+        return failures, [], handled
+
+    def _call_with_timeout(self, body: Any) -> Any:
+        assert self.timeout is not None
+        signal.setitimer(signal.ITIMER_REAL, self.timeout)
+        try:
+            return self.handle(body)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:
+        env = batch.envelope(index)
+        error = f"{type(exc).__name__}: {exc}"
+        tb = traceback.format_exc()
+        if env.attempts < self.retries:
+            delay = self.backoff * (2**env.attempts) * (1 + random.random() / 4)
+            log.info("task %s failed (%s); retry in %.2fs", env.id, error, delay)
+            return Failure(env, error, tb, retry_in=delay)
+        log.error("task %s failed after %d attempts: %s\n%s", env.id, env.attempts + 1, error, tb)
+        return Failure(env, error, tb)
+
+
+class Supervisor:
+    """Keeps ``workers`` consumer processes running until each gets its sentinel.
+
+    A consumer that exits with code 0 took its sentinel and is not replaced.  One
+    that dies any other way (killed, crashed) is evicted — its in-flight tasks go
+    back to ready at once — and a replacement starts.  If the queue is closed and
+    tasks are still pending while no consumer is left (tasks handed back after
+    the sentinels), one more consumer starts to finish them.
+    """
+
+    def __init__(self, queue: Queue, make: Callable[[int], Consumer], workers: int) -> None:
+        self.queue = queue
+        self._make = make
+        self.workers = workers
+        self.live: dict[int, Consumer] = {}
+        self.restarts = 0
+        self._started = 0
+
+    def start(self) -> None:
+        for _ in range(self.workers):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        consumer = self._make(self._started)
+        self._started += 1
+        consumer.start()
+        assert consumer.sentinel is not None
+        self.live[consumer.sentinel] = consumer
+
+    def sentinels(self) -> list[int]:
+        return list(self.live)
+
+    def poll(self, ready: Iterable[int] = ()) -> None:
+        """Handle consumers that exited (their sentinels in ``ready``)."""
+        for fd in list(ready):
+            consumer = self.live.pop(fd, None)
+            if consumer is None:
+                continue
+            consumer.join()
+            if consumer.exitcode != 0:
+                assert consumer.pid is not None
+                log.warning("consumer %s (pid %d) died with code %s; restarting it",
+                            consumer.name, consumer.pid, consumer.exitcode)
+                self.queue.evict(consumer.pid)
+                self.restarts += 1
+                self._spawn()
+        if not self.live and self.queue.counters().pending > 0 and self.queue.counters().closed:
+            self._spawn()
+
+    @property
+    def done(self) -> bool:
+        return not self.live
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM every consumer, SIGKILL those still running after ``grace``."""
+        for consumer in self.live.values():
+            with contextlib.suppress(ProcessLookupError):
+                consumer.terminate()
+        deadline = time.monotonic() + grace
+        for consumer in self.live.values():
+            consumer.join(max(0.0, deadline - time.monotonic()))
+        for consumer in self.live.values():
+            if consumer.is_alive():
+                consumer.kill()
+                consumer.join()
+                assert consumer.pid is not None
+                self.queue.evict(consumer.pid)
+        self.live.clear()
+
+
+def wait(handles: list[int], timeout: float) -> list[int]:
+    """The process sentinels among ``handles`` that are ready within ``timeout``."""
+    if not handles:
+        time.sleep(timeout)
+        return []
+    return [int(x) for x in multiprocessing.connection.wait(handles, timeout)]  # type: ignore[arg-type]

@@ -1,0 +1,194 @@
+"""A whole job in one call: producers, supervised consumers, close, summary.
+
+``run(produce, handle)`` is the classic pattern end to end: start ``workers``
+consumers and ``producers`` producers, wait until every producer is done, close
+the queue (one sentinel per live consumer), wait until every consumer has taken
+its sentinel and exited, and return a :class:`Summary`.  A consumer that dies is
+replaced and its tasks handled by another; SIGINT/SIGTERM stop the job
+gracefully; nothing is left running when ``run`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from types import FrameType
+from typing import Any
+
+from pcq.backends import open_queue
+from pcq.backends.base import Counters, Queue
+from pcq.roles import Consumer, Producer, Supervisor, wait
+
+#: How long consumers may take to finish their running task after SIGINT/SIGTERM.
+GRACE_SECONDS = 5.0
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a job did.  Counts are this job's own, even on a long-lived queue."""
+
+    produced: int
+    done: int
+    failed: int  # tasks that ended without success after their retries
+    retried: int
+    dead: int
+    elapsed_s: float
+    workers: int
+    producers: int
+    restarts: int = 0  # consumers replaced after dying
+    producer_errors: int = 0
+    interrupted: int | None = None  # the signal that stopped the job
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted is not None:
+            return 128 + self.interrupted
+        return EXIT_FAILED if self.failed or self.producer_errors else EXIT_OK
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "exit_code": self.exit_code}
+
+
+def delta(before: Counters, after: Counters, elapsed: float, **extra: Any) -> Summary:
+    return Summary(
+        produced=after.produced - before.produced,
+        done=after.done - before.done,
+        failed=after.failed - before.failed,
+        retried=after.retried - before.retried,
+        dead=after.dead - before.dead,
+        elapsed_s=round(elapsed, 6),
+        **extra,
+    )
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[list[int]]:
+    """Catch SIGINT/SIGTERM for the duration; the list receives their numbers."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught  # signals can only be handled in the main thread
+        return
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def run(
+    produce: Callable[[], Iterable[Any]],
+    handle: Callable[[Any], Any],
+    *,
+    workers: int = 4,
+    producers: int = 1,
+    maxsize: int = 1000,
+    retries: int = 0,
+    timeout: float | None = None,
+    backend: str | None = None,
+    url: str | None = None,
+    queue: str = "default",
+    grace: float = GRACE_SECONDS,
+    on_progress: Callable[[Counters, float], None] | None = None,
+    **queue_options: Any,
+) -> Summary:
+    """Run ``produce`` in ``producers`` processes and ``handle`` in ``workers``
+    consumer processes until every task is done; return the summary."""
+    if workers < 1 or producers < 1:
+        raise ValueError("workers and producers must be at least 1")
+    q = open_queue(backend, url=url, name=queue, maxsize=maxsize, **queue_options)
+    try:
+        return _run(q, produce, handle, workers, producers, retries, timeout, grace, on_progress)
+    finally:
+        q.dispose()
+
+
+def _run(
+    q: Queue,
+    produce: Callable[[], Iterable[Any]],
+    handle: Callable[[Any], Any],
+    workers: int,
+    producers: int,
+    retries: int,
+    timeout: float | None,
+    grace: float,
+    on_progress: Callable[[Counters, float], None] | None,
+) -> Summary:
+    started = time.monotonic()
+    before = q.counters()
+    # Our own registration keeps the queue open until every producer process is
+    # done, however their starts and ends interleave.
+    q.attach_producer()
+    supervisor = Supervisor(
+        q,
+        lambda i: Consumer(q, handle, retries=retries, timeout=timeout, name=f"pcq-consumer-{i}"),
+        workers,
+    )
+    running: dict[int, Producer] = {}
+    producer_errors = 0
+    stopped: int | None = None
+    with interruptible() as caught:
+        try:
+            supervisor.start()
+            for i in range(producers):
+                producer = Producer(q, produce, name=f"pcq-producer-{i}")
+                producer.start()
+                assert producer.sentinel is not None
+                running[producer.sentinel] = producer
+            closed = False
+            next_progress = 0.0
+            while (running or not supervisor.done) and not caught:
+                ready = wait(list(running) + supervisor.sentinels(), 0.1)
+                for fd in ready:
+                    if fd in running:
+                        producer = running.pop(fd)
+                        producer.join()
+                        producer_errors += producer.exitcode != 0
+                        producer.close()
+                supervisor.poll([fd for fd in ready if fd not in running])
+                if not running and not closed:
+                    q.detach_producer(close_if_last=True)
+                    closed = True
+                if on_progress is not None and time.monotonic() >= next_progress:
+                    on_progress(q.counters(), time.monotonic() - started)
+                    next_progress = time.monotonic() + 0.1
+        finally:
+            stopped = caught[0] if caught else None
+            _stop_all(running.values(), supervisor, grace)
+    after = q.counters()
+    if on_progress is not None:
+        on_progress(after, time.monotonic() - started)
+    return delta(
+        before,
+        after,
+        time.monotonic() - started,
+        workers=workers,
+        producers=producers,
+        restarts=supervisor.restarts,
+        producer_errors=producer_errors,
+        interrupted=stopped,
+    )
+
+
+def _stop_all(producers: Iterable[Producer], supervisor: Supervisor, grace: float) -> None:
+    """Stop whatever still runs: producers at once, consumers within ``grace``."""
+    left = list(producers)
+    for producer in left:
+        with contextlib.suppress(ProcessLookupError):
+            producer.terminate()
+    supervisor.stop(grace)
+    for producer in left:
+        producer.join(grace)
+        if producer.is_alive():
+            producer.kill()
+            producer.join()
+        producer.close()

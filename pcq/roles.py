@@ -139,11 +139,13 @@ class Consumer(mp.Process):
         retries: int = 0,
         timeout: float | None = None,
         backoff: float = 0.05,
+        tally: tuple[Any, int] | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
         self.queue = queue
         self._handle = handle
+        self._tally = tally  # optional (shared int64 array, offset): done, failed, retried
         self.retries = retries
         self.timeout = timeout
         self.backoff = backoff
@@ -195,6 +197,8 @@ class Consumer(mp.Process):
             started = time.perf_counter()
             failures, give_back, handled = self._handle_lease(lease)
             queue.ack(lease, failures, give_back)
+            if self._tally is not None:
+                self._count(handled, failures)
             if handled:
                 cost = (time.perf_counter() - started) / handled
                 queue.note_task_cost(cost)
@@ -202,6 +206,14 @@ class Consumer(mp.Process):
                 want = max(1, min(MAX_BATCH, want * 2, fit))
             if lease.sentinel is not None:
                 return
+
+    def _count(self, handled: int, failures: list[Failure]) -> None:
+        assert self._tally is not None
+        array, at = self._tally
+        dead = sum(1 for f in failures if f.retry_in is None)
+        array[at] += handled - len(failures)
+        array[at + 1] += dead
+        array[at + 2] += len(failures) - dead
 
     def _handle_lease(self, lease: Lease) -> tuple[list[Failure], list[Envelope], int]:
         """Handle every task of ``lease``; on a stop request, finish the running
@@ -240,6 +252,24 @@ class Consumer(mp.Process):
             return Failure(env, error, tb, retry_in=delay)
         log.error("task %s failed after %d attempts: %s\n%s", env.id, env.attempts + 1, error, tb)
         return Failure(env, error, tb)
+
+
+class WorkerTallies:
+    """What each consumer of one supervisor did (done, failed, retried), in
+    shared memory each consumer writes only its own row of."""
+
+    def __init__(self, workers: int) -> None:
+        self._rows = max(1, workers) * 64  # room for replacements
+        self._array = mp.RawArray("q", self._rows * 3)
+        self._next = 0
+
+    def row(self, index: int) -> tuple[Any, int]:
+        """(shared array, offset) of consumer ``index``'s row."""
+        return self._array, (index % self._rows) * 3
+
+    def totals(self) -> tuple[int, int, int]:
+        a = self._array
+        return (sum(a[0::3]), sum(a[1::3]), sum(a[2::3]))
 
 
 class Supervisor:

@@ -21,7 +21,7 @@ from typing import Any
 
 from pcq.backends import open_queue
 from pcq.backends.base import Counters, Queue
-from pcq.roles import Consumer, Producer, Supervisor, wait
+from pcq.roles import Consumer, Producer, Supervisor, WorkerTallies, wait
 
 #: How long consumers may take to finish their running task after SIGINT/SIGTERM.
 GRACE_SECONDS = 5.0
@@ -177,6 +177,87 @@ def _run(
         producer_errors=producer_errors,
         interrupted=stopped,
     )
+
+
+def produce_job(
+    q: Queue,
+    items: Iterable[Any],
+    *,
+    close: bool = True,
+    wait_done: bool = True,
+    on_progress: Callable[[Counters, float], None] | None = None,
+) -> Summary:
+    """Put ``items`` from this process (``pcq produce``); close the queue if this
+    was the last producer; wait until every task is acknowledged."""
+    started = time.monotonic()
+    before = q.counters()
+    q.attach_producer()
+    interrupted: int | None = None
+    closing = close
+    with interruptible() as caught:
+        try:
+            q.put_many(_until(items, caught))
+        except BaseException:
+            closing = False  # a producer that failed half way must not end the job
+            raise
+        finally:
+            if caught:
+                closing = False
+            q.detach_producer(close_if_last=closing)
+        if wait_done and not caught:
+            while not q.join(timeout=0.1) and not caught:
+                if on_progress is not None:
+                    on_progress(q.counters(), time.monotonic() - started)
+        interrupted = caught[0] if caught else None
+    after = q.counters()
+    if on_progress is not None:
+        on_progress(after, time.monotonic() - started)
+    summary = delta(before, after, time.monotonic() - started, workers=0, producers=1,
+                    interrupted=interrupted)
+    if not wait_done:  # the other counters belong to consumers we did not wait for
+        summary = Summary(summary.produced, 0, 0, 0, 0, summary.elapsed_s, 0, 1,
+                          interrupted=interrupted)
+    return summary
+
+
+def _until(items: Iterable[Any], caught: list[int]) -> Iterator[Any]:
+    for item in items:
+        if caught:
+            return
+        yield item
+
+
+def consume_job(
+    q: Queue,
+    handle: Callable[[Any], Any],
+    *,
+    workers: int = 4,
+    retries: int = 0,
+    timeout: float | None = None,
+    grace: float = GRACE_SECONDS,
+) -> Summary:
+    """Run ``workers`` supervised consumers until each has taken its sentinel
+    (``pcq consume``).  Counts are what this host's consumers did."""
+    started = time.monotonic()
+    tallies = WorkerTallies(workers)
+    supervisor = Supervisor(
+        q,
+        lambda i: Consumer(q, handle, retries=retries, timeout=timeout,
+                           tally=tallies.row(i), name=f"pcq-consumer-{i}"),
+        workers,
+    )
+    stopped: int | None = None
+    with interruptible() as caught:
+        try:
+            supervisor.start()
+            while not supervisor.done and not caught:
+                supervisor.poll(wait(supervisor.sentinels(), 0.5))
+        finally:
+            stopped = caught[0] if caught else None
+            supervisor.stop(grace)
+    done, failed, retried = tallies.totals()
+    return Summary(0, done, failed, retried, failed, round(time.monotonic() - started, 6),
+                   workers, 0, restarts=supervisor.restarts, interrupted=stopped)
 
 
 def _stop_all(producers: Iterable[Producer], supervisor: Supervisor, grace: float) -> None:

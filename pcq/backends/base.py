@@ -302,6 +302,11 @@ class Queue(ABC):
     def detach_producer(self, close_if_last: bool = True) -> None:
         """Unregister a producer; the last one out closes the queue."""
 
+    def registrations(self) -> list[dict[str, Any]]:
+        """Live consumers and producers: dicts with role, host, pid, heartbeat
+        (a Unix time).  Backends without a registry return []."""
+        return []
+
     def note_task_cost(self, seconds_per_task: float) -> None:  # noqa: B027 - optional hook
         """Consumers report what a task costs, so producers can size batches."""
 

@@ -1,0 +1,345 @@
+"""The ``pcq`` command: parse, delegate to the library, turn errors into exit codes.
+
+Exit codes: 0 all done, 1 some tasks failed, 2 usage or configuration error,
+128 + signal when interrupted (130 for Ctrl-C, 143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pcq.backends import backend_for, open_queue
+from pcq.backends.base import Counters, Queue
+from pcq.errors import ConfigError, PcqError
+from pcq.loader import load_callable
+from pcq.run import EXIT_USAGE, Summary, consume_job, produce_job, run
+
+app = typer.Typer(
+    name="pcq",
+    help="Producer -> many-consumer work queues, on one machine or across many.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+dead_app = typer.Typer(help="Dead letters: tasks that failed after their retries.",
+                       no_args_is_help=True)
+app.add_typer(dead_app, name="dead")
+err = Console(stderr=True)
+
+# Options shared by several commands.
+Backend = Annotated[str | None, typer.Option(
+    help="local or redis; default: from the URL's scheme, else local.")]
+Url = Annotated[str | None, typer.Option(
+    envvar="PCQ_URL", help="Queue server, e.g. redis://host:6379/0 (env PCQ_URL).")]
+Name = Annotated[str, typer.Option("--queue", envvar="PCQ_QUEUE",
+                                   help="Queue name (env PCQ_QUEUE).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+Workers = Annotated[int, typer.Option(min=1, help="Consumer processes.")]
+Retries = Annotated[int, typer.Option(min=0, help="Retries of a failing task before it is dead.")]
+Timeout = Annotated[float | None, typer.Option(
+    min=0.001, help="Seconds a task may run; longer counts as a failed attempt.")]
+Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
+
+
+def _shared_queue(backend: str | None, url: str | None, name: str, maxsize: int = 0) -> Queue:
+    """A queue other processes can reach: local queues live only inside `pcq run`."""
+    if backend_for(backend, url) == "local":
+        raise ConfigError(
+            "this command needs a shared queue: give --url redis://HOST:PORT/DB "
+            "(or PCQ_URL); a local queue lives only inside `pcq run`"
+        )
+    return open_queue(backend, url=url, name=name, maxsize=maxsize)
+
+
+class _ProgressBar:
+    """A progress bar on stderr, shown only on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._progress: Progress | None = None
+        if enabled and err.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]pcq"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("done  {task.fields[failed]} failed"), TimeElapsedColumn(),
+                console=err, transient=True,
+            )
+            self._task = self._progress.add_task("tasks", total=None, failed=0)
+
+    def __enter__(self) -> _ProgressBar:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, counters: Counters, elapsed: float, base: Counters | None = None) -> None:
+        if self._progress is None:
+            return
+        b = base or Counters(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, False)
+        self._progress.update(
+            self._task, total=counters.produced - b.produced,
+            completed=counters.done + counters.failed - b.done - b.failed,
+            failed=counters.failed - b.failed,
+        )
+
+
+def _report(summary: Summary, as_json: bool, what: str) -> None:
+    if as_json:
+        print(json.dumps(summary.as_dict()), flush=True)
+        return
+    rate = summary.done / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
+    parts = [f"{summary.produced} produced"] if summary.produced or what != "consume" else []
+    parts += [f"{summary.done} done", f"{summary.failed} failed", f"{summary.retried} retried"]
+    line = f"pcq {what}: " + ", ".join(parts) + f" in {summary.elapsed_s:.2f} s ({rate:,.0f}/s)"
+    if summary.restarts:
+        line += f"; {summary.restarts} consumer(s) restarted"
+    if summary.producer_errors:
+        line += f"; {summary.producer_errors} producer(s) failed"
+    if summary.interrupted is not None:
+        line += "; interrupted"
+    err.print(line, highlight=False)
+
+
+@app.command("run")
+def run_command(
+    producer: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
+                                            "returning an iterable of tasks.")],
+    handler: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
+                                           "called with each task.")],
+    workers: Workers = 4,
+    producers: Annotated[int, typer.Option(min=1, help="Producer processes; each runs "
+                                           "PRODUCER once.")] = 1,
+    maxsize: Maxsize = 1000,
+    backend: Backend = None,
+    url: Url = None,
+    queue: Name = "default",
+    retries: Retries = 0,
+    timeout: Timeout = None,
+    as_json: Json = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Run a whole job: producers, consumers, close, summary (local by default)."""
+    produce = load_callable(producer, "PRODUCER")
+    handle = load_callable(handler, "HANDLER")
+    with _ProgressBar(not no_progress) as bar:
+        base: list[Counters] = []
+
+        def progress(counters: Counters, elapsed: float) -> None:
+            if not base:
+                base.append(counters)
+            bar.update(counters, elapsed, base[0])
+
+        summary = run(produce, handle, workers=workers, producers=producers, maxsize=maxsize,
+                      retries=retries, timeout=timeout, backend=backend, url=url, queue=queue,
+                      on_progress=progress)
+    _report(summary, as_json, "run")
+    raise typer.Exit(summary.exit_code)
+
+
+def _json_lines(stream: Any) -> Iterator[Any]:
+    for number, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"stdin line {number} is not JSON ({exc.msg}); the {number - 1} lines before "
+                "it were put, the queue was left open"
+            ) from None
+
+
+@app.command("produce")
+def produce_command(
+    producer: Annotated[str, typer.Argument(help="module:function, path/file.py:function, "
+                                            "or - for one JSON value per line on stdin.")],
+    backend: Backend = None,
+    url: Url = None,
+    queue: Name = "default",
+    maxsize: Maxsize = 0,
+    no_close: Annotated[bool, typer.Option("--no-close", help="Leave the queue open for "
+                                           "more producers.")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once everything is "
+                                          "put, without waiting for the consumers.")] = False,
+    as_json: Json = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Put tasks on a shared queue, close it when the last producer is done, and
+    wait until every task is acknowledged."""
+    items = _json_lines(sys.stdin) if producer == "-" else load_callable(producer, "PRODUCER")()
+    q = _shared_queue(backend, url, queue, maxsize)
+    try:
+        with _ProgressBar(not no_progress and not no_wait) as bar:
+            base = q.counters()
+            summary = produce_job(q, items, close=not no_close, wait_done=not no_wait,
+                                  on_progress=lambda c, t: bar.update(c, t, base))
+    finally:
+        q.dispose()
+    _report(summary, as_json, "produce")
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("consume")
+def consume_command(
+    handler: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
+                                           "called with each task.")],
+    workers: Workers = 4,
+    backend: Backend = None,
+    url: Url = None,
+    queue: Name = "default",
+    retries: Retries = 0,
+    timeout: Timeout = None,
+    as_json: Json = False,
+) -> None:
+    """Run consumer processes on this host until each takes its sentinel."""
+    handle = load_callable(handler, "HANDLER")
+    q = _shared_queue(backend, url, queue)
+    try:
+        q.counters()  # fail fast, in this process, if the server cannot be reached
+        summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout)
+    finally:
+        q.dispose()
+    _report(summary, as_json, "consume")
+    raise typer.Exit(summary.exit_code)
+
+
+def _status_table(q: Queue) -> Table:
+    c = q.counters()
+    table = Table(title=f"pcq queue {q.name!r}", show_header=False)
+    for field in ("ready", "in_flight", "pending", "delayed", "produced", "done", "failed",
+                  "retried", "dead", "producers", "consumers", "closed"):
+        table.add_row(field.replace("_", "-"), str(getattr(c, field)))
+    for who in q.registrations():
+        table.add_row(who["role"], f"{who['host']} pid {who['pid']} "
+                      f"(heartbeat {time.time() - who['heartbeat']:.1f} s ago)")
+    return table
+
+
+def _status_dict(q: Queue) -> dict[str, Any]:
+    c = q.counters()
+    out: dict[str, Any] = {f: getattr(c, f) for f in c.__slots__}
+    regs = q.registrations()
+    out["consumer_list"] = [r for r in regs if r["role"] == "consumer"]
+    out["producer_list"] = [r for r in regs if r["role"] == "producer"]
+    return out
+
+
+@app.command("status")
+def status_command(
+    backend: Backend = None,
+    url: Url = None,
+    queue: Name = "default",
+    as_json: Json = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every second "
+                                        "until Ctrl-C.")] = False,
+) -> None:
+    """Show a queue's counters, consumers and producers."""
+    q = _shared_queue(backend, url, queue)
+    try:
+        if as_json and not watch:
+            print(json.dumps(_status_dict(q)))
+            return
+        if not watch:
+            Console().print(_status_table(q))
+            return
+        try:
+            with Live(_status_table(q), console=Console(), auto_refresh=False) as live:
+                while True:
+                    time.sleep(1.0)
+                    if as_json:
+                        print(json.dumps(_status_dict(q)), flush=True)
+                    else:
+                        live.update(_status_table(q), refresh=True)
+        except KeyboardInterrupt:
+            return
+    finally:
+        q.dispose()
+
+
+@app.command("close")
+def close_command(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+    """Close a queue by hand: one sentinel per live consumer, behind all tasks."""
+    q = _shared_queue(backend, url, queue)
+    try:
+        q.close()
+        err.print(f"pcq: closed queue {queue!r}", highlight=False)
+    finally:
+        q.dispose()
+
+
+@app.command("purge")
+def purge_command(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+    """Drop every waiting task and reset the queue's counters."""
+    q = _shared_queue(backend, url, queue)
+    try:
+        err.print(f"pcq: purged {q.purge()} task(s) from {queue!r}", highlight=False)
+    finally:
+        q.dispose()
+
+
+@dead_app.command("list")
+def dead_list(
+    backend: Backend = None,
+    url: Url = None,
+    queue: Name = "default",
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
+    as_json: Json = False,
+) -> None:
+    """List dead letters with their errors."""
+    q = _shared_queue(backend, url, queue)
+    try:
+        letters = q.dead_letters(limit)
+    finally:
+        q.dispose()
+    for letter in letters:
+        if as_json:
+            print(json.dumps(letter, default=repr))
+        else:
+            what = letter.get("id", "(undecodable message)")
+            print(f"{what}: {letter.get('error')}  body={letter.get('body', letter.get('raw'))!r}")
+
+
+@dead_app.command("requeue")
+def dead_requeue(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+    """Put every dead-lettered task back in the queue with its attempts reset."""
+    q = _shared_queue(backend, url, queue)
+    try:
+        err.print(f"pcq: requeued {q.requeue_dead()} dead task(s)", highlight=False)
+    finally:
+        q.dispose()
+
+
+@dead_app.command("purge")
+def dead_purge(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+    """Delete every dead letter."""
+    q = _shared_queue(backend, url, queue)
+    try:
+        err.print(f"pcq: deleted {q.purge_dead()} dead letter(s)", highlight=False)
+    finally:
+        q.dispose()
+
+
+def main() -> None:
+    """Entry point: a PcqError is one line on stderr and exit code 2, never a traceback."""
+    try:
+        app()
+    except PcqError as exc:
+        err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+-- take: move up to ARGV[1] messages from ready into this consumer's in-flight list.
+--
+-- KEYS[1] ready            list; producers LPUSH, consumers take from the right
+-- KEYS[2] inflight:<me>    list; LPUSH in take order, so its right end is the oldest
+-- KEYS[3] delayed          zset of retries, member = 8 unique bytes .. message, score = due ms
+-- KEYS[4] closed           exists while the queue is closed
+-- KEYS[5] epoch            close epoch (integer, absent = 0)
+-- KEYS[6] consumers:beat   zset consumer id -> heartbeat expiry ms (refreshed here too)
+-- KEYS[7] full             set by a producer blocked on maxsize; value = its maxsize
+-- KEYS[8] space            wake-up tokens for that producer (it BLPOPs them)
+-- ARGV[1] max messages to take
+-- ARGV[2] held: length of in-flight as of the caller's last reply
+-- ARGV[3] epoch the caller knows; ARGV[4] the sentinel of that epoch (exact bytes)
+-- ARGV[5] SENTINEL_PREFIX (first bytes of any sentinel)
+-- ARGV[6] consumer id; ARGV[7] heartbeat ttl ms
+--
+-- Returns {status, epoch, wait_ms, inflight_len, message...} with status
+--   0 taken (maybe nothing), 1 the epoch changed (nothing done: call again),
+--   2 closed and drained (the caller exits), 3 a sentinel waits behind delayed retries.
+-- wait_ms: ms until the next delayed retry is due, -1 if none.
+--
+-- Races prevented:
+-- * Lost replies: anything in in-flight beyond `held` was moved there by a BLMOVE or
+--   a take whose reply never reached us; it is adopted first, never stranded.
+-- * Sentinels: a batch stops after a sentinel; a sentinel of an older epoch is
+--   dropped (the compare is on bytes, no msgpack here); a current one is not taken
+--   while retries are delayed, so the last consumers stay for them.
+-- * Retries due now are moved to the consumer end of ready in the same step, so
+--   they are taken before any sentinel.
+if tonumber(redis.call('GET', KEYS[5]) or '0') ~= tonumber(ARGV[3]) then
+  return {1, tonumber(redis.call('GET', KEYS[5]) or '0'), -1, 0}
+end
+local max, held = tonumber(ARGV[1]), tonumber(ARGV[2])
+local current, prefix = ARGV[4], ARGV[5]
+local plen = string.len(prefix)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[6], now + tonumber(ARGV[7]), ARGV[6])
+
+local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)
+if #due > 0 then
+  local msgs = {}
+  for i = #due, 1, -1 do msgs[#msgs + 1] = string.sub(due[i], 9) end
+  redis.call('RPUSH', KEYS[1], unpack(msgs))  -- earliest due ends rightmost: next taken
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, #due - 1)
+end
+local delayed = redis.call('ZCARD', KEYS[3])
+
+local taken, back, status, stop = {}, {}, 0, false
+-- 'task' | 'drop' (stale sentinel) | 'last' (take it, then stop) | 'wait' (leave it)
+local function kind(m)
+  if string.sub(m, 1, plen) ~= prefix then return 'task' end
+  if m ~= current then return 'drop' end
+  if delayed > 0 then return 'wait' end
+  return 'last'
+end
+
+local llen = redis.call('LLEN', KEYS[2])
+if llen > held then
+  local extra = redis.call('LRANGE', KEYS[2], 0, llen - held - 1)
+  if held > 0 then redis.call('LTRIM', KEYS[2], llen - held, -1) else redis.call('DEL', KEYS[2]) end
+  for i = #extra, 1, -1 do  -- oldest first
+    local m = extra[i]
+    local k = stop and 'wait' or kind(m)
+    if k == 'task' or k == 'last' then taken[#taken + 1] = m end
+    if k == 'last' then stop = true end
+    if k == 'wait' then back[#back + 1] = m; stop = true; status = 3 end
+  end
+  if #back > 0 then  -- first of `back` must end rightmost in ready
+    local rev = {}
+    for i = #back, 1, -1 do rev[#rev + 1] = back[i] end
+    redis.call('RPUSH', KEYS[1], unpack(rev))
+  end
+end
+
+while not stop and #taken < max do
+  local want = max - #taken
+  local chunk = redis.call('LRANGE', KEYS[1], -want, -1)
+  local used = 0
+  for i = #chunk, 1, -1 do
+    local k = kind(chunk[i])
+    if k == 'wait' then status = 3; stop = true; break end
+    used = used + 1
+    if k ~= 'drop' then taken[#taken + 1] = chunk[i] end
+    if k == 'last' then stop = true; break end
+  end
+  if used > 0 then redis.call('LTRIM', KEYS[1], 0, -used - 1) end
+  if #chunk < want then break end
+end
+
+for i = 1, #taken, 1000 do
+  redis.call('LPUSH', KEYS[2], unpack(taken, i, math.min(i + 999, #taken)))
+end
+
+local ready = redis.call('LLEN', KEYS[1])
+local full = redis.call('GET', KEYS[7])
+if full and ready < tonumber(full) then
+  redis.call('DEL', KEYS[7], KEYS[8])
+  redis.call('LPUSH', KEYS[8], 1)
+  redis.call('PEXPIRE', KEYS[8], 10000)
+end
+if #taken == 0 and status == 0 and ready == 0 and delayed == 0
+    and redis.call('EXISTS', KEYS[4]) == 1 then
+  status = 2
+end
+local wait = -1
+if delayed > 0 then
+  local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  wait = math.max(0, tonumber(first[2]) - now)
+end
+local reply = {status, tonumber(ARGV[3]), wait, redis.call('LLEN', KEYS[2])}
+for i = 1, #taken do reply[#reply + 1] = taken[i] end
+return reply

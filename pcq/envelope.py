@@ -93,13 +93,17 @@ def _packb(obj: Any) -> bytes:
 
 
 def _unencodable(bodies: Sequence[Any], exc: Exception) -> SerializationError:
-    for body in bodies:
+    """The error for a batch that failed to encode, naming the first bad body's
+    type; its ``index`` says how many bodies before it are fine."""
+    for index, body in enumerate(bodies):
         try:
             _packb(body)
         except (TypeError, ValueError, OverflowError) as inner:
-            return SerializationError(
+            error = SerializationError(
                 f"cannot encode a task of type {type(body).__name__!r}: {inner}"
             )
+            error.index = index
+            return error
     return SerializationError(f"cannot encode tasks: {exc}")
 
 

@@ -32,7 +32,13 @@ class ImportSpecError(ConfigError):
 
 
 class SerializationError(PcqError):
-    """A task body cannot be encoded; the message names the offending type."""
+    """A task body cannot be encoded; the message names the offending type.
+
+    ``index`` is the position of the offending body in the batch being put (the
+    bodies before it were put), or 0 when unknown.
+    """
+
+    index: int = 0
 
 
 class DecodeError(PcqError):

@@ -46,7 +46,7 @@ from pcq.envelope import (
     encode_tasks,
     new_tag,
 )
-from pcq.errors import DecodeError
+from pcq.errors import DecodeError, SerializationError
 
 #: Largest number of tasks moved by one put or take.
 MAX_BATCH = 1024
@@ -161,7 +161,17 @@ class Queue(ABC):
         limit = self.batch_limit()
         clock = time.monotonic
         last = clock()
-        for item in items:
+        iterator = iter(items)
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                break
+            except BaseException:
+                # What the iterable yielded before it failed is put, not lost.
+                if batch:
+                    self._put_bodies(batch)
+                raise
             batch.append(item)
             now = clock()
             if len(batch) >= limit or now - last > TRICKLE_SECONDS:
@@ -185,11 +195,17 @@ class Queue(ABC):
         if self._tag_pid != os.getpid():  # a forked child must not reuse its parent's ids
             self._tag_pid, self._tag, self._seq = os.getpid(), new_tag(), 0
         seq = self._seq
+        try:
+            if self.one_message_per_batch:
+                messages = [encode_tasks(self._tag, seq, bodies)]
+            else:
+                messages = encode_each(self._tag, seq, bodies)
+        except SerializationError as exc:
+            if exc.index:  # put the good tasks before the bad one: nothing is lost
+                self._put_bodies(bodies[: exc.index])
+            raise
         self._seq += len(bodies)
-        if self.one_message_per_batch:
-            self._put([encode_tasks(self._tag, seq, bodies)], len(bodies))
-        else:
-            self._put(encode_each(self._tag, seq, bodies), len(bodies))
+        self._put(messages, len(bodies))
 
     # ------------------------------------------------------------------ consuming
 

@@ -20,8 +20,10 @@ Contracts every backend keeps (``tests/conformance`` checks them):
   dead).  ``join()`` returns when it is 0.  An acknowledgement for tasks that were
   already handed to someone else changes no counter.
 * **Sentinel per consumer.**  ``close()`` places one sentinel per live consumer
-  behind all tasks; ``take`` never returns tasks after a sentinel, and a sentinel
-  of an earlier close epoch is dropped, never returned.
+  behind all tasks; ``take`` never returns tasks after a sentinel, never hands
+  out a sentinel while failed tasks wait for their retry, and drops a sentinel
+  of an earlier close epoch.  On a closed queue with nothing left to take, it
+  returns a sentinel, so a consumer that attached after close exits too.
 * **Backpressure.**  With ``maxsize`` > 0, ``put`` blocks while about ``maxsize``
   tasks are ready.
 """

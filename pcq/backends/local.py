@@ -70,6 +70,8 @@ ALIVE, GONE, REAPED = 1, 2, 3
 NSLOTS, CLOSED, EPOCH, PRODUCERS, COST_NS = range(5)
 
 _HEADER = struct.Struct("<Q")
+#: Longest a waiting take polls before it looks again (closed? retries due?).
+IDLE_SLICE = 0.25
 
 
 def _bank(commit: int) -> int:
@@ -106,13 +108,15 @@ class LocalQueue(Queue):
         self._slot = -1
         self._file: int | None = None
         self._lease_no = 0
+        self._leased: list[bytes] | None = None  # the lease taken and not yet acknowledged
         self._delayed: list[tuple[float, int, bytes]] = []  # (due, tiebreak, message)
         self._tiebreak = itertools.count()
         self._held_sentinel: bytes | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_file", "_delayed", "_tiebreak", "_held_sentinel", "_slot", "_lease_no"):
+        for key in ("_file", "_delayed", "_tiebreak", "_held_sentinel", "_slot", "_lease_no",
+                    "_leased"):
             state.pop(key, None)
         return state
 
@@ -145,16 +149,18 @@ class LocalQueue(Queue):
         self._slot = slot
         return slot
 
-    def _commit(self, lease: int, deltas: tuple[int, int, int, int]) -> None:
+    def _commit(self, deltas: tuple[int, int, int, int], lease: int | None = None) -> None:
         """Add ``deltas`` to this process's counters and record ``lease`` as
-        acknowledged, in one 8-byte store (the commit word)."""
+        acknowledged (None: keep the last one; a consumer may put tasks too), in
+        one 8-byte store (the commit word)."""
         row = self._row(self._claim(OTHER))
         s = self._slots
         commit = s[row + COMMIT]
         old, new = _bank(commit), _bank(commit + 1)
         for i, delta in enumerate(deltas):
             s[row + new + i] = s[row + old + i] + delta
-        s[row + COMMIT] = (lease << 1) | (0 if new == BANK_A else 1)
+        acked = commit >> 1 if lease is None else lease
+        s[row + COMMIT] = (acked << 1) | (0 if new == BANK_A else 1)
 
     def _totals(self) -> tuple[list[int], int, int]:
         """(produced, done, failed, retried) summed, tasks held by live consumers,
@@ -182,7 +188,7 @@ class LocalQueue(Queue):
 
     def _put(self, messages: list[bytes], tasks: int) -> None:
         # Count before the message can be taken: pending must never read low.
-        self._commit(0, (tasks, 0, 0, 0))
+        self._commit((tasks, 0, 0, 0))
         for message in messages:
             if self._space is not None:
                 self._space.acquire()
@@ -208,12 +214,14 @@ class LocalQueue(Queue):
         self._record([], [])
 
     def detach_consumer(self) -> None:
-        """Hand back what this consumer still holds (delayed retries, a held
-        sentinel) and unregister."""
+        """Hand back what this consumer still holds (a lease it did not
+        acknowledge, delayed retries, a held sentinel) and unregister."""
         self._here()
         if self._file is None:
             return
-        held = [m for _, _, m in sorted(self._delayed)]
+        held = list(self._leased or [])
+        self._leased = None
+        held += [m for _, _, m in sorted(self._delayed)]
         if self._held_sentinel is not None:
             held.append(self._held_sentinel)
         self._requeue(held)
@@ -268,10 +276,11 @@ class LocalQueue(Queue):
             if self._held_sentinel is not None and not self._delayed:
                 message, self._held_sentinel = self._held_sentinel, None
                 return self._begin([message])
-            wait = 0.25 if deadline is None else deadline - now
+            # Wait in slices, so that a closed and drained queue is noticed.
+            wait = IDLE_SLICE if deadline is None else min(IDLE_SLICE, deadline - now)
             if self._delayed:
                 wait = min(wait, self._delayed[0][0] - now)
-            item = self._recv(wait) if wait > 0 or deadline is None else self._recv(0)
+            item = self._recv(wait)
             if item is not None:
                 message, counted = item
                 if counted and self._space is not None:
@@ -281,9 +290,11 @@ class LocalQueue(Queue):
                     self._held_sentinel = message
                     continue
                 return self._begin([message])
+            # Nothing came: on a closed, drained queue that is this consumer's
+            # stop (it attached after close, so no sentinel was placed for it).
+            if self._closed_and_drained():
+                return self._begin([encode_sentinel(self._words[EPOCH])])
             if deadline is not None and time.monotonic() >= deadline:
-                if self._closed_and_drained():
-                    return self._begin([encode_sentinel(self._words[EPOCH])])
                 return None
 
     def _closed_and_drained(self) -> bool:
@@ -299,15 +310,22 @@ class LocalQueue(Queue):
     def _begin(self, messages: list[bytes]) -> tuple[list[bytes], Any]:
         """Record the lease in the in-flight file before anyone handles it."""
         self._lease_no += 1
+        self._leased = messages
         self._record(messages, self._delayed_messages())
-        self._slots[self._row(self._slot) + HOLDING] = len(messages) + len(self._delayed)
         return messages, (self._lease_no, messages)
+
+    def take(self, max_tasks: int = 1, timeout: float | None = None) -> Lease | None:
+        lease = super().take(max_tasks, timeout)
+        if lease is not None:  # in flight counts tasks: a message may hold a whole batch
+            self._slots[self._row(self._slot) + HOLDING] = lease.size + len(self._delayed)
+        return lease
 
     def _ack(self, lease: Lease, outcome: Outcome) -> None:
         self._here()
         lease_no, messages = lease.receipt
-        if lease_no != self._lease_no or self._file is None:
-            return  # not the lease this consumer holds: stale, count nothing
+        if lease_no != self._lease_no or self._leased is None or self._file is None:
+            return  # not the lease this consumer holds, or acknowledged: count nothing
+        self._leased = None
         before = self._delayed_messages()
         now = time.monotonic()
         for message, delay in outcome.retry:
@@ -317,7 +335,7 @@ class LocalQueue(Queue):
         if outcome.dead:
             self._bury(outcome.dead)
         self._record(messages, before, self._delayed_messages())
-        self._commit(lease_no, (0, outcome.done, outcome.failed, len(outcome.retry)))
+        self._commit((0, outcome.done, outcome.failed, len(outcome.retry)), lease_no)
         self._slots[self._row(self._slot) + HOLDING] = len(self._delayed)
 
     def _bury(self, letters: list[bytes]) -> None:
@@ -473,8 +491,15 @@ class LocalQueue(Queue):
 
     def purge(self) -> int:
         """Drop the ready tasks (they count as failed, so ``join`` still returns)."""
+        # Tasks counted ready may still be on their way into the pipe (a feeder
+        # thread's buffer): wait a moment for as many as the counters promise.
+        ready = self.counters().ready
+        deadline = time.monotonic() + 1.0
         dropped = 0
-        while (item := self._recv(0)) is not None:
+        while True:
+            wait = max(0.0, deadline - time.monotonic()) if dropped < ready else 0.0
+            if (item := self._recv(wait)) is None:
+                break
             message, counted = item
             if counted and self._space is not None:
                 self._space.release()
@@ -482,7 +507,7 @@ class LocalQueue(Queue):
                 msg = decode(message)
                 if isinstance(msg, Batch):
                     dropped += len(msg.bodies)
-        self._commit(0, (0, 0, dropped, 0))
+        self._commit((0, 0, dropped, 0))
         return dropped
 
     def dispose(self) -> None:

@@ -27,12 +27,12 @@
 --   while retries are delayed, so the last consumers stay for them.
 -- * Retries due now are moved to the consumer end of ready in the same step, so
 --   they are taken before any sentinel.
-if tonumber(redis.call('GET', KEYS[5]) or '0') ~= tonumber(ARGV[3]) then
-  return {1, tonumber(redis.call('GET', KEYS[5]) or '0'), -1, 0}
-end
+local epoch = tonumber(redis.call('GET', KEYS[5]) or '0')
+if epoch ~= tonumber(ARGV[3]) then return {1, epoch, -1, 0} end
+local byte, sub = string.byte, string.sub
 local max, held = tonumber(ARGV[1]), tonumber(ARGV[2])
 local current, prefix = ARGV[4], ARGV[5]
-local plen = string.len(prefix)
+local plen, p1 = string.len(prefix), byte(prefix, 1)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[7]), ARGV[6])
@@ -40,16 +40,17 @@ redis.call('ZADD', KEYS[6], now + tonumber(ARGV[7]), ARGV[6])
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)
 if #due > 0 then
   local msgs = {}
-  for i = #due, 1, -1 do msgs[#msgs + 1] = string.sub(due[i], 9) end
+  for i = #due, 1, -1 do msgs[#msgs + 1] = sub(due[i], 9) end
   redis.call('RPUSH', KEYS[1], unpack(msgs))  -- earliest due ends rightmost: next taken
   redis.call('ZREMRANGEBYRANK', KEYS[3], 0, #due - 1)
 end
 local delayed = redis.call('ZCARD', KEYS[3])
 
-local taken, back, status, stop = {}, {}, 0, false
--- 'task' | 'drop' (stale sentinel) | 'last' (take it, then stop) | 'wait' (leave it)
-local function kind(m)
-  if string.sub(m, 1, plen) ~= prefix then return 'task' end
+-- The reply: 4 header fields, then the n messages taken (in take order).
+local reply, n, status, stop = {0, epoch, -1, 0}, 0, 0, false
+local function is_sentinel(m) return byte(m, 1) == p1 and sub(m, 1, plen) == prefix end
+-- for a sentinel: 'drop' (stale), 'wait' (leave it: retries are due later), 'last'
+local function sentinel_kind(m)
   if m ~= current then return 'drop' end
   if delayed > 0 then return 'wait' end
   return 'last'
@@ -59,37 +60,40 @@ local llen = redis.call('LLEN', KEYS[2])
 if llen > held then
   local extra = redis.call('LRANGE', KEYS[2], 0, llen - held - 1)
   if held > 0 then redis.call('LTRIM', KEYS[2], llen - held, -1) else redis.call('DEL', KEYS[2]) end
+  local back = {}
   for i = #extra, 1, -1 do  -- oldest first
     local m = extra[i]
-    local k = stop and 'wait' or kind(m)
-    if k == 'task' or k == 'last' then taken[#taken + 1] = m end
+    local k = 'task'
+    if stop then k = 'back' elseif is_sentinel(m) then k = sentinel_kind(m) end
+    if k == 'task' or k == 'last' then n = n + 1; reply[n + 4] = m end
     if k == 'last' then stop = true end
-    if k == 'wait' then back[#back + 1] = m; stop = true; status = 3 end
+    if k == 'wait' then status = 3; stop = true end
+    if k == 'wait' or k == 'back' then table.insert(back, 1, m) end
   end
-  if #back > 0 then  -- first of `back` must end rightmost in ready
-    local rev = {}
-    for i = #back, 1, -1 do rev[#rev + 1] = back[i] end
-    redis.call('RPUSH', KEYS[1], unpack(rev))
-  end
+  if #back > 0 then redis.call('RPUSH', KEYS[1], unpack(back)) end  -- first back ends rightmost
 end
 
-while not stop and #taken < max do
-  local want = max - #taken
+while not stop and n < max do
+  local want = max - n
   local chunk = redis.call('LRANGE', KEYS[1], -want, -1)
   local used = 0
   for i = #chunk, 1, -1 do
-    local k = kind(chunk[i])
-    if k == 'wait' then status = 3; stop = true; break end
-    used = used + 1
-    if k ~= 'drop' then taken[#taken + 1] = chunk[i] end
-    if k == 'last' then stop = true; break end
+    local m = chunk[i]
+    if not is_sentinel(m) then
+      used = used + 1; n = n + 1; reply[n + 4] = m
+    else
+      local k = sentinel_kind(m)
+      if k == 'wait' then status = 3; stop = true; break end
+      used = used + 1
+      if k == 'last' then n = n + 1; reply[n + 4] = m; stop = true; break end
+    end
   end
   if used > 0 then redis.call('LTRIM', KEYS[1], 0, -used - 1) end
   if #chunk < want then break end
 end
 
-for i = 1, #taken, 1000 do
-  redis.call('LPUSH', KEYS[2], unpack(taken, i, math.min(i + 999, #taken)))
+for i = 5, n + 4, 1000 do
+  redis.call('LPUSH', KEYS[2], unpack(reply, i, math.min(i + 999, n + 4)))
 end
 
 local ready = redis.call('LLEN', KEYS[1])
@@ -99,15 +103,13 @@ if full and ready < tonumber(full) then
   redis.call('LPUSH', KEYS[8], 1)
   redis.call('PEXPIRE', KEYS[8], 10000)
 end
-if #taken == 0 and status == 0 and ready == 0 and delayed == 0
+if n == 0 and status == 0 and ready == 0 and delayed == 0
     and redis.call('EXISTS', KEYS[4]) == 1 then
   status = 2
 end
-local wait = -1
 if delayed > 0 then
   local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-  wait = math.max(0, tonumber(first[2]) - now)
+  reply[3] = math.max(0, tonumber(first[2]) - now)
 end
-local reply = {status, tonumber(ARGV[3]), wait, redis.call('LLEN', KEYS[2])}
-for i = 1, #taken do reply[#reply + 1] = taken[i] end
+reply[1], reply[4] = status, redis.call('LLEN', KEYS[2])
 return reply

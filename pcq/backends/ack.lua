@@ -1,0 +1,82 @@
+-- ack: finish one lease — check it is still ours, remove it, apply its outcome.
+--
+-- KEYS[1] inflight:<me>   list; LPUSH in take order (see take.lua)
+-- KEYS[2] counters        hash: pending, done, failed, retried
+-- KEYS[3] delayed         zset of retries, member = 8 unique bytes .. message, score = due ms
+-- KEYS[4] dead            list of dead letters
+-- KEYS[5] ready           list; its right end is taken next
+-- ARGV[1] n   messages in the lease      ARGV[2] nr  retries
+-- ARGV[3] nd  dead letters               ARGV[4] nb  give-backs
+-- ARGV[5] done  ARGV[6] failed           (tasks that leave pending now)
+-- then the n lease messages in take order, nr pairs (delay ms, member),
+-- nd dead letters, nb give-backs in RPUSH order (the first to take is last).
+--
+-- Returns {1, inflight_len} when applied, {0, inflight_len} for a stale lease.
+--
+-- Race prevented: a lease whose consumer was reaped (its in-flight list went back
+-- to ready, maybe to another consumer) is stale.  All its messages must still be
+-- in our in-flight list, as the contiguous block take left there — normally at
+-- the right end, so the check is one LRANGE; otherwise (leases acked out of
+-- order) a scan.  A stale lease changes no counter and writes nothing, so a late
+-- acknowledgement never counts a task twice.  Garbage messages were never pending:
+-- the caller leaves them out of done/failed but sends their dead letters.
+local n, nr, nd, nb = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lease = 6  -- ARGV[lease + j] is the j-th message taken
+
+-- list[at .. at+n-1] holds the lease (newest first, as LPUSH left it)
+local function holds(list, at)
+  for j = 1, n do
+    if list[at + j - 1] ~= ARGV[lease + n - j + 1] then return false end
+  end
+  return true
+end
+
+-- cmd key values[from..to], 1000 at a time (Lua's stack limits unpack)
+local function push(cmd, key, values, from, to)
+  for i = from, to, 1000 do
+    redis.call(cmd, key, unpack(values, i, math.min(i + 999, to)))
+  end
+end
+
+if n > 0 then
+  local tail = redis.call('LRANGE', KEYS[1], -n, -1)
+  if #tail == n and holds(tail, 1) then
+    redis.call('LTRIM', KEYS[1], 0, -n - 1)
+  else
+    local all = redis.call('LRANGE', KEYS[1], 0, -1)
+    local at = nil
+    for p = 1, #all - n + 1 do
+      if holds(all, p) then at = p; break end
+    end
+    if not at then return {0, #all} end
+    local rest = {}
+    for i = 1, #all do
+      if i < at or i >= at + n then rest[#rest + 1] = all[i] end
+    end
+    redis.call('DEL', KEYS[1])
+    push('RPUSH', KEYS[1], rest, 1, #rest)
+  end
+end
+
+local done, failed = tonumber(ARGV[5]), tonumber(ARGV[6])
+if done + failed ~= 0 then redis.call('HINCRBY', KEYS[2], 'pending', -(done + failed)) end
+if done ~= 0 then redis.call('HINCRBY', KEYS[2], 'done', done) end
+if failed ~= 0 then redis.call('HINCRBY', KEYS[2], 'failed', failed) end
+
+local at = lease + n
+if nr > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local pairs_ = {}
+  for j = 1, nr do
+    pairs_[#pairs_ + 1] = now + tonumber(ARGV[at + 2 * j - 1])
+    pairs_[#pairs_ + 1] = ARGV[at + 2 * j]
+  end
+  push('ZADD', KEYS[3], pairs_, 1, #pairs_)  -- 1000 is even: pairs stay whole
+  redis.call('HINCRBY', KEYS[2], 'retried', nr)
+  at = at + 2 * nr
+end
+push('RPUSH', KEYS[4], ARGV, at + 1, at + nd)
+at = at + nd
+push('RPUSH', KEYS[5], ARGV, at + 1, at + nb)
+return {1, redis.call('LLEN', KEYS[1])}

@@ -1,0 +1,45 @@
+-- put: append tasks to ready and count them pending, in one step.
+--
+-- KEYS[1] ready      list; producers LPUSH, consumers take from the right
+-- KEYS[2] counters   hash: pending, produced
+-- KEYS[3] closed     exists while the queue is closed
+-- KEYS[4] epoch      close epoch (integer, absent = 0)
+-- KEYS[5] full       "a producer waits for space": holds its maxsize (see take.lua)
+-- KEYS[6] space      wake-up tokens pushed by take.lua; the waiting producer BLPOPs them
+-- ARGV[1] maxsize (0 = unbounded)
+-- ARGV[2] 1 when each message is a task (always, but for test messages that hold none)
+-- ARGV[3..] messages
+--
+-- Returns how many messages were pushed: all of them, or with maxsize only as many
+-- as fit (0 = full: the caller BLPOPs `space`, then calls again with the rest).
+--
+-- Races prevented: the push and the pending count are one step, so `pending` never
+-- lags or leads the list (a retried put may duplicate a task, never miscount it).
+-- A full queue sets `full` and clears stale tokens in the same step in which it
+-- finds itself full, so a take that frees space afterwards always leaves a token:
+-- no lost wake-up, no polling.  Putting to a closed queue reopens it: a new epoch,
+-- so the sentinels already queued are stale and no consumer obeys them.
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('DEL', KEYS[3])
+  redis.call('INCR', KEYS[4])
+end
+local n = #ARGV - 2
+local maxsize = tonumber(ARGV[1])
+if maxsize > 0 then
+  local free = maxsize - redis.call('LLEN', KEYS[1])
+  if free <= 0 then
+    redis.call('SET', KEYS[5], maxsize, 'PX', 60000)
+    redis.call('DEL', KEYS[6])
+    return 0
+  end
+  n = math.min(n, free)
+end
+for i = 3, n + 2, 1000 do
+  redis.call('LPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, n + 2)))
+end
+local tasks = n * tonumber(ARGV[2])
+if tasks > 0 then
+  redis.call('HINCRBY', KEYS[2], 'pending', tasks)
+  redis.call('HINCRBY', KEYS[2], 'produced', tasks)
+end
+return n

@@ -1,0 +1,51 @@
+-- reap: give the in-flight tasks of consumers back to ready and unregister them.
+--
+-- KEYS[1] consumers        hash consumer id -> info
+-- KEYS[2] consumers:beat   zset consumer id -> heartbeat expiry ms
+-- KEYS[3] ready            list; RPUSH puts tasks at the consumer end (taken next)
+-- ARGV[1] 'expired' (heartbeat expired), 'prefix' (ids starting with ARGV[2],
+--         i.e. "host:pid:" of a process seen dead) or 'id' (exactly ARGV[2]: detach)
+-- ARGV[2] prefix or id ('' for 'expired')
+-- ARGV[3] in-flight key prefix ("pcq:{NAME}:inflight:"; same hash slot as KEYS)
+-- ARGV[4] SENTINEL_PREFIX
+--
+-- Returns how many tasks went back to ready.
+--
+-- Races prevented: moving a list and unregistering its consumer are one step, so a
+-- task is never both in ready and in flight, and two reapers never move it twice.
+-- (One script is its own lock: no reaper lock key is needed.)  The tasks go to the
+-- consumer end in take order, ahead of any sentinel, so they are handled before
+-- consumers stop; a sentinel the dead consumer held is dropped — a consumer that
+-- finds the queue closed and drained stops anyway.  A reaped consumer that was in
+-- fact alive finds its lease stale at ack (see ack.lua): nothing counts twice.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local mode, arg, inflight, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local plen = string.len(prefix)
+local victims = {}
+if mode == 'expired' then
+  victims = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+elseif mode == 'prefix' then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    if string.sub(id, 1, string.len(arg)) == arg then victims[#victims + 1] = id end
+  end
+else
+  victims = {arg}
+end
+local moved = 0
+for _, id in ipairs(victims) do
+  local key = inflight .. id
+  local len = redis.call('LLEN', key)
+  for at = 0, len - 1, 1000 do  -- left to right = newest first, so the oldest ends rightmost
+    local tasks = {}
+    for _, m in ipairs(redis.call('LRANGE', key, at, at + 999)) do
+      if string.sub(m, 1, plen) ~= prefix then tasks[#tasks + 1] = m end
+    end
+    if #tasks > 0 then redis.call('RPUSH', KEYS[3], unpack(tasks)) end
+    moved = moved + #tasks
+  end
+  redis.call('DEL', key)
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('HDEL', KEYS[1], id)
+end
+return moved

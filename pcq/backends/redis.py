@@ -1,0 +1,571 @@
+"""The Redis backend: a queue is a family of keys on one Redis server.
+
+Every key is ``pcq:{NAME}:<part>`` (see :class:`Keys`); the ``{NAME}`` hash tag
+keeps a queue in one Redis Cluster slot, which the Lua scripts need because they
+also touch in-flight lists they find by name.  One task is one list element.
+
+* ``ready`` — list; producers LPUSH, consumers take from the right.
+* ``inflight:<consumer>`` — list per consumer, its newest take at the left.
+* ``delayed`` — zset of retries scored by due time (server clock, ms).
+* ``dead`` — list of dead letters (:func:`pcq.envelope.encode_dead`).
+* ``counters`` — hash: ``produced``, ``pending``, ``done``, ``failed``, ``retried``.
+* ``consumers`` / ``producers`` — hash id -> json info; ``…:beat`` — zset id ->
+  heartbeat expiry.  A registration whose heartbeat expired is dead.
+* ``closed`` (flag), ``epoch`` (close epoch), ``full`` / ``space`` (backpressure).
+
+Each move that must be atomic is one Lua script in a ``.lua`` file beside this
+module; each file opens with the keys it touches and the race it prevents:
+``put`` (push + count pending), ``take`` (ready -> in flight, stopping after a
+sentinel), ``ack`` (check the lease, remove it, apply its outcome), ``close`` (one
+sentinel per live consumer; the last producer out closes), ``attach`` (producer
+registration, reopening a closed queue), ``heartbeat``, ``reap`` (dead consumers'
+tasks back to ready), ``counters``, ``purge``, ``requeue``.
+
+Blocking without polling: an idle consumer waits in ``BLMOVE ready -> in-flight``
+(the next ``take`` adopts what it moved); a producer held back by ``maxsize``
+waits in ``BLPOP space`` for the token that ``take`` pushes when it frees room
+below the ``maxsize`` the producer left in ``full``.  Both waits are capped (a
+second or less), so an idle consumer also reaps, and a lost token costs a moment,
+not a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+from redis.exceptions import NoScriptError, RedisError
+
+from pcq.backends.base import MAX_BATCH, Counters, Lease, Outcome, Queue
+from pcq.backends.redis_link import Link
+from pcq.envelope import (
+    SENTINEL_PREFIX,
+    Sentinel,
+    decode_dead,
+    encode_envelope,
+    encode_sentinel,
+    envelope_from_dead,
+)
+from pcq.errors import ConfigError, PcqError
+
+DEFAULT_URL = "redis://localhost:6379/0"
+#: Messages per put script call; larger puts are pipelined in chunks of this size.
+PUT_CHUNK = 1024
+#: Longest a producer held back by maxsize waits for a wake-up token (s).
+SPACE_WAIT = 0.25
+#: Dead letters read per requeue step.
+REQUEUE_CHUNK = 500
+
+# take.lua's statuses
+_TAKEN, _NEW_EPOCH, _DRAINED, _SENTINEL_WAITS = 0, 1, 2, 3
+
+
+def key(name: str, part: str) -> str:
+    """The Redis key of ``part`` of queue ``name``: ``pcq:{name}:part``."""
+    return f"pcq:{{{name}}}:{part}"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Every key of one queue (the parts are described in the module docstring)."""
+
+    ready: str
+    delayed: str
+    dead: str
+    counters: str
+    closed: str
+    epoch: str
+    consumers: str
+    consumer_beats: str
+    producers: str
+    producer_beats: str
+    full: str
+    space: str
+    inflight_prefix: str
+
+    @classmethod
+    def of(cls, name: str) -> Keys:
+        def k(part: str) -> str:
+            return key(name, part)
+
+        return cls(
+            ready=k("ready"),
+            delayed=k("delayed"),
+            dead=k("dead"),
+            counters=k("counters"),
+            closed=k("closed"),
+            epoch=k("epoch"),
+            consumers=k("consumers"),
+            consumer_beats=k("consumers:beat"),
+            producers=k("producers"),
+            producer_beats=k("producers:beat"),
+            full=k("full"),
+            space=k("space"),
+            inflight_prefix=k("inflight:"),
+        )
+
+    def inflight(self, consumer: str) -> str:
+        return self.inflight_prefix + consumer
+
+
+@dataclass(frozen=True, slots=True)
+class _Receipt:
+    """What ``ack`` needs to find a lease: whose in-flight list, which messages."""
+
+    consumer: str
+    messages: list[bytes]
+
+
+class _Heartbeat:
+    """A daemon thread that calls ``beat`` every ``every`` seconds until stopped."""
+
+    def __init__(self, beat: Callable[[], None], every: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(beat, every), name="pcq-heartbeat", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, beat: Callable[[], None], every: float) -> None:
+        while not self._stop.wait(every):
+            with suppress(PcqError, RedisError):  # the server is away: beat again later
+                beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+class RedisQueue(Queue):
+    """A queue on a Redis server (see the module docstring for its keys).
+
+    ``client`` — a ``redis.Redis`` (``fakeredis.FakeRedis`` in tests) used as is
+    instead of connecting to ``url``.  ``heartbeat_ttl`` — a consumer or producer
+    that has not sent a heartbeat (every ``ttl/3`` s, from a daemon thread) for
+    this long is dead: its tasks are reaped, it does not count as live.
+    ``retry_for`` — how long an operation retries a lost connection before it
+    raises :class:`~pcq.errors.BackendUnavailable`.
+
+    The consumer registration belongs to the process that made it; a copy of this
+    object in another process starts unattached.  Producer registrations travel
+    with the object (a child may detach what its parent attached, last in first
+    out), but a process heartbeats only the producers it attached itself.
+    """
+
+    backend = "redis"
+    one_message_per_batch = False
+
+    def __init__(
+        self,
+        name: str = "default",
+        *,
+        maxsize: int = 0,
+        url: str = DEFAULT_URL,
+        client: redis.Redis | None = None,
+        heartbeat_ttl: float = 5.0,
+        retry_for: float = 60.0,
+    ) -> None:
+        if not name or "{" in name or "}" in name:
+            raise ConfigError(f"bad queue name {name!r}: it must be non-empty, without braces")
+        if maxsize < 0:
+            raise ConfigError(f"maxsize must be 0 (unbounded) or more, not {maxsize}")
+        if heartbeat_ttl <= 0:
+            raise ConfigError(f"heartbeat_ttl must be positive, not {heartbeat_ttl}")
+        super().__init__(name, maxsize=maxsize)
+        self.url = url
+        self.heartbeat_ttl = heartbeat_ttl
+        self.keys = Keys.of(name)
+        self._link = Link(url, client, retry_for)
+        self._producer_ids: list[str] = []
+        self._fresh()
+
+    # ------------------------------------------------------------------ processes
+
+    def _fresh(self) -> None:
+        """Reset what belongs to one process (again in a child, or after unpickling)."""
+        self._pid = os.getpid()
+        self._consumer_id: str | None = None
+        self._consumer_info = ""
+        self._held = 0  # length of our in-flight list as of our last take or ack
+        self._epoch = -1
+        self._sentinel = b""
+        self._beat_ids: list[str] = []  # producers this process attached
+        self._beat_lock = threading.Lock()
+        self._heartbeat: _Heartbeat | None = None
+        self._next_reap = 0.0
+
+    def _here(self) -> None:
+        if self._pid != os.getpid():
+            self._fresh()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_beat_lock"], state["_heartbeat"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fresh()
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(1, int(self.heartbeat_ttl * 1000))
+
+    def _set_epoch(self, epoch: int) -> None:
+        self._epoch = int(epoch)
+        self._sentinel = encode_sentinel(self._epoch)
+
+    @staticmethod
+    def _new_id() -> str:
+        return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+
+    def _info(self) -> str:
+        host, pid, now = socket.gethostname(), os.getpid(), round(time.time(), 3)
+        return json.dumps({"host": host, "pid": pid, "started": now, "ttl": self.heartbeat_ttl})
+
+    # ------------------------------------------------------------------ producing
+
+    def _put(self, messages: list[bytes], tasks: int) -> None:
+        # One message is one task here (tasks == 0 only for a test's foreign
+        # message), so put.lua counts the messages it pushes, or none.
+        if tasks not in (0, len(messages)):
+            raise ValueError(f"the Redis backend carries one task a message, not {tasks}")
+        each = 1 if tasks else 0
+        if self.maxsize > 0:
+            self._put_bounded(messages, each)
+        elif len(messages) <= PUT_CHUNK:
+            self._link.run("put", self._put_keys(), [0, each, *messages])
+        else:
+            chunks = [messages[i : i + PUT_CHUNK] for i in range(0, len(messages), PUT_CHUNK)]
+            self._link.call(lambda client: self._put_pipelined(client, chunks, each))
+
+    def _put_keys(self) -> list[str]:
+        k = self.keys
+        return [k.ready, k.counters, k.closed, k.epoch, k.full, k.space]
+
+    def _put_pipelined(self, client: redis.Redis, chunks: list[list[bytes]], each: int) -> None:
+        # Each chunk is atomic on its own.  If the connection drops mid-pipeline the
+        # whole pipeline runs again, so a chunk may be put twice (at-least-once),
+        # but pending always matches what went into the list.
+        script, keys = self._link.script("put"), self._put_keys()
+        pipe = client.pipeline(transaction=False)
+        for chunk in chunks:
+            pipe.evalsha(script.sha, len(keys), *keys, 0, each, *chunk)
+        results = pipe.execute(raise_on_error=False)
+        for chunk, result in zip(chunks, results, strict=True):
+            if isinstance(result, NoScriptError):  # the server restarted and forgot it
+                script(keys=keys, args=[0, each, *chunk], client=client)
+            elif isinstance(result, Exception):
+                raise result
+
+    def _put_bounded(self, messages: list[bytes], each: int) -> None:
+        # put.lua pushes only what fits under maxsize; when nothing fits it leaves
+        # `full` for take.lua, which answers with a token on `space` once it frees
+        # room.  Waiting is one BLPOP, not a polling loop.
+        at = 0
+        while at < len(messages):
+            chunk = messages[at : at + PUT_CHUNK]
+            pushed = int(self._link.run("put", self._put_keys(), [self.maxsize, each, *chunk]))
+            at += pushed
+            if not pushed:
+                self._link.call(self._wait_for_space)
+
+    def _wait_for_space(self, client: redis.Redis) -> Any:
+        return client.blpop([self.keys.space], timeout=SPACE_WAIT)
+
+    # ------------------------------------------------------------------ consuming
+
+    def _take(self, max_tasks: int, timeout: float | None) -> tuple[list[bytes], Any] | None:
+        self._here()
+        me = self._consumer_id
+        if me is None:
+            raise RuntimeError("call attach_consumer() before take()")
+        want = max(1, min(max_tasks, MAX_BATCH))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status, wait_ms, messages = self._take_once(me, want)
+            if messages:
+                return messages, _Receipt(me, messages)
+            if status == _DRAINED:  # closed and empty: a consumer that came late stops too
+                return [self._sentinel], _Receipt(me, [])
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return None
+            pause = min(left, self.reap_interval, wait_ms / 1000 if wait_ms >= 0 else math.inf)
+            pause = max(pause, 0.001)  # BLMOVE's 0 would mean "for ever"
+            if status == _SENTINEL_WAITS:
+                time.sleep(pause)  # only a sentinel is ready: wait for the retries due
+            else:
+                self._link.call(self._blmove(me, pause))
+            self._reap_now_and_then()
+
+    def _take_once(self, me: str, want: int) -> tuple[int, int, list[bytes]]:
+        k = self.keys
+        keys = [k.ready, k.inflight(me), k.delayed, k.closed, k.epoch]
+        keys += [k.consumer_beats, k.full, k.space]
+        while True:
+            # `held` is read once: a retry after a lost reply sends the same value,
+            # so take.lua adopts what the lost call moved instead of stranding it.
+            args = [want, self._held, self._epoch, self._sentinel, SENTINEL_PREFIX]
+            args += [me, self._ttl_ms]
+            status, epoch, wait_ms, held, *messages = self._link.run("take", keys, args)
+            if status != _NEW_EPOCH:
+                self._held = int(held)
+                return int(status), int(wait_ms), messages
+            self._set_epoch(epoch)
+
+    def _blmove(self, me: str, seconds: float) -> Callable[[redis.Redis], Any]:
+        """Wait for one message; it lands in our in-flight list, where the next
+        take.lua adopts it (so a reply lost on the way strands nothing)."""
+        ready, inflight = self.keys.ready, self.keys.inflight(me)
+
+        def op(client: redis.Redis) -> Any:
+            # Redis >= 6 takes a fractional timeout; redis-py's hint says int.
+            return client.blmove(ready, inflight, seconds, "RIGHT", "LEFT")  # type: ignore[arg-type]
+
+        return op
+
+    def _reap_now_and_then(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_reap:
+            self._next_reap = now + self.reap_interval
+            self.reap()
+
+    def _sentinel_is_current(self, sentinel: Sentinel) -> bool:
+        return sentinel.epoch == self._epoch
+
+    def _ack(self, lease: Lease, outcome: Outcome) -> None:
+        self._here()
+        receipt = lease.receipt
+        if not isinstance(receipt, _Receipt):
+            raise ValueError("this lease was not taken from a Redis queue")
+        if not receipt.messages:
+            return  # a sentinel made up for a drained queue: nothing is in flight
+        retry: list[Any] = []
+        for message, delay in outcome.retry:  # a unique prefix keeps equal retries apart
+            retry += [max(0, round(delay * 1000)), os.urandom(8) + message]
+        k = self.keys
+        keys = [k.inflight(receipt.consumer), k.counters, k.delayed, k.dead, k.ready]
+        sizes = [len(receipt.messages), len(outcome.retry), len(outcome.dead)]
+        sizes += [len(outcome.give_back), outcome.done, outcome.failed]
+        args = [*sizes, *receipt.messages, *retry, *outcome.dead, *reversed(outcome.give_back)]
+        _applied, held = self._link.run("ack", keys, args)
+        if receipt.consumer == self._consumer_id:
+            self._held = int(held)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self._here()
+        self._close("", "always")
+
+    def _close(self, producer: str, mode: str) -> bool:
+        k = self.keys
+        keys = [k.closed, k.epoch, k.ready, k.consumer_beats, k.producers, k.producer_beats]
+        while True:
+            args = [self._epoch, self._sentinel, producer, mode]
+            code, value = self._link.run("close", keys, args)
+            if code != -1:
+                return bool(code == 1)
+            self._set_epoch(value)
+
+    def reap(self) -> int:
+        return self._reap("expired", "")
+
+    def evict(self, pid: int, host: str | None = None) -> int:
+        """A supervisor saw its consumer process ``pid`` (on ``host``, default this
+        one) die: return that consumer's in-flight tasks to ready now."""
+        return self._reap("prefix", f"{host or socket.gethostname()}:{pid}:")
+
+    def _reap(self, mode: str, arg: str) -> int:
+        k = self.keys
+        keys = [k.consumers, k.consumer_beats, k.ready]
+        return int(self._link.run("reap", keys, [mode, arg, k.inflight_prefix, SENTINEL_PREFIX]))
+
+    def counters(self) -> Counters:
+        k = self.keys
+        keys = [k.ready, k.counters, k.dead, k.delayed, k.consumer_beats, k.producer_beats]
+        keys.append(k.closed)
+        v = [int(x) for x in self._link.run("counters", keys, [k.inflight_prefix])]
+        return Counters(
+            ready=v[0],
+            in_flight=v[1],
+            pending=v[2],
+            produced=v[3],
+            done=v[4],
+            failed=v[5],
+            retried=v[6],
+            dead=v[7],
+            delayed=v[8],
+            consumers=v[9],
+            producers=v[10],
+            closed=bool(v[11]),
+        )
+
+    def attach_consumer(self) -> None:
+        self._here()
+        if self._consumer_id is not None:
+            return
+        with self._beat_lock:
+            self._consumer_id, self._consumer_info = self._new_id(), self._info()
+        try:
+            self._beat(retry=True)  # registers; being the first use, it checks the server
+        except BaseException:
+            self._consumer_id = None
+            raise
+        self._start_heartbeat()
+
+    def detach_consumer(self) -> None:
+        self._here()
+        consumer = self._consumer_id
+        if consumer is None:
+            return
+        with self._beat_lock:  # waits for a beat in progress, so none re-registers us
+            self._consumer_id = None
+        self._stop_heartbeat_if_idle()
+        self._reap("id", consumer)
+        self._held = 0
+
+    def attach_producer(self) -> None:
+        self._here()
+        producer = self._new_id()
+        k = self.keys
+        keys = [k.producers, k.producer_beats, k.closed, k.epoch]
+        self._set_epoch(self._link.run("attach", keys, [producer, self._info(), self._ttl_ms]))
+        self._producer_ids.append(producer)
+        with self._beat_lock:
+            self._beat_ids.append(producer)
+        self._start_heartbeat()
+
+    def detach_producer(self, close_if_last: bool = True) -> None:
+        self._here()
+        producer = self._producer_ids.pop() if self._producer_ids else ""
+        with self._beat_lock:
+            if producer in self._beat_ids:
+                self._beat_ids.remove(producer)
+        self._stop_heartbeat_if_idle()
+        self._close(producer, "if_last" if close_if_last else "never")
+
+    def registrations(self) -> list[dict[str, Any]]:
+        """Live consumers and producers: role, id, host, pid, started, and heartbeat
+        (the Unix time of the last heartbeat, by the server's clock)."""
+        k = self.keys
+
+        def op(client: redis.Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=True)
+            pipe.time()
+            for info, beats in ((k.consumers, k.consumer_beats), (k.producers, k.producer_beats)):
+                pipe.hgetall(info)
+                pipe.zrange(beats, 0, -1, withscores=True)
+            return list(pipe.execute())
+
+        (seconds, micros), c_infos, c_beats, p_infos, p_beats = self._link.call(op)
+        now = seconds + micros / 1e6
+        found = []
+        for role, infos, beats in (("consumer", c_infos, c_beats), ("producer", p_infos, p_beats)):
+            for member, expiry in beats:
+                if expiry / 1000 <= now:
+                    continue  # dead: its heartbeat expired
+                info = json.loads(infos.get(member) or b"{}")
+                last = expiry / 1000 - float(info.get("ttl", self.heartbeat_ttl))
+                found.append({"role": role, "id": member.decode(), **info, "heartbeat": last})
+        return found
+
+    def _beat(self, retry: bool = False) -> None:
+        k = self.keys
+        keys = [k.consumers, k.consumer_beats, k.producers, k.producer_beats]
+        with self._beat_lock:
+            consumer = self._consumer_id or ""
+            if consumer or self._beat_ids:
+                args = [self._ttl_ms, consumer, self._consumer_info, *self._beat_ids]
+                self._link.run("heartbeat", keys, args, retry=retry)
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = _Heartbeat(self._beat, self.heartbeat_ttl / 3)
+
+    def _stop_heartbeat_if_idle(self) -> None:
+        if self._heartbeat is not None and self._consumer_id is None and not self._beat_ids:
+            self._heartbeat.stop()
+            self._heartbeat = None
+
+    def dispose(self) -> None:
+        self._here()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        self._link.close()
+
+    # ------------------------------------------------------------------ dead letters
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        return [decode_dead(letter) for letter in self._read_dead(limit)]
+
+    def _read_dead(self, count: int) -> list[bytes]:
+        dead = self.keys.dead
+
+        def op(client: redis.Redis) -> list[bytes]:
+            return cast("list[bytes]", client.lrange(dead, 0, count - 1))  # no decoding client
+
+        return self._link.call(op)
+
+    def requeue_dead(self) -> int:
+        """Put every dead-lettered task back in ready with its attempts reset.
+
+        A requeued task is pending again and no longer counted failed (``produced``
+        is unchanged: it was produced once).  It goes to the consumer end of ready,
+        as a retry does, so on a closed queue consumers handle it before they stop.
+        Letters that hold no task — the raw bytes of an undecodable message — stay
+        in dead.
+        """
+        k = self.keys
+        total = int(self._link.call(lambda client: client.llen(k.dead)))
+        seen = requeued = 0
+        while seen < total:
+            letters = self._read_dead(min(REQUEUE_CHUNK, total - seen))
+            if not letters:
+                break
+            fresh: list[bytes] = []
+            kept: list[bytes] = []
+            for letter in letters:
+                env = envelope_from_dead(decode_dead(letter))
+                if env is None:
+                    kept.append(letter)
+                else:
+                    fresh.append(encode_envelope(env))
+            fresh.reverse()  # the oldest letter ends rightmost: taken first
+            args = [len(letters), len(fresh), len(kept), *letters, *fresh, *kept]
+            keys = [k.dead, k.ready, k.counters]
+            n = int(self._link.run("requeue", keys, args))
+            if n >= 0:  # -1: dead changed under us; read it again
+                seen += len(letters)
+                requeued += n
+        return requeued
+
+    def purge_dead(self) -> int:
+        dead = self.keys.dead
+
+        def op(client: redis.Redis) -> int:
+            pipe = client.pipeline(transaction=True)
+            pipe.llen(dead)
+            pipe.delete(dead)
+            return int(pipe.execute()[0])
+
+        return self._link.call(op)
+
+    def purge(self) -> int:
+        k = self.keys
+        keys = [k.ready, k.delayed, k.counters, k.closed, k.epoch, k.consumer_beats]
+        keys += [k.full, k.space]
+        return int(self._link.run("purge", keys, [k.inflight_prefix]))

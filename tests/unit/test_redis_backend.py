@@ -1,0 +1,738 @@
+"""The Redis backend against fakeredis (in-process, with Lua): the protocols of
+put, take, ack, close, reap and backpressure, lost replies and bad input.
+
+The same essentials run against a real redis-server in
+``tests/integration/test_redis_server.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+from helpers import drain, take_lease, wait_for
+from redis_server import free_port
+
+from pcq.backends import open_queue
+from pcq.backends.base import Failure
+from pcq.backends.redis import RedisQueue, key
+from pcq.backends.redis_link import Link, safe_url
+from pcq.envelope import Sentinel
+from pcq.errors import BackendUnavailable, ConfigError
+
+
+class FakeRedis(fakeredis.FakeRedis):
+    """fakeredis 2.41 answers BLMOVE at once instead of blocking; BRPOPLPUSH is
+    the same move (source right, destination left) and does block."""
+
+    def blmove(self, first_list: Any, second_list: Any, timeout: Any, src: Any = "LEFT",
+               dest: Any = "RIGHT") -> Any:  # fmt: skip
+        assert (src, dest) == ("RIGHT", "LEFT")
+        return self.brpoplpush(first_list, second_list, timeout)
+
+
+Factory = Callable[..., RedisQueue]
+
+
+@pytest.fixture
+def client() -> FakeRedis:
+    return FakeRedis(server=fakeredis.FakeServer())
+
+
+@pytest.fixture
+def make(client: FakeRedis) -> Iterator[Factory]:
+    """``make(**options)``: a queue object on the test's queue; every call is
+    another handle (another consumer or producer) on the same queue."""
+    opened: list[RedisQueue] = []
+
+    def factory(**options: Any) -> RedisQueue:
+        queue = RedisQueue("unit", client=client, **options)
+        opened.append(queue)
+        return queue
+
+    yield factory
+    for queue in opened:
+        queue.dispose()
+
+
+def bodies(lease: Any) -> list[Any]:
+    return [env.body for env in lease.envelopes()]
+
+
+def lose_replies(queue: RedisQueue, script: str, times: int = 1) -> None:
+    """The next ``times`` runs of ``script`` happen, but their reply is lost."""
+    link = queue._link
+    real = link.script
+    left = [times]
+
+    def script_for(name: str) -> Any:
+        run = real(name)
+        if name != script:
+            return run
+
+        def flaky(**kwargs: Any) -> Any:
+            result = run(**kwargs)
+            if left[0] > 0:
+                left[0] -= 1
+                raise redis.exceptions.ConnectionError("reply lost")
+            return result
+
+        return flaky
+
+    link.script = script_for  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------- put, take, ack
+
+
+def test_put_take_ack_counts_every_task_once(make: Factory) -> None:
+    # Given a consumer and five tasks
+    q = make()
+    q.attach_consumer()
+    assert q.put_many(range(5)) == 5
+    c = q.counters()
+    assert (c.ready, c.pending, c.produced) == (5, 5, 5)
+
+    # When it takes three and acknowledges them
+    lease = q.take(3, timeout=1)
+    assert lease is not None and bodies(lease) == [0, 1, 2]
+    assert q.counters().in_flight == 3
+    q.ack(lease)
+
+    # Then they are done and the other two are still ready, in order
+    c = q.counters()
+    assert (c.ready, c.in_flight, c.pending, c.done) == (2, 0, 2, 3)
+    lease = q.take(10, timeout=1)
+    assert lease is not None and bodies(lease) == [3, 4]
+    q.ack(lease)
+    assert q.counters().pending == 0
+
+
+def test_a_large_put_is_pipelined_in_chunks_and_keeps_its_order(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+
+    q._put_bodies(list(range(2500)))  # more than one put script call
+
+    assert q.counters().pending == 2500
+    got: list[int] = []
+    while len(got) < 2500:
+        lease = take_lease(q)
+        got += bodies(lease)
+        q.ack(lease)
+    assert got == list(range(2500))
+
+
+def test_a_stale_ack_changes_nothing(make: Factory) -> None:
+    # Given consumer A whose lease was reaped after it stopped heartbeating
+    a, b = make(heartbeat_ttl=0.2), make()
+    a.attach_consumer()
+    b.attach_consumer()
+    a.put("task")
+    stale = take_lease(a)
+    a.dispose()  # its heartbeat stops, as if the process had died
+    wait_for(lambda: b.reap() == 1, timeout=5, message="the reap of A's task")
+    before = b.counters()
+
+    # When A acknowledges it late
+    (env,) = stale.envelopes()
+    a.ack(stale, [Failure(env, "E", "tb")])
+
+    # Then no counter moved and nothing was written: the task is B's to finish
+    assert b.counters() == before
+    assert b.dead_letters() == []
+    fresh = take_lease(b)
+    assert [e.id for e in fresh.envelopes()] == [env.id]
+    b.ack(fresh)
+    c = b.counters()
+    assert (c.done, c.failed, c.pending) == (1, 0, 0)
+
+
+def test_leases_acknowledged_out_of_order_both_count(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put_many(range(4))
+    first = q.take(2, timeout=1)
+    second = q.take(2, timeout=1)
+    assert first is not None and second is not None
+
+    q.ack(second)  # not the oldest lease: ack.lua finds it by scanning
+    q.ack(first)
+
+    c = q.counters()
+    assert (c.done, c.pending, c.in_flight) == (4, 0, 0)
+
+
+def test_given_back_tasks_are_taken_next(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put_many(["a", "b", "c", "d"])
+    lease = q.take(3, timeout=1)
+    assert lease is not None
+    envs = list(lease.envelopes())
+
+    q.ack(lease, give_back=envs[1:])  # "a" done, "b" and "c" not started
+
+    c = q.counters()
+    assert (c.done, c.pending, c.ready) == (1, 3, 3)
+    again = q.take(10, timeout=1)
+    assert again is not None and bodies(again) == ["b", "c", "d"]
+    q.ack(again)
+
+
+# ---------------------------------------------------------------- sentinels
+
+
+def test_a_sentinel_ends_a_batch_and_the_next_consumer_gets_its_own(make: Factory) -> None:
+    # Given two consumers and two tasks, then close: ready = [S, S, 1, 0]
+    a, b = make(), make()
+    a.attach_consumer()
+    b.attach_consumer()
+    a.put_many([0, 1])
+    a.close()
+
+    # When A asks for many
+    lease = a.take(100, timeout=1)
+
+    # Then it gets the tasks and one sentinel, no more; B gets the other
+    assert lease is not None and bodies(lease) == [0, 1] and lease.sentinel is not None
+    a.ack(lease)
+    other = b.take(100, timeout=1)
+    assert other is not None and other.size == 0 and other.sentinel is not None
+    b.ack(other)
+    assert a.counters().ready == 0
+
+
+def test_a_sentinel_of_an_earlier_epoch_is_dropped(make: Factory) -> None:
+    # Given a closed queue with a sentinel in it
+    q = make()
+    q.attach_consumer()
+    q.close()
+    assert q.counters().ready == 1
+
+    # When a producer reopens it and puts a task
+    q.attach_producer()
+    q.put("new")
+
+    # Then the old sentinel is dropped server-side, never returned
+    lease = q.take(10, timeout=1)
+    assert lease is not None and bodies(lease) == ["new"] and lease.sentinel is None
+    q.ack(lease)
+    assert q.counters().ready == 0
+    assert not q._sentinel_is_current(Sentinel(0)) and q._sentinel_is_current(Sentinel(1))
+
+
+def test_close_counts_live_consumers_only_and_is_idempotent(make: Factory) -> None:
+    # Given two live consumers and one whose heartbeat expired
+    live = [make(), make()]
+    for q in live:
+        q.attach_consumer()
+    gone = make(heartbeat_ttl=0.2)
+    gone.attach_consumer()
+    gone.dispose()
+    wait_for(lambda: live[0].counters().consumers == 2, timeout=5, message="the expiry")
+
+    # When the queue is closed, twice
+    live[0].close()
+    live[1].close()
+
+    # Then there are two sentinels, one per live consumer
+    c = live[0].counters()
+    assert c.closed and c.ready == 2
+
+
+def test_a_consumer_started_after_close_on_a_drained_queue_stops(make: Factory) -> None:
+    q = make()
+    q.close()
+    q.attach_consumer()
+
+    lease = q.take(1, timeout=None)
+
+    assert lease is not None and lease.sentinel is not None and lease.size == 0
+    q.ack(lease)
+
+
+def test_the_last_sentinel_waits_for_delayed_retries(make: Factory) -> None:
+    # Given one consumer, one task, closed: ready = [S, task]
+    q = make()
+    q.attach_consumer()
+    q.put("flaky")
+    q.close()
+    lease = q.take(1, timeout=1)
+    assert lease is not None
+    (env,) = lease.envelopes()
+
+    # When the task fails and is retried later
+    q.ack(lease, [Failure(env, "E", "tb", retry_in=0.3)])
+
+    # Then the consumer does not stop yet: the retry comes before its sentinel
+    assert q.take(10, timeout=0) is None
+    assert drain(q) == ["flaky"]
+    assert q.counters().pending == 0
+
+
+def test_the_last_producer_to_detach_closes_and_a_dead_one_does_not_count(
+    make: Factory,
+) -> None:
+    # Given two live producers and one whose heartbeat expired
+    a, b = make(), make()
+    a.attach_producer()
+    b.attach_producer()
+    dead = make(heartbeat_ttl=0.2)
+    dead.attach_producer()
+    dead.dispose()
+    wait_for(lambda: a.counters().producers == 2, timeout=5, message="the expiry")
+
+    # When one detaches the queue stays open; when the other does, it closes
+    a.detach_producer()
+    assert not a.counters().closed
+    b.detach_producer()
+    c = a.counters()
+    assert (c.closed, c.producers) == (True, 0)
+
+
+# ---------------------------------------------------------------- reap and evict
+
+
+def test_reap_returns_a_dead_consumers_tasks_to_the_front(make: Factory) -> None:
+    # Given consumer A holding two tasks, and two more tasks waiting
+    a, b = make(heartbeat_ttl=0.2), make()
+    a.attach_consumer()
+    b.attach_consumer()
+    b.put_many(["a1", "a2", "w1", "w2"])
+    held = a.take(2, timeout=1)
+    assert held is not None and bodies(held) == ["a1", "a2"]
+
+    # When A stops heartbeating and B reaps
+    a.dispose()
+    moved = wait_for(lambda: b.reap(), timeout=5, message="the reap")
+
+    # Then A's tasks are back, ahead of the others, and A is unregistered
+    assert moved == 2
+    lease = b.take(10, timeout=1)
+    assert lease is not None and bodies(lease) == ["a1", "a2", "w1", "w2"]
+    b.ack(lease)
+    c = b.counters()
+    assert (c.consumers, c.done, c.pending) == (1, 4, 0)
+
+
+def test_evict_returns_a_killed_workers_tasks_at_once(make: Factory) -> None:
+    worker, supervisor = make(), make()
+    worker.attach_consumer()  # its id is "host:pid:..." of this process
+    supervisor.put_many([1, 2])
+    held = worker.take(2, timeout=1)
+    assert held is not None
+
+    assert supervisor.evict(os.getpid()) == 2
+    assert supervisor.evict(os.getpid(), host="another-host") == 0
+
+    c = supervisor.counters()
+    assert (c.ready, c.in_flight, c.consumers, c.pending) == (2, 0, 0, 2)
+
+
+def test_detach_gives_back_what_was_in_flight(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put_many([1, 2, 3])
+    assert q.take(2, timeout=1) is not None
+
+    q.detach_consumer()
+
+    c = q.counters()
+    assert (c.ready, c.in_flight, c.consumers) == (3, 0, 0)
+
+
+# ---------------------------------------------------------------- retries, dead letters
+
+
+def test_a_retry_comes_back_when_due_with_one_more_attempt(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put({"n": 1})
+    lease = take_lease(q)
+    (env,) = lease.envelopes()
+    acked = time.monotonic()
+
+    q.ack(lease, [Failure(env, "E", "tb", retry_in=0.3)])
+
+    c = q.counters()
+    assert (c.delayed, c.retried, c.pending, c.ready) == (1, 1, 1, 0)
+    assert q.take(1, timeout=0) is None
+    again = take_lease(q)
+    assert time.monotonic() - acked >= 0.25
+    assert [(e.id, e.body, e.attempts) for e in again.envelopes()] == [(env.id, {"n": 1}, 1)]
+    q.ack(again)
+    assert q.counters().pending == 0
+
+
+def test_equal_retries_stay_two_tasks(make: Factory, client: FakeRedis) -> None:
+    # A put whose reply was lost can leave a task twice; both copies are pending,
+    # so both must come back from the delayed set even if their bytes are equal.
+    q = make()
+    q.attach_consumer()
+    q._put_bodies(["dup"])
+    raw = client.lindex(q.keys.ready, 0)
+    assert isinstance(raw, bytes)
+    q._put([raw], 1)
+    lease = q.take(2, timeout=1)
+    assert lease is not None and lease.size == 2
+
+    q.ack(lease, [Failure(env, "E", "", retry_in=0) for env in lease.envelopes()])
+
+    assert q.counters().delayed == 2
+    again = q.take(10, timeout=1)
+    assert again is not None and again.size == 2
+    q.ack(again)
+    assert q.counters().pending == 0
+
+
+def test_garbage_bytes_are_dead_lettered_and_not_counted(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q._put([b"\xc1 not msgpack"], 0)
+
+    lease = take_lease(q)
+    assert lease.batches == [] and len(lease.bad) == 1
+    q.ack(lease)
+
+    (letter,) = q.dead_letters()
+    assert letter["raw"] == b"\xc1 not msgpack" and "not msgpack" in letter["error"]
+    c = q.counters()
+    assert (c.dead, c.failed, c.pending, c.in_flight) == (1, 0, 0, 0)
+
+
+class _CreatesFile:
+    """A pickle whose loading would create a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_payload_is_dead_lettered_never_run(make: Factory, tmp_path: Any) -> None:
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_CreatesFile(str(marker)))
+    q = make()
+    q.attach_consumer()
+    q._put([payload], 0)
+
+    lease = take_lease(q)
+    q.ack(lease)
+
+    (letter,) = q.dead_letters()
+    assert letter["raw"] == payload
+    assert not marker.exists()
+
+
+def test_dead_tasks_are_requeued_pending_again_and_garbage_stays(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put("dies")
+    q._put([b"\xc1"], 0)
+    for _ in range(2):
+        lease = take_lease(q)
+        q.ack(lease, [Failure(env, "E", "tb") for env in lease.envelopes()])
+    c = q.counters()
+    assert (c.dead, c.failed, c.pending) == (2, 1, 0)
+
+    assert q.requeue_dead() == 1
+
+    c = q.counters()
+    assert (c.dead, c.failed, c.pending, c.ready) == (1, 0, 1, 1)
+    lease = take_lease(q)
+    assert [(e.body, e.attempts) for e in lease.envelopes()] == [("dies", 0)]
+    q.ack(lease)
+    assert q.purge_dead() == 1 and q.counters().dead == 0
+
+
+def test_requeued_tasks_come_before_the_sentinels_of_a_closed_queue(make: Factory) -> None:
+    # Given a job that ended (closed) with a dead letter, its consumer still attached
+    q = make()
+    q.attach_consumer()
+    q.put("dies")
+    lease = take_lease(q)
+    q.ack(lease, [Failure(env, "E", "tb") for env in lease.envelopes()])
+    q.close()
+
+    # When the dead letter is requeued
+    assert q.requeue_dead() == 1
+
+    # Then the queue stays closed and the consumer handles the task, then stops
+    assert q.counters().closed
+    assert drain(q) == ["dies"]
+    assert q.counters().pending == 0
+
+
+def test_purge_drops_everything_and_the_epoch_moves_on(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put_many(range(3))
+    held = q.take(1, timeout=1)
+    assert held is not None
+    q.close()
+
+    assert q.purge() == 3  # two ready, one in flight; the sentinel is no task
+
+    c = q.counters()
+    assert (c.ready, c.in_flight, c.pending, c.produced, c.closed) == (0, 0, 0, 0, False)
+    q.ack(held)  # stale now: changes nothing
+    assert q.counters().done == 0
+
+
+# ---------------------------------------------------------------- backpressure
+
+
+@pytest.mark.timeout(30)
+def test_a_full_queue_blocks_put_without_polling(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a full queue (maxsize 2) and a producer with one more task
+    monkeypatch.setattr("pcq.backends.redis.SPACE_WAIT", 5.0)  # only a token wakes it early
+    q = make(maxsize=2)
+    q.put_many([1, 2])
+    producer = make(maxsize=2)
+    calls: list[str] = []
+    run = producer._link.run
+
+    def counting(name: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(name)
+        return run(name, *args, **kwargs)
+
+    producer._link.run = counting  # type: ignore[method-assign]
+    finished = threading.Event()
+
+    def put_one_more() -> None:
+        producer.put(3)
+        finished.set()
+
+    thread = threading.Thread(target=put_one_more, daemon=True)
+
+    # When it puts, it waits, asking the server once, not in a loop
+    thread.start()
+    assert not finished.wait(0.5)
+    assert calls == ["put"]
+    assert q.counters().ready == 2
+
+    # Then one take wakes it at once
+    q.attach_consumer()
+    lease = q.take(1, timeout=1)
+    assert lease is not None
+    assert finished.wait(2), "the put was not woken by the take"
+    thread.join(5)
+    q.ack(lease)
+    assert [bodies(take_lease(q)) for _ in range(2)] == [[2], [3]]
+
+
+def test_a_bounded_put_pushes_what_fits_then_waits(make: Factory) -> None:
+    q = make(maxsize=3)
+    q.attach_consumer()
+    done = threading.Event()
+
+    def put_ten() -> None:
+        q.put_many(range(10))
+        done.set()
+
+    thread = threading.Thread(target=put_ten, daemon=True)
+    thread.start()
+    wait_for(lambda: q.counters().ready == 3, timeout=5)
+    assert not done.is_set()
+
+    got: list[int] = []
+    while len(got) < 10:
+        assert q.counters().ready <= 3
+        lease = take_lease(q)
+        got += bodies(lease)
+        q.ack(lease)
+    assert done.wait(5) and got == list(range(10))
+
+
+# ---------------------------------------------------------------- lost replies
+
+
+def test_a_take_whose_reply_was_lost_strands_nothing(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put_many(range(3))
+    lose_replies(q, "take")
+
+    lease = q.take(10, timeout=1)  # ran twice: the second adopts what the first moved
+
+    assert lease is not None and bodies(lease) == [0, 1, 2]
+    assert q.counters().in_flight == 3
+    q.ack(lease)
+    c = q.counters()
+    assert (c.done, c.pending, c.in_flight) == (3, 0, 0)
+
+
+def test_a_message_moved_by_a_lost_blmove_is_adopted(make: Factory, client: FakeRedis) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put_many(["x", "y"])
+    me = q._consumer_id
+    assert me is not None
+    client.lmove(q.keys.ready, q.keys.inflight(me), "RIGHT", "LEFT")  # reply never seen
+
+    lease = q.take(10, timeout=1)
+
+    assert lease is not None and bodies(lease) == ["x", "y"]
+    q.ack(lease)
+    assert q.counters().pending == 0
+
+
+def test_an_ack_whose_reply_was_lost_counts_once(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put_many(range(3))
+    lease = q.take(3, timeout=1)
+    assert lease is not None
+    lose_replies(q, "ack")
+
+    q.ack(lease)
+
+    c = q.counters()
+    assert (c.done, c.pending, c.in_flight) == (3, 0, 0)
+
+
+def test_a_put_whose_reply_was_lost_may_repeat_but_pending_stays_true(make: Factory) -> None:
+    q = make()
+    lose_replies(q, "put")
+    q.counters()  # connect first: a lost reply on first contact is a plain failure
+
+    q.put("once")
+
+    c = q.counters()
+    assert c.pending == c.ready == c.produced == 2  # at-least-once: counted as put
+
+
+# ---------------------------------------------------------------- errors, URLs, processes
+
+
+def test_an_unreachable_server_is_one_clear_line_without_the_password() -> None:
+    port = free_port()
+    q = RedisQueue("x", url=f"redis://:hunter2@127.0.0.1:{port}/0")
+
+    with pytest.raises(BackendUnavailable) as caught:
+        q.counters()
+
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message and "hunter2" not in message
+    assert "\n" not in message
+    assert isinstance(caught.value.__cause__, redis.exceptions.ConnectionError)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:notaport/0", "http://localhost:6379/0", "redis://localhost/x"]
+)
+def test_a_bad_url_is_a_config_error(url: str) -> None:
+    with pytest.raises(ConfigError, match="bad Redis URL"):
+        RedisQueue("x", url=url)
+    with pytest.raises(ConfigError):
+        open_queue("redis", url=url)
+
+
+def test_bad_names_and_options_are_config_errors(client: FakeRedis) -> None:
+    for name in ("", "a{b}"):
+        with pytest.raises(ConfigError):
+            RedisQueue(name, client=client)
+    with pytest.raises(ConfigError):
+        RedisQueue("x", client=client, heartbeat_ttl=0)
+    with pytest.raises(ConfigError, match="decode_responses"):
+        RedisQueue("x", client=fakeredis.FakeRedis(decode_responses=True))
+
+
+def test_safe_url_hides_only_the_password() -> None:
+    assert safe_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
+    assert safe_url("rediss://:pw@h/0") == "rediss://:***@h/0"
+    assert safe_url("unix:///tmp/r.sock?db=1") == "unix:///tmp/r.sock?db=1"
+
+
+def test_a_dropped_connection_is_retried_with_backoff(client: FakeRedis) -> None:
+    link = Link("redis://unused", client, retry_for=5)
+    link.client()  # connected once: later failures are outages, not bad config
+    failures = [2]
+
+    def op(c: redis.Redis) -> str:
+        if failures[0]:
+            failures[0] -= 1
+            raise redis.exceptions.ConnectionError("server restarting")
+        return "ok"
+
+    started = time.monotonic()
+    assert link.call(op) == "ok"
+    assert 0.1 <= time.monotonic() - started < 2  # 0.05 + 0.1 s of backoff
+
+
+def test_an_outage_longer_than_retry_for_is_backend_unavailable(client: FakeRedis) -> None:
+    link = Link("redis://unused", client, retry_for=0.3)
+    link.client()
+
+    def op(c: redis.Redis) -> None:
+        raise redis.exceptions.TimeoutError("no answer")
+
+    with pytest.raises(BackendUnavailable, match=r"retried 0\.3 s"):
+        link.call(op)
+
+
+def test_a_refusal_is_not_retried(client: FakeRedis) -> None:
+    link = Link("redis://unused", client, retry_for=30)
+    link.client()
+    calls = []
+
+    def op(c: redis.Redis) -> None:
+        calls.append(1)
+        raise redis.exceptions.AuthenticationError("WRONGPASS invalid password")
+
+    with pytest.raises(BackendUnavailable, match="refused"):
+        link.call(op)
+    assert calls == [1]
+
+
+def test_a_queue_pickles_as_plain_config(make: Factory) -> None:
+    # Given a queue with a consumer, a producer and a heartbeat thread running
+    q = make(maxsize=7, heartbeat_ttl=3.0)
+    q.attach_consumer()
+    q.attach_producer()
+
+    # When it crosses a pickle boundary
+    copy = pickle.loads(pickle.dumps(q))
+
+    # Then the copy holds its configuration and no connection or thread, and it
+    # starts unattached; producer registrations travel along (for detach)
+    assert (copy.name, copy.maxsize, copy.url, copy.heartbeat_ttl) == ("unit", 7, q.url, 3.0)
+    assert copy._link._client is None and copy._heartbeat is None
+    assert copy._consumer_id is None and copy._producer_ids == q._producer_ids
+    with pytest.raises(RuntimeError, match="attach_consumer"):
+        copy.take(1, timeout=0)
+
+
+def test_every_key_of_a_queue_shares_one_hash_tag(make: Factory) -> None:
+    q = make()
+    assert key("jobs", "ready") == "pcq:{jobs}:ready"
+    names = [getattr(q.keys, field) for field in q.keys.__slots__]
+    assert all(name.startswith("pcq:{unit}:") for name in names)
+    assert len(set(names)) == len(names)
+
+
+def test_registrations_list_the_live_consumers_and_producers(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.attach_producer()
+    gone = make(heartbeat_ttl=0.2)
+    gone.attach_consumer()
+    gone.dispose()
+    wait_for(lambda: len(q.registrations()) == 2, timeout=5, message="the expiry")
+
+    regs = sorted(q.registrations(), key=lambda r: r["role"])
+
+    assert [r["role"] for r in regs] == ["consumer", "producer"]
+    assert all(r["id"].startswith(f"{r['host']}:{os.getpid()}:") for r in regs)
+    assert all(abs(time.time() - r["heartbeat"]) < 5 for r in regs)

@@ -49,16 +49,26 @@ Retries = Annotated[int, typer.Option(min=0, help="Retries of a failing task bef
 Timeout = Annotated[float | None, typer.Option(
     min=0.001, help="Seconds a task may run; longer counts as a failed attempt.")]
 Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
+HeartbeatTtl = Annotated[float | None, typer.Option(
+    min=0.1, envvar="PCQ_HEARTBEAT_TTL",
+    help="Redis: seconds without a heartbeat after which a consumer counts as dead "
+         "and its tasks go back (default 5; env PCQ_HEARTBEAT_TTL).")]
 
 
-def _shared_queue(backend: str | None, url: str | None, name: str, maxsize: int = 0) -> Queue:
+def _options(heartbeat_ttl: float | None) -> dict[str, Any]:
+    return {} if heartbeat_ttl is None else {"heartbeat_ttl": heartbeat_ttl}
+
+
+def _shared_queue(
+    backend: str | None, url: str | None, name: str, maxsize: int = 0, **options: Any
+) -> Queue:
     """A queue other processes can reach: local queues live only inside `pcq run`."""
     if backend_for(backend, url) == "local":
         raise ConfigError(
             "this command needs a shared queue: give --url redis://HOST:PORT/DB "
             "(or PCQ_URL); a local queue lives only inside `pcq run`"
         )
-    return open_queue(backend, url=url, name=name, maxsize=maxsize)
+    return open_queue(backend, url=url, name=name, maxsize=maxsize, **options)
 
 
 class _ProgressBar:
@@ -128,10 +138,13 @@ def run_command(
     timeout: Timeout = None,
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    heartbeat_ttl: HeartbeatTtl = None,
 ) -> None:
     """Run a whole job: producers, consumers, close, summary (local by default)."""
     produce = load_callable(producer, "PRODUCER")
     handle = load_callable(handler, "HANDLER")
+    shared = backend_for(backend, url) != "local"
+    options = _options(heartbeat_ttl) if shared else {}  # local consumers have no heartbeat
     with _ProgressBar(not no_progress) as bar:
         base: list[Counters] = []
 
@@ -142,7 +155,7 @@ def run_command(
 
         summary = run(produce, handle, workers=workers, producers=producers, maxsize=maxsize,
                       retries=retries, timeout=timeout, backend=backend, url=url, queue=queue,
-                      on_progress=progress)
+                      on_progress=progress, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
 
@@ -174,11 +187,12 @@ def produce_command(
                                           "put, without waiting for the consumers.")] = False,
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    heartbeat_ttl: HeartbeatTtl = None,
 ) -> None:
     """Put tasks on a shared queue, close it when the last producer is done, and
     wait until every task is acknowledged."""
     items = _json_lines(sys.stdin) if producer == "-" else load_callable(producer, "PRODUCER")()
-    q = _shared_queue(backend, url, queue, maxsize)
+    q = _shared_queue(backend, url, queue, maxsize, **_options(heartbeat_ttl))
     try:
         with _ProgressBar(not no_progress and not no_wait) as bar:
             base = q.counters()
@@ -201,10 +215,11 @@ def consume_command(
     retries: Retries = 0,
     timeout: Timeout = None,
     as_json: Json = False,
+    heartbeat_ttl: HeartbeatTtl = None,
 ) -> None:
     """Run consumer processes on this host until each takes its sentinel."""
     handle = load_callable(handler, "HANDLER")
-    q = _shared_queue(backend, url, queue)
+    q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl))
     try:
         q.counters()  # fail fast, in this process, if the server cannot be reached
         summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout)

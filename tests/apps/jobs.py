@@ -1,0 +1,62 @@
+"""Producers and handlers for the integration tests, addressed as
+``tests/apps/jobs.py:NAME`` from the CLI.
+
+Settings come from the environment, so that the same functions serve every
+test: ``JOBS_N`` (how many tasks), ``JOBS_OUT`` (a directory: every handled
+task is appended, one JSON line, to ``OUT/<pid>.log``), ``JOBS_SLEEP`` (seconds
+each handle sleeps), ``JOBS_START`` (first task number).
+"""
+
+import json
+import os
+import time
+
+
+def _n():
+    return int(os.environ.get("JOBS_N", "100"))
+
+
+def produce():
+    start = int(os.environ.get("JOBS_START", "0"))
+    yield from range(start, start + _n())
+
+
+def _record(item):
+    out = os.environ.get("JOBS_OUT")
+    if out:
+        with open(os.path.join(out, f"{os.getpid()}.log"), "a") as f:
+            f.write(json.dumps(item) + "\n")
+
+
+def handle(item):
+    delay = float(os.environ.get("JOBS_SLEEP", "0"))
+    if delay:
+        time.sleep(delay)
+    _record(item)
+
+
+def handle_slow_first(item):
+    """Record that the task started (``OUT/<pid>.started``), then sleep: the test
+    kills this process mid-task."""
+    out = os.environ["JOBS_OUT"]
+    with open(os.path.join(out, f"{os.getpid()}.started"), "a") as f:
+        f.write(json.dumps(item) + "\n")
+    time.sleep(float(os.environ.get("JOBS_SLEEP", "0.2")))
+    _record(item)
+
+
+def handle_failing(item):
+    """Every task divisible by 5 fails, every time."""
+    if item % 5 == 0:
+        raise ValueError(f"unlucky {item}")
+    _record(item)
+
+
+def handled(out):
+    """Every task recorded under ``out``, as a list (duplicates kept)."""
+    items = []
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".log"):
+            with open(os.path.join(out, name)) as f:
+                items.extend(json.loads(line) for line in f)
+    return items

@@ -1,0 +1,36 @@
+"""Real redis-servers for the integration tests, started on free loopback ports.
+
+``redis_url``: one server for the whole session (tests keep apart by using a
+fresh queue name each).  ``redis_server``: a private server with appendonly on,
+for tests that restart or kill it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def redis_url(shared_redis: RedisServer) -> str:
+    return shared_redis.url
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(appendonly=True).start()
+    try:
+        yield server
+    finally:
+        server.cleanup()

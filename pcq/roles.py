@@ -183,20 +183,24 @@ class Consumer(mp.Process):
             queue.dispose()
 
     def consume(self) -> None:
-        """The loop: take a lease, handle it, acknowledge it; stop at a sentinel."""
+        """The loop: take a lease, handle it, acknowledge it together with taking
+        the next (one round trip where the backend can); stop at a sentinel."""
         queue = self.queue
         want = 1  # tasks per take: grows while tasks are cheap (slow start)
         next_reap = time.monotonic() + queue.reap_interval
-        while not self._stopping:
-            lease = queue.take(want, timeout=IDLE_WAIT)
+        lease: Lease | None = None
+        while True:
             if lease is None:
-                if time.monotonic() >= next_reap:
-                    queue.reap()
-                    next_reap = time.monotonic() + queue.reap_interval
-                continue
+                if self._stopping:
+                    return
+                lease = queue.take(want, timeout=IDLE_WAIT)
+                if lease is None:
+                    if time.monotonic() >= next_reap:
+                        queue.reap()
+                        next_reap = time.monotonic() + queue.reap_interval
+                    continue
             started = time.perf_counter()
             failures, give_back, handled = self._handle_lease(lease)
-            queue.ack(lease, failures, give_back)
             if self._tally is not None:
                 self._count(handled, failures)
             if handled:
@@ -204,8 +208,10 @@ class Consumer(mp.Process):
                 queue.note_task_cost(cost)
                 fit = int(TARGET_BATCH_SECONDS / cost) if cost > 0 else MAX_BATCH
                 want = max(1, min(MAX_BATCH, want * 2, fit))
-            if lease.sentinel is not None:
+            if lease.sentinel is not None or self._stopping:
+                queue.ack(lease, failures, give_back)
                 return
+            lease = queue.ack_and_take(lease, failures, give_back, want, timeout=IDLE_WAIT)
 
     def _count(self, handled: int, failures: list[Failure]) -> None:
         assert self._tally is not None

@@ -31,9 +31,10 @@ Contracts every backend keeps (``tests/conformance`` checks them):
 from __future__ import annotations
 
 import os
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,9 +56,8 @@ MAX_BATCH = 1024
 #: A batch should hold about this much handler work, so that the tasks of a slow
 #: handler spread over all consumers and a killed consumer loses little.
 TARGET_BATCH_SECONDS = 0.005
-#: A producer whose iterable took longer than this to yield an item is a trickle:
-#: every item is sent at once instead of waiting for a batch to fill.
-TRICKLE_SECONDS = 0.001
+#: Longest a partial batch waits for more items before it is sent anyway.
+LINGER_SECONDS = 0.001
 
 
 @dataclass(slots=True)
@@ -123,6 +123,57 @@ class Outcome:
     give_back: list[bytes]  # not started: back to ready, no attempt counted
 
 
+class _Linger:
+    """The batch ``put_many`` is filling, and a thread that sends it when it has
+    waited ``LINGER_SECONDS`` without being sent (the iterable is slow).
+
+    Both sides touch the batch only under ``lock``; the thread looks every
+    ``LINGER_SECONDS`` and sends a batch it already saw pending last time.  An
+    error in the thread's send is raised again in the caller's thread.
+    """
+
+    def __init__(self, send: Callable[[list[Any]], None]) -> None:
+        self.lock = threading.Lock()
+        self.batch: list[Any] = []
+        self.count = 0  # items sent
+        self._send = send
+        self._sends = 0
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="pcq-linger", daemon=True)
+        self._thread.start()
+
+    def flush(self) -> None:
+        """Send the batch; call with ``lock`` held."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        batch, self.batch = self.batch, []
+        self._sends += 1
+        if batch:
+            self._send(batch)
+            self.count += len(batch)
+
+    def _watch(self) -> None:
+        seen = -1
+        while not self._done.wait(LINGER_SECONDS):
+            with self.lock:
+                if self.batch and self._sends == seen and self._error is None:
+                    try:
+                        self.flush()
+                    except BaseException as exc:  # handed to the caller's thread
+                        self._error = exc
+                seen = self._sends
+
+    def stop(self, flush: bool) -> None:
+        """Stop the thread; then, with ``flush``, send what is left."""
+        self._done.set()
+        self._thread.join()
+        if flush:
+            with self.lock:
+                self.flush()
+
+
 class Queue(ABC):
     """One named queue on one backend.  See the module docstring for the contract.
 
@@ -155,38 +206,29 @@ class Queue(ABC):
 
         Batches are as large as :meth:`batch_limit` allows (large for cheap
         handlers, single tasks for expensive ones, so that tasks spread over all
-        consumers), and an item the iterable was slow to yield is sent at once:
-        a trickle is never held back waiting for a batch to fill.
+        consumers).  A partial batch is never held back while the iterable is
+        slow: a helper thread sends it once it has waited ``LINGER_SECONDS``.
+        What the iterable yielded before it raised is put, not lost.
         """
-        count = 0
-        batch: list[Any] = []
-        limit = self.batch_limit()
-        clock = time.monotonic
-        last = clock()
-        iterator = iter(items)
-        while True:
-            try:
-                item = next(iterator)
-            except StopIteration:
-                break
-            except BaseException:
-                # What the iterable yielded before it failed is put, not lost.
-                if batch:
-                    self._put_bodies(batch)
-                raise
-            batch.append(item)
-            now = clock()
-            if len(batch) >= limit or now - last > TRICKLE_SECONDS:
-                self._put_bodies(batch)
-                count += len(batch)
-                batch = []
-                limit = self.batch_limit()
-                now = clock()
-            last = now
-        if batch:
-            self._put_bodies(batch)
-            count += len(batch)
-        return count
+        linger = _Linger(self._put_bodies)
+        try:
+            limit = self.batch_limit()
+            lock = linger.lock
+            for item in items:
+                with lock:
+                    batch = linger.batch
+                    batch.append(item)
+                    if len(batch) >= limit:
+                        linger.flush()
+                        limit = self.batch_limit()
+        except Exception:
+            linger.stop(flush=True)  # the items yielded before the error are put
+            raise
+        except BaseException:
+            linger.stop(flush=False)  # interrupted: stop at once, never block
+            raise
+        linger.stop(flush=True)
+        return linger.count
 
     def batch_limit(self) -> int:
         """How many tasks one put may carry now (backends refine it from what
@@ -261,6 +303,19 @@ class Queue(ABC):
         back = [encode_envelope(env) for env in give_back]
         done = lease.size - len(failures) - len(back)
         self._ack(lease, Outcome(done, failed, retry, dead, back))
+
+    def ack_and_take(
+        self,
+        lease: Lease,
+        failures: Sequence[Failure] = (),
+        give_back: Sequence[Envelope] = (),
+        max_tasks: int = 1,
+        timeout: float | None = None,
+    ) -> Lease | None:
+        """:meth:`ack` ``lease``, then :meth:`take` the next one.  A backend with
+        a server overrides this to do both in one round trip."""
+        self.ack(lease, failures, give_back)
+        return self.take(max_tasks, timeout)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -1,0 +1,1 @@
+"""pcq benchmarks: ``python -m benchmarks.run --help``; see benchmarks/README.md."""

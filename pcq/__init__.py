@@ -1,1 +1,45 @@
-"""pcq: producer -> many-consumer work, on one machine or across many."""
+"""pcq: producer -> many-consumer work, on one machine or across many.
+
+    summary = pcq.run(produce, handle, workers=16, maxsize=16)
+
+or, class style, ``pcq.Producer`` / ``pcq.Consumer`` processes sharing a queue
+from ``pcq.open_queue("local", maxsize=16)``.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from pcq.backends import open_queue
+from pcq.backends.base import Queue
+from pcq.errors import (
+    BackendUnavailable,
+    ConfigError,
+    DecodeError,
+    ImportSpecError,
+    PcqError,
+    SerializationError,
+    TaskTimeout,
+)
+from pcq.roles import Consumer, Producer
+from pcq.run import Summary, run
+
+try:
+    __version__ = version("pcq")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "BackendUnavailable",
+    "ConfigError",
+    "Consumer",
+    "DecodeError",
+    "ImportSpecError",
+    "PcqError",
+    "Producer",
+    "Queue",
+    "SerializationError",
+    "Summary",
+    "TaskTimeout",
+    "__version__",
+    "open_queue",
+    "run",
+]

@@ -72,7 +72,13 @@ def _shared_queue(
 
 
 class _ProgressBar:
-    """A progress bar on stderr, shown only on a terminal."""
+    """A progress bar on stderr, shown only on a terminal.
+
+    It is drawn from the caller's thread (``update``), never from a refresh
+    thread, and leaves sys.stdout/sys.stderr alone: consumer processes are
+    forked while it is shown, and a child must not inherit a lock that a
+    parent's thread held, nor a proxy that draws stale copies of the bar.
+    """
 
     def __init__(self, enabled: bool) -> None:
         self._progress: Progress | None = None
@@ -80,7 +86,8 @@ class _ProgressBar:
             self._progress = Progress(
                 TextColumn("[bold]pcq"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("done  {task.fields[failed]} failed"), TimeElapsedColumn(),
-                console=err, transient=True,
+                console=err, transient=True, auto_refresh=False,
+                redirect_stdout=False, redirect_stderr=False,
             )
             self._task = self._progress.add_task("tasks", total=None, failed=0)
 
@@ -100,7 +107,7 @@ class _ProgressBar:
         self._progress.update(
             self._task, total=counters.produced - b.produced,
             completed=counters.done + counters.failed - b.done - b.failed,
-            failed=counters.failed - b.failed,
+            failed=counters.failed - b.failed, refresh=True,
         )
 
 
@@ -118,7 +125,7 @@ def _report(summary: Summary, as_json: bool, what: str) -> None:
         line += f"; {summary.producer_errors} producer(s) failed"
     if summary.interrupted is not None:
         line += "; interrupted"
-    err.print(line, highlight=False)
+    err.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command("run")

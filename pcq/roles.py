@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -39,11 +39,17 @@ log = logging.getLogger("pcq")
 PRODUCER_FAILED = 1
 #: How long an idle consumer waits for a task before looking around (reap, stop).
 IDLE_WAIT = 0.25
+#: How long a consumer whose parent died may take to finish its running task:
+#: no supervisor is left to enforce a grace period.
+ORPHAN_GRACE = 5.0
+#: How long a producer asked to stop may stay in the queue's code (waiting for
+#: room in a full queue) before it ends itself.
+STOP_GRACE = 1.0
 _PR_SET_PDEATHSIG = 1
 
 
 class _Stop(BaseException):
-    """Raised by the signal handler in a producer to leave produce() at once."""
+    """Raised in a producer that was asked to stop, to leave produce() at once."""
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -61,6 +67,15 @@ def _die_with_parent(parent_pid: int) -> None:
         threading.Thread(target=watch, daemon=True).start()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _kill_self_after(seconds: float) -> threading.Timer:
+    """A watchdog that SIGKILLs this process in ``seconds`` unless cancelled.
+    Dying by a signal tells the parent that nothing was cleaned up."""
+    watchdog = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGKILL))
+    watchdog.daemon = True
+    watchdog.start()
+    return watchdog
 
 
 class Producer(mp.Process):
@@ -93,9 +108,39 @@ class Producer(mp.Process):
 
     def run(self) -> None:
         _die_with_parent(self._parent_pid)
+        # A stop interrupts produce() at once, but never the queue's own code: an
+        # exception raised there by a signal handler could leave a lock held.
+        # There the stop waits for the next item, for STOP_GRACE at most.
+        producing = stopping = False
+        watchdog: threading.Timer | None = None
 
         def stop(signum: int, frame: FrameType | None) -> None:
-            raise _Stop
+            nonlocal stopping, watchdog
+            stopping = True
+            if producing:
+                raise _Stop
+            if watchdog is None:
+                watchdog = _kill_self_after(STOP_GRACE)
+
+        def items() -> Iterator[Any]:
+            nonlocal producing
+            producing = True
+            try:
+                if stopping:
+                    raise _Stop
+                iterator = iter(self.produce())
+                while True:
+                    try:
+                        item = next(iterator)
+                    except StopIteration:
+                        return
+                    producing = False
+                    yield item
+                    producing = True
+                    if stopping:
+                        raise _Stop
+            finally:
+                producing = False
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -103,7 +148,7 @@ class Producer(mp.Process):
         queue.attach_producer()
         code = 0
         try:
-            queue.put_many(self.produce())
+            queue.put_many(items())
         except _Stop:
             code = 143
         except PcqError as exc:
@@ -116,6 +161,8 @@ class Producer(mp.Process):
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if watchdog is not None:
+                watchdog.cancel()
             queue.detach_producer(close_if_last=self.close_when_done and code == 0)
             queue.dispose()
         if code:
@@ -162,6 +209,8 @@ class Consumer(mp.Process):
         _die_with_parent(self._parent_pid)
 
         def stop(signum: int, frame: FrameType | None) -> None:
+            if not self._stopping and os.getppid() != self._parent_pid:
+                _kill_self_after(ORPHAN_GRACE)  # orphaned: no one else enforces a grace
             self._stopping = True
 
         signal.signal(signal.SIGTERM, stop)

@@ -125,6 +125,8 @@ def _run(
 ) -> Summary:
     started = time.monotonic()
     before = q.counters()
+    if on_progress is not None:  # the first report is the job's starting point
+        on_progress(before, 0.0)
     # Our own registration keeps the queue open until every producer process is
     # done, however their starts and ends interleave.
     q.attach_producer()
@@ -153,6 +155,10 @@ def _run(
                         producer = running.pop(fd)
                         producer.join()
                         producer_errors += producer.exitcode != 0
+                        if producer.exitcode is not None and producer.exitcode < 0:
+                            # Killed by a signal, it could not detach: without this
+                            # the queue would never close and the job never end.
+                            q.detach_producer(close_if_last=False)
                         producer.close()
                 supervisor.poll([fd for fd in ready if fd not in running])
                 if not running and not closed:
@@ -266,9 +272,10 @@ def _stop_all(producers: Iterable[Producer], supervisor: Supervisor, grace: floa
     for producer in left:
         with contextlib.suppress(ProcessLookupError):
             producer.terminate()
+    deadline = time.monotonic() + grace  # one grace period for consumers and producers
     supervisor.stop(grace)
     for producer in left:
-        producer.join(grace)
+        producer.join(max(0.0, deadline - time.monotonic()))
         if producer.is_alive():
             producer.kill()
             producer.join()

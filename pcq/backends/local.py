@@ -39,6 +39,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import time
 from multiprocessing.context import BaseContext
 from multiprocessing.reduction import ForkingPickler
@@ -72,6 +73,8 @@ NSLOTS, CLOSED, EPOCH, PRODUCERS, COST_NS = range(5)
 _HEADER = struct.Struct("<Q")
 #: Longest a waiting take polls before it looks again (closed? retries due?).
 IDLE_SLICE = 0.25
+#: How long the opening process's dispose waits for its feeder thread to finish.
+FEEDER_GRACE = 1.0
 
 
 def _bank(commit: int) -> int:
@@ -105,6 +108,7 @@ class LocalQueue(Queue):
     # Per-process state: never crosses a process boundary.
     def _init_process_state(self) -> None:
         self._pid = os.getpid()
+        self._parent = os.getppid()
         self._slot = -1
         self._file: int | None = None
         self._lease_no = 0
@@ -116,7 +120,7 @@ class LocalQueue(Queue):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         for key in ("_file", "_delayed", "_tiebreak", "_held_sentinel", "_slot", "_lease_no",
-                    "_leased"):
+                    "_leased", "_parent"):
             state.pop(key, None)
         return state
 
@@ -511,11 +515,24 @@ class LocalQueue(Queue):
         return dropped
 
     def dispose(self) -> None:
-        """Close this process's handles; the opening process also removes the files."""
-        if self._file is not None and self._pid == os.getpid():
+        """Close this process's handles; the opening process also removes the files.
+
+        A process's feeder thread writes what it still holds to the pipe before
+        the process exits, unless no one is left to read it: in the opening
+        process (the queue ends with it) and in a child whose parent died.  There
+        a feeder may wait forever — on a full pipe, or on the write lock of a
+        writer that was killed mid-message — so the process must not wait for it.
+        """
+        self._here()
+        if self._file is not None:
             os.close(self._file)
             self._file = None
         if os.getpid() == self._owner:
+            self._q.cancel_join_thread()
             self._q.close()
-            self._q.join_thread()
+            feeder: threading.Thread | None = getattr(self._q, "_thread", None)
+            if feeder is not None:
+                feeder.join(FEEDER_GRACE)
             shutil.rmtree(self._dir, ignore_errors=True)
+        elif os.getppid() != self._parent:
+            self._q.cancel_join_thread()

@@ -1,7 +1,7 @@
 """Real redis-servers for the integration tests, started on free loopback ports.
 
-``redis_url``: one server for the whole session (tests keep apart by using a
-fresh queue name each).  ``redis_server``: a private server with appendonly on,
+``redis_url``: the session's shared server (tests/conftest.py; tests keep apart
+by using a fresh queue name each).  ``redis_server``: a private server with appendonly on,
 for tests that restart or kill it.
 """
 
@@ -11,15 +11,6 @@ from collections.abc import Iterator
 
 import pytest
 from redis_server import RedisServer
-
-
-@pytest.fixture(scope="session")
-def shared_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

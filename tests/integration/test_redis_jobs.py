@@ -67,13 +67,25 @@ def test_consumers_started_after_the_producer_finish_the_job(redis_url, tmp_path
 
 
 @pytest.mark.timeout(120)
-def test_two_producers_queue_closes_after_the_last(redis_url, tmp_path):
-    env = pcq_env(redis_url, tmp_path, JOBS_N="100")
+def test_two_producers_the_last_to_finish_closes(redis_url, tmp_path):
+    env = pcq_env(redis_url, tmp_path, JOBS_N="100", JOBS_START="100")
+    producers = f"pcq:{{{env['PCQ_QUEUE']}}}:producers"
+    client = redis.Redis.from_url(redis_url)
     host = consume(env, "--workers", "2")
-    first = produce(env, "--no-close")  # stays open for the second producer
-    second = produce({**env, "JOBS_START": "100"})
-    assert finish(first)[0] == 0
-    assert finish(second)[0] == 0
+    # Given a producer reading stdin, still running
+    slow = subprocess.Popen([*PCQ, "produce", "-"], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert slow.stdin is not None
+    slow.stdin.write("".join(f"{n}\n" for n in range(50)))
+    slow.stdin.flush()
+    wait_for(lambda: client.hlen(producers) >= 1, timeout=30)
+    # When a second producer comes and goes
+    assert finish(produce(env))[0] == 0
+    # Then the queue is still open: the consumers go on with the first's tasks
+    slow.stdin.write("".join(f"{n}\n" for n in range(50, 100)))
+    slow.stdin.close()
+    # and close only when the first, the last producer, is done
+    assert slow.wait(timeout=60) == 0
     assert finish(host)[0] == 0
     assert sorted(handled(tmp_path)) == list(range(200))
 

@@ -284,22 +284,37 @@ class LocalQueue(Queue):
             wait = IDLE_SLICE if deadline is None else min(IDLE_SLICE, deadline - now)
             if self._delayed:
                 wait = min(wait, self._delayed[0][0] - now)
-            item = self._recv(wait)
-            if item is not None:
-                message, counted = item
-                if counted and self._space is not None:
-                    self._space.release()
-                if message.startswith(SENTINEL_PREFIX) and self._delayed:
-                    # Our sentinel, but retries are still due: finish them first.
-                    self._held_sentinel = message
-                    continue
-                return self._begin([message])
+            messages = self._drain(wait, max_tasks)
+            if messages:
+                return self._begin(messages)
             # Nothing came: on a closed, drained queue that is this consumer's
             # stop (it attached after close, so no sentinel was placed for it).
             if self._closed_and_drained():
                 return self._begin([encode_sentinel(self._words[EPOCH])])
             if deadline is not None and time.monotonic() >= deadline:
                 return None
+
+    def _drain(self, wait: float, max_messages: int) -> list[bytes]:
+        """Up to ``max_messages`` messages: the first waited for up to ``wait``
+        seconds, the rest only if already in the pipe (one lease, one in-flight
+        write for all of them).  Stops after a sentinel; holds a sentinel back
+        while this consumer still has retries due."""
+        messages: list[bytes] = []
+        while len(messages) < max_messages:
+            item = self._recv(wait if not messages else 0.0)
+            if item is None:
+                break
+            message, counted = item
+            if counted and self._space is not None:
+                self._space.release()
+            if message.startswith(SENTINEL_PREFIX):
+                if self._delayed:  # our sentinel, but retries are due: finish them first
+                    self._held_sentinel = message
+                else:
+                    messages.append(message)
+                break
+            messages.append(message)
+        return messages
 
     def _closed_and_drained(self) -> bool:
         q: Any = self._q
@@ -338,7 +353,8 @@ class LocalQueue(Queue):
             heapq.heappush(self._delayed, (now, next(self._tiebreak), message))
         if outcome.dead:
             self._bury(outcome.dead)
-        self._record(messages, before, self._delayed_messages())
+        if outcome.retry or outcome.give_back:  # else the file already says after == before
+            self._record(messages, before, self._delayed_messages())
         self._commit((0, outcome.done, outcome.failed, len(outcome.retry)), lease_no)
         self._slots[self._row(self._slot) + HOLDING] = len(self._delayed)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -21,10 +23,34 @@ def pcq_env(url: str, out: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+#: Every process start_pcq started, so that a test that fails half way leaves
+#: none running (tests/integration/conftest.py kills what is left).
+STARTED: list[subprocess.Popen[str]] = []
+
+
 def start_pcq(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     """Start `pcq ARGS` in a session of its own (so a test can kill the group)."""
-    return subprocess.Popen([*PCQ, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*PCQ, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    STARTED.append(proc)
+    return proc
+
+
+def kill_started() -> None:
+    """SIGKILL the session of every process start_pcq started that still runs."""
+    while STARTED:
+        proc = STARTED.pop()
+        for pid in session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    pipe.close()
 
 
 def session_pids(sid: int) -> list[int]:

@@ -5,23 +5,47 @@
 -- KEYS[3] delayed         zset of retries, member = 8 unique bytes .. message, score = due ms
 -- KEYS[4] dead            list of dead letters
 -- KEYS[5] ready           list; its right end is taken next
+-- KEYS[6] acked           hash consumer id -> "token held" of its last ack sent with a token
 -- ARGV[1] n   messages in the lease      ARGV[2] nr  retries
 -- ARGV[3] nd  dead letters               ARGV[4] nb  give-backs
 -- ARGV[5] done  ARGV[6] failed           (tasks that leave pending now)
+-- ARGV[7] consumer id   ARGV[8] token: '' for a plain ack; one that take.lua follows
 -- then the n lease messages in take order, nr pairs (delay ms, member),
 -- nd dead letters, nb give-backs in RPUSH order (the first to take is last).
 --
--- Returns {1, inflight_len} when applied, {0, inflight_len} for a stale lease.
+-- Returns {1, inflight_len} when applied, {0, inflight_len} for a stale lease,
+-- {2, inflight_len} when this token was already acknowledged (a repeat: nothing done).
 --
 -- Race prevented: a lease whose consumer was reaped (its in-flight list went back
 -- to ready, maybe to another consumer) is stale.  All its messages must still be
 -- in our in-flight list, as the contiguous block take left there — normally at
 -- the right end, so the check is one LRANGE; otherwise (leases acked out of
--- order) a scan.  A stale lease changes no counter and writes nothing, so a late
--- acknowledgement never counts a task twice.  Garbage messages were never pending:
+-- order) a scan.  A stale lease changes no counter and writes nothing (but the
+-- token below), so a late acknowledgement never counts a task twice.  Garbage messages were never pending:
 -- the caller leaves them out of done/failed but sends their dead letters.
+--
+-- With a token (ack_and_take: this ack and a take.lua call go out in one
+-- pipeline), the ack also leaves "token held" in `acked`, held = our in-flight
+-- length after it.  If the reply is lost, the caller sends both again: the repeat
+-- of this ack must be a no-op even though the take may have moved new messages
+-- into our in-flight list meanwhile — byte-equal copies of the lease's messages
+-- (a put repeated after a lost reply) would pass the check above.  The token
+-- says it was done; take.lua takes nothing unless it finds its token here, and
+-- adopts what lies beyond `held`.  reap.lua deletes the entry with the list.
 local n, nr, nd, nb = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local lease = 6  -- ARGV[lease + j] is the j-th message taken
+local me, token = ARGV[7], ARGV[8]
+local lease = 8  -- ARGV[lease + j] is the j-th message taken
+
+local function finish(code)
+  local held = redis.call('LLEN', KEYS[1])
+  if token ~= '' then redis.call('HSET', KEYS[6], me, token .. ' ' .. held) end
+  return {code, held}
+end
+
+if token ~= '' then
+  local mark = redis.call('HGET', KEYS[6], me)
+  if mark and string.match(mark, '^%S+') == token then return {2, redis.call('LLEN', KEYS[1])} end
+end
 
 -- list[at .. at+n-1] holds the lease (newest first, as LPUSH left it)
 local function holds(list, at)
@@ -48,7 +72,7 @@ if n > 0 then
     for p = 1, #all - n + 1 do
       if holds(all, p) then at = p; break end
     end
-    if not at then return {0, #all} end
+    if not at then return finish(0) end
     local rest = {}
     for i = 1, #all do
       if i < at or i >= at + n then rest[#rest + 1] = all[i] end
@@ -79,4 +103,4 @@ end
 push('RPUSH', KEYS[4], ARGV, at + 1, at + nd)
 at = at + nd
 push('RPUSH', KEYS[5], ARGV, at + 1, at + nb)
-return {1, redis.call('LLEN', KEYS[1])}
+return finish(1)

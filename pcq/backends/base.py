@@ -42,14 +42,14 @@ from pcq.envelope import (
     Batch,
     Envelope,
     Sentinel,
-    decode,
+    decode_many,
     encode_dead,
     encode_each,
     encode_envelope,
     encode_tasks,
     new_tag,
 )
-from pcq.errors import DecodeError, SerializationError
+from pcq.errors import SerializationError
 
 #: Largest number of tasks moved by one put or take.
 MAX_BATCH = 1024
@@ -136,6 +136,7 @@ class _Linger:
         self.lock = threading.Lock()
         self.batch: list[Any] = []
         self.count = 0  # items sent
+        self.sent_at = time.monotonic()  # when the last send returned
         self._send = send
         self._sends = 0
         self._error: BaseException | None = None
@@ -153,6 +154,7 @@ class _Linger:
         if batch:
             self._send(batch)
             self.count += len(batch)
+        self.sent_at = time.monotonic()
 
     def _watch(self) -> None:
         seen = -1
@@ -211,6 +213,7 @@ class Queue(ABC):
         What the iterable yielded before it raised is put, not lost.
         """
         linger = _Linger(self._put_bodies)
+        clock = time.monotonic
         try:
             limit = self.batch_limit()
             lock = linger.lock
@@ -218,7 +221,11 @@ class Queue(ABC):
                 with lock:
                     batch = linger.batch
                     batch.append(item)
-                    if len(batch) >= limit:
+                    # The first item after a quiet spell goes at once: a trickle
+                    # never waits for the linger thread.
+                    if len(batch) >= limit or (
+                        len(batch) == 1 and clock() - linger.sent_at > LINGER_SECONDS
+                    ):
                         linger.flush()
                         limit = self.batch_limit()
         except Exception:
@@ -261,20 +268,17 @@ class Queue(ABC):
         consumer, until :meth:`ack`.  Call :meth:`attach_consumer` first.
         """
         got = self._take(max(1, max_tasks), timeout)
-        if got is None:
-            return None
-        messages, receipt = got
-        lease = Lease([], receipt=receipt)
-        for raw in messages:
-            try:
-                msg = decode(raw)
-            except DecodeError as exc:
-                lease.bad.append((raw, str(exc)))
-                continue
-            if isinstance(msg, Batch):
-                lease.batches.append(msg)
-            elif self._sentinel_is_current(msg):
-                lease.sentinel = msg
+        return None if got is None else self._lease(*got)
+
+    def _lease(self, messages: list[bytes], receipt: Any) -> Lease:
+        """The lease of ``messages`` that ``_take`` returned with ``receipt``:
+        decoded (consecutive tasks of one producer merged into one batch),
+        undecodable ones in ``bad``, a sentinel of an earlier epoch dropped."""
+        batches, sentinels, bad = decode_many(messages)
+        lease = Lease(batches, bad=bad, receipt=receipt)
+        for sentinel in sentinels:
+            if self._sentinel_is_current(sentinel):
+                lease.sentinel = sentinel
         return lease
 
     def ack(
@@ -289,6 +293,12 @@ class Queue(ABC):
         This is ``task_done`` for the whole lease.  Acknowledging a lease whose
         tasks were already reaped and handed to another consumer changes no counter.
         """
+        self._ack(lease, self._outcome(lease, failures, give_back))
+
+    def _outcome(
+        self, lease: Lease, failures: Sequence[Failure], give_back: Sequence[Envelope]
+    ) -> Outcome:
+        """What acknowledging ``lease`` does, encoded for ``_ack``."""
         retry: list[tuple[bytes, float]] = []
         dead = [encode_dead(None, reason, raw=raw) for raw, reason in lease.bad]
         failed = 0
@@ -302,7 +312,7 @@ class Queue(ABC):
                 retry.append((encode_envelope(again), f.retry_in))
         back = [encode_envelope(env) for env in give_back]
         done = lease.size - len(failures) - len(back)
-        self._ack(lease, Outcome(done, failed, retry, dead, back))
+        return Outcome(done, failed, retry, dead, back)
 
     def ack_and_take(
         self,

@@ -3,6 +3,7 @@
 -- KEYS[1] consumers        hash consumer id -> info
 -- KEYS[2] consumers:beat   zset consumer id -> heartbeat expiry ms
 -- KEYS[3] ready            list; RPUSH puts tasks at the consumer end (taken next)
+-- KEYS[4] acked            hash consumer id -> its last ack token (see ack.lua)
 -- ARGV[1] 'expired' (heartbeat expired), 'prefix' (ids starting with ARGV[2],
 --         i.e. "host:pid:" of a process seen dead) or 'id' (exactly ARGV[2]: detach)
 -- ARGV[2] prefix or id ('' for 'expired')
@@ -47,5 +48,6 @@ for _, id in ipairs(victims) do
   redis.call('DEL', key)
   redis.call('ZREM', KEYS[2], id)
   redis.call('HDEL', KEYS[1], id)
+  redis.call('HDEL', KEYS[4], id)  -- gone with the list: a repeated ack finds nothing
 end
 return moved

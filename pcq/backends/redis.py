@@ -12,6 +12,8 @@ also touch in-flight lists they find by name.  One task is one list element.
 * ``consumers`` / ``producers`` — hash id -> json info; ``…:beat`` — zset id ->
   heartbeat expiry.  A registration whose heartbeat expired is dead.
 * ``closed`` (flag), ``epoch`` (close epoch), ``full`` / ``space`` (backpressure).
+* ``acked`` — hash consumer id -> the token of its last ack sent together with a
+  take (``ack_and_take``), so that resending the pair never applies the ack twice.
 
 Each move that must be atomic is one Lua script in a ``.lua`` file beside this
 module; each file opens with the keys it touches and the race it prevents:
@@ -20,6 +22,9 @@ sentinel), ``ack`` (check the lease, remove it, apply its outcome), ``close`` (o
 sentinel per live consumer; the last producer out closes), ``attach`` (producer
 registration, reopening a closed queue), ``heartbeat``, ``reap`` (dead consumers'
 tasks back to ready), ``counters``, ``purge``, ``requeue``.
+
+A busy consumer acknowledges a lease and takes the next in one round trip: the
+``ack`` and ``take`` calls go out in one pipeline (``ack_and_take``).
 
 Blocking without polling: an idle consumer waits in ``BLMOVE ready -> in-flight``
 (the next ``take`` adopts what it moved); a producer held back by ``maxsize``
@@ -37,7 +42,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, cast
@@ -45,10 +50,11 @@ from typing import Any, cast
 import redis
 from redis.exceptions import NoScriptError, RedisError
 
-from pcq.backends.base import MAX_BATCH, Counters, Lease, Outcome, Queue
+from pcq.backends.base import MAX_BATCH, Counters, Failure, Lease, Outcome, Queue
 from pcq.backends.redis_link import Link
 from pcq.envelope import (
     SENTINEL_PREFIX,
+    Envelope,
     Sentinel,
     decode_dead,
     encode_envelope,
@@ -66,7 +72,7 @@ SPACE_WAIT = 0.25
 REQUEUE_CHUNK = 500
 
 # take.lua's statuses
-_TAKEN, _NEW_EPOCH, _DRAINED, _SENTINEL_WAITS = 0, 1, 2, 3
+_TAKEN, _NEW_EPOCH, _DRAINED, _SENTINEL_WAITS, _ACK_MISSING = 0, 1, 2, 3, 4
 
 
 def key(name: str, part: str) -> str:
@@ -90,6 +96,7 @@ class Keys:
     producer_beats: str
     full: str
     space: str
+    acked: str
     inflight_prefix: str
 
     @classmethod
@@ -110,6 +117,7 @@ class Keys:
             producer_beats=k("producers:beat"),
             full=k("full"),
             space=k("space"),
+            acked=k("acked"),
             inflight_prefix=k("inflight:"),
         )
 
@@ -196,6 +204,7 @@ class RedisQueue(Queue):
         self._consumer_id: str | None = None
         self._consumer_info = ""
         self._held = 0  # length of our in-flight list as of our last take or ack
+        self._acks = 0  # acks sent with a take: the last one's number is its token
         self._epoch = -1
         self._sentinel = b""
         self._beat_ids: list[str] = []  # producers this process attached
@@ -285,14 +294,24 @@ class RedisQueue(Queue):
     # ------------------------------------------------------------------ consuming
 
     def _take(self, max_tasks: int, timeout: float | None) -> tuple[list[bytes], Any] | None:
-        self._here()
-        me = self._consumer_id
-        if me is None:
-            raise RuntimeError("call attach_consumer() before take()")
+        me = self._me()
         want = max(1, min(max_tasks, MAX_BATCH))
         deadline = None if timeout is None else time.monotonic() + timeout
+        return self._wait_for_tasks(me, want, deadline, self._take_once(me, want))
+
+    def _me(self) -> str:
+        self._here()
+        if self._consumer_id is None:
+            raise RuntimeError("call attach_consumer() before take()")
+        return self._consumer_id
+
+    def _wait_for_tasks(
+        self, me: str, want: int, deadline: float | None, taken: tuple[int, int, list[bytes]]
+    ) -> tuple[list[bytes], Any] | None:
+        """What a take.lua call found (``taken``), or else wait and take again
+        until ``deadline``."""
         while True:
-            status, wait_ms, messages = self._take_once(me, want)
+            status, wait_ms, messages = taken
             if messages:
                 return messages, _Receipt(me, messages)
             if status == _DRAINED:  # closed and empty: a consumer that came late stops too
@@ -307,21 +326,36 @@ class RedisQueue(Queue):
             else:
                 self._link.call(self._blmove(me, pause))
             self._reap_now_and_then()
+            taken = self._take_once(me, want)
 
-    def _take_once(self, me: str, want: int) -> tuple[int, int, list[bytes]]:
+    def _take_keys(self, me: str) -> list[str]:
         k = self.keys
         keys = [k.ready, k.inflight(me), k.delayed, k.closed, k.epoch]
-        keys += [k.consumer_beats, k.full, k.space]
+        return [*keys, k.consumer_beats, k.full, k.space, k.acked]
+
+    def _take_args(self, me: str, want: int, held: int, token: str = "") -> list[Any]:
+        return [want, held, self._epoch, self._sentinel, SENTINEL_PREFIX, me, self._ttl_ms, token]
+
+    def _take_once(self, me: str, want: int) -> tuple[int, int, list[bytes]]:
+        keys = self._take_keys(me)
         while True:
             # `held` is read once: a retry after a lost reply sends the same value,
             # so take.lua adopts what the lost call moved instead of stranding it.
-            args = [want, self._held, self._epoch, self._sentinel, SENTINEL_PREFIX]
-            args += [me, self._ttl_ms]
-            status, epoch, wait_ms, held, *messages = self._link.run("take", keys, args)
-            if status != _NEW_EPOCH:
-                self._held = int(held)
-                return int(status), int(wait_ms), messages
+            args = self._take_args(me, want, self._held)
+            taken = self._taken(self._link.run("take", keys, args))
+            if taken is not None:
+                return taken
+
+    def _taken(self, reply: list[Any]) -> tuple[int, int, list[bytes]] | None:
+        """(status, wait_ms, messages) of a take.lua reply; None when nothing was
+        done and the caller must call again (the epoch moved on, or the ack it
+        waited for is not there)."""
+        status, epoch, wait_ms, held, *messages = reply
+        self._held = int(held)
+        if status == _NEW_EPOCH:
             self._set_epoch(epoch)
+            return None
+        return None if status == _ACK_MISSING else (int(status), int(wait_ms), messages)
 
     def _blmove(self, me: str, seconds: float) -> Callable[[redis.Redis], Any]:
         """Wait for one message; it lands in our in-flight list, where the next
@@ -345,22 +379,96 @@ class RedisQueue(Queue):
 
     def _ack(self, lease: Lease, outcome: Outcome) -> None:
         self._here()
-        receipt = lease.receipt
-        if not isinstance(receipt, _Receipt):
-            raise ValueError("this lease was not taken from a Redis queue")
+        receipt = self._receipt(lease)
         if not receipt.messages:
             return  # a sentinel made up for a drained queue: nothing is in flight
+        _applied, held = self._link.run("ack", *self._ack_call(receipt, outcome, ""))
+        if receipt.consumer == self._consumer_id:
+            self._held = int(held)
+
+    @staticmethod
+    def _receipt(lease: Lease) -> _Receipt:
+        if not isinstance(lease.receipt, _Receipt):
+            raise ValueError("this lease was not taken from a Redis queue")
+        return lease.receipt
+
+    def _ack_call(
+        self, receipt: _Receipt, outcome: Outcome, token: str
+    ) -> tuple[list[str], list[Any]]:
+        """ack.lua's keys and arguments; made once, so a retry sends the same."""
         retry: list[Any] = []
         for message, delay in outcome.retry:  # a unique prefix keeps equal retries apart
             retry += [max(0, round(delay * 1000)), os.urandom(8) + message]
         k = self.keys
-        keys = [k.inflight(receipt.consumer), k.counters, k.delayed, k.dead, k.ready]
-        sizes = [len(receipt.messages), len(outcome.retry), len(outcome.dead)]
-        sizes += [len(outcome.give_back), outcome.done, outcome.failed]
-        args = [*sizes, *receipt.messages, *retry, *outcome.dead, *reversed(outcome.give_back)]
-        _applied, held = self._link.run("ack", keys, args)
-        if receipt.consumer == self._consumer_id:
-            self._held = int(held)
+        keys = [k.inflight(receipt.consumer), k.counters, k.delayed, k.dead, k.ready, k.acked]
+        head: list[Any] = [len(receipt.messages), len(outcome.retry), len(outcome.dead)]
+        head += [len(outcome.give_back), outcome.done, outcome.failed, receipt.consumer, token]
+        args = [*head, *receipt.messages, *retry, *outcome.dead, *reversed(outcome.give_back)]
+        return keys, args
+
+    def ack_and_take(
+        self,
+        lease: Lease,
+        failures: Sequence[Failure] = (),
+        give_back: Sequence[Envelope] = (),
+        max_tasks: int = 1,
+        timeout: float | None = None,
+    ) -> Lease | None:
+        """:meth:`ack`, then :meth:`take`, in one round trip while tasks are ready.
+
+        ack.lua and take.lua go out in one pipeline.  The ack carries a token that
+        it records beside its result; take.lua moves nothing unless it finds that
+        token, and adopts what lies beyond the in-flight length the ack left.  So
+        if the connection drops, sending both again is safe: a repeated ack is a
+        no-op, a take whose reply was lost is adopted, and a take never runs
+        without its ack.  Only when nothing was ready does it wait, as take does.
+        """
+        me = self._me()
+        receipt = self._receipt(lease)
+        outcome = self._outcome(lease, failures, give_back)
+        if not receipt.messages or receipt.consumer != me:
+            # Nothing in flight (a made-up sentinel), or a lease of an earlier
+            # registration: no in-flight list to carry over, take as usual.
+            self._ack(lease, outcome)
+            return self.take(max_tasks, timeout)
+        want = max(1, min(max_tasks, MAX_BATCH))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._acks += 1
+        token = str(self._acks)
+        ack = self._ack_call(receipt, outcome, token)
+        take = self._take_keys(me), self._take_args(me, want, -1, token)  # held: what the ack left
+        taken = self._taken(self._link.call(lambda client: self._ack_then_take(client, ack, take)))
+        if taken is None:  # a new epoch, or a reap removed the ack's token: take again
+            taken = self._take_once(me, want)
+        got = self._wait_for_tasks(me, want, deadline, taken)
+        return None if got is None else self._lease(*got)
+
+    def _ack_then_take(
+        self,
+        client: redis.Redis,
+        ack: tuple[list[str], list[Any]],
+        take: tuple[list[str], list[Any]],
+    ) -> list[Any]:
+        """Run ack.lua then take.lua in one pipeline (not a transaction: each script
+        is atomic, and take.lua checks the ack ran); take.lua's reply.  A script the
+        server lost (it restarted) is loaded and both are sent again: safe, as a
+        retry after a lost reply is."""
+        scripts = self._link.script("ack"), self._link.script("take")
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            for script, (keys, args) in zip(scripts, (ack, take), strict=True):
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies = pipe.execute(raise_on_error=False)
+            pairs = zip(scripts, replies, strict=True)
+            lost = [script for script, reply in pairs if isinstance(reply, NoScriptError)]
+            if not lost or attempt == 2:
+                break
+            for script in lost:
+                client.script_load(script.script)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return cast("list[Any]", replies[1])
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -388,7 +496,7 @@ class RedisQueue(Queue):
 
     def _reap(self, mode: str, arg: str) -> int:
         k = self.keys
-        keys = [k.consumers, k.consumer_beats, k.ready]
+        keys = [k.consumers, k.consumer_beats, k.ready, k.acked]
         return int(self._link.run("reap", keys, [mode, arg, k.inflight_prefix, SENTINEL_PREFIX]))
 
     def counters(self) -> Counters:
@@ -567,5 +675,5 @@ class RedisQueue(Queue):
     def purge(self) -> int:
         k = self.keys
         keys = [k.ready, k.delayed, k.counters, k.closed, k.epoch, k.consumer_beats]
-        keys += [k.full, k.space]
+        keys += [k.full, k.space, k.acked]
         return int(self._link.run("purge", keys, [k.inflight_prefix]))

@@ -8,29 +8,42 @@
 -- KEYS[6] consumers:beat   zset consumer id -> heartbeat expiry ms (refreshed here too)
 -- KEYS[7] full             set by a producer blocked on maxsize; value = its maxsize
 -- KEYS[8] space            wake-up tokens for that producer (it BLPOPs them)
+-- KEYS[9] acked            hash consumer id -> "token held" left by ack.lua
 -- ARGV[1] max messages to take
 -- ARGV[2] held: length of in-flight as of the caller's last reply
 -- ARGV[3] epoch the caller knows; ARGV[4] the sentinel of that epoch (exact bytes)
 -- ARGV[5] SENTINEL_PREFIX (first bytes of any sentinel)
 -- ARGV[6] consumer id; ARGV[7] heartbeat ttl ms
+-- ARGV[8] '', or the token of the ack sent just before in the same pipeline
 --
 -- Returns {status, epoch, wait_ms, inflight_len, message...} with status
---   0 taken (maybe nothing), 1 the epoch changed (nothing done: call again),
---   2 closed and drained (the caller exits), 3 a sentinel waits behind delayed retries.
+--   0 taken (maybe nothing), 1 the epoch changed (nothing done: call again, with
+--   inflight_len as `held`: the one sent, or after an ack with a token, the ack's),
+--   2 closed and drained (the caller exits), 3 a sentinel waits behind delayed retries,
+--   4 the ack with ARGV[8] is not in `acked` (nothing done; see ack.lua).
 -- wait_ms: ms until the next delayed retry is due, -1 if none.
 --
 -- Races prevented:
 -- * Lost replies: anything in in-flight beyond `held` was moved there by a BLMOVE or
---   a take whose reply never reached us; it is adopted first, never stranded.
+--   a take whose reply never reached us; it is adopted first, never stranded.  After
+--   an ack with a token, `held` is what that ack left (ARGV[2] is not used): the
+--   same whether this is the first run or a repeat after a lost reply.
+-- * Ack, then take, in one pipeline: nothing moves unless the ack ran first (it
+--   may have failed, e.g. NOSCRIPT, or a reap may have removed its entry since).
 -- * Sentinels: a batch stops after a sentinel; a sentinel of an older epoch is
 --   dropped (the compare is on bytes, no msgpack here); a current one is not taken
 --   while retries are delayed, so the last consumers stay for them.
 -- * Retries due now are moved to the consumer end of ready in the same step, so
 --   they are taken before any sentinel.
-local epoch = tonumber(redis.call('GET', KEYS[5]) or '0')
-if epoch ~= tonumber(ARGV[3]) then return {1, epoch, -1, 0} end
-local byte, sub = string.byte, string.sub
 local max, held = tonumber(ARGV[1]), tonumber(ARGV[2])
+if ARGV[8] ~= '' then
+  local token, after = string.match(redis.call('HGET', KEYS[9], ARGV[6]) or '', '^(%S+) (%d+)$')
+  if token ~= ARGV[8] then return {4, -1, -1, redis.call('LLEN', KEYS[2])} end
+  held = tonumber(after)
+end
+local epoch = tonumber(redis.call('GET', KEYS[5]) or '0')
+if epoch ~= tonumber(ARGV[3]) then return {1, epoch, -1, held} end
+local byte, sub = string.byte, string.sub
 local current, prefix = ARGV[4], ARGV[5]
 local plen, p1 = string.len(prefix), byte(prefix, 1)
 local t = redis.call('TIME')

@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from helpers_cli import kill_started
 from redis_server import RedisServer
+
+
+@pytest.fixture(autouse=True)
+def no_pcq_left_behind() -> Iterator[None]:
+    """Whatever a test started with start_pcq is gone when it ends, pass or fail."""
+    yield
+    kill_started()
 
 
 @pytest.fixture

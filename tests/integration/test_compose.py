@@ -8,7 +8,7 @@ import re
 import subprocess
 
 import pytest
-from helpers_cli import PCQ, ROOT, pcq_env
+from helpers_cli import ROOT, pcq_env, start_pcq
 
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
 
@@ -34,8 +34,7 @@ def test_compose_producer_and_scaled_consumers_finish_the_job(redis_url, tmp_pat
     env["PCQ_QUEUE"] = produce_env["PCQ_QUEUE"]  # the file's queue, the test's server
 
     def start(command: list[str]) -> subprocess.Popen[str]:
-        return subprocess.Popen([*PCQ, *command[1:]], env=env, cwd=ROOT, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return start_pcq(command[1:], env)  # `pcq` is this interpreter's pcq.cli
 
     consumers = [start(consume_cmd) for _ in range(3)]  # --scale consumer=3
     producer = start(produce_cmd)

@@ -16,7 +16,7 @@ import pytest
 import redis
 from apps.jobs import handled
 from helpers import wait_for
-from helpers_cli import PCQ, pcq_env, session_pids, start_pcq
+from helpers_cli import PCQ, STARTED, pcq_env, session_pids, start_pcq
 
 APP = "tests/apps/jobs.py"
 
@@ -74,7 +74,9 @@ def test_two_producers_the_last_to_finish_closes(redis_url, tmp_path):
     host = consume(env, "--workers", "2")
     # Given a producer reading stdin, still running
     slow = subprocess.Popen([*PCQ, "produce", "-"], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    STARTED.append(slow)
     assert slow.stdin is not None
     slow.stdin.write("".join(f"{n}\n" for n in range(50)))
     slow.stdin.flush()

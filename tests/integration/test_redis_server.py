@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from helpers import drain, take_lease, wait_for
 from redis_server import RedisServer
 
@@ -181,7 +182,8 @@ def test_a_full_queue_blocks_put_until_a_take(make: Factory) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_server_restart_mid_job_loses_nothing(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("pipelined", [False, True], ids=["take-then-ack", "ack_and_take"])
+def test_a_server_restart_mid_job_loses_nothing(redis_server: RedisServer, pipelined: bool) -> None:
     # Given a producer and a consumer thread working through 4000 tasks
     name, n = f"restart-{uuid.uuid4().hex[:8]}", 4000
     producer = RedisQueue(name, url=redis_server.url, maxsize=500, retry_for=60)
@@ -192,16 +194,26 @@ def test_a_server_restart_mid_job_loses_nothing(redis_server: RedisServer) -> No
     errors: list[BaseException] = []
 
     def consume() -> None:
+        # As Consumer.consume does: acknowledge each lease together with the next
+        # take (pipelined) or apart.  After the restart the server has forgotten
+        # the scripts, so ack_and_take also meets NOSCRIPT.
         try:
+            lease = None
             while True:
-                lease = consumer.take(16, timeout=1)
                 if lease is None:
-                    continue
+                    lease = consumer.take(16, timeout=1)
+                    if lease is None:
+                        continue
                 handled.extend(bodies(lease))
                 time.sleep(0.005)  # some work, so the job spans the restart
-                consumer.ack(lease)
                 if lease.sentinel is not None:
+                    consumer.ack(lease)
                     return
+                if pipelined:
+                    lease = consumer.ack_and_take(lease, max_tasks=16, timeout=1)
+                else:
+                    consumer.ack(lease)
+                    lease = None
         except BaseException as exc:
             errors.append(exc)
 
@@ -231,6 +243,63 @@ def test_a_server_restart_mid_job_loses_nothing(redis_server: RedisServer) -> No
     assert c.pending == 0 and c.done == c.produced >= n
     producer.dispose()
     consumer.dispose()
+
+
+def test_ack_and_take_whose_connection_dies_after_both_scripts_acks_once(
+    make: Factory, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a task put twice (a put repeated after a lost reply: two equal
+    # messages), two more tasks, and a consumer holding the first copy
+    q = make()
+    q.attach_consumer()
+    q.put("warm-up")  # loads the scripts
+    warm = take_lease(q)
+    assert q.ack_and_take(warm, timeout=0) is None
+    admin = redis.Redis.from_url(redis_url)
+    q._put_bodies(["dup"])
+    raw = admin.lindex(q.keys.ready, 0)
+    assert isinstance(raw, bytes)
+    q._put([raw], 1)
+    q.put_many(["x", "y"])
+    lease = q.take(1, timeout=1)
+    assert lease is not None and lease.receipt.messages == [raw]
+    (env,) = lease.envelopes()
+    assert q._consumer_id is not None
+    inflight = q.keys.inflight(q._consumer_id)
+
+    # When the connection breaks once the server has run both scripts, before the
+    # consumer read their replies (ack_and_take sends both again on a new one)
+    real = redis.connection.AbstractConnection.send_packed_command
+    shas = [q._link.script(name).sha.encode() for name in ("ack", "take")]
+    broken = []
+
+    def send(conn: Any, command: Any, check_health: bool = True) -> None:
+        real(conn, command, check_health)
+        data = command if isinstance(command, bytes) else b"".join(command)
+        if not broken and all(sha in data for sha in shas):
+            wait_for(lambda: admin.llen(inflight) == 3, message="both scripts to run")
+            conn.disconnect()  # the replies, sent or not, never arrive
+            broken.append(conn)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", send)
+    failures = [Failure(env, "E", "tb", retry_in=1.0)]  # not due before the resend
+    after = q.ack_and_take(lease, failures, max_tasks=10, timeout=5)
+    monkeypatch.undo()
+
+    # Then the failure was acknowledged once — the repeated ack did not take the
+    # copy for its own lease — and the lost take's tasks are the next lease
+    assert len(broken) == 1
+    assert after is not None and after.receipt.messages[0] == raw
+    assert bodies(after) == ["dup", "x", "y"]
+    c = q.counters()
+    assert (c.pending, c.in_flight, c.delayed, c.retried, c.done) == (4, 3, 1, 1, 1)
+    q.ack(after)
+    retry = take_lease(q)
+    assert [(e.body, e.attempts) for e in retry.envelopes()] == [("dup", 1)]
+    q.ack(retry)
+    c = q.counters()
+    assert (c.pending, c.in_flight, c.delayed, c.ready, c.done) == (0, 0, 0, 0, 5)
+    admin.close()
 
 
 def test_a_wrong_password_is_backend_unavailable() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
+from fake_redis import FakeRedis
 from helpers import drain, take_lease, wait_for
 from redis_server import free_port
 
@@ -26,17 +27,6 @@ from pcq.backends.redis import RedisQueue, key
 from pcq.backends.redis_link import Link, safe_url
 from pcq.envelope import Sentinel
 from pcq.errors import BackendUnavailable, ConfigError
-
-
-class FakeRedis(fakeredis.FakeRedis):
-    """fakeredis 2.41 answers BLMOVE at once instead of blocking; BRPOPLPUSH is
-    the same move (source right, destination left) and does block."""
-
-    def blmove(self, first_list: Any, second_list: Any, timeout: Any, src: Any = "LEFT",
-               dest: Any = "RIGHT") -> Any:  # fmt: skip
-        assert (src, dest) == ("RIGHT", "LEFT")
-        return self.brpoplpush(first_list, second_list, timeout)
-
 
 Factory = Callable[..., RedisQueue]
 
@@ -736,3 +726,356 @@ def test_registrations_list_the_live_consumers_and_producers(make: Factory) -> N
     assert [r["role"] for r in regs] == ["consumer", "producer"]
     assert all(r["id"].startswith(f"{r['host']}:{os.getpid()}:") for r in regs)
     assert all(abs(time.time() - r["heartbeat"]) < 5 for r in regs)
+
+
+# ---------------------------------------------------------------- ack_and_take
+
+
+class Wire:
+    """Every write the clients make to the server: one entry a round trip (a
+    pipeline is one write), listing its commands, an EVALSHA by script name."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, queue: RedisQueue) -> None:
+        self.writes: list[list[str]] = []
+        scripts = ("ack", "take", "put", "reap", "heartbeat", "counters", "close", "attach")
+        self._names = {queue._link.script(name).sha.encode(): name for name in scripts}
+        real = redis.connection.AbstractConnection.send_packed_command
+
+        def send(conn: Any, command: Any, check_health: bool = True) -> None:
+            data = command if isinstance(command, bytes) else b"".join(command)
+            self.writes.append(self._commands(data))
+            real(conn, command, check_health)
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", send)
+
+    def _commands(self, data: bytes) -> list[str]:
+        found, at = [], 0
+
+        def line() -> int:
+            nonlocal at
+            end = data.index(b"\r\n", at)
+            value, at = int(data[at + 1 : end]), end + 2
+            return value
+
+        while at < len(data):
+            words = []
+            for _ in range(line()):  # RESP: *count, then $size + bytes per word
+                size = line()
+                words.append(data[at : at + size])
+                at += size + 2
+            name = words[0].decode().upper()
+            found.append(f"EVALSHA {self._names.get(words[1], '?')}" if name == "EVALSHA" else name)
+        return found
+
+
+def lose_pipeline_reply(monkeypatch: pytest.MonkeyPatch, run: int | None = None) -> None:
+    """The next pipeline reaches the server — only its first ``run`` commands if
+    given, as if the connection broke in between — but its reply is lost."""
+    real = redis.client.Pipeline.execute
+    armed = [True]
+
+    def execute(pipe: redis.client.Pipeline, raise_on_error: bool = True) -> list[Any]:
+        if not armed[0]:
+            return real(pipe, raise_on_error)
+        armed[0] = False
+        if run is not None:
+            del pipe.command_stack[run:]
+        if pipe.command_stack:
+            real(pipe, raise_on_error)
+        raise redis.exceptions.ConnectionError("reply lost")
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+
+
+def warm(q: RedisQueue) -> None:
+    """One put, take and ack_and_take, so the server has every script loaded."""
+    q.put("warm-up")
+    lease = take_lease(q)
+    assert q.ack_and_take(lease, timeout=0) is None
+
+
+def test_ack_and_take_is_one_round_trip_while_tasks_are_ready(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer with a lease and more tasks ready (no heartbeat meanwhile)
+    q = make(heartbeat_ttl=60)
+    q.attach_consumer()
+    warm(q)
+    q.put_many(range(6))
+    lease = q.take(2, timeout=1)
+    assert lease is not None and bodies(lease) == [0, 1]
+    wire = Wire(monkeypatch, q)
+
+    # When it acknowledges the lease and takes the next
+    after = q.ack_and_take(lease, max_tasks=3, timeout=1)
+
+    # Then both went out in one write, the lease is done and the next is in flight
+    assert wire.writes == [["EVALSHA ack", "EVALSHA take"]]
+    assert after is not None and bodies(after) == [2, 3, 4]
+    assert len(after.batches) == 1  # one producer run: one batch, not one per task
+    c = q.counters()
+    assert (c.done, c.in_flight, c.ready, c.pending) == (3, 3, 1, 4)
+
+
+def test_ack_and_take_waits_when_nothing_is_ready(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put("first")
+    lease = take_lease(q)
+
+    # Nothing ready: it waits for the timeout, the ack applied all the same
+    started = time.monotonic()
+    assert q.ack_and_take(lease, timeout=0.3) is None
+    assert time.monotonic() - started >= 0.25
+    assert q.counters().done == 1
+
+    # A task put while it waits is taken as soon as it comes
+    q.put("second")
+    lease = take_lease(q)
+    threading.Timer(0.2, q.put, args=("third",)).start()
+    after = q.ack_and_take(lease, timeout=5)
+    assert after is not None and bodies(after) == ["third"]
+    q.ack(after)
+    c = q.counters()
+    assert (c.done, c.pending, c.in_flight) == (3, 0, 0)
+
+
+def test_a_stale_ack_in_ack_and_take_changes_nothing(make: Factory) -> None:
+    # Given consumer A whose lease was reaped while it was stalled: the task is ready again
+    a, b = make(heartbeat_ttl=0.2), make()
+    a.attach_consumer()
+    b.attach_consumer()
+    a.put("task")
+    stale = take_lease(a)
+    a.dispose()  # its heartbeat stops, as if the process were frozen
+    wait_for(lambda: b.reap() == 1, timeout=5, message="the reap of A's task")
+    before = b.counters()
+
+    # When A wakes up and acknowledges it, failed, together with its next take
+    (env,) = stale.envelopes()
+    again = a.ack_and_take(stale, [Failure(env, "E", "tb")], max_tasks=10, timeout=1)
+
+    # Then the ack counted nothing and wrote no dead letter; the task is simply
+    # delivered again (here to A itself) and counts once when that is acknowledged
+    c = b.counters()
+    assert (c.done, c.failed, c.pending, c.dead) == (before.done, 0, 1, 0)
+    assert b.dead_letters() == []
+    assert again is not None and [e.id for e in again.envelopes()] == [env.id]
+    a.ack(again)
+    c = b.counters()
+    assert (c.done, c.failed, c.pending, c.in_flight) == (1, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "run", [None, 1, 0], ids=["both-ran", "only-the-ack-ran", "nothing-ran"]
+)
+def test_ack_and_take_after_a_lost_reply_acks_once_and_strands_nothing(
+    make: Factory, monkeypatch: pytest.MonkeyPatch, run: int | None
+) -> None:
+    # Given a lease, tasks ready, and a connection that breaks on the next pipeline
+    q = make()
+    q.attach_consumer()
+    warm(q)
+    q.put_many(range(5))
+    lease = q.take(2, timeout=1)
+    assert lease is not None
+    _, second = lease.envelopes()
+    lose_pipeline_reply(monkeypatch, run)
+
+    # When ack_and_take sends the pair again after the lost reply
+    failures = [Failure(second, "E", "tb", retry_in=60)]
+    after = q.ack_and_take(lease, failures, max_tasks=10, timeout=1)
+
+    # Then the ack applied once (one done, one retry) and the tasks that the lost
+    # take moved are in the new lease, none left behind in flight
+    assert after is not None and bodies(after) == [2, 3, 4]
+    c = q.counters()
+    assert (c.done, c.retried, c.delayed, c.pending) == (1 + 1, 1, 1, 4)  # 1 warm-up
+    assert c.in_flight == after.size == 3
+    q.ack(after)
+    assert q.counters().in_flight == 0
+
+
+def test_a_lost_reply_then_a_new_epoch_strands_nothing(
+    make: Factory, client: FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a lease of two, three tasks ready, and a pipeline whose reply is lost
+    # while a producer reopens the queue (a new close epoch) before the resend
+    q = make()
+    q.attach_consumer()
+    warm(q)
+    q.put_many(range(5))
+    lease = q.take(2, timeout=1)
+    assert lease is not None
+    real = redis.client.Pipeline.execute
+    armed = [True]
+
+    def execute(pipe: redis.client.Pipeline, raise_on_error: bool = True) -> list[Any]:
+        replies = real(pipe, raise_on_error)
+        if armed[0]:
+            armed[0] = False
+            client.incr(q.keys.epoch)
+            raise redis.exceptions.ConnectionError("reply lost")
+        return replies
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+
+    # When ack_and_take resends: its take finds the new epoch and takes again
+    after = q.ack_and_take(lease, max_tasks=10, timeout=1)
+
+    # Then that take adopts the three tasks the lost take moved (the in-flight
+    # length the ack left, not the one before the ack, tells them apart)
+    assert after is not None and bodies(after) == [2, 3, 4]
+    c = q.counters()
+    assert (c.done, c.in_flight, c.pending) == (1 + 2, 3, 3)  # 1 warm-up
+
+
+def test_a_repeated_ack_never_takes_a_copy_of_its_task(
+    make: Factory, client: FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a task put twice (a put whose reply was lost): two equal messages,
+    # both pending, and a lease holding the first
+    q = make()
+    q.attach_consumer()
+    warm(q)
+    q._put_bodies(["dup"])
+    raw = client.lindex(q.keys.ready, 0)
+    assert isinstance(raw, bytes)
+    q._put([raw], 1)
+    lease = q.take(1, timeout=1)
+    assert lease is not None
+    (env,) = lease.envelopes()
+    lose_pipeline_reply(monkeypatch)
+
+    # When its failure is acknowledged with ack_and_take, the take moves the copy
+    # into flight, the reply is lost and both are sent again
+    after = q.ack_and_take(lease, [Failure(env, "E", "tb", retry_in=0.3)], timeout=1)
+
+    # Then the repeated ack did not match the copy: the copy is the next lease,
+    # the retry is delayed once, and both copies are still pending
+    assert after is not None and after.receipt.messages == [raw]
+    c = q.counters()
+    assert (c.pending, c.in_flight, c.delayed, c.retried) == (2, 1, 1, 1)
+    q.ack(after)
+    retry = take_lease(q)
+    assert [(e.body, e.attempts) for e in retry.envelopes()] == [("dup", 1)]
+    q.ack(retry)
+    c = q.counters()
+    assert (c.pending, c.in_flight, c.delayed, c.ready) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "kept", [(), ("ack",), ("take",)], ids=["both-lost", "take-lost", "ack-lost"]
+)
+def test_ack_and_take_reloads_scripts_the_server_lost(
+    make: Factory, client: FakeRedis, kept: tuple[str, ...]
+) -> None:
+    q = make()
+    q.attach_consumer()
+    warm(q)
+    q.put_many(range(3))
+    lease = q.take(1, timeout=1)
+    assert lease is not None
+    client.script_flush()  # the server restarted
+    for name in kept:
+        client.script_load(q._link.script(name).script)
+
+    after = q.ack_and_take(lease, max_tasks=10, timeout=1)
+
+    assert after is not None and bodies(after) == [1, 2]
+    c = q.counters()
+    assert (c.done, c.in_flight, c.pending) == (2, 2, 2)
+
+
+def test_ack_and_take_stops_at_its_sentinel_and_drops_a_stale_one(make: Factory) -> None:
+    # Given A holding a lease; two tasks, then one sentinel per consumer
+    a, b = make(), make()
+    a.attach_consumer()
+    b.attach_consumer()
+    a.put_many([0, 1, 2])
+    lease = take_lease(a)
+    a.close()
+
+    # When A acknowledges and asks for many, it gets the tasks and one sentinel
+    after = a.ack_and_take(lease, max_tasks=100, timeout=1)
+    assert after is not None and bodies(after) == [1, 2] and after.sentinel is not None
+    a.ack(after)
+    a.detach_consumer()  # A exits, as a consumer does at its sentinel
+
+    # A producer reopens the queue: B's sentinel is stale, B only gets the new task
+    a.attach_producer()
+    a.put(3)
+    lease = take_lease(b)
+    assert bodies(lease) == [3] and lease.sentinel is None
+    a.detach_producer()  # closes again: a fresh sentinel for B
+    after = b.ack_and_take(lease, max_tasks=100, timeout=1)
+    assert after is not None and after.size == 0 and after.sentinel is not None
+    b.ack(after)
+    c = a.counters()
+    assert (c.done, c.pending, c.ready, c.in_flight) == (4, 0, 0, 0)
+
+
+def test_ack_and_take_on_a_closed_drained_queue_returns_a_sentinel(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put("last")
+    lease = take_lease(q)
+    q.close()
+    placed = take_lease(q)  # the one sentinel close placed (a second handle could hold it)
+    assert placed.sentinel is not None
+    q.ack(placed)
+
+    after = q.ack_and_take(lease, timeout=None)  # would wait for ever if it had no answer
+
+    assert after is not None and after.sentinel is not None and after.size == 0
+    q.ack(after)
+    assert q.counters().pending == 0
+
+
+def test_a_reap_between_the_ack_and_the_take_costs_a_round_trip_not_a_task(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a lease, tasks ready, and a reaper that runs between the two scripts
+    q = make()
+    q.attach_consumer()
+    warm(q)
+    q.put_many(range(4))
+    lease = q.take(1, timeout=1)
+    assert lease is not None and q._consumer_id is not None
+    real = redis.client.Pipeline.execute
+    me, reap = q._consumer_id, q._link.script("reap")
+
+    def execute(pipe: redis.client.Pipeline, raise_on_error: bool = True) -> list[Any]:
+        k = q.keys
+        pipe.evalsha(reap.sha, 4, k.consumers, k.consumer_beats, k.ready, k.acked,
+                     "id", me, k.inflight_prefix, b"")  # fmt: skip
+        pipe.command_stack.insert(1, pipe.command_stack.pop())
+        acked, _reaped, taken = real(pipe, raise_on_error)
+        return [acked, taken]
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+
+    # When it acknowledges and takes
+    after = q.ack_and_take(lease, max_tasks=10, timeout=1)
+
+    # Then the take saw its ack's token gone, did nothing, and a plain take followed
+    assert after is not None and bodies(after) == [1, 2, 3]
+    c = q.counters()
+    assert (c.done, c.in_flight, c.pending, c.consumers) == (1 + 1, 3, 3, 1)  # 1 warm-up
+
+
+def test_ack_and_take_of_a_lease_from_an_earlier_registration(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put_many(["a", "b"])
+    old = take_lease(q)
+    q.detach_consumer()  # "a" goes back to ready
+    q.attach_consumer()
+
+    after = q.ack_and_take(old, max_tasks=10, timeout=1)
+
+    assert after is not None and bodies(after) == ["a", "b"]
+    assert q.counters().done == 0
+    q.ack(after)
+    c = q.counters()
+    assert (c.done, c.pending, c.in_flight) == (2, 0, 0)

@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
@@ -69,6 +70,16 @@ def _shared_queue(
             "(or PCQ_URL); a local queue lives only inside `pcq run`"
         )
     return open_queue(backend, url=url, name=name, maxsize=maxsize, **options)
+
+
+@contextmanager
+def _opened(backend: str | None, url: str | None, name: str) -> Iterator[Queue]:
+    """A shared queue for one admin command, disposed of when it is done."""
+    q = _shared_queue(backend, url, name)
+    try:
+        yield q
+    finally:
+        q.dispose()
 
 
 class _ProgressBar:
@@ -267,47 +278,40 @@ def status_command(
                                         "until Ctrl-C.")] = False,
 ) -> None:
     """Show a queue's counters, consumers and producers."""
-    q = _shared_queue(backend, url, queue)
-    try:
-        if as_json and not watch:
-            print(json.dumps(_status_dict(q)))
-            return
+    with _opened(backend, url, queue) as q:
         if not watch:
-            Console().print(_status_table(q))
+            if as_json:
+                print(json.dumps(_status_dict(q)))
+            else:
+                Console().print(_status_table(q))
             return
         try:
+            if as_json:  # one JSON object a line, every second
+                while True:
+                    print(json.dumps(_status_dict(q)), flush=True)
+                    time.sleep(1.0)
             with Live(_status_table(q), console=Console(), auto_refresh=False) as live:
                 while True:
                     time.sleep(1.0)
-                    if as_json:
-                        print(json.dumps(_status_dict(q)), flush=True)
-                    else:
-                        live.update(_status_table(q), refresh=True)
+                    live.update(_status_table(q), refresh=True)
         except KeyboardInterrupt:
             return
-    finally:
-        q.dispose()
 
 
 @app.command("close")
 def close_command(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
     """Close a queue by hand: one sentinel per live consumer, behind all tasks."""
-    q = _shared_queue(backend, url, queue)
-    try:
+    with _opened(backend, url, queue) as q:
         q.close()
-        err.print(f"pcq: closed queue {queue!r}", highlight=False)
-    finally:
-        q.dispose()
+    err.print(f"pcq: closed queue {queue!r}", highlight=False)
 
 
 @app.command("purge")
 def purge_command(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
     """Drop every waiting task and reset the queue's counters."""
-    q = _shared_queue(backend, url, queue)
-    try:
-        err.print(f"pcq: purged {q.purge()} task(s) from {queue!r}", highlight=False)
-    finally:
-        q.dispose()
+    with _opened(backend, url, queue) as q:
+        purged = q.purge()
+    err.print(f"pcq: purged {purged} task(s) from {queue!r}", highlight=False)
 
 
 @dead_app.command("list")
@@ -319,11 +323,8 @@ def dead_list(
     as_json: Json = False,
 ) -> None:
     """List dead letters with their errors."""
-    q = _shared_queue(backend, url, queue)
-    try:
+    with _opened(backend, url, queue) as q:
         letters = q.dead_letters(limit)
-    finally:
-        q.dispose()
     for letter in letters:
         if as_json:
             print(json.dumps(letter, default=repr))
@@ -335,21 +336,17 @@ def dead_list(
 @dead_app.command("requeue")
 def dead_requeue(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
     """Put every dead-lettered task back in the queue with its attempts reset."""
-    q = _shared_queue(backend, url, queue)
-    try:
-        err.print(f"pcq: requeued {q.requeue_dead()} dead task(s)", highlight=False)
-    finally:
-        q.dispose()
+    with _opened(backend, url, queue) as q:
+        requeued = q.requeue_dead()
+    err.print(f"pcq: requeued {requeued} dead task(s)", highlight=False)
 
 
 @dead_app.command("purge")
 def dead_purge(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
     """Delete every dead letter."""
-    q = _shared_queue(backend, url, queue)
-    try:
-        err.print(f"pcq: deleted {q.purge_dead()} dead letter(s)", highlight=False)
-    finally:
-        q.dispose()
+    with _opened(backend, url, queue) as q:
+        deleted = q.purge_dead()
+    err.print(f"pcq: deleted {deleted} dead letter(s)", highlight=False)
 
 
 def main() -> None:

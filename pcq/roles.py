@@ -316,7 +316,6 @@ class WorkerTallies:
     def __init__(self, workers: int) -> None:
         self._rows = max(1, workers) * 64  # room for replacements
         self._array = mp.RawArray("q", self._rows * 3)
-        self._next = 0
 
     def row(self, index: int) -> tuple[Any, int]:
         """(shared array, offset) of consumer ``index``'s row."""

@@ -34,6 +34,7 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -124,45 +125,57 @@ class Outcome:
 
 
 class _Linger:
-    """The batch ``put_many`` is filling, and a thread that sends it when it has
-    waited ``LINGER_SECONDS`` without being sent (the iterable is slow).
+    """The items ``put_many`` has not sent yet, and a thread that sends them once
+    they have waited ``LINGER_SECONDS`` (the iterable is slow).
 
-    Both sides touch the batch only under ``lock``; the thread looks every
-    ``LINGER_SECONDS`` and sends a batch it already saw pending last time.  An
-    error in the thread's send is raised again in the caller's thread.
+    The caller appends to ``pending`` (a deque: appends and pops are atomic, so
+    the hot loop takes no lock); whoever sends — the caller when a batch is full,
+    or the thread — pops and sends under ``_send_lock``, so tasks go out in
+    order and each exactly once.  An error in the thread's send is raised again
+    in the caller's thread.
     """
 
     def __init__(self, send: Callable[[list[Any]], None]) -> None:
-        self.lock = threading.Lock()
-        self.batch: list[Any] = []
+        self.pending: deque[Any] = deque()
         self.count = 0  # items sent
         self.sent_at = time.monotonic()  # when the last send returned
-        self._send = send
+        self._send_fn = send
+        self._send_lock = threading.Lock()
         self._sends = 0
         self._error: BaseException | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="pcq-linger", daemon=True)
         self._thread.start()
 
-    def flush(self) -> None:
-        """Send the batch; call with ``lock`` held."""
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        batch, self.batch = self.batch, []
+    def send(self, limit: int) -> None:
+        """Send up to ``limit`` pending items (all of them when ``limit`` is 0)."""
+        with self._send_lock:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            self._send_locked(limit)
+
+    def _send_locked(self, limit: int) -> None:
+        pending = self.pending
+        n = len(pending) if not limit else min(limit, len(pending))
+        batch = [pending.popleft() for _ in range(n)]
         self._sends += 1
         if batch:
-            self._send(batch)
+            self._send_fn(batch)
             self.count += len(batch)
         self.sent_at = time.monotonic()
 
     def _watch(self) -> None:
         seen = -1
         while not self._done.wait(LINGER_SECONDS):
-            with self.lock:
-                if self.batch and self._sends == seen and self._error is None:
+            # While batches keep going out the producer is fast: leave it alone.
+            if self._sends != seen or not self.pending:
+                seen = self._sends
+                continue
+            with self._send_lock:
+                if self._sends == seen and self._error is None:
                     try:
-                        self.flush()
+                        self._send_locked(0)
                     except BaseException as exc:  # handed to the caller's thread
                         self._error = exc
                 seen = self._sends
@@ -172,8 +185,8 @@ class _Linger:
         self._done.set()
         self._thread.join()
         if flush:
-            with self.lock:
-                self.flush()
+            while self.pending or self._error is not None:
+                self.send(MAX_BATCH)
 
 
 class Queue(ABC):
@@ -214,20 +227,18 @@ class Queue(ABC):
         """
         linger = _Linger(self._put_bodies)
         clock = time.monotonic
+        append = linger.pending.append
+        pending = linger.pending
         try:
             limit = self.batch_limit()
-            lock = linger.lock
             for item in items:
-                with lock:
-                    batch = linger.batch
-                    batch.append(item)
-                    # The first item after a quiet spell goes at once: a trickle
-                    # never waits for the linger thread.
-                    if len(batch) >= limit or (
-                        len(batch) == 1 and clock() - linger.sent_at > LINGER_SECONDS
-                    ):
-                        linger.flush()
-                        limit = self.batch_limit()
+                append(item)
+                n = len(pending)
+                # The first item after a quiet spell goes at once: a trickle
+                # never waits for the linger thread.
+                if n >= limit or (n == 1 and clock() - linger.sent_at > LINGER_SECONDS):
+                    linger.send(limit)
+                    limit = self.batch_limit()
         except Exception:
             linger.stop(flush=True)  # the items yielded before the error are put
             raise

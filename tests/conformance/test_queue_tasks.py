@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -373,3 +374,35 @@ def test_purge_drops_ready_tasks_and_join_returns(make_queue: QueueFactory) -> N
     assert q.join(timeout=1)
     q.attach_consumer()
     assert q.take(1, timeout=0.1) is None
+
+
+def test_a_burst_is_not_held_back_while_the_producer_waits(make_queue: QueueFactory) -> None:
+    # Given a producer that yields a quick burst of cheap tasks, then waits until
+    # they are handled before it yields more (a request/response producer)
+    q = make_queue()
+    q.note_task_cost(1e-7)  # cheap tasks: batches could be large
+    q.attach_consumer()
+    handled = threading.Event()
+    waited: list[bool] = []
+
+    def produce() -> Any:
+        yield from range(3)
+        waited.append(handled.wait(timeout=10))
+        yield 3
+
+    producer = threading.Thread(target=q.put_many, args=(produce(),))
+    producer.start()
+    # When a consumer takes what is there
+    seen: list[Any] = []
+    deadline = time.monotonic() + 10
+    while len(seen) < 3 and time.monotonic() < deadline:
+        lease = q.take(1024, timeout=0.5)
+        if lease is not None:
+            seen += [b for batch in lease.batches for b in batch.bodies]
+            q.ack(lease)
+    handled.set()
+    producer.join(timeout=10)
+    # Then the whole burst arrived while the producer was still waiting
+    assert seen == [0, 1, 2]
+    assert waited == [True]
+    assert [e.body for e in take_lease(q).envelopes()] == [3]

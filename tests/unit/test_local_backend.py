@@ -116,7 +116,7 @@ def test_a_trickle_is_sent_as_it_comes(make_local: Any) -> None:
 
     def slowly() -> Iterator[int]:
         for n in range(3):
-            time.sleep(0.01)  # a producer much slower than TRICKLE_SECONDS
+            time.sleep(0.01)  # a producer much slower than LINGER_SECONDS
             yield n
 
     q.put_many(slowly())

@@ -22,7 +22,7 @@ from helpers import drain, take_lease, wait_for
 from redis_server import free_port
 
 from pcq.backends import open_queue
-from pcq.backends.base import Failure
+from pcq.backends.base import Counters, Failure, Lease
 from pcq.backends.redis import RedisQueue, key
 from pcq.backends.redis_link import Link, safe_url
 from pcq.envelope import Sentinel
@@ -120,16 +120,22 @@ def test_a_large_put_is_pipelined_in_chunks_and_keeps_its_order(make: Factory) -
     assert got == list(range(2500))
 
 
-def test_a_stale_ack_changes_nothing(make: Factory) -> None:
-    # Given consumer A whose lease was reaped after it stopped heartbeating
+def reaped_lease(make: Factory) -> tuple[RedisQueue, RedisQueue, Lease, Counters]:
+    """Consumer A took a task and stopped heartbeating (as if frozen or dead);
+    consumer B reaped the task.  Returns A, B, A's stale lease, B's counters."""
     a, b = make(heartbeat_ttl=0.2), make()
     a.attach_consumer()
     b.attach_consumer()
     a.put("task")
     stale = take_lease(a)
-    a.dispose()  # its heartbeat stops, as if the process had died
+    a.dispose()  # its heartbeat stops
     wait_for(lambda: b.reap() == 1, timeout=5, message="the reap of A's task")
-    before = b.counters()
+    return a, b, stale, b.counters()
+
+
+def test_a_stale_ack_changes_nothing(make: Factory) -> None:
+    # Given consumer A whose lease was reaped after it stopped heartbeating
+    a, b, stale, before = reaped_lease(make)
 
     # When A acknowledges it late
     (env,) = stale.envelopes()
@@ -842,14 +848,7 @@ def test_ack_and_take_waits_when_nothing_is_ready(make: Factory) -> None:
 
 def test_a_stale_ack_in_ack_and_take_changes_nothing(make: Factory) -> None:
     # Given consumer A whose lease was reaped while it was stalled: the task is ready again
-    a, b = make(heartbeat_ttl=0.2), make()
-    a.attach_consumer()
-    b.attach_consumer()
-    a.put("task")
-    stale = take_lease(a)
-    a.dispose()  # its heartbeat stops, as if the process were frozen
-    wait_for(lambda: b.reap() == 1, timeout=5, message="the reap of A's task")
-    before = b.counters()
+    a, b, stale, before = reaped_lease(make)
 
     # When A wakes up and acknowledges it, failed, together with its next take
     (env,) = stale.envelopes()

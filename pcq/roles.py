@@ -78,7 +78,19 @@ def _kill_self_after(seconds: float) -> threading.Timer:
     return watchdog
 
 
-class Producer(mp.Process):
+class _Process(mp.Process):
+    """``multiprocessing.Process`` that forks on Linux, whatever the default start
+    method (Python 3.14 makes it forkserver there): a queue, a handler loaded
+    from ``path/file.py:function`` and a lambda cross into a forked child as they
+    are, with nothing to pickle or re-import."""
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:  # the hook multiprocessing itself uses
+        context: Any = mp.get_context("fork" if sys.platform.startswith("linux") else None)
+        return context.Process._Popen(process_obj)
+
+
+class Producer(_Process):
     """Runs ``produce()`` once and puts every item it yields.
 
     When it returns, the producer detaches; the last producer to detach closes
@@ -169,7 +181,7 @@ class Producer(mp.Process):
             sys.exit(code)
 
 
-class Consumer(mp.Process):
+class Consumer(_Process):
     """Takes tasks and calls ``handle(item)`` for each, until its sentinel.
 
     A handler that raises is retried up to ``retries`` times, after

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -267,3 +268,19 @@ def test_100_runs_leave_no_child_zombie_fd_thread_or_file(
     assert open_fds() == fds
     assert threading.active_count() == threads
     assert sorted(tmp_path.iterdir()) == files
+
+
+def test_run_forks_even_when_the_default_start_method_is_spawn(tmp_path: Path) -> None:
+    # Given a program whose default start method is spawn (forkserver is the
+    # default on Linux from Python 3.14), and handlers no child could import
+    program = (
+        "import multiprocessing as mp, sys\n"
+        "mp.set_start_method('spawn')\n"
+        "import pcq\n"
+        "s = pcq.run(lambda: range(50), lambda x: None, workers=2)\n"
+        "sys.exit(0 if s.done == 50 else 1)\n"
+    )
+    # When it runs a job, then it works: the children were forked
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -35,16 +35,25 @@ def classic(produce: Produce, handle: Handle, *, workers: int, maxsize: int) -> 
         for i in range(workers)
     ]
     producer = mp.Process(target=_classic_produce, args=(q, produce, workers), name="producer")
+    _run_to_end(producer, consumers, "classic-pattern", q.join)
+    return {}
+
+
+def _run_to_end(
+    producer: Any, consumers: list[Any], what: str, then: Any = None
+) -> None:
+    """Start the consumers, then the producer; wait for the producer, ``then()``
+    (the classic pattern's ``join``), and every consumer; fail if one failed."""
     for c in consumers:
         c.start()
     producer.start()
     producer.join()
-    q.join()
+    if then is not None:
+        then()
     for c in consumers:
         c.join()
     if producer.exitcode or any(c.exitcode for c in consumers):
-        raise RuntimeError("a classic-pattern process failed")
-    return {}
+        raise RuntimeError(f"a {what} process failed")
 
 
 def _classic_produce(q: Any, produce: Produce, workers: int) -> None:
@@ -106,14 +115,7 @@ def raw_redis(
         for i in range(workers)
     ]
     producer = mp.Process(target=_raw_produce, args=(url, ready, produce, workers), name="producer")
-    for c in consumers:
-        c.start()
-    producer.start()
-    producer.join()
-    for c in consumers:
-        c.join()
-    if producer.exitcode or any(c.exitcode for c in consumers):
-        raise RuntimeError("a raw-redis process failed")
+    _run_to_end(producer, consumers, "raw-redis")
     return {}
 
 

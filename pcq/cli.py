@@ -101,6 +101,7 @@ class _ProgressBar:
                 redirect_stdout=False, redirect_stderr=False,
             )
             self._task = self._progress.add_task("tasks", total=None, failed=0)
+        self._base: Counters | None = None  # the job's first report: its starting point
 
     def __enter__(self) -> _ProgressBar:
         if self._progress is not None:
@@ -111,10 +112,11 @@ class _ProgressBar:
         if self._progress is not None:
             self._progress.stop()
 
-    def update(self, counters: Counters, elapsed: float, base: Counters | None = None) -> None:
+    def update(self, counters: Counters, elapsed: float) -> None:
+        """A job's progress callback; its first call sets the starting point."""
         if self._progress is None:
             return
-        b = base or Counters(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, False)
+        b = self._base = self._base or counters
         self._progress.update(
             self._task, total=counters.produced - b.produced,
             completed=counters.done + counters.failed - b.done - b.failed,
@@ -164,16 +166,9 @@ def run_command(
     shared = backend_for(backend, url) != "local"
     options = _options(heartbeat_ttl) if shared else {}  # local consumers have no heartbeat
     with _ProgressBar(not no_progress) as bar:
-        base: list[Counters] = []
-
-        def progress(counters: Counters, elapsed: float) -> None:
-            if not base:
-                base.append(counters)
-            bar.update(counters, elapsed, base[0])
-
         summary = run(produce, handle, workers=workers, producers=producers, maxsize=maxsize,
                       retries=retries, timeout=timeout, backend=backend, url=url, queue=queue,
-                      on_progress=progress, **options)
+                      on_progress=bar.update, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
 
@@ -213,9 +208,8 @@ def produce_command(
     q = _shared_queue(backend, url, queue, maxsize, **_options(heartbeat_ttl))
     try:
         with _ProgressBar(not no_progress and not no_wait) as bar:
-            base = q.counters()
             summary = produce_job(q, items, close=not no_close, wait_done=not no_wait,
-                                  on_progress=lambda c, t: bar.update(c, t, base))
+                                  on_progress=bar.update)
     finally:
         q.dispose()
     _report(summary, as_json, "produce")

@@ -384,8 +384,10 @@ class Supervisor:
                 self.queue.evict(consumer.pid)
                 self.restarts += 1
                 self._spawn()
-        if not self.live and self.queue.counters().pending > 0 and self.queue.counters().closed:
-            self._spawn()
+        if not self.live:
+            counters = self.queue.counters()
+            if counters.pending > 0 and counters.closed:
+                self._spawn()
 
     @property
     def done(self) -> bool:

@@ -197,6 +197,8 @@ def produce_job(
     was the last producer; wait until every task is acknowledged."""
     started = time.monotonic()
     before = q.counters()
+    if on_progress is not None:  # the first report is the job's starting point
+        on_progress(before, 0.0)
     q.attach_producer()
     interrupted: int | None = None
     closing = close

@@ -61,9 +61,10 @@ from pcq.errors import DecodeError
 MAX_SLOTS = 4096
 # Slot row layout (int64 each).
 PID, ROLE, STATE, COMMIT, HOLDING = range(5)
-BANK_A, BANK_B = 5, 9  # each bank: produced, done, failed, retried
-PRODUCED, DONE, FAILED, RETRIED = range(4)
-WIDTH = 13
+BANK_A, BANK_B = 5, 10  # each bank: produced, done, failed, retried, dead letters
+PRODUCED, DONE, FAILED, RETRIED, DEAD = range(5)
+COUNTS = 5
+WIDTH = BANK_B + COUNTS
 # Roles and states.
 CONSUMER, OTHER = 1, 2
 ALIVE, GONE, REAPED = 1, 2, 3
@@ -153,7 +154,7 @@ class LocalQueue(Queue):
         self._slot = slot
         return slot
 
-    def _commit(self, deltas: tuple[int, int, int, int], lease: int | None = None) -> None:
+    def _commit(self, deltas: tuple[int, int, int, int, int], lease: int | None = None) -> None:
         """Add ``deltas`` to this process's counters and record ``lease`` as
         acknowledged (None: keep the last one; a consumer may put tasks too), in
         one 8-byte store (the commit word)."""
@@ -167,15 +168,15 @@ class LocalQueue(Queue):
         s[row + COMMIT] = (acked << 1) | (0 if new == BANK_A else 1)
 
     def _totals(self) -> tuple[list[int], int, int]:
-        """(produced, done, failed, retried) summed, tasks held by live consumers,
-        live consumers."""
+        """(produced, done, failed, retried, dead) summed, tasks held by live
+        consumers, live consumers."""
         s = self._slots
-        sums = [0, 0, 0, 0]
+        sums = [0] * COUNTS
         holding = consumers = 0
         for slot in range(self._words[NSLOTS]):
             row = self._row(slot)
             bank = row + _bank(s[row + COMMIT])
-            for i in range(4):
+            for i in range(COUNTS):
                 sums[i] += s[bank + i]
             if s[row + ROLE] == CONSUMER and s[row + STATE] == ALIVE:
                 holding += s[row + HOLDING]
@@ -192,7 +193,7 @@ class LocalQueue(Queue):
 
     def _put(self, messages: list[bytes], tasks: int) -> None:
         # Count before the message can be taken: pending must never read low.
-        self._commit((tasks, 0, 0, 0))
+        self._commit((tasks, 0, 0, 0, 0))
         for message in messages:
             if self._space is not None:
                 self._space.acquire()
@@ -355,7 +356,8 @@ class LocalQueue(Queue):
             self._bury(outcome.dead)
         if outcome.retry or outcome.give_back:  # else the file already says after == before
             self._record(messages, before, self._delayed_messages())
-        self._commit((0, outcome.done, outcome.failed, len(outcome.retry)), lease_no)
+        deltas = (0, outcome.done, outcome.failed, len(outcome.retry), len(outcome.dead))
+        self._commit(deltas, lease_no)
         self._slots[self._row(self._slot) + HOLDING] = len(self._delayed)
 
     def _bury(self, letters: list[bytes]) -> None:
@@ -451,7 +453,7 @@ class LocalQueue(Queue):
             self.close()
 
     def counters(self) -> Counters:
-        (produced, done, failed, retried), holding, consumers = self._totals()
+        (produced, done, failed, retried, dead), holding, consumers = self._totals()
         pending = produced - done - failed
         return Counters(
             ready=max(0, pending - holding),
@@ -461,7 +463,7 @@ class LocalQueue(Queue):
             done=done,
             failed=failed,
             retried=retried,
-            dead=len(self.dead_letters(limit=MAX_SLOTS * 1024)),
+            dead=dead,
             delayed=0,
             consumers=consumers,
             producers=self._words[PRODUCERS],
@@ -496,6 +498,7 @@ class LocalQueue(Queue):
             letters = [decode_dead(x) for p in self._dead_files() for x in self._read_dead(p)]
             for path in self._dead_files():
                 os.unlink(path)
+        self._commit((0, 0, 0, 0, -len(letters)))
         bodies = [env.body for env in map(envelope_from_dead, letters) if env is not None]
         if bodies:
             self._put_bodies(bodies)
@@ -507,6 +510,7 @@ class LocalQueue(Queue):
             for path in self._dead_files():
                 count += len(self._read_dead(path))
                 os.unlink(path)
+        self._commit((0, 0, 0, 0, -count))
         return count
 
     def purge(self) -> int:
@@ -527,7 +531,7 @@ class LocalQueue(Queue):
                 msg = decode(message)
                 if isinstance(msg, Batch):
                     dropped += len(msg.bodies)
-        self._commit((0, 0, dropped, 0))
+        self._commit((0, 0, dropped, 0, 0))
         return dropped
 
     def dispose(self) -> None:

@@ -26,6 +26,10 @@ Contracts every backend keeps (``tests/conformance`` checks them):
   returns a sentinel, so a consumer that attached after close exits too.
 * **Backpressure.**  With ``maxsize`` > 0, ``put`` blocks while about ``maxsize``
   tasks are ready.
+* **Stages.**  ``ack(..., outputs=items, to=other)`` puts the outputs of a
+  lease's handled tasks on queue ``other`` and acknowledges the lease in one
+  atomic step; a stale lease puts nothing and counts nothing.  A backend that
+  cannot do this raises :class:`~pcq.errors.ConfigError` (see ``_ack_out``).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from pcq.envelope import (
     encode_tasks,
     new_tag,
 )
-from pcq.errors import SerializationError
+from pcq.errors import ConfigError, SerializationError
 
 #: Largest number of tasks moved by one put or take.
 MAX_BATCH = 1024
@@ -122,6 +126,8 @@ class Outcome:
     retry: list[tuple[bytes, float]]  # (message, delay in seconds)
     dead: list[bytes]  # dead letters: failed tasks and undecodable messages
     give_back: list[bytes]  # not started: back to ready, no attempt counted
+    outputs: list[bytes] = field(default_factory=list)  # for the target queue, encoded
+    output_tasks: int = 0  # tasks the outputs hold (a local message holds many)
 
 
 class _Linger:
@@ -254,20 +260,27 @@ class Queue(ABC):
         return MAX_BATCH
 
     def _put_bodies(self, bodies: Sequence[Any]) -> None:
-        if self._tag_pid != os.getpid():  # a forked child must not reuse its parent's ids
-            self._tag_pid, self._tag, self._seq = os.getpid(), new_tag(), 0
-        seq = self._seq
         try:
-            if self.one_message_per_batch:
-                messages = [encode_tasks(self._tag, seq, bodies)]
-            else:
-                messages = encode_each(self._tag, seq, bodies)
+            messages = self._encode_bodies(bodies)
         except SerializationError as exc:
             if exc.index:  # put the good tasks before the bad one: nothing is lost
                 self._put_bodies(bodies[: exc.index])
             raise
-        self._seq += len(bodies)
         self._put(messages, len(bodies))
+
+    def _encode_bodies(self, bodies: Sequence[Any]) -> list[bytes]:
+        """``bodies`` as this queue's messages, with fresh task ids."""
+        if self._tag_pid != os.getpid():  # a forked child must not reuse its parent's ids
+            self._tag_pid, self._tag, self._seq = os.getpid(), new_tag(), 0
+        seq = self._seq
+        if not self.one_message_per_batch:
+            messages = encode_each(self._tag, seq, bodies)
+        else:
+            step = MAX_BATCH  # a stage's fan-out may exceed one batch
+            messages = [encode_tasks(self._tag, seq + i, bodies[i : i + step])
+                        for i in range(0, len(bodies), step)]
+        self._seq += len(bodies)
+        return messages
 
     # ------------------------------------------------------------------ consuming
 
@@ -297,19 +310,36 @@ class Queue(ABC):
         lease: Lease,
         failures: Sequence[Failure] = (),
         give_back: Sequence[Envelope] = (),
+        outputs: Sequence[Any] = (),
+        to: Queue | None = None,
     ) -> None:
         """Acknowledge a lease: every task in it is done, except ``failures``
         (retried or dead-lettered) and ``give_back`` (returned to ready, unstarted).
 
         This is ``task_done`` for the whole lease.  Acknowledging a lease whose
         tasks were already reaped and handed to another consumer changes no counter.
+
+        With ``to`` (a queue of the same backend and server), ``outputs`` — what
+        the lease's handled tasks produced — are put on ``to`` in the same atomic
+        step: both happen or neither, and a stale lease puts nothing.
         """
-        self._ack(lease, self._outcome(lease, failures, give_back))
+        outcome = self._outcome(lease, failures, give_back, outputs, to)
+        if to is None:
+            self._ack(lease, outcome)
+        else:
+            self._ack_out(lease, outcome, to)
 
     def _outcome(
-        self, lease: Lease, failures: Sequence[Failure], give_back: Sequence[Envelope]
+        self,
+        lease: Lease,
+        failures: Sequence[Failure],
+        give_back: Sequence[Envelope],
+        outputs: Sequence[Any] = (),
+        to: Queue | None = None,
     ) -> Outcome:
         """What acknowledging ``lease`` does, encoded for ``_ack``."""
+        if to is None and outputs:
+            raise ValueError("outputs need a queue to go to (to=)")
         retry: list[tuple[bytes, float]] = []
         dead = [encode_dead(None, reason, raw=raw) for raw, reason in lease.bad]
         failed = 0
@@ -323,7 +353,8 @@ class Queue(ABC):
                 retry.append((encode_envelope(again), f.retry_in))
         back = [encode_envelope(env) for env in give_back]
         done = lease.size - len(failures) - len(back)
-        return Outcome(done, failed, retry, dead, back)
+        out = to._encode_bodies(outputs) if to is not None and outputs else []
+        return Outcome(done, failed, retry, dead, back, out, len(outputs))
 
     def ack_and_take(
         self,
@@ -332,10 +363,13 @@ class Queue(ABC):
         give_back: Sequence[Envelope] = (),
         max_tasks: int = 1,
         timeout: float | None = None,
+        outputs: Sequence[Any] = (),
+        to: Queue | None = None,
     ) -> Lease | None:
-        """:meth:`ack` ``lease``, then :meth:`take` the next one.  A backend with
-        a server overrides this to do both in one round trip."""
-        self.ack(lease, failures, give_back)
+        """:meth:`ack` ``lease`` (with its ``outputs`` for ``to``), then :meth:`take`
+        the next one.  A backend with a server overrides this to do both in one
+        round trip."""
+        self.ack(lease, failures, give_back, outputs, to)
         return self.take(max_tasks, timeout)
 
     # ------------------------------------------------------------------ lifecycle
@@ -396,6 +430,26 @@ class Queue(ABC):
     def detach_producer(self, close_if_last: bool = True) -> None:
         """Unregister a producer; the last one out closes the queue."""
 
+    def wait_for_room(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Block while this queue holds ``maxsize`` ready tasks or more (or until
+        ``stop()``): a stage waits here before it puts its outputs, so a slow
+        next stage holds back the one before it, as a full queue holds back a
+        producer."""
+        if self.maxsize <= 0:
+            return
+        pause = 0.001
+        while self.counters().ready >= self.maxsize and not stop():
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def set_feeds(self, to: str) -> None:  # noqa: B027 - optional hook
+        """Record that a stage puts its outputs from this queue on queue ``to``
+        (``pcq status`` follows it).  Backends without a server need not."""
+
+    def feeds(self) -> str | None:
+        """The queue this queue's stage feeds, as recorded by :meth:`set_feeds`."""
+        return None
+
     def registrations(self) -> list[dict[str, Any]]:
         """Live consumers and producers: dicts with role, host, pid, heartbeat
         (a Unix time).  Backends without a registry return []."""
@@ -439,6 +493,23 @@ class Queue(ABC):
     def _ack(self, lease: Lease, outcome: Outcome) -> None:
         """Remove the lease from in flight and apply ``outcome`` atomically; a stale
         lease (no longer in flight for this consumer) changes nothing."""
+
+    def _ack_out(self, lease: Lease, outcome: Outcome, to: Queue) -> None:
+        """:meth:`_ack`, and put ``outcome.outputs`` (``outcome.output_tasks``
+        tasks) on ``to``, in one atomic step; a stale lease does neither.
+
+        A backend that cannot make the two one step must not fake it (the handoff
+        between stages would no longer be exactly once): it keeps this error."""
+        raise ConfigError(
+            f"the {self.backend} backend cannot put a stage's outputs and acknowledge "
+            "its input in one step, so it cannot run pipelines (--to)"
+        )
+
+    def _check_target(self, to: Queue) -> None:
+        """Raise ConfigError unless ``to`` can receive this queue's outputs."""
+        if type(to) is not type(self):
+            raise ConfigError(f"a stage's queues must share one backend: {self.backend} "
+                              f"cannot put outputs on a {to.backend} queue")
 
     def _sentinel_is_current(self, sentinel: Sentinel) -> bool:
         """False for a sentinel of an earlier close epoch (dropped, not obeyed)."""

@@ -3,6 +3,9 @@
 Every key is ``pcq:{NAME}:<part>`` (see :class:`Keys`); the ``{NAME}`` hash tag
 keeps a queue in one Redis Cluster slot, which the Lua scripts need because they
 also touch in-flight lists they find by name.  One task is one list element.
+A name that holds a hash tag of its own (``{crawl}.parse``) keeps it instead —
+``pcq:{crawl}.parse:<part>`` — so the queues of one pipeline, whose ack puts a
+stage's outputs on the next queue in the same script, share one slot.
 
 * ``ready`` — list; producers LPUSH, consumers take from the right.
 * ``inflight:<consumer>`` — list per consumer, its newest take at the left.
@@ -14,6 +17,7 @@ also touch in-flight lists they find by name.  One task is one list element.
 * ``closed`` (flag), ``epoch`` (close epoch), ``full`` / ``space`` (backpressure).
 * ``acked`` — hash consumer id -> the token of its last ack sent together with a
   take (``ack_and_take``), so that resending the pair never applies the ack twice.
+* ``feeds`` — the name of the queue a stage puts this queue's outputs on.
 
 Each move that must be atomic is one Lua script in a ``.lua`` file beside this
 module; each file opens with the keys it touches and the race it prevents:
@@ -76,8 +80,18 @@ _TAKEN, _NEW_EPOCH, _DRAINED, _SENTINEL_WAITS, _ACK_MISSING = 0, 1, 2, 3, 4
 
 
 def key(name: str, part: str) -> str:
-    """The Redis key of ``part`` of queue ``name``: ``pcq:{name}:part``."""
-    return f"pcq:{{{name}}}:{part}"
+    """The Redis key of ``part`` of queue ``name``: ``pcq:{name}:part``, or
+    ``pcq:name:part`` when ``name`` holds its own hash tag (``{crawl}.parse``)."""
+    return f"pcq:{name}:{part}" if "{" in name else f"pcq:{{{name}}}:{part}"
+
+
+def _has_good_braces(name: str) -> bool:
+    """No braces, or exactly one non-empty ``{tag}``: a Redis Cluster hash tag."""
+    if "{" not in name and "}" not in name:
+        return True
+    if name.count("{") != 1 or name.count("}") != 1:
+        return False
+    return name.index("}") > name.index("{") + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +111,7 @@ class Keys:
     full: str
     space: str
     acked: str
+    feeds: str
     inflight_prefix: str
 
     @classmethod
@@ -118,6 +133,7 @@ class Keys:
             full=k("full"),
             space=k("space"),
             acked=k("acked"),
+            feeds=k("feeds"),
             inflight_prefix=k("inflight:"),
         )
 
@@ -182,8 +198,9 @@ class RedisQueue(Queue):
         heartbeat_ttl: float = 5.0,
         retry_for: float = 60.0,
     ) -> None:
-        if not name or "{" in name or "}" in name:
-            raise ConfigError(f"bad queue name {name!r}: it must be non-empty, without braces")
+        if not name or not _has_good_braces(name):
+            raise ConfigError(f"bad queue name {name!r}: it must be non-empty, with no braces "
+                              "or one hash tag such as {crawl}.parse")
         if maxsize < 0:
             raise ConfigError(f"maxsize must be 0 (unbounded) or more, not {maxsize}")
         if heartbeat_ttl <= 0:
@@ -377,14 +394,29 @@ class RedisQueue(Queue):
     def _sentinel_is_current(self, sentinel: Sentinel) -> bool:
         return sentinel.epoch == self._epoch
 
-    def _ack(self, lease: Lease, outcome: Outcome) -> None:
+    def _ack(self, lease: Lease, outcome: Outcome, target: Keys | None = None) -> None:
         self._here()
         receipt = self._receipt(lease)
         if not receipt.messages:
             return  # a sentinel made up for a drained queue: nothing is in flight
-        _applied, held = self._link.run("ack", *self._ack_call(receipt, outcome, ""))
+        _applied, held = self._link.run("ack", *self._ack_call(receipt, outcome, "", target))
         if receipt.consumer == self._consumer_id:
             self._held = int(held)
+
+    def _ack_out(self, lease: Lease, outcome: Outcome, to: Queue) -> None:
+        self._ack(lease, outcome, self._target(to))
+
+    def _target(self, to: Queue | None) -> Keys | None:
+        """The keys of ``to``, a stage's target queue, which ack.lua writes to:
+        it must be on this server (one script runs on one server)."""
+        if to is None:
+            return None
+        self._check_target(to)
+        assert isinstance(to, RedisQueue)
+        if to._link.where != self._link.where:
+            raise ConfigError(f"a stage's queues must be on one Redis server, not "
+                              f"{self._link.where} and {to._link.where}")
+        return to.keys
 
     @staticmethod
     def _receipt(lease: Lease) -> _Receipt:
@@ -393,7 +425,7 @@ class RedisQueue(Queue):
         return lease.receipt
 
     def _ack_call(
-        self, receipt: _Receipt, outcome: Outcome, token: str
+        self, receipt: _Receipt, outcome: Outcome, token: str, target: Keys | None = None
     ) -> tuple[list[str], list[Any]]:
         """ack.lua's keys and arguments; made once, so a retry sends the same."""
         retry: list[Any] = []
@@ -403,8 +435,13 @@ class RedisQueue(Queue):
         keys = [k.inflight(receipt.consumer), k.counters, k.delayed, k.dead, k.ready, k.acked]
         head: list[Any] = [len(receipt.messages), len(outcome.retry), len(outcome.dead)]
         head += [len(outcome.give_back), outcome.done, outcome.failed, receipt.consumer, token]
+        outputs: list[bytes] = []
+        if target is not None and outcome.outputs:
+            keys += [target.ready, target.counters, target.closed, target.epoch]
+            outputs = outcome.outputs
+        head += [len(outputs), outcome.output_tasks if outputs else 0]
         args = [*head, *receipt.messages, *retry, *outcome.dead, *reversed(outcome.give_back)]
-        return keys, args
+        return keys, [*args, *outputs]
 
     def ack_and_take(
         self,
@@ -413,6 +450,8 @@ class RedisQueue(Queue):
         give_back: Sequence[Envelope] = (),
         max_tasks: int = 1,
         timeout: float | None = None,
+        outputs: Sequence[Any] = (),
+        to: Queue | None = None,
     ) -> Lease | None:
         """:meth:`ack`, then :meth:`take`, in one round trip while tasks are ready.
 
@@ -425,17 +464,18 @@ class RedisQueue(Queue):
         """
         me = self._me()
         receipt = self._receipt(lease)
-        outcome = self._outcome(lease, failures, give_back)
+        target = self._target(to)
+        outcome = self._outcome(lease, failures, give_back, outputs, to)
         if not receipt.messages or receipt.consumer != me:
             # Nothing in flight (a made-up sentinel), or a lease of an earlier
             # registration: no in-flight list to carry over, take as usual.
-            self._ack(lease, outcome)
+            self._ack(lease, outcome, target)
             return self.take(max_tasks, timeout)
         want = max(1, min(max_tasks, MAX_BATCH))
         deadline = None if timeout is None else time.monotonic() + timeout
         self._acks += 1
         token = str(self._acks)
-        ack = self._ack_call(receipt, outcome, token)
+        ack = self._ack_call(receipt, outcome, token, target)
         take = self._take_keys(me), self._take_args(me, want, -1, token)  # held: what the ack left
         taken = self._taken(self._link.call(lambda client: self._ack_then_take(client, ack, take)))
         if taken is None:  # a new epoch, or a reap removed the ack's token: take again
@@ -498,6 +538,15 @@ class RedisQueue(Queue):
         k = self.keys
         keys = [k.consumers, k.consumer_beats, k.ready, k.acked]
         return int(self._link.run("reap", keys, [mode, arg, k.inflight_prefix, SENTINEL_PREFIX]))
+
+    def set_feeds(self, to: str) -> None:
+        feeds = self.keys.feeds
+        self._link.call(lambda client: client.set(feeds, to))
+
+    def feeds(self) -> str | None:
+        feeds = self.keys.feeds
+        value = cast("bytes | None", self._link.call(lambda client: client.get(feeds)))
+        return None if value is None else value.decode()
 
     def counters(self) -> Counters:
         k = self.keys

@@ -636,9 +636,11 @@ def test_a_bad_url_is_a_config_error(url: str) -> None:
 
 
 def test_bad_names_and_options_are_config_errors(client: FakeRedis) -> None:
-    for name in ("", "a{b}"):
+    for name in ("", "a{}b", "{a", "a}", "}a{", "{a}{b}"):
         with pytest.raises(ConfigError):
             RedisQueue(name, client=client)
+    # One hash tag is a name of its own: the queues of a pipeline share a slot.
+    assert RedisQueue("{crawl}.parse", client=client).keys.ready == "pcq:{crawl}.parse:ready"
     with pytest.raises(ConfigError):
         RedisQueue("x", client=client, heartbeat_ttl=0)
     with pytest.raises(ConfigError, match="decode_responses"):

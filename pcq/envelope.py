@@ -107,6 +107,15 @@ def _unencodable(bodies: Sequence[Any], exc: Exception) -> SerializationError:
     return SerializationError(f"cannot encode tasks: {exc}")
 
 
+def check_encodable(bodies: Sequence[Any]) -> None:
+    """Raise SerializationError, naming the type, unless every body can travel."""
+    try:
+        for body in bodies:
+            _packb(body)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _unencodable(bodies, exc) from exc
+
+
 def encode_tasks(
     tag: str,
     seq: int,

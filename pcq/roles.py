@@ -270,9 +270,21 @@ class Consumer(_Process):
                 fit = int(TARGET_BATCH_SECONDS / cost) if cost > 0 else MAX_BATCH
                 want = max(1, min(MAX_BATCH, want * 2, fit))
             if lease.sentinel is not None or self._stopping:
-                queue.ack(lease, failures, give_back)
+                self._ack(lease, failures, give_back)
                 return
-            lease = queue.ack_and_take(lease, failures, give_back, want, timeout=IDLE_WAIT)
+            lease = self._ack_and_take(lease, failures, give_back, want)
+
+    # A stage (pcq.stages) overrides these three to put what its handler returned.
+    def _ack(self, lease: Lease, failures: list[Failure], give_back: list[Envelope]) -> None:
+        self.queue.ack(lease, failures, give_back)
+
+    def _ack_and_take(
+        self, lease: Lease, failures: list[Failure], give_back: list[Envelope], want: int
+    ) -> Lease | None:
+        return self.queue.ack_and_take(lease, failures, give_back, want, timeout=IDLE_WAIT)
+
+    def _handled(self, result: Any) -> None:
+        """``handle`` returned ``result`` (called outside the task's timeout)."""
 
     def _count(self, handled: int, failures: list[Failure]) -> None:
         assert self._tally is not None
@@ -295,9 +307,11 @@ class Consumer(_Process):
                     rest += [env for later in lease.batches[n + 1 :] for env in later.envelopes()]
                     return failures, rest, handled + i
                 try:
-                    call(body)
+                    result = call(body)
                 except Exception as exc:
                     failures.append(self._failure(batch, i, exc))
+                else:
+                    self._handled(result)
             handled += len(batch.bodies)
         return failures, [], handled
 

@@ -22,6 +22,7 @@ from typing import Any
 from pcq.backends import open_queue
 from pcq.backends.base import Counters, Queue
 from pcq.roles import Consumer, Producer, Supervisor, WorkerTallies, wait
+from pcq.stages import Stage, close_if_finished
 
 #: How long consumers may take to finish their running task after SIGINT/SIGTERM.
 GRACE_SECONDS = 5.0
@@ -43,6 +44,7 @@ class Summary:
     restarts: int = 0  # consumers replaced after dying
     producer_errors: int = 0
     interrupted: int | None = None  # the signal that stopped the job
+    stages: tuple[Any, ...] = ()  # a pipeline's pcq.pipeline.StageSummary per stage
 
     @property
     def exit_code(self) -> int:
@@ -51,7 +53,10 @@ class Summary:
         return EXIT_FAILED if self.failed or self.producer_errors else EXIT_OK
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "exit_code": self.exit_code}
+        out = {**asdict(self), "exit_code": self.exit_code}
+        if not self.stages:
+            del out["stages"]  # a single-stage job's fields stay as they were
+        return out
 
 
 def delta(before: Counters, after: Counters, elapsed: float, **extra: Any) -> Summary:
@@ -243,23 +248,32 @@ def consume_job(
     retries: int = 0,
     timeout: float | None = None,
     grace: float = GRACE_SECONDS,
+    to: Queue | None = None,
 ) -> Summary:
     """Run ``workers`` supervised consumers until each has taken its sentinel
-    (``pcq consume``).  Counts are what this host's consumers did."""
+    (``pcq consume``).  Counts are what this host's consumers did.  With ``to``,
+    they are stages: what ``handle`` gives goes to queue ``to``, which closes
+    once ``q`` is closed and fully acknowledged (see :mod:`pcq.stages`)."""
     started = time.monotonic()
     tallies = WorkerTallies(workers)
-    supervisor = Supervisor(
-        q,
-        lambda i: Consumer(q, handle, retries=retries, timeout=timeout,
-                           tally=tallies.row(i), name=f"pcq-consumer-{i}"),
-        workers,
-    )
+
+    def make(i: int) -> Consumer:
+        options: dict[str, Any] = {"retries": retries, "timeout": timeout,
+                                   "tally": tallies.row(i), "name": f"pcq-consumer-{i}"}
+        return Consumer(q, handle, **options) if to is None else Stage(q, handle, to=to,
+                                                                          **options)
+
+    if to is not None:
+        q.set_feeds(to.name)
+    supervisor = Supervisor(q, make, workers)
     stopped: int | None = None
     with interruptible() as caught:
         try:
             supervisor.start()
             while not supervisor.done and not caught:
                 supervisor.poll(wait(supervisor.sentinels(), 0.5))
+            if to is not None and not caught:  # in case the last to finish was killed
+                close_if_finished(q, to)
         finally:
             stopped = caught[0] if caught else None
             supervisor.stop(grace)

@@ -430,6 +430,12 @@ class Queue(ABC):
     def detach_producer(self, close_if_last: bool = True) -> None:
         """Unregister a producer; the last one out closes the queue."""
 
+    def sibling(self, name: str, maxsize: int = 0) -> Queue:
+        """Queue ``name`` on the same backend and server as this one (the next
+        queue of a pipeline: a stage's outputs and acks are one atomic step, so
+        its queues must share a server)."""
+        return type(self)(name, maxsize=maxsize)
+
     def wait_for_room(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Block while this queue holds ``maxsize`` ready tasks or more (or until
         ``stop()``): a stage waits here before it puts its outputs, so a slow

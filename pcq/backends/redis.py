@@ -539,6 +539,10 @@ class RedisQueue(Queue):
         keys = [k.consumers, k.consumer_beats, k.ready, k.acked]
         return int(self._link.run("reap", keys, [mode, arg, k.inflight_prefix, SENTINEL_PREFIX]))
 
+    def sibling(self, name: str, maxsize: int = 0) -> Queue:
+        return RedisQueue(name, maxsize=maxsize, url=self.url, client=self._link.injected,
+                          heartbeat_ttl=self.heartbeat_ttl, retry_for=self._link.retry_for)
+
     def set_feeds(self, to: str) -> None:
         feeds = self.keys.feeds
         self._link.call(lambda client: client.set(feeds, to))

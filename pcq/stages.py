@@ -1,0 +1,123 @@
+"""Stages: consumers whose handlers produce the tasks of the next queue.
+
+A :class:`Stage` is a :class:`~pcq.roles.Consumer` with a target queue ``to``.
+What its handler gives for a task becomes tasks of ``to``: a plain function's
+return value is one output (``None`` included), a generator's yields are zero or
+more (so a stage can filter and fan out).  A lease's outputs are put on ``to``
+by the same atomic step that acknowledges the lease (``Queue.ack(...,
+outputs=, to=)``), so each task's outputs reach the next queue exactly once,
+while the handler itself still runs at least once.
+
+Close propagation, counted by acknowledged work: the output queue of a stage
+closes when its input queue is closed and nothing of it is pending (every task
+acknowledged: done or dead).  No end markers travel in band — a marker per
+upstream worker breaks when a task is redelivered — so the check is simply
+made by whoever may be the last to see it true: every stage consumer when it
+leaves at its sentinel (after its own last ack), and the supervising process
+(``pcq run``, ``pcq consume --to``) whenever a consumer exits and at the end.
+``close`` is idempotent, so several of them seeing it true is harmless.  A
+consumer killed with tasks in flight leaves them pending, so no one closes the
+output early; they are redelivered to a survivor or to the replacement the
+supervisor starts, and the last of those to finish closes it.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+from pcq.backends.base import Failure, Lease, Queue
+from pcq.envelope import Batch, Envelope, check_encodable
+from pcq.roles import IDLE_WAIT, Consumer
+
+
+def close_if_finished(source: Queue, to: Queue) -> bool:
+    """Close ``to`` if the stage reading ``source`` cannot produce any more:
+    ``source`` is closed and has nothing pending.  True when that holds."""
+    c = source.counters()
+    if c.closed and c.pending <= 0:
+        to.close()
+        return True
+    return False
+
+
+def outputs_of(result: Any) -> list[Any]:
+    """A handler's outputs: a generator's yields, else the return value itself."""
+    if isinstance(result, types.GeneratorType):
+        return list(result)
+    return [result]
+
+
+class Stage(Consumer):
+    """A consumer that puts what ``handle`` gives on queue ``to`` (see the module
+    docstring); the other arguments are :class:`~pcq.roles.Consumer`'s."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        handle: Callable[[Any], Any] | None = None,
+        *,
+        to: Queue,
+        **options: Any,
+    ) -> None:
+        super().__init__(queue, handle, **options)
+        queue._check_target(to)
+        self.to = to
+        self._outputs: list[Any] = []
+
+    def handle(self, item: Any) -> Any:
+        # Run a generator to its end inside the task (and its timeout), and make
+        # sure every output can be encoded: either failure is the task's.
+        outputs = outputs_of(super().handle(item))
+        check_encodable(outputs)
+        return outputs
+
+    def _handled(self, result: Any) -> None:
+        self._outputs.extend(result)
+
+    def _take_outputs(self) -> list[Any]:
+        outputs, self._outputs = self._outputs, []
+        if outputs:  # a full next queue holds this stage back, as it would a producer
+            self.to.wait_for_room(lambda: self._stopping)
+        return outputs
+
+    def _ack(self, lease: Lease, failures: list[Failure], give_back: list[Envelope]) -> None:
+        self.queue.ack(lease, failures, give_back, self._take_outputs(), self.to)
+
+    def _ack_and_take(
+        self, lease: Lease, failures: list[Failure], give_back: list[Envelope], want: int
+    ) -> Lease | None:
+        outputs = self._take_outputs()
+        return self.queue.ack_and_take(lease, failures, give_back, want, IDLE_WAIT,
+                                       outputs, self.to)
+
+    def consume(self) -> None:
+        super().consume()
+        if not self._stopping:  # left at its sentinel, after its last ack
+            close_if_finished(self.queue, self.to)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.to.dispose()
+
+
+class ResultStage(Stage):
+    """The stage of :func:`pcq.map`: tasks are ``[index, item]``; each output is
+    ``[index, True, result]``, or ``[index, False, error]`` for a task that failed
+    after its retries — so the caller learns of a failure in the same exactly-once
+    handoff as of a result."""
+
+    def handle(self, item: Any) -> Any:
+        index, body = item
+        result = Consumer.handle(self, body)
+        check_encodable([result])
+        return [[index, True, result]]
+
+    def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:
+        failure = super()._failure(batch, index, exc)
+        if failure.retry_in is None:
+            self._outputs.append([batch.bodies[index][0], False, failure.error])
+        return failure

@@ -1,0 +1,245 @@
+"""``pcq.map``: results back to the caller, like ``Pool.imap_unordered`` / ``imap``.
+
+A map is a two-queue pipeline whose last stage is the caller::
+
+    caller's iterable ─► Producer process ─► IN ─► workers (ResultStage) ─► OUT ─► caller
+
+Items travel as ``[index, item]``; a worker's output for it is ``[index, True,
+result]``, or ``[index, False, error]`` once the task has failed its retries.
+The output is put on OUT by the same atomic step that acknowledges the task on
+IN, so each item's result reaches the caller exactly once, even when a worker
+is SIGKILLed mid-task and the task runs again.
+
+Memory stays flat for an endless input: the producer takes a token from a
+semaphore of ``window`` tokens before each item, and the caller gives one back
+for each result it yields.  So at most ``window`` items are anywhere between
+the iterable and the caller — in IN, in flight, in OUT or waiting in the
+reorder buffer of ``ordered=True`` — and IN's ``maxsize`` holds the producer
+back on top of that.
+
+The end: the producer process puts everything and exits; the caller then
+closes IN; OUT closes once IN is fully acknowledged (:mod:`pcq.stages`), and
+the caller's take on OUT returns its sentinel.  Leaving early (``break``, an
+exception, ``close()``) stops the producer and every worker, purges both queues
+and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from pcq.backends import open_queue
+from pcq.backends.base import MAX_BATCH
+from pcq.errors import PcqError, TaskFailed
+from pcq.pipeline import stage_queue
+from pcq.roles import Producer, Supervisor, wait
+from pcq.run import GRACE_SECONDS
+from pcq.stages import ResultStage, close_if_finished
+
+#: How long the caller waits for results before it looks after its processes.
+POLL = 0.05
+
+
+class MapIterator(Iterator[Any]):
+    """The iterator :func:`map` returns.  Use it in a ``for`` loop or ``with``
+    block; :meth:`close` (also called when it is garbage-collected) stops
+    everything it started."""
+
+    def __init__(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        *,
+        workers: int,
+        ordered: bool,
+        window: int | None,
+        maxsize: int,
+        retries: int,
+        timeout: float | None,
+        backend: str | None,
+        url: str | None,
+        queue: str | None,
+        grace: float,
+        **queue_options: Any,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self._closed = True  # until everything below exists
+        self.ordered = ordered
+        self.window = window or max(4 * maxsize, 256 * workers, 1024)
+        self._grace = grace
+        name = queue or f"pcq-map-{uuid.uuid4().hex[:12]}"
+        self._in = open_queue(backend, url=url, name=name, maxsize=maxsize, **queue_options)
+        self._out = self._in.sibling(stage_queue(name, 1))
+        self._tokens = mp.get_context("fork" if sys.platform.startswith("linux") else None
+                                      ).Semaphore(self.window)
+        inq, out = self._in, self._out
+        self._supervisor = Supervisor(
+            inq, lambda i: ResultStage(inq, func, to=out, retries=retries, timeout=timeout,
+                                       name=f"pcq-map-{i}"), workers)
+        tokens = self._tokens
+
+        def produce() -> Iterator[list[Any]]:
+            for index, item in enumerate(iterable):
+                tokens.acquire()  # given back by the caller for each result it yields
+                yield [index, item]
+
+        self._in.set_feeds(self._out.name)
+        self._in.attach_producer()  # keeps IN open until the producer process is done
+        self._out.attach_consumer()
+        self._closed = False
+        self._supervisor.start()
+        self._producer: Producer | None = Producer(inq, produce, name="pcq-map-producer")
+        self._producer.start()
+        self._producer_failed = False
+        self._in_closed = False
+        self._drained = False
+        self._buffer: dict[int, tuple[bool, Any]] = {}
+        self._next = 0  # ordered: the index to yield next
+        self._next_check = 0.0
+
+    def __iter__(self) -> MapIterator:
+        return self
+
+    def __enter__(self) -> MapIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __next__(self) -> Any:
+        while True:
+            found = self._pop()
+            if found is not None:
+                index, (ok, value) = found
+                self._tokens.release()
+                if not ok:
+                    raise TaskFailed(index, str(value))
+                return value
+            if self._closed:
+                raise StopIteration
+            if self._drained and self._buffer:  # ordered, and an item has no result
+                index, self._next = self._next, self._next + 1
+                self._tokens.release()
+                raise TaskFailed(index, "no result: its task was dead-lettered unhandled")
+            if self._drained:
+                self.close()
+                if self._producer_failed:
+                    raise PcqError("pcq.map: the input iterable raised (see the "
+                                   "traceback above); the items before it were mapped")
+                raise StopIteration
+            self._receive()
+
+    def _pop(self) -> tuple[int, tuple[bool, Any]] | None:
+        if not self._buffer:
+            return None
+        if not self.ordered:
+            index = next(iter(self._buffer))
+        elif self._next in self._buffer:
+            index = self._next
+            self._next += 1
+        else:
+            return None
+        return index, self._buffer.pop(index)
+
+    def _receive(self) -> None:
+        """Take what OUT holds (waiting a moment if nothing), and look after the
+        producer and the workers now and then."""
+        lease = self._out.take(MAX_BATCH, timeout=POLL)
+        if lease is not None:
+            self._out.ack(lease)  # in our hands now: nothing downstream can lose it
+            for env in lease.envelopes():
+                index, ok, value = env.body
+                self._buffer[index] = (ok, value)
+            if lease.sentinel is not None:
+                self._drained = True
+        now = time.monotonic()
+        if lease is None or now >= self._next_check:
+            self._tend()
+            self._next_check = now + POLL
+
+    def _tend(self) -> None:
+        supervisor = self._supervisor
+        supervisor.poll(wait(supervisor.sentinels(), 0) if supervisor.sentinels() else [])
+        producer = self._producer
+        if producer is not None and producer.exitcode is not None:
+            producer.join()
+            self._producer_failed = producer.exitcode != 0
+            if producer.exitcode < 0:  # killed: it could not detach itself
+                self._in.detach_producer(close_if_last=False)
+            producer.close()
+            self._producer = None
+            self._in.detach_producer(close_if_last=True)
+            self._in_closed = True
+        if self._in_closed:  # in case the last worker to finish was killed
+            close_if_finished(self._in, self._out)
+
+    def close(self) -> None:
+        """Stop the producer and the workers, drop what the queues still hold.
+        Idempotent; nothing is left running when it returns."""
+        if self._closed:
+            return
+        self._closed = True
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(ProcessLookupError):
+                producer.terminate()
+        self._supervisor.stop(self._grace)
+        if producer is not None:
+            producer.join(self._grace)
+            if producer.is_alive():
+                producer.kill()
+                producer.join()
+            producer.close()
+        with contextlib.suppress(PcqError):
+            self._out.detach_consumer()
+            for q in (self._in, self._out):
+                q.purge()
+                q.purge_dead()
+        self._out.dispose()
+        self._in.dispose()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def map(
+    func: Callable[[Any], Any],
+    iterable: Iterable[Any],
+    *,
+    workers: int = 4,
+    ordered: bool = False,
+    window: int | None = None,
+    maxsize: int = 1000,
+    retries: int = 0,
+    timeout: float | None = None,
+    backend: str | None = None,
+    url: str | None = None,
+    queue: str | None = None,
+    grace: float = GRACE_SECONDS,
+    **queue_options: Any,
+) -> MapIterator:
+    """Apply ``func`` to every item of ``iterable`` in ``workers`` processes and
+    iterate over the results: as they come (``ordered=False``, like
+    ``Pool.imap_unordered``) or in input order (``ordered=True``, like
+    ``Pool.imap``).
+
+    Every item's result arrives exactly once, even if a worker is killed and its
+    task runs again.  An item whose task fails after ``retries`` raises
+    :class:`~pcq.errors.TaskFailed` when iteration reaches it (iteration may go
+    on past it).  At most ``window`` items are in the works at once (default:
+    ``max(4 * maxsize, 256 * workers, 1024)``), so an endless input is fine.
+    ``backend="redis"`` (or a redis ``url``) sends items and results through
+    that server; ``queue`` names the queues (default: a fresh name).  Leaving
+    the loop early stops every process it started.
+    """
+    return MapIterator(func, iterable, workers=workers, ordered=ordered, window=window,
+                       maxsize=maxsize, retries=retries, timeout=timeout, backend=backend,
+                       url=url, queue=queue, grace=grace, **queue_options)

@@ -23,7 +23,8 @@ from pcq.backends import backend_for, open_queue
 from pcq.backends.base import Counters, Queue
 from pcq.errors import ConfigError, PcqError
 from pcq.loader import load_callable
-from pcq.run import EXIT_USAGE, Summary, consume_job, produce_job, run
+from pcq.pipeline import run
+from pcq.run import EXIT_USAGE, Summary, consume_job, produce_job
 
 app = typer.Typer(
     name="pcq",
@@ -95,13 +96,14 @@ class _ProgressBar:
         self._progress: Progress | None = None
         if enabled and err.is_terminal:
             self._progress = Progress(
-                TextColumn("[bold]pcq"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[bold]pcq[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("done  {task.fields[failed]} failed"), TimeElapsedColumn(),
                 console=err, transient=True, auto_refresh=False,
                 redirect_stdout=False, redirect_stderr=False,
             )
-            self._task = self._progress.add_task("tasks", total=None, failed=0)
+            self._task: Any = self._progress.add_task("tasks", total=None, failed=0)
         self._base: Counters | None = None  # the job's first report: its starting point
+        self._stages: dict[int, tuple[Any, Counters]] = {}  # stage -> (task, first report)
 
     def __enter__(self) -> _ProgressBar:
         if self._progress is not None:
@@ -112,9 +114,28 @@ class _ProgressBar:
         if self._progress is not None:
             self._progress.stop()
 
+    def stages(self, rows: list[tuple[str, Counters]], elapsed: float) -> None:
+        """A pipeline's progress callback: one bar per stage."""
+        if self._progress is None:
+            return
+        if self._task is not None:  # the pipeline's stages replace the single bar
+            self._progress.remove_task(self._task)
+            self._task = None
+        for k, (name, counters) in enumerate(rows):
+            if k not in self._stages:
+                task = self._progress.add_task(name, total=None, failed=0)
+                self._stages[k] = (task, counters)
+            task, b = self._stages[k]
+            self._progress.update(
+                task, total=counters.produced - b.produced,
+                completed=counters.done + counters.failed - b.done - b.failed,
+                failed=counters.failed - b.failed,
+            )
+        self._progress.refresh()
+
     def update(self, counters: Counters, elapsed: float) -> None:
         """A job's progress callback; its first call sets the starting point."""
-        if self._progress is None:
+        if self._progress is None or self._task is None:
             return
         b = self._base = self._base or counters
         self._progress.update(
@@ -139,36 +160,69 @@ def _report(summary: Summary, as_json: bool, what: str) -> None:
     if summary.interrupted is not None:
         line += "; interrupted"
     err.print(line, highlight=False, soft_wrap=True)
+    for stage in summary.stages:
+        err.print(f"  stage {stage.name} ({stage.queue}, {stage.workers} workers): "
+                  f"{stage.produced} produced, {stage.done} done, {stage.failed} failed, "
+                  f"{stage.retried} retried", highlight=False, soft_wrap=True)
+
+
+def _per_stage(text: str, stages: int, option: str, kind: type[Any], least: float) -> list[Any]:
+    """``--workers 8,4,1``: one value per stage, or one for all of them."""
+    try:
+        values = [None if kind is float and v.strip().lower() == "none" else kind(v)
+                  for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: give a number, or one per stage "
+                          "separated by commas") from None
+    if len(values) not in (1, stages):
+        raise ConfigError(f"{option} {text!r}: give one value for all {stages} stages "
+                          "or one per stage")
+    if any(v is not None and v < least for v in values):
+        raise ConfigError(f"{option} {text!r}: every value must be at least {least:g}")
+    return values * stages if len(values) == 1 else values
 
 
 @app.command("run")
 def run_command(
     producer: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
                                             "returning an iterable of tasks.")],
-    handler: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
-                                           "called with each task.")],
-    workers: Workers = 4,
+    handlers: Annotated[list[str], typer.Argument(
+        help="module:function or path/file.py:function called with each task; several "
+             "make a pipeline: what one returns or yields is a task of the next.")],
+    workers: Annotated[str, typer.Option(help="Consumer processes: one number, or one "
+                                         "per stage (8,4,1).")] = "4",
     producers: Annotated[int, typer.Option(min=1, help="Producer processes; each runs "
                                            "PRODUCER once.")] = 1,
-    maxsize: Maxsize = 1000,
+    maxsize: Annotated[str, typer.Option(help="Tasks waiting at most (0: unbounded); "
+                                         "one number or one per stage.")] = "1000",
     backend: Backend = None,
     url: Url = None,
     queue: Name = "default",
-    retries: Retries = 0,
-    timeout: Timeout = None,
+    retries: Annotated[str, typer.Option(help="Retries of a failing task before it is "
+                                         "dead; one number or one per stage.")] = "0",
+    timeout: Annotated[str | None, typer.Option(
+        help="Seconds a task may run; longer counts as a failed attempt.  One number "
+             "or one per stage (none: no limit).")] = None,
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
 ) -> None:
-    """Run a whole job: producers, consumers, close, summary (local by default)."""
+    """Run a whole job — producers, consumers (of every stage), close, summary — on
+    this host (local by default)."""
     produce = load_callable(producer, "PRODUCER")
-    handle = load_callable(handler, "HANDLER")
+    handles = [load_callable(h, "HANDLER") for h in handlers]
+    n = len(handles)
     shared = backend_for(backend, url) != "local"
     options = _options(heartbeat_ttl) if shared else {}  # local consumers have no heartbeat
+    names = [h.rsplit(":", 1)[-1] for h in handlers]
     with _ProgressBar(not no_progress) as bar:
-        summary = run(produce, handle, workers=workers, producers=producers, maxsize=maxsize,
-                      retries=retries, timeout=timeout, backend=backend, url=url, queue=queue,
-                      on_progress=bar.update, **options)
+        summary = run(produce, *handles, workers=_per_stage(workers, n, "--workers", int, 1),
+                      producers=producers, maxsize=_per_stage(maxsize, n, "--maxsize", int, 0),
+                      retries=_per_stage(retries, n, "--retries", int, 0),
+                      timeout=_per_stage(timeout or "none", n, "--timeout", float, 0.001),
+                      backend=backend, url=url, queue=queue, names=names,
+                      on_progress=bar.update if n == 1 else None,
+                      on_stages=bar.stages if n > 1 else None, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
 
@@ -228,22 +282,56 @@ def consume_command(
     timeout: Timeout = None,
     as_json: Json = False,
     heartbeat_ttl: HeartbeatTtl = None,
+    to: Annotated[str | None, typer.Option(
+        "--to", help="A stage: put what HANDLER returns (or yields) on this queue, same "
+                     "server; it closes when --queue is closed and fully acknowledged.")] = None,
 ) -> None:
     """Run consumer processes on this host until each takes its sentinel."""
     handle = load_callable(handler, "HANDLER")
     q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl))
+    target = q.sibling(to) if to is not None else None
     try:
         q.counters()  # fail fast, in this process, if the server cannot be reached
-        summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout)
+        summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
+                              to=target)
     finally:
+        if target is not None:
+            target.dispose()
         q.dispose()
     _report(summary, as_json, "consume")
     raise typer.Exit(summary.exit_code)
 
 
+def _chain(q: Queue) -> Iterator[Queue]:
+    """``q`` and the queues its stages feed, in order (``pcq status`` of a pipeline)."""
+    seen = {q.name}
+    yield q
+    name = q.feeds()
+    while name is not None and name not in seen:
+        seen.add(name)
+        nxt = q.sibling(name)
+        try:
+            yield nxt
+            name = nxt.feeds()
+        finally:
+            nxt.dispose()
+
+
+def _status_tables(q: Queue) -> Table:
+    tables = [_status_table(each) for each in _chain(q)]
+    if len(tables) == 1:
+        return tables[0]
+    grid = Table.grid()
+    for table in tables:
+        grid.add_row(table)
+    return grid
+
+
 def _status_table(q: Queue) -> Table:
     c = q.counters()
-    table = Table(title=f"pcq queue {q.name!r}", show_header=False)
+    feeds = q.feeds()
+    title = f"pcq queue {q.name!r}" + (f" (feeds {feeds!r})" if feeds else "")
+    table = Table(title=title, show_header=False)
     for field in ("ready", "in_flight", "pending", "delayed", "produced", "done", "failed",
                   "retried", "dead", "producers", "consumers", "closed"):
         table.add_row(field.replace("_", "-"), str(getattr(c, field)))
@@ -259,6 +347,16 @@ def _status_dict(q: Queue) -> dict[str, Any]:
     regs = q.registrations()
     out["consumer_list"] = [r for r in regs if r["role"] == "consumer"]
     out["producer_list"] = [r for r in regs if r["role"] == "producer"]
+    out["queue"], out["feeds"] = q.name, q.feeds()
+    return out
+
+
+def _status_json(q: Queue) -> dict[str, Any]:
+    """The queue's status; for a pipeline, ``stages`` holds every queue's in order."""
+    chain = [_status_dict(each) for each in _chain(q)]
+    out = dict(chain[0])
+    if len(chain) > 1:
+        out["stages"] = chain
     return out
 
 
@@ -271,23 +369,24 @@ def status_command(
     watch: Annotated[bool, typer.Option("--watch", help="Refresh every second "
                                         "until Ctrl-C.")] = False,
 ) -> None:
-    """Show a queue's counters, consumers and producers."""
+    """Show a queue's counters, consumers and producers — and those of every queue
+    its stages feed, for a pipeline."""
     with _opened(backend, url, queue) as q:
         if not watch:
             if as_json:
-                print(json.dumps(_status_dict(q)))
+                print(json.dumps(_status_json(q)))
             else:
-                Console().print(_status_table(q))
+                Console().print(_status_tables(q))
             return
         try:
             if as_json:  # one JSON object a line, every second
                 while True:
-                    print(json.dumps(_status_dict(q)), flush=True)
+                    print(json.dumps(_status_json(q)), flush=True)
                     time.sleep(1.0)
-            with Live(_status_table(q), console=Console(), auto_refresh=False) as live:
+            with Live(_status_tables(q), console=Console(), auto_refresh=False) as live:
                 while True:
                     time.sleep(1.0)
-                    live.update(_status_table(q), refresh=True)
+                    live.update(_status_tables(q), refresh=True)
         except KeyboardInterrupt:
             return
 

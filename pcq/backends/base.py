@@ -512,7 +512,10 @@ class Queue(ABC):
         )
 
     def _check_target(self, to: Queue) -> None:
-        """Raise ConfigError unless ``to`` can receive this queue's outputs."""
+        """Raise ConfigError unless ``to`` can receive this queue's outputs (called
+        in the parent process, before any stage consumer starts)."""
+        if type(self)._ack_out is Queue._ack_out:
+            self._ack_out(Lease([]), Outcome(0, 0, [], [], []), to)  # raises its error
         if type(to) is not type(self):
             raise ConfigError(f"a stage's queues must share one backend: {self.backend} "
                               f"cannot put outputs on a {to.backend} queue")

@@ -118,6 +118,12 @@ class QueueFactory:
         self._opened.append(queue)
         return queue
 
+    def sibling(self, queue: Queue, maxsize: int = 0) -> Queue:
+        """A fresh queue on ``queue``'s server (a stage's target queue)."""
+        other = queue.sibling(f"{queue.name}-next-{len(self._opened)}", maxsize)
+        self._opened.append(other)
+        return other
+
     def handle(self, queue: Queue) -> Queue:
         """Another handle on ``queue`` (a second consumer in this process)."""
         other = self.backend.handle(queue)

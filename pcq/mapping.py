@@ -10,9 +10,10 @@ The output is put on OUT by the same atomic step that acknowledges the task on
 IN, so each item's result reaches the caller exactly once, even when a worker
 is SIGKILLed mid-task and the task runs again.
 
-Memory stays flat for an endless input: the producer takes a token from a
-semaphore of ``window`` tokens before each item, and the caller gives one back
-for each result it yields.  So at most ``window`` items are anywhere between
+Memory stays flat for an endless input: the caller counts the results it has
+yielded in shared memory (one int64 only it writes), and the producer waits
+before item ``i`` while ``i - yielded >= window``.  So at most ``window`` items
+are anywhere between
 the iterable and the caller — in IN, in flight, in OUT or waiting in the
 reorder buffer of ``ordered=True`` — and IN's ``maxsize`` holds the producer
 back on top of that.
@@ -72,22 +73,26 @@ class MapIterator(Iterator[Any]):
             raise ValueError("workers must be at least 1")
         self._closed = True  # until everything below exists
         self.ordered = ordered
-        self.window = window or max(4 * maxsize, 256 * workers, 1024)
+        self.window = window or max(4 * maxsize, 4096 * workers)
         self._grace = grace
         name = queue or f"pcq-map-{uuid.uuid4().hex[:12]}"
         self._in = open_queue(backend, url=url, name=name, maxsize=maxsize, **queue_options)
         self._out = self._in.sibling(stage_queue(name, 1))
-        self._tokens = mp.get_context("fork" if sys.platform.startswith("linux") else None
-                                      ).Semaphore(self.window)
+        self._yielded = mp.get_context("fork" if sys.platform.startswith("linux") else None
+                                       ).RawValue("q", 0)
         inq, out = self._in, self._out
         self._supervisor = Supervisor(
             inq, lambda i: ResultStage(inq, func, to=out, retries=retries, timeout=timeout,
                                        name=f"pcq-map-{i}"), workers)
-        tokens = self._tokens
+        yielded, window = self._yielded, self.window
 
         def produce() -> Iterator[list[Any]]:
             for index, item in enumerate(iterable):
-                tokens.acquire()  # given back by the caller for each result it yields
+                if index - yielded.value >= window:  # a full window: wait for the caller
+                    pause = 0.0001
+                    while index - yielded.value >= window:
+                        time.sleep(pause)
+                        pause = min(pause * 2, 0.01)
                 yield [index, item]
 
         self._in.set_feeds(self._out.name)
@@ -118,7 +123,7 @@ class MapIterator(Iterator[Any]):
             found = self._pop()
             if found is not None:
                 index, (ok, value) = found
-                self._tokens.release()
+                self._yielded.value += 1
                 if not ok:
                     raise TaskFailed(index, str(value))
                 return value
@@ -126,7 +131,7 @@ class MapIterator(Iterator[Any]):
                 raise StopIteration
             if self._drained and self._buffer:  # ordered, and an item has no result
                 index, self._next = self._next, self._next + 1
-                self._tokens.release()
+                self._yielded.value += 1
                 raise TaskFailed(index, "no result: its task was dead-lettered unhandled")
             if self._drained:
                 self.close()
@@ -235,7 +240,7 @@ def map(
     task runs again.  An item whose task fails after ``retries`` raises
     :class:`~pcq.errors.TaskFailed` when iteration reaches it (iteration may go
     on past it).  At most ``window`` items are in the works at once (default:
-    ``max(4 * maxsize, 256 * workers, 1024)``), so an endless input is fine.
+    ``max(4 * maxsize, 4096 * workers)``), so an endless input is fine.
     ``backend="redis"`` (or a redis ``url``) sends items and results through
     that server; ``queue`` names the queues (default: a fresh name).  Leaving
     the loop early stops every process it started.

@@ -161,7 +161,7 @@ def _report(summary: Summary, as_json: bool, what: str) -> None:
         line += "; interrupted"
     err.print(line, highlight=False, soft_wrap=True)
     for stage in summary.stages:
-        err.print(f"  stage {stage.name} ({stage.queue}, {stage.workers} workers): "
+        err.print(f"  stage {stage.name} ({stage.queue}, {stage.workers} worker(s)): "
                   f"{stage.produced} produced, {stage.done} done, {stage.failed} failed, "
                   f"{stage.retried} retried", highlight=False, soft_wrap=True)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
@@ -166,19 +166,35 @@ def _report(summary: Summary, as_json: bool, what: str) -> None:
                   f"{stage.retried} retried", highlight=False, soft_wrap=True)
 
 
-def _per_stage(text: str, stages: int, option: str, kind: type[Any], least: float) -> list[Any]:
-    """``--workers 8,4,1``: one value per stage, or one for all of them."""
+def _values(text: str, kind: type[Any], least: float) -> list[Any]:
+    """``8,4,1`` -> [8, 4, 1]; ``none`` stands for no limit (``--timeout``)."""
     try:
         values = [None if kind is float and v.strip().lower() == "none" else kind(v)
                   for v in text.split(",")]
     except ValueError:
-        raise ConfigError(f"{option} {text!r}: give a number, or one per stage "
-                          "separated by commas") from None
+        raise typer.BadParameter(f"{text!r}: give a number, or one per stage separated "
+                                 "by commas") from None
+    if any(v is not None and v < least for v in values):
+        raise typer.BadParameter(f"{text!r}: every value must be at least {least:g}")
+    return values
+
+
+def _checked(kind: type[Any], least: float) -> Callable[[str | None], str | None]:
+    """A Typer callback that checks a per-stage option while the line is parsed
+    (a usage error, exit 2, with the usage line)."""
+    def check(text: str | None) -> str | None:
+        if text is not None:
+            _values(text, kind, least)
+        return text
+    return check
+
+
+def _per_stage(text: str, stages: int, option: str, kind: type[Any]) -> list[Any]:
+    """``--workers 8,4,1``: one value per stage, or one for all of them."""
+    values = _values(text, kind, float("-inf"))
     if len(values) not in (1, stages):
         raise ConfigError(f"{option} {text!r}: give one value for all {stages} stages "
                           "or one per stage")
-    if any(v is not None and v < least for v in values):
-        raise ConfigError(f"{option} {text!r}: every value must be at least {least:g}")
     return values * stages if len(values) == 1 else values
 
 
@@ -187,20 +203,25 @@ def run_command(
     producer: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
                                             "returning an iterable of tasks.")],
     handlers: Annotated[list[str], typer.Argument(
+        metavar="handler",
         help="module:function or path/file.py:function called with each task; several "
              "make a pipeline: what one returns or yields is a task of the next.")],
-    workers: Annotated[str, typer.Option(help="Consumer processes: one number, or one "
-                                         "per stage (8,4,1).")] = "4",
+    workers: Annotated[str, typer.Option(callback=_checked(int, 1), help="Consumer "
+                                         "processes: one number, or one per stage (8,4,1).")
+                       ] = "4",
     producers: Annotated[int, typer.Option(min=1, help="Producer processes; each runs "
                                            "PRODUCER once.")] = 1,
-    maxsize: Annotated[str, typer.Option(help="Tasks waiting at most (0: unbounded); "
-                                         "one number or one per stage.")] = "1000",
+    maxsize: Annotated[str, typer.Option(callback=_checked(int, 0), help="Tasks waiting "
+                                         "at most (0: unbounded); one number or one per "
+                                         "stage.")] = "1000",
     backend: Backend = None,
     url: Url = None,
     queue: Name = "default",
-    retries: Annotated[str, typer.Option(help="Retries of a failing task before it is "
-                                         "dead; one number or one per stage.")] = "0",
+    retries: Annotated[str, typer.Option(callback=_checked(int, 0), help="Retries of a "
+                                         "failing task before it is dead; one number or one "
+                                         "per stage.")] = "0",
     timeout: Annotated[str | None, typer.Option(
+        callback=_checked(float, 0.001),
         help="Seconds a task may run; longer counts as a failed attempt.  One number "
              "or one per stage (none: no limit).")] = None,
     as_json: Json = False,
@@ -216,10 +237,10 @@ def run_command(
     options = _options(heartbeat_ttl) if shared else {}  # local consumers have no heartbeat
     names = [h.rsplit(":", 1)[-1] for h in handlers]
     with _ProgressBar(not no_progress) as bar:
-        summary = run(produce, *handles, workers=_per_stage(workers, n, "--workers", int, 1),
-                      producers=producers, maxsize=_per_stage(maxsize, n, "--maxsize", int, 0),
-                      retries=_per_stage(retries, n, "--retries", int, 0),
-                      timeout=_per_stage(timeout or "none", n, "--timeout", float, 0.001),
+        summary = run(produce, *handles, workers=_per_stage(workers, n, "--workers", int),
+                      producers=producers, maxsize=_per_stage(maxsize, n, "--maxsize", int),
+                      retries=_per_stage(retries, n, "--retries", int),
+                      timeout=_per_stage(timeout or "none", n, "--timeout", float),
                       backend=backend, url=url, queue=queue, names=names,
                       on_progress=bar.update if n == 1 else None,
                       on_stages=bar.stages if n > 1 else None, **options)

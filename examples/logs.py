@@ -71,7 +71,7 @@ def parse(item):
     """Stage 2 — a plain function: exactly one output per line."""
     service, path, number, line = item
     when, level, *words = line.split()
-    return {"service": service, "file": path, "line": number, "at": when,
+    return {"service": service, "file": path, "line": number, "at": when, "level": level,
             "message": " ".join(words)}
 
 

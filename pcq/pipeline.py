@@ -181,7 +181,11 @@ class _Job:
         before = [q.counters() for q in self.queues]
         first = self.queues[0]
         self._report(0.0, on_progress, on_stages)
-        first.attach_producer()  # keeps the first queue open until every producer is done
+        # Our registration keeps the first queue open until every producer is
+        # done; on the others it reopens what an earlier run closed, so their
+        # consumers wait for this run's tasks instead of leaving at once.
+        for q in self.queues:
+            q.attach_producer()
         running: dict[int, Producer] = {}
         producer_errors = 0
         with interruptible() as caught:
@@ -221,6 +225,8 @@ class _Job:
             finally:
                 stopped = caught[0] if caught else None
                 self._stop(running.values(), grace)
+                for q in self.queues[1:]:
+                    q.detach_producer(close_if_last=False)  # closed by propagation
         self._report(time.monotonic() - started, on_progress, on_stages)
         return self._summary(before, time.monotonic() - started, producers, producer_errors,
                              stopped)

@@ -93,6 +93,9 @@ class Stage(Consumer):
                                        outputs, self.to)
 
     def consume(self) -> None:
+        # A consumer that replaces one killed between its last ack and this
+        # check finds its input finished already: it closes the output too.
+        close_if_finished(self.queue, self.to)
         super().consume()
         if not self._stopping:  # left at its sentinel, after its last ack
             close_if_finished(self.queue, self.to)

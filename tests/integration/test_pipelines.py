@@ -71,6 +71,13 @@ def test_three_stages_every_output_exactly_once(backend, redis_url, tmp_path):
     # Then it exits 0, every output arrived once, and --json reports every stage
     assert done.returncode == 0, done.stderr
     assert recorded(tmp_path) == expected(3000)
+    if backend == "redis":  # a second run on the same queues starts afresh
+        os.remove(next(tmp_path.glob("sink-*")))
+        for extra in tmp_path.glob("sink-*"):
+            os.remove(extra)
+        again = finish(run_pipeline(env, "--workers", "3,2,1", *backend_args(backend, redis_url)))
+        assert again.returncode == 0, again.stderr
+        assert recorded(tmp_path) == expected(3000)
     summary = json.loads(done.stdout)
     sink = sum(expected(3000).values())
     assert (summary["produced"], summary["done"], summary["failed"]) == (3000, sink, 0)

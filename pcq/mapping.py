@@ -76,6 +76,7 @@ class MapIterator(Iterator[Any]):
         self.window = window or max(4 * maxsize, 4096 * workers)
         self._grace = grace
         name = queue or f"pcq-map-{uuid.uuid4().hex[:12]}"
+        self._own_queues = queue is None  # throwaway queues: nothing is left on a server
         self._in = open_queue(backend, url=url, name=name, maxsize=maxsize, **queue_options)
         self._out = self._in.sibling(stage_queue(name, 1))
         self._yielded = mp.get_context("fork" if sys.platform.startswith("linux") else None
@@ -207,6 +208,8 @@ class MapIterator(Iterator[Any]):
             for q in (self._in, self._out):
                 q.purge()
                 q.purge_dead()
+                if self._own_queues:
+                    q.forget()
         self._out.dispose()
         self._in.dispose()
 

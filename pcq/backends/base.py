@@ -464,6 +464,10 @@ class Queue(ABC):
     def note_task_cost(self, seconds_per_task: float) -> None:  # noqa: B027 - optional hook
         """Consumers report what a task costs, so producers can size batches."""
 
+    def forget(self) -> None:  # noqa: B027 - optional hook
+        """Delete what this queue left on its server, registrations included (a
+        throwaway queue, such as pcq.map's, once nothing uses it)."""
+
     def dispose(self) -> None:  # noqa: B027 - optional hook
         """Free what this queue object holds in this process (files, connections)."""
 

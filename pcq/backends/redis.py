@@ -543,6 +543,16 @@ class RedisQueue(Queue):
         return RedisQueue(name, maxsize=maxsize, url=self.url, client=self._link.injected,
                           heartbeat_ttl=self.heartbeat_ttl, retry_for=self._link.retry_for)
 
+    def forget(self) -> None:
+        k = self.keys
+        names = [getattr(k, f) for f in k.__slots__ if f != "inflight_prefix"]
+
+        def op(client: redis.Redis) -> None:
+            consumers = cast("list[bytes]", client.hkeys(k.consumers))
+            client.delete(*names, *(k.inflight(c.decode()) for c in consumers))
+
+        self._link.call(op)
+
     def set_feeds(self, to: str) -> None:
         feeds = self.keys.feeds
         self._link.call(lambda client: client.set(feeds, to))

@@ -153,3 +153,14 @@ def test_map_as_a_context_manager_and_empty_input(redis_url):
     assert list(pcq.map(abs, [])) == []
     with pcq.map(abs, [-1, -2, -3], ordered=True, url=redis_url) as results:
         assert list(results) == [1, 2, 3]
+
+
+@pytest.mark.timeout(120)
+def test_a_map_leaves_no_keys_on_the_server(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    before = set(client.keys("pcq:{pcq-map-*"))
+    assert sorted(pcq.map(abs, range(-50, 0), url=redis_url)) == list(range(1, 51))
+    assert set(client.keys("pcq:{pcq-map-*")) == before
+    client.close()

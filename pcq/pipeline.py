@@ -156,10 +156,21 @@ class _Job:
         return lambda i: Stage(q, handle, to=to, retries=retries, timeout=timeout,
                                name=f"pcq-{k + 1}-{i}")
 
-    def _propagate_close(self) -> None:
-        for k in range(len(self.queues) - 1):
-            if not self.closed[k]:
-                self.closed[k] = close_if_finished(self.queues[k], self.queues[k + 1])
+    def _finish_stages(self, grace: float) -> None:
+        """Close the output of every stage whose input is finished (closed, all
+        acknowledged), and stop the consumers still running on such an input:
+        one that replaced a consumer killed after the last ack attached to a
+        finished queue, which is the same as a new one — it would wait for a
+        next run that this job will not start."""
+        last = len(self.queues) - 1
+        for k, q in enumerate(self.queues):
+            if k < last and not self.closed[k]:
+                self.closed[k] = close_if_finished(q, self.queues[k + 1])
+            supervisor = self.supervisors[k]
+            if supervisor.done:
+                continue
+            if (self.closed[k] if k < last else _finished(q)):
+                supervisor.stop(grace)
 
     def _report(self, elapsed: float, on_progress: Callable[[Counters, float], None] | None,
                 on_stages: StagesProgress | None) -> None:
@@ -218,7 +229,7 @@ class _Job:
                         first.detach_producer(close_if_last=True)
                         opened = False
                     if not opened:
-                        self._propagate_close()
+                        self._finish_stages(grace)
                     if time.monotonic() >= next_progress:
                         self._report(time.monotonic() - started, on_progress, on_stages)
                         next_progress = time.monotonic() + 0.1
@@ -272,3 +283,9 @@ class _Job:
             interrupted=stopped,
             stages=tuple(stages),
         )
+
+
+def _finished(q: Queue) -> bool:
+    """Closed, and every task acknowledged."""
+    c = q.counters()
+    return c.closed and c.pending <= 0

@@ -272,6 +272,10 @@ def consume_job(
             supervisor.start()
             while not supervisor.done and not caught:
                 supervisor.poll(wait(supervisor.sentinels(), 0.5))
+                if to is not None and close_if_finished(q, to):
+                    # The input is finished: a consumer still here replaced one
+                    # killed after the last ack, and would wait for a next run.
+                    supervisor.stop(grace)
             if to is not None and not caught:  # in case the last to finish was killed
                 close_if_finished(q, to)
         finally:

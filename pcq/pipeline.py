@@ -30,7 +30,7 @@ from pcq.errors import ConfigError
 from pcq.roles import Consumer, Producer, Supervisor, wait
 from pcq.run import GRACE_SECONDS, Summary, interruptible
 from pcq.run import run as run_one
-from pcq.stages import Stage, close_if_finished
+from pcq.stages import Stage, close_if_finished, finished
 
 T = TypeVar("T")
 #: A pipeline's progress callback: (stage name, its input queue's counters) per
@@ -169,7 +169,7 @@ class _Job:
             supervisor = self.supervisors[k]
             if supervisor.done:
                 continue
-            if (self.closed[k] if k < last else _finished(q)):
+            if (self.closed[k] if k < last else finished(q)):
                 supervisor.stop(grace)
 
     def _report(self, elapsed: float, on_progress: Callable[[Counters, float], None] | None,
@@ -284,8 +284,3 @@ class _Job:
             stages=tuple(stages),
         )
 
-
-def _finished(q: Queue) -> bool:
-    """Closed, and every task acknowledged."""
-    c = q.counters()
-    return c.closed and c.pending <= 0

@@ -22,7 +22,7 @@ from typing import Any
 from pcq.backends import open_queue
 from pcq.backends.base import Counters, Queue
 from pcq.roles import Consumer, Producer, Supervisor, WorkerTallies, wait
-from pcq.stages import Stage, close_if_finished
+from pcq.stages import Stage, close_if_finished, finished
 
 #: How long consumers may take to finish their running task after SIGINT/SIGTERM.
 GRACE_SECONDS = 5.0
@@ -270,11 +270,16 @@ def consume_job(
     with interruptible() as caught:
         try:
             supervisor.start()
+            running = False  # saw the input's run unfinished while we were here
             while not supervisor.done and not caught:
                 supervisor.poll(wait(supervisor.sentinels(), 0.5))
-                if to is not None and close_if_finished(q, to):
-                    # The input is finished: a consumer still here replaced one
-                    # killed after the last ack, and would wait for a next run.
+                if to is None:
+                    continue
+                if not finished(q):
+                    running = True
+                elif running and close_if_finished(q, to):
+                    # The run we served is finished: a consumer still here replaced
+                    # one killed after the last ack, and would wait for a next run.
                     supervisor.stop(grace)
             if to is not None and not caught:  # in case the last to finish was killed
                 close_if_finished(q, to)

@@ -32,11 +32,16 @@ from pcq.envelope import Batch, Envelope, check_encodable
 from pcq.roles import IDLE_WAIT, Consumer
 
 
+def finished(q: Queue) -> bool:
+    """``q``'s run is finished: closed, and every task acknowledged."""
+    c = q.counters()
+    return c.closed and c.pending <= 0
+
+
 def close_if_finished(source: Queue, to: Queue) -> bool:
     """Close ``to`` if the stage reading ``source`` cannot produce any more:
-    ``source`` is closed and has nothing pending.  True when that holds."""
-    c = source.counters()
-    if c.closed and c.pending <= 0:
+    ``source``'s run is finished.  True when that holds."""
+    if finished(source):
         to.close()
         return True
     return False

@@ -430,7 +430,7 @@ class Queue(ABC):
     def detach_producer(self, close_if_last: bool = True) -> None:
         """Unregister a producer; the last one out closes the queue."""
 
-    def sibling(self, name: str, maxsize: int = 0) -> Queue:
+    def sibling(self, name: str, *, maxsize: int = 0) -> Queue:
         """Queue ``name`` on the same backend and server as this one (the next
         queue of a pipeline: a stage's outputs and acks are one atomic step, so
         its queues must share a server)."""

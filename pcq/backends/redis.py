@@ -539,7 +539,7 @@ class RedisQueue(Queue):
         keys = [k.consumers, k.consumer_beats, k.ready, k.acked]
         return int(self._link.run("reap", keys, [mode, arg, k.inflight_prefix, SENTINEL_PREFIX]))
 
-    def sibling(self, name: str, maxsize: int = 0) -> Queue:
+    def sibling(self, name: str, *, maxsize: int = 0) -> Queue:
         return RedisQueue(name, maxsize=maxsize, url=self.url, client=self._link.injected,
                           heartbeat_ttl=self.heartbeat_ttl, retry_for=self._link.retry_for)
 

@@ -120,7 +120,7 @@ class QueueFactory:
 
     def sibling(self, queue: Queue, maxsize: int = 0) -> Queue:
         """A fresh queue on ``queue``'s server (a stage's target queue)."""
-        other = queue.sibling(f"{queue.name}-next-{len(self._opened)}", maxsize)
+        other = queue.sibling(f"{queue.name}-next-{len(self._opened)}", maxsize=maxsize)
         self._opened.append(other)
         return other
 

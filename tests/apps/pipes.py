@@ -73,3 +73,10 @@ def stage_pids(out, stage):
     if not pids.exists():
         return []
     return [int(p.name.rsplit("-", 1)[1]) for p in pids.glob(f"{stage}-*")]
+
+
+def picky(x):
+    """A stage that fails on 8 (16 after ``double``) and passes the rest on."""
+    if x == 16:
+        raise ValueError("sixteen is unlucky")
+    return x

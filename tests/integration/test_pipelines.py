@@ -152,3 +152,23 @@ def test_redis_pipeline_over_consume_to_hosts_with_workers_killed(redis_url, tmp
     assert [s["queue"] for s in info["stages"]] == [first, second, third]
     assert [s["feeds"] for s in info["stages"]] == [second, third, None]
     assert info["stages"][2]["done"] == sum(expected(n).values())
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_stage_counts_in_its_row_and_its_dead_letters_are_listed(redis_url, tmp_path):
+    # Given a pipeline whose second stage fails one task for good
+    env = pcq_env(redis_url, tmp_path, PIPES_OUT=str(tmp_path), PIPES_N="20")
+    done = finish(start_pcq(["run", f"{APP}:produce", STAGES[0], f"{APP}:picky", STAGES[2],
+                             "--json", "--no-progress", "--retries", "0,1,0",
+                             *backend_args("redis", redis_url)], env))
+    # Then the job exits 1, the failure is counted where it happened ...
+    assert done.returncode == 1, done.stderr
+    summary = json.loads(done.stdout)
+    assert [s["failed"] for s in summary["stages"]] == [0, 1, 0]
+    assert [s["retried"] for s in summary["stages"]] == [0, 1, 0]
+    assert (summary["failed"], summary["dead"]) == (1, 1)
+    # ... and `pcq dead list` shows it on that stage's queue
+    second = "{" + env["PCQ_QUEUE"] + "}.2"
+    letters = subprocess.run([*PCQ, "dead", "list", "--queue", second, "--json"], env=env,
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(letters) == 1 and "sixteen is unlucky" in json.loads(letters[0])["error"]

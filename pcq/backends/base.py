@@ -444,9 +444,13 @@ class Queue(ABC):
         if self.maxsize <= 0:
             return
         pause = 0.001
-        while self.counters().ready >= self.maxsize and not stop():
+        while self._ready_now() >= self.maxsize and not stop():
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+    def _ready_now(self) -> int:
+        """Tasks ready now (a backend may answer more cheaply than counters())."""
+        return self.counters().ready
 
     def set_feeds(self, to: str) -> None:  # noqa: B027 - optional hook
         """Record that a stage puts its outputs from this queue on queue ``to``

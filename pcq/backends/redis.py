@@ -553,6 +553,10 @@ class RedisQueue(Queue):
 
         self._link.call(op)
 
+    def _ready_now(self) -> int:
+        ready = self.keys.ready
+        return int(self._link.call(lambda client: client.llen(ready)))
+
     def set_feeds(self, to: str) -> None:
         feeds = self.keys.feeds
         self._link.call(lambda client: client.set(feeds, to))

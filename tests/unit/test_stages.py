@@ -4,11 +4,12 @@ finished; and the helpers that spread per-stage options."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
 from fake_redis import FakeRedis
-from helpers import drain
+from helpers import drain, take_bodies, wait_for
 
 from pcq.backends.redis import RedisQueue
 from pcq.cli import _per_stage
@@ -155,3 +156,29 @@ def test_stage_queues_must_be_on_one_server() -> None:
         b.dispose()
 
 
+
+
+def test_a_full_next_queue_holds_the_stage_back(queues: tuple[RedisQueue, RedisQueue]) -> None:
+    q, _ = queues
+    out = q.sibling("{in}.full", maxsize=2)
+    # Given a next queue already full (filled past its maxsize through a handle without one)
+    filler = q.sibling("{in}.full")
+    filler.put_many(["old", "old", "old"])
+    filler.dispose()
+    q.put("new")
+    q.close()
+    stage = Stage(q, lambda x: x, to=out)
+    runner = threading.Thread(target=run_stage, args=(stage,))
+    runner.start()
+    try:
+        # Then the stage handles its task but holds its output back
+        wait_for(lambda: q.counters().in_flight == 1, message="the stage to take its task")
+        assert out.counters().produced == 3
+        # Until the next stage makes room
+        out.attach_consumer()
+        take_bodies(out, 2)
+        wait_for(lambda: out.counters().produced == 4, message="the held output")
+    finally:
+        runner.join(10)
+        out.dispose()
+    assert q.counters().done == 1

@@ -276,11 +276,18 @@ class Queue(ABC):
         if not self.one_message_per_batch:
             messages = encode_each(self._tag, seq, bodies)
         else:
-            step = MAX_BATCH  # a stage's fan-out may exceed one batch
+            step = self.output_batch  # a stage's fan-out may exceed one batch
             messages = [encode_tasks(self._tag, seq + i, bodies[i : i + step])
                         for i in range(0, len(bodies), step)]
         self._seq += len(bodies)
         return messages
+
+    @property
+    def output_batch(self) -> int:
+        """Most tasks in one message of a stage's outputs for this queue (with
+        ``one_message_per_batch``, message ``i`` holds the tasks from
+        ``i * output_batch``)."""
+        return MAX_BATCH
 
     # ------------------------------------------------------------------ consuming
 

@@ -4,11 +4,12 @@ A map is a two-queue pipeline whose last stage is the caller::
 
     caller's iterable ─► Producer process ─► IN ─► workers (ResultStage) ─► OUT ─► caller
 
-Items travel as ``[index, item]``; a worker's output for it is ``[index, True,
-result]``, or ``[index, False, error]`` once the task has failed its retries.
-The output is put on OUT by the same atomic step that acknowledges the task on
-IN, so each item's result reaches the caller exactly once, even when a worker
-is SIGKILLed mid-task and the task runs again.
+Items travel as ``[index, item]``; a worker's result for it is ``[index, True,
+result]``, or ``[index, False, error]`` once the task has failed its retries;
+the results of one lease go to OUT as one message.  They are put on OUT by the
+same atomic step that acknowledges the lease on IN, so each item's result
+reaches the caller exactly once, even when a worker is SIGKILLed mid-task and
+the task runs again.
 
 Memory stays flat for an endless input: the caller counts the results it has
 yielded in shared memory (one int64 only it writes), and the producer waits
@@ -32,6 +33,7 @@ import multiprocessing as mp
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -106,8 +108,12 @@ class MapIterator(Iterator[Any]):
         self._producer_failed = False
         self._in_closed = False
         self._drained = False
+        # Results received and not yet yielded: in arrival order (unordered), or
+        # by index until their turn comes (ordered).
+        self._arrived: deque[tuple[int, bool, Any]] = deque()
         self._buffer: dict[int, tuple[bool, Any]] = {}
         self._next = 0  # ordered: the index to yield next
+        self._count = 0  # results yielded (published to the producer before each take)
         self._next_check = 0.0
 
     def __iter__(self) -> MapIterator:
@@ -123,8 +129,8 @@ class MapIterator(Iterator[Any]):
         while True:
             found = self._pop()
             if found is not None:
-                index, (ok, value) = found
-                self._yielded.value += 1
+                index, ok, value = found
+                self._count += 1
                 if not ok:
                     raise TaskFailed(index, str(value))
                 return value
@@ -132,7 +138,7 @@ class MapIterator(Iterator[Any]):
                 raise StopIteration
             if self._drained and self._buffer:  # ordered, and an item has no result
                 index, self._next = self._next, self._next + 1
-                self._yielded.value += 1
+                self._count += 1
                 raise TaskFailed(index, "no result: its task was dead-lettered unhandled")
             if self._drained:
                 self.close()
@@ -142,27 +148,30 @@ class MapIterator(Iterator[Any]):
                 raise StopIteration
             self._receive()
 
-    def _pop(self) -> tuple[int, tuple[bool, Any]] | None:
-        if not self._buffer:
-            return None
+    def _pop(self) -> tuple[int, bool, Any] | None:
         if not self.ordered:
-            index = next(iter(self._buffer))
-        elif self._next in self._buffer:
-            index = self._next
-            self._next += 1
-        else:
+            return self._arrived.popleft() if self._arrived else None
+        found = self._buffer.pop(self._next, None)
+        if found is None:
             return None
-        return index, self._buffer.pop(index)
+        self._next += 1
+        return self._next - 1, *found
 
     def _receive(self) -> None:
         """Take what OUT holds (waiting a moment if nothing), and look after the
         producer and the workers now and then."""
+        self._yielded.value = self._count  # the producer may go on this far
         lease = self._out.take(MAX_BATCH, timeout=POLL)
         if lease is not None:
             self._out.ack(lease)  # in our hands now: nothing downstream can lose it
-            for env in lease.envelopes():
-                index, ok, value = env.body
-                self._buffer[index] = (ok, value)
+            for batch in lease.batches:
+                for results in batch.bodies:  # the results of one worker's lease
+                    if self.ordered:
+                        buffer = self._buffer
+                        for index, ok, value in results:
+                            buffer[index] = (ok, value)
+                    else:
+                        self._arrived.extend(results)
             if lease.sentinel is not None:
                 self._drained = True
         now = time.monotonic()

@@ -113,10 +113,15 @@ class Stage(Consumer):
 
 
 class ResultStage(Stage):
-    """The stage of :func:`pcq.map`: tasks are ``[index, item]``; each output is
-    ``[index, True, result]``, or ``[index, False, error]`` for a task that failed
+    """The stage of :func:`pcq.map`: tasks are ``[index, item]``; a task's result
+    is ``[index, True, result]``, or ``[index, False, error]`` once it failed
     after its retries — so the caller learns of a failure in the same exactly-once
-    handoff as of a result."""
+    handoff as of a result.  The results of one lease travel as one output (a
+    list of them): the caller decodes one message a lease, not one a result."""
+
+    def _take_outputs(self) -> list[Any]:
+        results = super()._take_outputs()
+        return [results] if results else []
 
     def handle(self, item: Any) -> Any:
         index, body = item

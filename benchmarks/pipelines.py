@@ -80,7 +80,7 @@ def trial(row: str, n: int, url: str | None) -> float:
         summary = pcq.run(produce_n(n), forward, noop, workers=WORKERS, **opts)
         assert summary.done == n, summary
     elif row.startswith("map"):
-        got = sum(1 for _ in pcq.map(identity, range(n), workers=WORKERS,
+        got = sum(1 for _ in pcq.map(identity, range(n), workers=WORKERS, chunksize=500,
                                      ordered="ordered" in row, **opts))
         assert got == n, got
     else:

@@ -116,6 +116,22 @@ def check_encodable(bodies: Sequence[Any]) -> None:
         raise _unencodable(bodies, exc) from exc
 
 
+def pack_value(value: Any) -> bytes:
+    """``value`` packed on its own (pcq.map ships a chunk's results so: packed
+    once by the worker, unpacked once by the caller).  SerializationError if it
+    cannot travel."""
+    try:
+        return _packb(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"cannot encode a value of type "
+                                 f"{type(value).__name__!r}: {exc}") from exc
+
+
+def unpack_value(raw: bytes) -> Any:
+    """The value :func:`pack_value` packed."""
+    return _unpack(raw)
+
+
 def encode_tasks(
     tag: str,
     seq: int,

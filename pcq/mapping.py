@@ -4,20 +4,19 @@ A map is a two-queue pipeline whose last stage is the caller::
 
     caller's iterable ─► Producer process ─► IN ─► workers (ResultStage) ─► OUT ─► caller
 
-Items travel as ``[index, item]``; a worker's result for it is ``[index, True,
-result]``, or ``[index, False, error]`` once the task has failed its retries;
-the results of one lease go to OUT as one message.  They are put on OUT by the
-same atomic step that acknowledges the lease on IN, so each item's result
-reaches the caller exactly once, even when a worker is SIGKILLed mid-task and
-the task runs again.
+Items travel in chunks ``[start, [item, ...]]`` (``chunksize`` items, as with
+``Pool``); a worker's result for item ``i`` is ``[i, True, result]``, or ``[i,
+False, error]`` once its chunk has failed its retries; the results of one lease
+go to OUT as one message.  They are put on OUT by the same atomic step that
+acknowledges the lease on IN, so each item's result reaches the caller exactly
+once, even when a worker is SIGKILLed mid-task and the chunk runs again.
 
 Memory stays flat for an endless input: the caller counts the results it has
 yielded in shared memory (one int64 only it writes), and the producer waits
 before item ``i`` while ``i - yielded >= window``.  So at most ``window`` items
-are anywhere between
-the iterable and the caller — in IN, in flight, in OUT or waiting in the
-reorder buffer of ``ordered=True`` — and IN's ``maxsize`` holds the producer
-back on top of that.
+(plus one chunk) are anywhere between the iterable and the caller — in IN, in
+flight, in OUT or waiting in the reorder buffer of ``ordered=True`` — and IN's
+``maxsize`` holds the producer back on top of that.
 
 The end: the producer process puts everything and exits; the caller then
 closes IN; OUT closes once IN is fully acknowledged (:mod:`pcq.stages`), and
@@ -29,6 +28,7 @@ and leaves no process behind.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing as mp
 import sys
 import time
@@ -39,6 +39,7 @@ from typing import Any
 
 from pcq.backends import open_queue
 from pcq.backends.base import MAX_BATCH
+from pcq.envelope import unpack_value
 from pcq.errors import PcqError, TaskFailed
 from pcq.pipeline import stage_queue
 from pcq.roles import Producer, Supervisor, wait
@@ -60,6 +61,7 @@ class MapIterator(Iterator[Any]):
         iterable: Iterable[Any],
         *,
         workers: int,
+        chunksize: int,
         ordered: bool,
         window: int | None,
         maxsize: int,
@@ -71,8 +73,8 @@ class MapIterator(Iterator[Any]):
         grace: float,
         **queue_options: Any,
     ) -> None:
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
+        if workers < 1 or chunksize < 1:
+            raise ValueError("workers and chunksize must be at least 1")
         self._closed = True  # until everything below exists
         self.ordered = ordered
         self.window = window or max(4 * maxsize, 4096 * workers)
@@ -90,13 +92,19 @@ class MapIterator(Iterator[Any]):
         yielded, window = self._yielded, self.window
 
         def produce() -> Iterator[list[Any]]:
-            for index, item in enumerate(iterable):
+            items = iter(iterable)
+            index = 0
+            while True:
                 if index - yielded.value >= window:  # a full window: wait for the caller
                     pause = 0.0001
                     while index - yielded.value >= window:
                         time.sleep(pause)
                         pause = min(pause * 2, 0.01)
-                yield [index, item]
+                chunk = list(itertools.islice(items, chunksize))
+                if not chunk:
+                    return
+                yield [index, chunk]
+                index += len(chunk)
 
         self._in.set_feeds(self._out.name)
         self._in.attach_producer()  # keeps IN open until the producer process is done
@@ -165,13 +173,15 @@ class MapIterator(Iterator[Any]):
         if lease is not None:
             self._out.ack(lease)  # in our hands now: nothing downstream can lose it
             for batch in lease.batches:
-                for results in batch.bodies:  # the results of one worker's lease
-                    if self.ordered:
-                        buffer = self._buffer
-                        for index, ok, value in results:
-                            buffer[index] = (ok, value)
-                    else:
-                        self._arrived.extend(results)
+                for chunks in batch.bodies:  # a worker's lease: its chunks' results
+                    for packed in chunks:
+                        results = unpack_value(packed)
+                        if self.ordered:
+                            buffer = self._buffer
+                            for index, ok, value in results:
+                                buffer[index] = (ok, value)
+                        else:
+                            self._arrived.extend(results)
             if lease.sentinel is not None:
                 self._drained = True
         now = time.monotonic()
@@ -232,6 +242,7 @@ def map(
     iterable: Iterable[Any],
     *,
     workers: int = 4,
+    chunksize: int = 1,
     ordered: bool = False,
     window: int | None = None,
     maxsize: int = 1000,
@@ -248,8 +259,11 @@ def map(
     ``Pool.imap_unordered``) or in input order (``ordered=True``, like
     ``Pool.imap``).
 
+    Items go to the workers in chunks of ``chunksize``, as with ``Pool``: for a
+    cheap ``func`` a large chunk (hundreds) saves the per-task overhead; a chunk
+    with a failing item is retried whole, and ``timeout`` applies to a chunk.
     Every item's result arrives exactly once, even if a worker is killed and its
-    task runs again.  An item whose task fails after ``retries`` raises
+    chunk runs again.  An item whose task fails after ``retries`` raises
     :class:`~pcq.errors.TaskFailed` when iteration reaches it (iteration may go
     on past it).  At most ``window`` items are in the works at once (default:
     ``max(4 * maxsize, 4096 * workers)``), so an endless input is fine.
@@ -257,6 +271,7 @@ def map(
     that server; ``queue`` names the queues (default: a fresh name).  Leaving
     the loop early stops every process it started.
     """
-    return MapIterator(func, iterable, workers=workers, ordered=ordered, window=window,
+    return MapIterator(func, iterable, workers=workers, chunksize=chunksize, ordered=ordered,
+                       window=window,
                        maxsize=maxsize, retries=retries, timeout=timeout, backend=backend,
                        url=url, queue=queue, grace=grace, **queue_options)

@@ -28,7 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pcq.backends.base import Failure, Lease, Queue
-from pcq.envelope import Batch, Envelope, check_encodable
+from pcq.envelope import Batch, Envelope, check_encodable, pack_value
+from pcq.errors import SerializationError
 from pcq.roles import IDLE_WAIT, Consumer
 
 
@@ -112,25 +113,60 @@ class Stage(Consumer):
             self.to.dispose()
 
 
-class ResultStage(Stage):
-    """The stage of :func:`pcq.map`: tasks are ``[index, item]``; a task's result
-    is ``[index, True, result]``, or ``[index, False, error]`` once it failed
-    after its retries — so the caller learns of a failure in the same exactly-once
-    handoff as of a result.  The results of one lease travel as one output (a
-    list of them): the caller decodes one message a lease, not one a result."""
+class ChunkFailed(Exception):
+    """Some items of a pcq.map chunk failed: ``packed`` holds the results of all of
+    them, errors included, for the caller if this was the chunk's last attempt."""
 
-    def _take_outputs(self) -> list[Any]:
-        results = super()._take_outputs()
-        return [results] if results else []
+    def __init__(self, error: str, packed: bytes) -> None:
+        super().__init__(error)
+        self.packed = packed
+
+
+class ResultStage(Stage):
+    """The stage of :func:`pcq.map`.  A task is a chunk ``[start, items]``; the
+    result of item ``start + k`` is ``[start + k, True, result]``, or ``[start + k,
+    False, error]`` once the chunk has failed its retries — so the caller learns
+    of a failure in the same exactly-once handoff as of a result.  A chunk whose
+    items all succeeded gives its results, packed once (one output); a chunk
+    with a failed item is retried whole (at least once, as any task), and after
+    its last attempt gives what that attempt got.  The outputs of one lease
+    travel as one message: the caller decodes one message a lease."""
 
     def handle(self, item: Any) -> Any:
-        index, body = item
-        result = Consumer.handle(self, body)
-        check_encodable([result])
-        return [[index, True, result]]
+        start, items = item
+        results: list[list[Any]] = []
+        first: Exception | None = None
+        for k, body in enumerate(items):
+            try:
+                results.append([start + k, True, Consumer.handle(self, body)])
+            except Exception as exc:
+                results.append([start + k, False, f"{type(exc).__name__}: {exc}"])
+                first = first or exc
+        try:
+            packed = pack_value(results)
+        except SerializationError:  # find the results that cannot travel
+            for result in results:
+                try:
+                    pack_value(result[2])
+                except SerializationError as exc:
+                    result[1:] = [False, str(exc)]
+                    first = first or exc
+            packed = pack_value(results)
+        if first is not None:
+            raise ChunkFailed(f"{type(first).__name__}: {first}", packed) from first
+        return [packed]
 
     def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:
         failure = super()._failure(batch, index, exc)
         if failure.retry_in is None:
-            self._outputs.append([batch.bodies[index][0], False, failure.error])
+            if isinstance(exc, ChunkFailed):
+                self._outputs.append(exc.packed)
+            else:  # the chunk as a whole failed (its timeout, a malformed task)
+                start, items = batch.bodies[index]
+                self._outputs.append(pack_value([[start + k, False, failure.error]
+                                                 for k in range(len(items))]))
         return failure
+
+    def _take_outputs(self) -> list[Any]:
+        results = super()._take_outputs()
+        return [results] if results else []

@@ -77,7 +77,10 @@ class WorkerKiller(threading.Thread):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered"])
-def test_every_result_exactly_once_while_workers_are_killed(backend, ordered, redis_url):
+@pytest.mark.parametrize("chunksize", [1, 40])
+def test_every_result_exactly_once_while_workers_are_killed(
+    backend, ordered, chunksize, redis_url
+):
     # Given thousands of items and workers SIGKILLed every few hundred ms
     n = 6000
     shutil.rmtree(_PIDS, ignore_errors=True)  # pids noted by an earlier test may be reused
@@ -87,7 +90,7 @@ def test_every_result_exactly_once_while_workers_are_killed(backend, ordered, re
     try:
         # When they are mapped
         results = list(pcq.map(square_slowly, range(n), workers=3, ordered=ordered,
-                               **options(backend, redis_url)))
+                               chunksize=chunksize, **options(backend, redis_url)))
     finally:
         kills = killer.stop()
     # Then every result came exactly once (in input order when ordered)
@@ -118,9 +121,12 @@ def test_ordered_keeps_input_order_with_an_endless_input_in_a_bounded_window(
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_failed_item_raises_task_failed_where_iteration_reaches_it(backend, redis_url):
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_a_failed_item_raises_task_failed_where_iteration_reaches_it(
+    backend, chunksize, redis_url
+):
     it = pcq.map(fails_on_seven, range(20), workers=2, ordered=True, retries=1,
-                 **options(backend, redis_url))
+                 chunksize=chunksize, **options(backend, redis_url))
     got = []
     with pytest.raises(pcq.TaskFailed) as failed:
         for value in it:

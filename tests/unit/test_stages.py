@@ -13,6 +13,7 @@ from helpers import drain, take_bodies, wait_for
 
 from pcq.backends.redis import RedisQueue
 from pcq.cli import _per_stage
+from pcq.envelope import unpack_value
 from pcq.errors import ConfigError
 from pcq.pipeline import per_stage, stage_queue
 from pcq.stages import ResultStage, Stage, close_if_finished, outputs_of
@@ -112,14 +113,19 @@ def test_the_output_queue_closes_only_when_the_input_is_finished(
 def test_a_result_stage_reports_a_failure_as_an_output(
     queues: tuple[RedisQueue, RedisQueue],
 ) -> None:
+    # Given two chunks of pcq.map items, the second with an item that fails
     q, out = queues
-    q.put_many([[0, 4], [1, 0]])
+    q.put_many([[0, [4, 2]], [2, [8, 0, 1]]])
     q.close()
-    run_stage(ResultStage(q, lambda x: 8 // x, to=out))
+    run_stage(ResultStage(q, lambda x: 8 // x, to=out, retries=1, backoff=0.001))
     out.attach_consumer()
-    got = sorted(result for lease in drain(out) for result in lease)  # a list a lease
-    assert got[0] == [0, True, 2]
-    assert got[1][:2] == [1, False] and "ZeroDivisionError" in got[1][2]
+    # Then every item has one result, the failed one its error (after the retry)
+    got = sorted(result for lease in drain(out) for packed in lease
+                 for result in unpack_value(packed))
+    assert [r[:2] for r in got] == [[0, True], [1, True], [2, True], [3, False], [4, True]]
+    assert [r[2] for r in got if r[1]] == [2, 4, 1, 8]
+    assert "ZeroDivisionError" in got[3][2]
+    assert (q.counters().retried, q.counters().failed) == (1, 1)
 
 
 def test_outputs_of() -> None:

@@ -116,11 +116,15 @@ class MapIterator(Iterator[Any]):
         self._producer_failed = False
         self._in_closed = False
         self._drained = False
-        # Results received and not yet yielded: in arrival order (unordered), or
-        # by index until their turn comes (ordered).
-        self._arrived: deque[tuple[int, bool, Any]] = deque()
-        self._buffer: dict[int, tuple[bool, Any]] = {}
+        # Results come a chunk at a time (a list of [index, ok, value]): the one
+        # being yielded, and those received after it — in arrival order
+        # (unordered), or by first index until their turn comes (ordered).
+        self._current: list[list[Any]] = []
+        self._pos = 0
+        self._arrived: deque[list[list[Any]]] = deque()
+        self._chunks: dict[int, list[list[Any]]] = {}
         self._next = 0  # ordered: the index to yield next
+        self._chunksize = chunksize
         self._count = 0  # results yielded (published to the producer before each take)
         self._next_check = 0.0
 
@@ -135,35 +139,42 @@ class MapIterator(Iterator[Any]):
 
     def __next__(self) -> Any:
         while True:
-            found = self._pop()
-            if found is not None:
-                index, ok, value = found
-                self._count += 1
-                if not ok:
-                    raise TaskFailed(index, str(value))
-                return value
-            if self._closed:
+            current, pos = self._current, self._pos
+            if pos < len(current):
+                self._pos = pos + 1
+                index, ok, value = current[pos]
+                if ok:
+                    return value
+                raise TaskFailed(index, str(value))
+            if not self._advance():
                 raise StopIteration
-            if self._drained and self._buffer:  # ordered, and an item has no result
-                index, self._next = self._next, self._next + 1
-                self._count += 1
-                raise TaskFailed(index, "no result: its task was dead-lettered unhandled")
+
+    def _advance(self) -> bool:
+        """Make the next chunk of results current; False when there is none left."""
+        self._count += len(self._current)
+        self._current, self._pos = [], 0
+        while True:
+            if self.ordered:
+                found = self._chunks.pop(self._next, None)
+            else:
+                found = self._arrived.popleft() if self._arrived else None
+            if found is not None:
+                self._current = found
+                self._next += len(found)
+                return True
+            if self._closed:
+                return False
+            if self._drained and self._chunks:  # ordered, and a chunk has no result
+                index = self._next
+                self._next += self._chunksize
+                raise TaskFailed(index, "no result: its chunk was dead-lettered unhandled")
             if self._drained:
                 self.close()
                 if self._producer_failed:
                     raise PcqError("pcq.map: the input iterable raised (see the "
                                    "traceback above); the items before it were mapped")
-                raise StopIteration
+                return False
             self._receive()
-
-    def _pop(self) -> tuple[int, bool, Any] | None:
-        if not self.ordered:
-            return self._arrived.popleft() if self._arrived else None
-        found = self._buffer.pop(self._next, None)
-        if found is None:
-            return None
-        self._next += 1
-        return self._next - 1, *found
 
     def _receive(self) -> None:
         """Take what OUT holds (waiting a moment if nothing), and look after the
@@ -177,11 +188,9 @@ class MapIterator(Iterator[Any]):
                     for packed in chunks:
                         results = unpack_value(packed)
                         if self.ordered:
-                            buffer = self._buffer
-                            for index, ok, value in results:
-                                buffer[index] = (ok, value)
+                            self._chunks[results[0][0]] = results
                         else:
-                            self._arrived.extend(results)
+                            self._arrived.append(results)
             if lease.sentinel is not None:
                 self._drained = True
         now = time.monotonic()

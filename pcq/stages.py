@@ -136,11 +136,12 @@ class ResultStage(Stage):
         start, items = item
         results: list[list[Any]] = []
         first: Exception | None = None
-        for k, body in enumerate(items):
+        func = self._handle or super(Stage, self).handle  # no generator unrolling here
+        for k, body in enumerate(items, start):
             try:
-                results.append([start + k, True, Consumer.handle(self, body)])
+                results.append([k, True, func(body)])
             except Exception as exc:
-                results.append([start + k, False, f"{type(exc).__name__}: {exc}"])
+                results.append([k, False, f"{type(exc).__name__}: {exc}"])
                 first = first or exc
         try:
             packed = pack_value(results)

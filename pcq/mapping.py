@@ -5,9 +5,9 @@ A map is a two-queue pipeline whose last stage is the caller::
     caller's iterable ─► Producer process ─► IN ─► workers (ResultStage) ─► OUT ─► caller
 
 Items travel in chunks ``[start, [item, ...]]`` (``chunksize`` items, as with
-``Pool``); a worker's result for item ``i`` is ``[i, True, result]``, or ``[i,
-False, error]`` once its chunk has failed its retries; the results of one lease
-go to OUT as one message.  They are put on OUT by the same atomic step that
+``Pool``); a worker's result for a chunk is ``[start, values, errors]``
+(``errors``: the items that failed, once the chunk has failed its retries); the
+results of one lease go to OUT as one message.  They are put on OUT by the same atomic step that
 acknowledges the lease on IN, so each item's result reaches the caller exactly
 once, even when a worker is SIGKILLed mid-task and the chunk runs again.
 
@@ -77,7 +77,7 @@ class MapIterator(Iterator[Any]):
             raise ValueError("workers and chunksize must be at least 1")
         self._closed = True  # until everything below exists
         self.ordered = ordered
-        self.window = window or max(4 * maxsize, 4096 * workers)
+        self.window = window or max(4 * maxsize, 4096 * workers, 32 * workers * chunksize)
         self._grace = grace
         name = queue or f"pcq-map-{uuid.uuid4().hex[:12]}"
         self._own_queues = queue is None  # throwaway queues: nothing is left on a server
@@ -116,13 +116,15 @@ class MapIterator(Iterator[Any]):
         self._producer_failed = False
         self._in_closed = False
         self._drained = False
-        # Results come a chunk at a time (a list of [index, ok, value]): the one
-        # being yielded, and those received after it — in arrival order
-        # (unordered), or by first index until their turn comes (ordered).
-        self._current: list[list[Any]] = []
+        # Results come a chunk at a time, [start, values, errors or None] (see
+        # ResultStage): the one being yielded, and those received after it — in
+        # arrival order (unordered), or by start until their turn comes (ordered).
+        self._current: list[Any] = []
+        self._start = 0
+        self._errors: dict[int, str] | None = None
         self._pos = 0
-        self._arrived: deque[list[list[Any]]] = deque()
-        self._chunks: dict[int, list[list[Any]]] = {}
+        self._arrived: deque[list[Any]] = deque()
+        self._chunks: dict[int, list[Any]] = {}
         self._next = 0  # ordered: the index to yield next
         self._chunksize = chunksize
         self._count = 0  # results yielded (published to the producer before each take)
@@ -142,10 +144,9 @@ class MapIterator(Iterator[Any]):
             current, pos = self._current, self._pos
             if pos < len(current):
                 self._pos = pos + 1
-                index, ok, value = current[pos]
-                if ok:
-                    return value
-                raise TaskFailed(index, str(value))
+                if self._errors is None or pos not in self._errors:
+                    return current[pos]
+                raise TaskFailed(self._start + pos, self._errors[pos])
             if not self._advance():
                 raise StopIteration
 
@@ -159,8 +160,8 @@ class MapIterator(Iterator[Any]):
             else:
                 found = self._arrived.popleft() if self._arrived else None
             if found is not None:
-                self._current = found
-                self._next += len(found)
+                self._start, self._current, self._errors = found
+                self._next = self._start + len(self._current)
                 return True
             if self._closed:
                 return False
@@ -188,7 +189,7 @@ class MapIterator(Iterator[Any]):
                     for packed in chunks:
                         results = unpack_value(packed)
                         if self.ordered:
-                            self._chunks[results[0][0]] = results
+                            self._chunks[results[0]] = results
                         else:
                             self._arrived.append(results)
             if lease.sentinel is not None:
@@ -275,7 +276,8 @@ def map(
     chunk runs again.  An item whose task fails after ``retries`` raises
     :class:`~pcq.errors.TaskFailed` when iteration reaches it (iteration may go
     on past it).  At most ``window`` items are in the works at once (default:
-    ``max(4 * maxsize, 4096 * workers)``), so an endless input is fine.
+    ``max(4 * maxsize, 4096 * workers, 32 * workers * chunksize)``), so an
+    endless input is fine.
     ``backend="redis"`` (or a redis ``url``) sends items and results through
     that server; ``queue`` names the queues (default: a fresh name).  Leaving
     the loop early stops every process it started.

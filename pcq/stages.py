@@ -123,36 +123,39 @@ class ChunkFailed(Exception):
 
 
 class ResultStage(Stage):
-    """The stage of :func:`pcq.map`.  A task is a chunk ``[start, items]``; the
-    result of item ``start + k`` is ``[start + k, True, result]``, or ``[start + k,
-    False, error]`` once the chunk has failed its retries — so the caller learns
-    of a failure in the same exactly-once handoff as of a result.  A chunk whose
-    items all succeeded gives its results, packed once (one output); a chunk
-    with a failed item is retried whole (at least once, as any task), and after
-    its last attempt gives what that attempt got.  The outputs of one lease
-    travel as one message: the caller decodes one message a lease."""
+    """The stage of :func:`pcq.map`.  A task is a chunk ``[start, items]``; its
+    result is ``[start, values, errors]``: ``values[k]`` is the result for item
+    ``start + k``, and ``errors`` (None when all succeeded) maps ``k`` to the
+    error of an item that failed — so the caller learns of a failure in the same
+    exactly-once handoff as of a result.  A chunk with a failed item is retried
+    whole (at least once, as any task) and after its last attempt gives what
+    that attempt got.  A chunk's result is packed once, here, and unpacked once
+    by the caller; the results of one lease travel as one message."""
 
     def handle(self, item: Any) -> Any:
         start, items = item
-        results: list[list[Any]] = []
-        first: Exception | None = None
         func = self._handle or super(Stage, self).handle  # no generator unrolling here
-        for k, body in enumerate(items, start):
+        values: list[Any] = []
+        keep = values.append
+        errors: dict[int, str] = {}
+        first: Exception | None = None
+        for k, body in enumerate(items):
             try:
-                results.append([k, True, func(body)])
+                keep(func(body))
             except Exception as exc:
-                results.append([k, False, f"{type(exc).__name__}: {exc}"])
+                keep(None)
+                errors[k] = f"{type(exc).__name__}: {exc}"
                 first = first or exc
         try:
-            packed = pack_value(results)
-        except SerializationError:  # find the results that cannot travel
-            for result in results:
+            packed = pack_value([start, values, errors or None])
+        except SerializationError:  # find the values that cannot travel
+            for k, value in enumerate(values):
                 try:
-                    pack_value(result[2])
+                    pack_value(value)
                 except SerializationError as exc:
-                    result[1:] = [False, str(exc)]
+                    values[k], errors[k] = None, str(exc)
                     first = first or exc
-            packed = pack_value(results)
+            packed = pack_value([start, values, errors])
         if first is not None:
             raise ChunkFailed(f"{type(first).__name__}: {first}", packed) from first
         return [packed]
@@ -164,8 +167,8 @@ class ResultStage(Stage):
                 self._outputs.append(exc.packed)
             else:  # the chunk as a whole failed (its timeout, a malformed task)
                 start, items = batch.bodies[index]
-                self._outputs.append(pack_value([[start + k, False, failure.error]
-                                                 for k in range(len(items))]))
+                errors = dict.fromkeys(range(len(items)), failure.error)
+                self._outputs.append(pack_value([start, [None] * len(items), errors]))
         return failure
 
     def _take_outputs(self) -> list[Any]:

@@ -120,11 +120,11 @@ def test_a_result_stage_reports_a_failure_as_an_output(
     run_stage(ResultStage(q, lambda x: 8 // x, to=out, retries=1, backoff=0.001))
     out.attach_consumer()
     # Then every item has one result, the failed one its error (after the retry)
-    got = sorted(result for lease in drain(out) for packed in lease
-                 for result in unpack_value(packed))
-    assert [r[:2] for r in got] == [[0, True], [1, True], [2, True], [3, False], [4, True]]
-    assert [r[2] for r in got if r[1]] == [2, 4, 1, 8]
-    assert "ZeroDivisionError" in got[3][2]
+    got = sorted(unpack_value(packed) for lease in drain(out) for packed in lease)
+    assert got[0] == [0, [2, 4], None]
+    start, values, errors = got[1]
+    assert (start, values) == (2, [1, None, 8])
+    assert list(errors) == [1] and "ZeroDivisionError" in errors[1]
     assert (q.counters().retried, q.counters().failed) == (1, 1)
 
 

@@ -55,6 +55,21 @@ def outputs_of(result: Any) -> list[Any]:
     return [result]
 
 
+#: Types msgpack always encodes (an int only within 64 bits): no need to try.
+_PLAIN = frozenset({type(None), bool, float, str, bytes})
+
+
+def _check(outputs: list[Any]) -> None:
+    """SerializationError unless every output can travel; plain values are
+    recognised by type, so a stage of small values pays no trial encoding."""
+    for value in outputs:
+        kind = type(value)
+        if kind in _PLAIN or (kind is int and -(2**63) <= value < 2**64):
+            continue
+        check_encodable(outputs)
+        return
+
+
 class Stage(Consumer):
     """A consumer that puts what ``handle`` gives on queue ``to`` (see the module
     docstring); the other arguments are :class:`~pcq.roles.Consumer`'s."""
@@ -75,8 +90,9 @@ class Stage(Consumer):
     def handle(self, item: Any) -> Any:
         # Run a generator to its end inside the task (and its timeout), and make
         # sure every output can be encoded: either failure is the task's.
-        outputs = outputs_of(super().handle(item))
-        check_encodable(outputs)
+        result = self._handle(item) if self._handle is not None else super().handle(item)
+        outputs = list(result) if isinstance(result, types.GeneratorType) else [result]
+        _check(outputs)
         return outputs
 
     def _handled(self, result: Any) -> None:

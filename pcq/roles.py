@@ -299,6 +299,7 @@ class Consumer(_Process):
         task and return the rest unstarted.  Returns (failures, give_back, handled)."""
         failures: list[Failure] = []
         call = self._call_with_timeout if self.timeout else self.handle
+        keep = self._handled
         handled = 0
         for n, batch in enumerate(lease.batches):
             for i, body in enumerate(batch.bodies):
@@ -311,7 +312,7 @@ class Consumer(_Process):
                 except Exception as exc:
                     failures.append(self._failure(batch, i, exc))
                 else:
-                    self._handled(result)
+                    keep(result)
             handled += len(batch.bodies)
         return failures, [], handled
 

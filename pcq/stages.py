@@ -70,6 +70,10 @@ def _check(outputs: list[Any]) -> None:
         return
 
 
+class _Outputs(list[Any]):
+    """A generator's yields: zero or more outputs (any other value is one)."""
+
+
 class Stage(Consumer):
     """A consumer that puts what ``handle`` gives on queue ``to`` (see the module
     docstring); the other arguments are :class:`~pcq.roles.Consumer`'s."""
@@ -91,12 +95,20 @@ class Stage(Consumer):
         # Run a generator to its end inside the task (and its timeout), and make
         # sure every output can be encoded: either failure is the task's.
         result = self._handle(item) if self._handle is not None else super().handle(item)
-        outputs = list(result) if isinstance(result, types.GeneratorType) else [result]
-        _check(outputs)
-        return outputs
+        if isinstance(result, types.GeneratorType):
+            outputs = _Outputs(result)
+            _check(outputs)
+            return outputs
+        kind = type(result)
+        if kind not in _PLAIN and (kind is not int or not -(2**63) <= result < 2**64):
+            check_encodable([result])
+        return result
 
     def _handled(self, result: Any) -> None:
-        self._outputs.extend(result)
+        if type(result) is _Outputs:
+            self._outputs.extend(result)
+        else:
+            self._outputs.append(result)
 
     def _take_outputs(self) -> list[Any]:
         outputs, self._outputs = self._outputs, []
@@ -174,7 +186,7 @@ class ResultStage(Stage):
             packed = pack_value([start, values, errors])
         if first is not None:
             raise ChunkFailed(f"{type(first).__name__}: {first}", packed) from first
-        return [packed]
+        return packed  # one output
 
     def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:
         failure = super()._failure(batch, index, exc)

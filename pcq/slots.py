@@ -183,20 +183,31 @@ class AsyncRunner:
 
 
 async def run_coroutine(coroutine: Awaitable[Any], timeout: float | None) -> Any:
-    """Await ``coroutine``; past ``timeout`` seconds cancel it and raise
-    :class:`TaskTimeout`.  A handler that blocks the loop cannot be cancelled:
-    when it returns after its time, the attempt still counts as timed out."""
+    """Await ``coroutine`` in the calling task; ``timeout`` seconds after it
+    started, cancel it and raise :class:`TaskTimeout`.
+
+    The clock starts when this task starts running, not when it was scheduled,
+    so a task queued behind a handler that blocks the loop is not charged for
+    that wait.  A handler that blocks the loop itself cannot be cancelled: when
+    it returns after its time, the attempt still counts as timed out.
+    """
     if timeout is None:
         return await coroutine
+    task = asyncio.current_task()
+    assert task is not None
     began = time.monotonic()
+    timer = asyncio.get_running_loop().call_later(timeout, task.cancel)
+    expired = f"task ran past its timeout of {timeout:g} s"
     try:
-        result = await asyncio.wait_for(coroutine, timeout)
-    except asyncio.TimeoutError:
+        result = await coroutine
+    except asyncio.CancelledError:
         if time.monotonic() - began < timeout:
-            raise  # the handler's own TimeoutError, not ours
-        raise TaskTimeout(f"task ran past its timeout of {timeout:g} s") from None
+            raise  # cancelled for another reason (shutdown)
+        raise TaskTimeout(expired) from None
+    finally:
+        timer.cancel()
     if time.monotonic() - began > timeout:
-        raise TaskTimeout(f"task ran past its timeout of {timeout:g} s")
+        raise TaskTimeout(expired)
     return result
 
 

@@ -258,9 +258,12 @@ class Consumer(_Process):
             queue.dispose()
 
     def _is_async(self) -> bool:
-        """Whether the handler is an ``async def`` (``handle=``, or an override)."""
+        """Whether the handler is an ``async def`` (``handle=``, or an override;
+        a partial of one, or an object whose ``__call__`` is one, counts too)."""
         own = self._handle is not None and type(self).handle is Consumer.handle
-        return inspect.iscoroutinefunction(self._handle if own else self.handle)
+        fn = self._handle if own else self.handle
+        return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None))  # noqa: B004 - the method, not callable()
 
     def consume(self) -> None:
         """The loop: take a lease, handle it, acknowledge it together with taking

@@ -161,3 +161,29 @@ def test_run_coroutine_counts_a_loop_blocker_timed_out_and_keeps_other_errors() 
     with pytest.raises(TimeoutError, match="handler's own"):
         asyncio.run(run_coroutine(own_timeout(), 5))
     assert asyncio.run(run_coroutine(asyncio.sleep(0, "x"), 5)) == "x"
+
+
+def test_an_async_handler_is_recognised_in_every_shape() -> None:
+    import functools
+
+    from pcq.roles import Consumer
+
+    async def fetch(item: int, scale: int = 1) -> int:
+        return item * scale
+
+    class Fetcher:
+        async def __call__(self, item: int) -> int:
+            return item
+
+    class Subclassed(Consumer):
+        async def handle(self, item: Any) -> Any:
+            return item
+
+    q = LocalQueue("unit")
+    try:
+        for handler in (fetch, functools.partial(fetch, scale=2), Fetcher()):
+            assert Consumer(q, handler)._is_async()
+        assert Subclassed(q)._is_async()
+        assert not Consumer(q, print)._is_async()
+    finally:
+        q.dispose()

@@ -153,17 +153,18 @@ def test_timeout_of_a_task_that_cannot_be_interrupted(env_for, tmp_path: Path,
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("handler", ["sleepy", "asleepy"])
 def test_sigterm_lets_running_tasks_finish_and_hands_back_the_rest(
-    env_for, tmp_path: Path, redis_url: str
+    env_for, tmp_path: Path, handler: str
 ) -> None:
     # Given a consumer with 5 slots, busy with tasks held until released
     env = env_for(JOBS_N="100", SLOTS_HOLD="2")
     if env_for.backend == "redis":
         assert finish(start_pcq(["produce", f"{APP}:produce", "--no-wait", "--json"], env))[0] == 0
-        proc = start_pcq(["consume", f"{APP}:sleepy", "--workers", "1", "--concurrency", "5",
+        proc = start_pcq(["consume", f"{APP}:{handler}", "--workers", "1", "--concurrency", "5",
                           "--json"], env)
     else:
-        proc = run(env, "sleepy", "--workers", "1", "--concurrency", "5")
+        proc = run(env, handler, "--workers", "1", "--concurrency", "5")
     wait_for(lambda: sum(map(len, in_flight(tmp_path).values())) >= 5, timeout=60,
              message="5 tasks in flight")
     # When it gets SIGTERM (its running tasks end within the 5 s grace)

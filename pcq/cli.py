@@ -50,6 +50,9 @@ Workers = Annotated[int, typer.Option(min=1, help="Consumer processes.")]
 Retries = Annotated[int, typer.Option(min=0, help="Retries of a failing task before it is dead.")]
 Timeout = Annotated[float | None, typer.Option(
     min=0.001, help="Seconds a task may run; longer counts as a failed attempt.")]
+Concurrency = Annotated[int, typer.Option(
+    min=1, help="Tasks each consumer process runs at once: threads, or asyncio tasks for "
+                "an async def handler. For handlers that wait (network, disk).")]
 Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
 HeartbeatTtl = Annotated[float | None, typer.Option(
     min=0.1, envvar="PCQ_HEARTBEAT_TTL",
@@ -224,6 +227,7 @@ def run_command(
         callback=_checked(float, 0.001),
         help="Seconds a task may run; longer counts as a failed attempt.  One number "
              "or one per stage (none: no limit).")] = None,
+    concurrency: Concurrency = 1,
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
@@ -243,7 +247,8 @@ def run_command(
                       timeout=_per_stage(timeout or "none", n, "--timeout", float),
                       backend=backend, url=url, queue=queue, names=names,
                       on_progress=bar.update if n == 1 else None,
-                      on_stages=bar.stages if n > 1 else None, **options)
+                      on_stages=bar.stages if n > 1 else None, concurrency=concurrency,
+                      **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
 
@@ -301,6 +306,7 @@ def consume_command(
     queue: Name = "default",
     retries: Retries = 0,
     timeout: Timeout = None,
+    concurrency: Concurrency = 1,
     as_json: Json = False,
     heartbeat_ttl: HeartbeatTtl = None,
     to: Annotated[str | None, typer.Option(
@@ -314,7 +320,7 @@ def consume_command(
     try:
         q.counters()  # fail fast, in this process, if the server cannot be reached
         summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
-                              to=target)
+                              concurrency=concurrency, to=target)
     finally:
         if target is not None:
             target.dispose()

@@ -90,11 +90,14 @@ def run(
     on_progress: Callable[[Counters, float], None] | None = None,
     on_stages: StagesProgress | None = None,
     names: Sequence[str] | None = None,
+    concurrency: int = 1,
     **queue_options: Any,
 ) -> Summary:
     """Run ``produce`` into a pipeline of one or more handlers (see the module
     docstring); return the summary.  ``workers``, ``maxsize``, ``retries`` and
     ``timeout`` take one value for all stages or a list with one per stage.
+    ``concurrency`` (tasks at once in each consumer, see :class:`~pcq.roles.Consumer`)
+    applies to the last stage: a stage that feeds another runs one at a time.
     The summary's ``stages`` holds a :class:`StageSummary` per stage; its
     ``produced`` is the first stage's, ``done`` the last stage's, ``failed``,
     ``retried`` and ``dead`` add up every stage's."""
@@ -108,7 +111,7 @@ def run(
         return run_one(produce, handle, workers=counts[0], producers=producers,
                        maxsize=sizes[0], retries=tries[0], timeout=limits[0], backend=backend,
                        url=url, queue=queue, grace=grace, on_progress=on_progress,
-                       **queue_options)
+                       concurrency=concurrency, **queue_options)
     if min(counts) < 1 or producers < 1:
         raise ValueError("workers and producers must be at least 1")
     labels = list(names) if names is not None else [stage_name(h) for h in steps]
@@ -118,7 +121,7 @@ def run(
     try:
         for k in range(n - 1):
             queues[k].set_feeds(queues[k + 1].name)
-        job = _Job(queues, steps, counts, tries, limits, labels)
+        job = _Job(queues, steps, counts, tries, limits, labels, concurrency)
         return job.run(produce, producers, grace, on_progress, on_stages)
     finally:
         for q in reversed(queues):
@@ -136,8 +139,10 @@ class _Job:
         retries: list[int],
         timeouts: list[float | None],
         names: list[str],
+        concurrency: int = 1,
     ) -> None:
         self.queues = queues
+        self.concurrency = concurrency
         self.names = names
         self.workers = workers
         self.supervisors = [
@@ -152,7 +157,7 @@ class _Job:
         q = self.queues[k]
         if k == len(self.queues) - 1:
             return lambda i: Consumer(q, handle, retries=retries, timeout=timeout,
-                                      name=f"pcq-{k + 1}-{i}")
+                                      name=f"pcq-{k + 1}-{i}", concurrency=self.concurrency)
         to = self.queues[k + 1]
         return lambda i: Stage(q, handle, to=to, retries=retries, timeout=timeout,
                                name=f"pcq-{k + 1}-{i}")

@@ -23,13 +23,14 @@ supervisor starts, and the last of those to finish closes it.
 
 from __future__ import annotations
 
+import inspect
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pcq.backends.base import Failure, Lease, Queue
 from pcq.envelope import Batch, Envelope, check_encodable, pack_value
-from pcq.errors import SerializationError
+from pcq.errors import ConfigError, SerializationError
 from pcq.roles import IDLE_WAIT, Consumer
 
 
@@ -86,6 +87,9 @@ class Stage(Consumer):
         to: Queue,
         **options: Any,
     ) -> None:
+        if options.get("concurrency", 1) > 1:
+            raise ConfigError("a stage that feeds another queue (--to) runs one task at a "
+                              "time in each worker: give it more workers, not --concurrency")
         super().__init__(queue, handle, **options)
         queue._check_target(to)
         self.to = to
@@ -95,6 +99,22 @@ class Stage(Consumer):
         # Run a generator to its end inside the task (and its timeout), and make
         # sure every output can be encoded: either failure is the task's.
         result = self._handle(item) if self._handle is not None else super().handle(item)
+        if inspect.iscoroutine(result):  # an async def handler: the loop awaits this
+            return self._after(result)
+        return self._outputs_of(result)
+
+    def _is_async(self) -> bool:
+        # Consumer asks handle(); this handle() is plain, what it calls may not be.
+        fn = self._handle
+        return fn is not None and (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)))  # noqa: B004 - the method, not callable()
+
+    async def _after(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        return self._outputs_of(await coroutine)
+
+    @staticmethod
+    def _outputs_of(result: Any) -> Any:
+        """``result``, checked it can travel; a generator's yields as _Outputs."""
         if isinstance(result, types.GeneratorType):
             outputs = _Outputs(result)
             _check(outputs)

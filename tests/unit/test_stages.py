@@ -188,3 +188,24 @@ def test_a_full_next_queue_holds_the_stage_back(queues: tuple[RedisQueue, RedisQ
         runner.join(10)
         out.dispose()
     assert q.counters().done == 1
+
+
+def test_an_async_handler_stage_awaits_and_puts_what_it_returns(
+    queues: tuple[RedisQueue, RedisQueue],
+) -> None:
+    q, out = queues
+
+    async def shout(word: str) -> str:
+        return word.upper()
+
+    q.put_many(["a", "b"])
+    q.close()
+    run_stage(Stage(q, shout, to=out))
+    out.attach_consumer()
+    assert sorted(drain(out)) == ["A", "B"]
+
+
+def test_a_stage_refuses_concurrency(queues: tuple[RedisQueue, RedisQueue]) -> None:
+    q, out = queues
+    with pytest.raises(ConfigError, match="one task at a time"):
+        Stage(q, abs, to=out, concurrency=4)

@@ -116,9 +116,9 @@ def run(
         raise ValueError("workers and producers must be at least 1")
     labels = list(names) if names is not None else [stage_name(h) for h in steps]
     first = open_queue(backend, url=url, name=queue, maxsize=sizes[0], **queue_options)
-    queues = [first] + [first.sibling(stage_queue(queue, k), maxsize=sizes[k])
-                        for k in range(1, n)]
+    queues = [first]
     try:
+        queues += [first.sibling(stage_queue(queue, k), maxsize=sizes[k]) for k in range(1, n)]
         for k in range(n - 1):
             queues[k].set_feeds(queues[k + 1].name)
         job = _Job(queues, steps, counts, tries, limits, labels, concurrency)

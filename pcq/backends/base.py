@@ -203,9 +203,11 @@ class Queue(ABC):
     #: when every task is a message of its own (redis: one list element a task).
     one_message_per_batch: ClassVar[bool] = False
 
-    def __init__(self, name: str = "default", *, maxsize: int = 0) -> None:
+    def __init__(self, name: str = "default", *, maxsize: int = 0, max_deliveries: int = 3) -> None:
         self.name = name
         self.maxsize = maxsize
+        #: Consumer deaths a task may cause before it is dead-lettered (0: no limit).
+        self.max_deliveries = max_deliveries
         self._tag_pid = -1
         self._tag = ""
         self._seq = 0
@@ -379,6 +381,16 @@ class Queue(ABC):
 
     @abstractmethod
     def counters(self) -> Counters: ...
+
+    def state(self) -> str:
+        """"open"; "closing" (closed, tasks still pending: a consumer attaching
+        now drains them and stops); or "idle" (closed and every task
+        acknowledged: the same as new, a consumer attaching waits for the next
+        producer)."""
+        c = self.counters()
+        if not c.closed:
+            return "open"
+        return "closing" if c.pending > 0 else "idle"
 
     @abstractmethod
     def attach_consumer(self) -> None:

@@ -202,6 +202,7 @@ class LocalQueue(Queue):
 
     def note_task_cost(self, seconds_per_task: float) -> None:
         self._tell(wire.COST, int(seconds_per_task * 1e9))
+        self._cost_ns = None  # ask again before sizing the next batch
 
     # ------------------------------------------------------------------ consuming
 

@@ -37,6 +37,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, ClassVar
 
 from pcq.envelope import (
@@ -155,10 +156,15 @@ class _Linger:
                 raise error
             self._send_locked(limit)
 
-    def _send_locked(self, limit: int) -> None:
+    def _send_locked(self, limit: int, caller: bool = True) -> None:
         pending = self.pending
         n = len(pending) if not limit else min(limit, len(pending))
-        batch = [pending.popleft() for _ in range(n)]
+        if caller and n == len(pending):
+            # In the caller's thread nothing is appended meanwhile: take all at once.
+            batch = list(pending)
+            pending.clear()
+        else:
+            batch = [pending.popleft() for _ in range(n)]
         self._sends += 1
         if batch:
             self._send_fn(batch)
@@ -175,7 +181,7 @@ class _Linger:
             with self._send_lock:
                 if self._sends == seen and self._error is None:
                     try:
-                        self._send_locked(0)
+                        self._send_locked(0, caller=False)
                     except BaseException as exc:  # handed to the caller's thread
                         self._error = exc
                 seen = self._sends
@@ -231,14 +237,24 @@ class Queue(ABC):
         clock = time.monotonic
         append = linger.pending.append
         pending = linger.pending
+        extend = pending.extend
+        iterator = iter(items)
         try:
             limit = self.batch_limit()
-            for item in items:
+            for item in iterator:
                 append(item)
                 n = len(pending)
                 # The first item after a quiet spell goes at once: a trickle
                 # never waits for the linger thread.
                 if n >= limit or (n == 1 and clock() - linger.sent_at > LINGER_SECONDS):
+                    linger.send(limit)
+                    limit = self.batch_limit()
+                    continue
+                # The rest of the batch at C speed: deque.extend appends each item
+                # as islice yields it, so the linger thread still sees a slow
+                # iterable's items as they come.
+                extend(islice(iterator, limit - n))
+                if len(pending) >= limit:
                     linger.send(limit)
                     limit = self.batch_limit()
         except Exception:

@@ -28,8 +28,10 @@ Design points others build on:
 (c) The wire protocol lives in ``local_wire``, the ledger in ``local_broker``.
 
 Backpressure counts tasks: a put is admitted while fewer than ``maxsize`` tasks
-are ready, so ready may exceed ``maxsize`` by at most one batch (a batch is at
-most ``maxsize`` tasks), and a small ``maxsize`` never forces tiny batches.
+are ready, so ready may exceed ``maxsize`` by at most one batch.  A batch holds
+about ``TARGET_BATCH_SECONDS`` of handler work (one task for slow handlers, up
+to ``MAX_BATCH`` cheap ones), whatever ``maxsize``: a small ``maxsize`` never
+forces tiny batches on the wire, and the overshoot is a few ms of work.
 
 Poison tasks: after a consumer dies, each task it held comes back as a lease of
 its own, with the death counted; at ``max_deliveries`` deaths (0: never) the
@@ -71,8 +73,6 @@ class LocalQueue(Queue):
         broker: Broker | None = None,
     ) -> None:
         super().__init__(name, maxsize=maxsize, max_deliveries=max_deliveries)
-        # A batch never exceeds maxsize: ready stays below twice the bound.
-        self._batch_cap = max(1, min(MAX_BATCH, maxsize)) if maxsize else MAX_BATCH
         self._owns_broker = broker is None
         self._broker: Broker | None = broker or Broker()
         self._broker.open(name, maxsize, max_deliveries)
@@ -99,11 +99,13 @@ class LocalQueue(Queue):
         # thread (join, counters, batch sizing) go over a side connection.
         self._side: socket.socket | None = None
         self._side_lock = threading.Lock()
-        self._cost_ns: int | None = None
+        self._cost_ns: int | None = None  # the consumers' cost per task, as last heard
+        self._cost_report = 0  # this consumer's, not sent yet
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_sock", "_pid", "_cost_ns", "_broker", "_lock", "_side", "_side_lock"):
+        for key in ("_sock", "_pid", "_cost_ns", "_cost_report", "_broker", "_lock", "_side",
+                    "_side_lock"):
             state.pop(key, None)
         state["_owns_broker"] = False  # a copy or a child never stops the broker
         return state
@@ -190,10 +192,15 @@ class LocalQueue(Queue):
     def batch_limit(self) -> int:
         self._here()
         if self._cost_ns is None:
+            self._flush_cost()
             self._cost_ns = int(self._ask(wire.COST_NOW))
         if self._cost_ns <= 0:
             return 1  # no consumer has reported yet: the handler may be slow
-        return max(1, min(self._batch_cap, int(TARGET_BATCH_SECONDS * 1e9 / self._cost_ns)))
+        # maxsize does not cap a batch: a batch holds about TARGET_BATCH_SECONDS
+        # of handler work, so overshooting maxsize by one batch runs ahead of the
+        # consumers by that much work at most, and cheap tasks still travel in
+        # large batches under a small maxsize.
+        return max(1, min(MAX_BATCH, int(TARGET_BATCH_SECONDS * 1e9 / self._cost_ns)))
 
     def _put(self, messages: list[bytes], tasks: int) -> None:
         # The reply comes once the broker admitted the batch (backpressure),
@@ -201,8 +208,16 @@ class LocalQueue(Queue):
         self._cost_ns = int(self._call(wire.PUT, messages, tasks, point="put"))
 
     def note_task_cost(self, seconds_per_task: float) -> None:
-        self._tell(wire.COST, int(seconds_per_task * 1e9))
+        # Travels with the next acknowledgement: no message of its own.
+        self._here()
+        self._flush_cost()  # a report that found no acknowledgement to ride on
+        self._cost_report = max(1, int(seconds_per_task * 1e9))
         self._cost_ns = None  # ask again before sizing the next batch
+
+    def _flush_cost(self) -> None:
+        if self._cost_report:
+            self._tell(wire.COST, self._cost_report)
+            self._cost_report = 0
 
     # ------------------------------------------------------------------ consuming
 
@@ -233,10 +248,10 @@ class LocalQueue(Queue):
         self._call(wire.ACK, *self._ack_args(lease, outcome),
                    point="give-back" if outcome.give_back else "ack")
 
-    @staticmethod
-    def _ack_args(lease: Lease, outcome: Outcome) -> list[Any]:
+    def _ack_args(self, lease: Lease, outcome: Outcome) -> list[Any]:
+        cost, self._cost_report = self._cost_report, 0
         return [lease.receipt, outcome.done, outcome.failed, outcome.retry, outcome.dead,
-                outcome.give_back]
+                outcome.give_back, cost]
 
     def ack_and_take(
         self,

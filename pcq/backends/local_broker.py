@@ -22,6 +22,7 @@ sockets in every child: a child never touches the broker's state.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import os
@@ -115,6 +116,11 @@ class Ledger:
         else:
             self.ready.extend(items)
         self.ready_tasks += sum(i.tasks for i in items)
+
+    def note_cost(self, ns: int) -> None:
+        """A consumer's seconds per task (in ns), smoothed: producers size batches by it."""
+        new = max(1, int(ns))
+        self.cost_ns = new if self.cost_ns <= 0 else (self.cost_ns * 3 + new) // 4
 
     def room(self) -> bool:
         return self.maxsize <= 0 or self.ready_tasks < self.maxsize
@@ -402,17 +408,15 @@ class Broker:
         elif op == wire.TAKE:
             self._take(conn, ledger, args[0], args[1])
         elif op == wire.ACK:
-            self._ack(conn, args)
+            self._ack(conn, ledger, args)
             self._serve(ledger)
             self._reply(conn, True)
         elif op == wire.ACK_TAKE:
-            self._ack(conn, args[:6])
+            self._ack(conn, ledger, args[:7])
             self._serve(ledger)
-            self._take(conn, ledger, args[6], args[7])
+            self._take(conn, ledger, args[7], args[8])
         elif op == wire.COST:
-            new = max(1, int(args[0]))
-            old = ledger.cost_ns
-            ledger.cost_ns = new if old <= 0 else (old * 3 + new) // 4
+            ledger.note_cost(args[0])
         else:
             self._reply(conn, self._admin(conn, ledger, op, args))
             self._serve(ledger)
@@ -492,6 +496,8 @@ class Broker:
         else:
             ledger.push([Item(m, 1 if tasks else 0) for m in messages])
         ledger.produced += tasks
+        if ledger.takers:  # a waiting consumer first: the producer's reply can wait
+            self._serve_takers(ledger)
         self._reply(conn, ledger.cost_ns)
 
     def _take(self, conn: Conn, ledger: Ledger, max_tasks: int, timeout: float | None) -> None:
@@ -522,8 +528,10 @@ class Broker:
             return True
         return False
 
-    def _ack(self, conn: Conn, args: list[Any]) -> None:
-        lease_id, done, failed, retry, dead, give_back = args
+    def _ack(self, conn: Conn, request_ledger: Ledger, args: list[Any]) -> None:
+        lease_id, done, failed, retry, dead, give_back, cost = args
+        if cost:
+            request_ledger.note_cost(cost)
         entry = conn.leases.pop(lease_id, None)
         if entry is None:
             return  # stale: handed back or settled already; counts nothing
@@ -578,7 +586,5 @@ def _close_in_child(ref: weakref.ref[Broker]) -> None:
     if broker is None or broker._stopping:
         return
     broker._stopping = True
-    try:
+    with contextlib.suppress(OSError):
         broker._close_all()
-    except OSError:
-        pass

@@ -93,8 +93,19 @@ def _read_exactly(sock: socket.socket, n: int) -> bytearray:
 
 
 def receive(sock: socket.socket, point: str = "") -> Any:
-    """Read one reply frame; at an armed ``take`` point, stop after its header."""
-    (length,) = HEADER.unpack(_read_exactly(sock, HEADER.size))
-    if point:
+    """Read one reply frame; at an armed ``take`` point, stop after its header.
+
+    The broker answers one request with one frame and says nothing unasked, so
+    a read never takes bytes of the next frame: a small reply costs one recv."""
+    if point and point == PAUSE_AT:
+        (length,) = HEADER.unpack(_read_exactly(sock, HEADER.size))
         pause_here(point)
-    return msgpack.unpackb(_read_exactly(sock, length), raw=False, strict_map_key=False)
+        return unpack(bytes(_read_exactly(sock, length)))
+    head = sock.recv(65536)
+    if len(head) < HEADER.size:
+        head += _read_exactly(sock, HEADER.size - len(head))
+    (length,) = HEADER.unpack_from(head)
+    missing = HEADER.size + length - len(head)
+    if missing > 0:
+        head += _read_exactly(sock, missing)
+    return msgpack.unpackb(memoryview(head)[HEADER.size :], raw=False, strict_map_key=False)

@@ -1,7 +1,7 @@
 """The local backend: one machine, no server, a broker thread that owns the ledger.
 
 The process that opens a local queue starts a broker (``local_broker``): a
-thread that holds every task, lease and counter in its memory.  Every producer
+thread that holds every task, lease and counter in its memory (``local_ledger``).  Every producer
 and consumer process — forked children inherit the queue object — connects to
 it on first use over a Unix socket of its own and sends whole batches
 (``local_wire``).  Why this is safe at every instant:
@@ -25,7 +25,8 @@ Design points others build on:
     atomic by construction: it only has to check B's room before applying both.
 (b) A connection may hold several leases at once, acknowledged independently
     (each take returns a lease id; an ack names it).
-(c) The wire protocol lives in ``local_wire``, the ledger in ``local_broker``.
+(c) The wire protocol lives in ``local_wire``, the broker's loop in
+    ``local_broker``, the per-queue books in ``local_ledger``.
 
 Backpressure counts tasks: a put is admitted while fewer than ``maxsize`` tasks
 are ready, so ready may exceed ``maxsize`` by at most one batch.  A batch holds

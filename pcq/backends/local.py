@@ -223,7 +223,15 @@ class LocalQueue(Queue):
     # ------------------------------------------------------------------ consuming
 
     def attach_consumer(self) -> None:
-        self._call(wire.ATTACH_CONSUMER)
+        self._call(wire.ATTACH_CONSUMER, self._born_in())
+
+    def _born_in(self) -> int | None:
+        """The run this process was forked in: the queue's epoch if it was open
+        then, else None (forked while idle, or not forked from the owner)."""
+        if self._broker is None or os.getpid() == self._owner:
+            return None
+        epoch, closed = self._broker.forked_in.get(self.name, (0, True))
+        return None if closed else epoch
 
     def detach_consumer(self) -> None:
         """Hand back every lease this process holds and unregister."""

@@ -17,7 +17,11 @@ Why a thread, not a process: the owner's death must end the queue anyway (its
 children die with it through PDEATHSIG), a thread dies with it for free, and
 the owner's own calls need no process to be spawned or reaped.  The fork hazard
 of a threaded parent is handled by an after-fork hook that closes the broker's
-sockets in every child: a child never touches the broker's state.
+sockets in every child: a child never touches the broker's state (it only
+reads, once, which run each queue was in when it was forked).  A threaded
+owner also means a child may get PDEATHSIG twice — when the forking thread
+dies, while getppid() still names the owner, and when the process is gone —
+which ``roles`` allows for.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class Broker:
         self._tiebreak = itertools.count()
         self._stopping = False
         self._owner = os.getpid()
+        #: In a forked child: each queue's (epoch, closed) at the fork.
+        self.forked_in: dict[str, tuple[int, bool]] = {}
         self._thread = threading.Thread(target=self._run, name="pcq-broker", daemon=True)
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _close_in_child(ref))
@@ -268,9 +274,12 @@ class Broker:
         if op == wire.ATTACH_CONSUMER:
             if conn not in ledger.consumers:
                 # Attached while closing: drain, then stop.  Idle (closed, nothing
-                # pending) is new: wait for the next producer.
-                closing = ledger.state() == "closing"
-                ledger.consumers[conn] = ledger.epoch if closing else -1
+                # pending) is new: wait for the next producer — unless this
+                # consumer was forked while this very run was open (it started
+                # late for it): then its run is over, and it stops.
+                state, born = ledger.state(), args[0]
+                late = state == "idle" and born == ledger.epoch
+                ledger.consumers[conn] = ledger.epoch if state == "closing" or late else -1
             return True
         if op == wire.DETACH_CONSUMER:
             ledger.consumers.pop(conn, None)
@@ -416,10 +425,12 @@ class Broker:
 
 
 def _close_in_child(ref: weakref.ref[Broker]) -> None:
-    """In a forked child: close the broker's sockets (its thread did not follow)."""
+    """In a forked child: close the broker's sockets (its thread did not follow),
+    and note each queue's run as it was when the child was forked."""
     broker = ref()
     if broker is None or broker._stopping:
         return
+    broker.forked_in = {name: (lg.epoch, lg.closed) for name, lg in broker.ledgers.items()}
     broker._stopping = True
     with contextlib.suppress(OSError):
         broker._close_all()

@@ -331,3 +331,47 @@ def test_dispose_in_a_child_process_keeps_the_queue(make_local: Any) -> None:
     q.put("still works")
     q.attach_consumer()
     assert take_bodies(q, 1) == ["still works"]
+
+
+# ---------------------------------------------------------------- idle is new
+
+
+def _attach_when_told(q: LocalQueue, go: Any, report: Connection) -> None:
+    go.wait(10)
+    q.attach_consumer()
+    lease = q.take(1, timeout=0.5)
+    report.send(None if lease is None else lease.sentinel is not None)
+
+
+def _late_consumer(q: LocalQueue) -> tuple[Any, Any, Connection]:
+    go = fork.Event()
+    mine, theirs = fork.Pipe(duplex=False)
+    child = fork.Process(target=_attach_when_told, args=(q, go, theirs), daemon=True)
+    child.start()
+    return child, go, mine
+
+
+def test_a_consumer_forked_during_a_run_that_attaches_after_it_ends_stops(
+    make_local: Any,
+) -> None:
+    # Given a consumer process started while the run is open, slow to attach
+    q = make_local()
+    child, go, report = _late_consumer(q)
+    # When the run ends (closed, nothing pending) before it attaches
+    q.close()
+    go.set()
+    # Then its run is over: it gets its sentinel, as a classic consumer would
+    assert report.poll(10) and report.recv() is True
+    child.join(10)
+
+
+def test_a_consumer_forked_while_the_queue_is_idle_waits_for_the_next_run(
+    make_local: Any,
+) -> None:
+    q = make_local()
+    q.close()
+    assert q.state() == "idle"
+    child, go, report = _late_consumer(q)
+    go.set()
+    assert report.poll(10) and report.recv() is None  # no sentinel: it waits
+    child.join(10)

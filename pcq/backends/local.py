@@ -63,6 +63,7 @@ class LocalQueue(Queue):
 
     backend = "local"
     one_message_per_batch = True
+    multiple_leases = True  # leases live per connection, each acknowledged by its id
 
     def __init__(
         self,

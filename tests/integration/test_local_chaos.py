@@ -230,7 +230,7 @@ def test_pcq_run_dead_letters_a_poison_task_and_handles_every_innocent_one(
     assert result.returncode == 1, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     assert (summary["produced"], summary["done"], summary["failed"], summary["dead"]) == (
-        n, n - 1, 1, 1)
+        n, n - 1, 1, 1), (summary, result.stderr[-3000:])
     assert summary["restarts"] == 3  # the default max_deliveries
     assert set(local_jobs.handled(tmp_path)) == set(range(n)) - {137}
 

@@ -22,7 +22,10 @@ Design points others build on:
 (a) One broker hosts several named queues (:meth:`LocalQueue.sibling`).  The
     broker applies each request whole, in one thread, so a combined request —
     "put these outputs on queue B and acknowledge this lease on queue A" — is
-    atomic by construction: it only has to check B's room before applying both.
+    atomic by construction.  That is what a stage's ack is (``_ack_out``: an ACK
+    or ACK_TAKE request whose tail names B, carries the outputs, and the tasks
+    each holds); a stale lease puts nothing.  B's room is not checked there: the
+    stage waits for room before it sends (``Queue.wait_for_room``).
 (b) A connection may hold several leases at once, acknowledged independently
     (each take returns a lease id; an ack names it).
 (c) The wire protocol lives in ``local_wire``, the broker's loop in
@@ -46,6 +49,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -53,7 +57,7 @@ from pcq.backends import local_wire as wire
 from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Counters, Lease, Outcome, Queue
 from pcq.backends.local_broker import Broker
 from pcq.envelope import decode_dead, encode_sentinel, envelope_from_dead
-from pcq.errors import BackendUnavailable
+from pcq.errors import BackendUnavailable, ConfigError
 
 
 class LocalQueue(Queue):
@@ -258,6 +262,31 @@ class LocalQueue(Queue):
         self._call(wire.ACK, *self._ack_args(lease, outcome),
                    point="give-back" if outcome.give_back else "ack")
 
+    def _ack_out(self, lease: Lease, outcome: Outcome, to: Queue) -> None:
+        # The broker applies the ack and the outputs in one request, in its one
+        # thread: atomic by construction, and nothing for a stale lease.
+        if not lease.receipt:
+            return
+        self._call(wire.ACK, *self._ack_args(lease, outcome), *self._output_args(outcome, to),
+                   point="give-back" if outcome.give_back else "ack")
+
+    @staticmethod
+    def _output_args(outcome: Outcome, to: Queue | None) -> list[Any]:
+        """The outputs part of an ack request: target queue, messages, and the
+        tasks each message holds (``to.output_batch`` a message, the last fewer)."""
+        if to is None or not outcome.outputs:
+            return []
+        step, total = to.output_batch, outcome.output_tasks
+        counts = [min(step, total - i * step) for i in range(len(outcome.outputs))]
+        return [to.name, outcome.outputs, counts]
+
+    def _check_target(self, to: Queue) -> None:
+        super()._check_target(to)
+        assert isinstance(to, LocalQueue)
+        if to._address != self._address:
+            raise ConfigError(f"local queues {self.name!r} and {to.name!r} are on different "
+                              "brokers: open a stage's next queue with queue.sibling(name)")
+
     def _ack_args(self, lease: Lease, outcome: Outcome) -> list[Any]:
         cost, self._cost_report = self._cost_report, 0
         return [lease.receipt, outcome.done, outcome.failed, outcome.retry, outcome.dead,
@@ -270,13 +299,19 @@ class LocalQueue(Queue):
         give_back: Any = (),
         max_tasks: int = 1,
         timeout: float | None = None,
+        outputs: Sequence[Any] = (),
+        to: Queue | None = None,
     ) -> Lease | None:
-        """Acknowledge ``lease`` and take the next in one round trip."""
+        """Acknowledge ``lease`` (with its ``outputs`` for ``to``) and take the
+        next in one round trip."""
+        if to is not None:
+            self._check_target(to)
         if not lease.receipt:
             return self.take(max_tasks, timeout)
-        outcome = self._outcome(lease, failures, give_back)
+        outcome = self._outcome(lease, failures, give_back, outputs, to)
         reply = self._call(wire.ACK_TAKE, *self._ack_args(lease, outcome), max(1, max_tasks),
-                           timeout, point="give-back" if outcome.give_back else "ack",
+                           timeout, *self._output_args(outcome, to),
+                           point="give-back" if outcome.give_back else "ack",
                            take=True)
         got = self._leased(reply)
         return None if got is None else self._lease(*got)

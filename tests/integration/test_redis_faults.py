@@ -4,7 +4,9 @@ backpressure.  The partition and TLS cases have files of their own."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import time
@@ -112,3 +114,54 @@ def test_a_restart_with_persistence_is_no_loss(redis_server: RedisServer, tmp_pa
     assert code == 0, host_err
     assert Counter(handled(tmp_path)).keys() == set(range(100))
     assert "keeps nothing" not in err + host_err
+
+
+# ---------------------------------------------------------------- 2. a dead host, no producer waiting
+
+
+def live_consumers(client: redis.Redis, name: str) -> int:
+    return int(client.zcount(f"pcq:{{{name}}}:consumers:beat", f"({time.time() * 1000}", "+inf"))
+
+
+def started_by(out: Path, pids: set[int]) -> bool:
+    return any((out / f"{pid}.started").exists() for pid in pids)
+
+
+@pytest.mark.timeout(180)
+def test_a_dead_hosts_tasks_are_finished_by_the_survivor_without_a_producer(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # Given two hosts of 3 workers each, on a heartbeat TTL of 2 s
+    env = pcq_env(redis_url, tmp_path, JOBS_N="30", JOBS_SLEEP="0.3")
+    name, client = env["PCQ_QUEUE"], redis.Redis.from_url(redis_url)
+    options = ["--workers", "3", "--heartbeat-ttl", "2", "--json"]
+    survivor = consume(env, *options, handler="handle_slow_first")
+    doomed = consume(env, *options, handler="handle_slow_first")
+    wait_for(lambda: live_consumers(client, name) == 6, timeout=60, message="6 consumers")
+    # and a producer that puts 30 slow tasks, closes and leaves
+    code, _, err = finish(produce(env, "--no-wait"))
+    assert code == 0, err
+
+    # When one host is SIGKILLed, process group and all, while it holds tasks
+    doomed_pids = set(session_pids(doomed.pid)) - {doomed.pid}
+    wait_for(lambda: started_by(tmp_path, doomed_pids), timeout=60, message="a doomed task")
+    for pid in session_pids(doomed.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    doomed.wait(timeout=30)
+
+    # Then the survivor alone finishes every task, without forking in a loop
+    forked: set[int] = set()
+
+    def survivor_exited() -> bool:
+        forked.update(session_pids(survivor.pid))
+        return survivor.poll() is not None
+
+    wait_for(survivor_exited, timeout=90, message="the survivor to exit", interval=0.01)
+    code, out, err = finish(survivor)
+    assert code == 0, err
+    assert json.loads(out)["restarts"] == 0
+    assert len(forked - {survivor.pid}) <= 3 + 2, f"{len(forked)} processes: a fork loop"
+    assert set(handled(tmp_path)) == set(range(30))
+    counters = client.hgetall(f"pcq:{{{name}}}:counters")
+    assert (int(counters[b"pending"]), int(counters[b"done"])) == (0, 30)

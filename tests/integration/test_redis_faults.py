@@ -165,3 +165,33 @@ def test_a_dead_hosts_tasks_are_finished_by_the_survivor_without_a_producer(
     assert set(handled(tmp_path)) == set(range(30))
     counters = client.hgetall(f"pcq:{{{name}}}:counters")
     assert (int(counters[b"pending"]), int(counters[b"done"])) == (0, 30)
+
+
+# ---------------------------------------------------------------- 4. interrupts under backpressure
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_producer_waiting_for_room_stops_at_the_first_signal(
+    redis_url: str, tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Given a producer of 100,000 tasks held back by --maxsize 10, no consumer
+    env = pcq_env(redis_url, tmp_path, JOBS_N="100000")
+    name, client = env["PCQ_QUEUE"], redis.Redis.from_url(redis_url)
+    ready = f"pcq:{{{name}}}:ready"
+    producer = produce(env, "--maxsize", "10", "--json")
+    wait_for(lambda: client.llen(ready) >= 10, timeout=60, message="a full queue")
+
+    # When it gets one signal
+    sent = time.monotonic()
+    producer.send_signal(sig)
+
+    # Then it exits within the grace period with 128 + the signal
+    code, out, err = finish(producer, timeout=30)
+    assert time.monotonic() - sent < 5.0
+    assert code == 128 + sig, err
+    assert "Traceback" not in err
+    assert json.loads(out)["produced"] == 10
+    # and nothing more reached the server
+    counters = client.hgetall(f"pcq:{{{name}}}:counters")
+    assert (client.llen(ready), int(counters[b"produced"])) == (10, 10)

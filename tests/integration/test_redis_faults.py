@@ -195,3 +195,62 @@ def test_a_producer_waiting_for_room_stops_at_the_first_signal(
     # and nothing more reached the server
     counters = client.hgetall(f"pcq:{{{name}}}:counters")
     assert (client.llen(ready), int(counters[b"produced"])) == (10, 10)
+
+
+# ---------------------------------------------------------------- 3. a long outage
+
+
+def outage_lines(stderr: str) -> tuple[int, int]:
+    """How many 'link lost' and 'link back' lines ``stderr`` holds."""
+    return stderr.count("pcq: lost the link to Redis"), stderr.count("is back after")
+
+
+@pytest.mark.timeout(120)
+def test_an_outage_longer_than_the_reconnect_timeout_is_one_line_and_exit_3(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Given a host and a waiting producer with a reconnect budget of 3 s
+    env = pcq_env(redis_server.url, tmp_path, JOBS_N="200", JOBS_SLEEP="0.05",
+                  PCQ_RECONNECT_TIMEOUT="3")
+    host = consume(env, "--workers", "3")
+    producer = produce(env)
+    wait_for(lambda: len(handled(tmp_path)) >= 10, timeout=60, message="10 tasks handled")
+
+    # When the server goes away for good
+    redis_server.stop()
+    gone = time.monotonic()
+
+    # Then each says once that the link is lost, then gives up with one error line
+    for proc in (host, producer):
+        code, _, err = finish(proc, timeout=60)
+        assert code == 3, err
+        assert outage_lines(err) == (1, 0), err
+        [line] = error_lines(err)
+        assert "unreachable, retried 3 s" in line
+        assert "Traceback" not in err
+        assert len(err.splitlines()) <= 3, err  # the warning-free server: lost + error
+    assert time.monotonic() - gone < 3 + 10  # the budget, a connect timeout, a grace
+
+
+@pytest.mark.timeout(120)
+def test_an_outage_within_the_reconnect_timeout_is_a_line_when_lost_and_one_when_back(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = pcq_env(redis_server.url, tmp_path, JOBS_N="100", JOBS_SLEEP="0.02",
+                  PCQ_RECONNECT_TIMEOUT="30")
+    host = consume(env, "--workers", "3")
+    producer = produce(env, "--json")
+    wait_for(lambda: len(handled(tmp_path)) >= 10, timeout=60, message="10 tasks handled")
+    # When the server is away for a second and comes back with its data
+    redis_server.stop()
+    time.sleep(1.0)  # the outage itself (what the test is about), not a wait for a condition
+    redis_server.start()
+    # Then the job finishes and each process said "lost" once and "back" once
+    code, out, err = finish(producer)
+    assert code == 0, err
+    assert json.loads(out)["done"] == 100
+    assert outage_lines(err) == (1, 1), err
+    code, _, err = finish(host)
+    assert code == 0, err
+    assert outage_lines(err) == (1, 1), err
+    assert "Traceback" not in err

@@ -279,8 +279,7 @@ class Consumer(_Process):
                     continue
             started = time.perf_counter()
             failures, give_back, handled = self._handle_lease(lease)
-            if self._tally is not None:
-                self._count(handled, failures)
+            stale = queue.stale_leases  # an ack that comes too late is not ours to count
             if handled:
                 cost = (time.perf_counter() - started) / handled
                 queue.note_task_cost(cost)
@@ -288,11 +287,17 @@ class Consumer(_Process):
                 want = max(1, min(MAX_BATCH, want * 2, fit))
             if lease.sentinel is not None or self._stopping:
                 queue.ack(lease, failures, give_back)
+                self._count(queue.stale_leases == stale, handled, failures)
                 return
             lease = queue.ack_and_take(lease, failures, give_back, want, timeout=IDLE_WAIT)
+            self._count(queue.stale_leases == stale, handled, failures)
 
-    def _count(self, handled: int, failures: list[Failure]) -> None:
-        assert self._tally is not None
+    def _count(self, applied: bool, handled: int, failures: list[Failure]) -> None:
+        """Add a lease to this consumer's tally, unless its ack was ``applied``
+        too late (the lease was reaped and went to another consumer, which counts
+        it): a host's summary counts only what its acks changed."""
+        if self._tally is None or not applied:
+            return
         array, at = self._tally
         dead = sum(1 for f in failures if f.retry_in is None)
         array[at] += handled - len(failures)

@@ -368,6 +368,10 @@ class Queue(ABC):
 
     #: How often ``join`` and idle consumers look for dead consumers' tasks.
     reap_interval: float = 1.0
+    #: Leases this process acknowledged after they were reaped (stale: their acks
+    #: changed nothing, whoever handled them again counts them).  Backends that
+    #: can tell add to it in ``_ack``.
+    stale_leases: int = 0
 
     @abstractmethod
     def close(self) -> None:

@@ -401,9 +401,14 @@ class RedisQueue(Queue):
         receipt = self._receipt(lease)
         if not receipt.messages:
             return  # a sentinel made up for a drained queue: nothing is in flight
-        _applied, held = self._link.run("ack", *self._ack_call(receipt, outcome, ""))
+        applied, held = self._link.run("ack", *self._ack_call(receipt, outcome, ""))
+        self._note_ack(applied)
         if receipt.consumer == self._consumer_id:
             self._held = int(held)
+
+    def _note_ack(self, code: int) -> None:
+        if int(code) == 0:  # ack.lua: the lease was reaped before this ack came
+            self.stale_leases += 1
 
     @staticmethod
     def _receipt(lease: Lease) -> _Receipt:
@@ -487,6 +492,7 @@ class RedisQueue(Queue):
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
+        self._note_ack(replies[0][0])
         return cast("list[Any]", replies[1])
 
     # ------------------------------------------------------------------ lifecycle

@@ -51,7 +51,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("pcq: error:")]
 
 
-# ---------------------------------------------------------------- 1. restart without persistence
+# -------------------------------------------------------- 1. restart without persistence
 
 
 @pytest.mark.timeout(180)
@@ -116,7 +116,7 @@ def test_a_restart_with_persistence_is_no_loss(redis_server: RedisServer, tmp_pa
     assert "keeps nothing" not in err + host_err
 
 
-# ---------------------------------------------------------------- 2. a dead host, no producer waiting
+# -------------------------------------------------------- 2. a dead host, no producer waiting
 
 
 def live_consumers(client: redis.Redis, name: str) -> int:

@@ -143,6 +143,7 @@ def test_a_stale_ack_changes_nothing(make: Factory) -> None:
 
     # Then no counter moved and nothing was written: the task is B's to finish
     assert b.counters() == before
+    assert a.stale_leases == 1  # and A knows: its own summary does not count it
     assert b.dead_letters() == []
     fresh = take_lease(b)
     assert [e.id for e in fresh.envelopes()] == [env.id]
@@ -860,7 +861,9 @@ def test_a_stale_ack_in_ack_and_take_changes_nothing(make: Factory) -> None:
     assert (c.done, c.failed, c.pending, c.dead) == (before.done, 0, 1, 0)
     assert b.dead_letters() == []
     assert again is not None and [e.id for e in again.envelopes()] == [env.id]
+    assert a.stale_leases == 1
     a.ack(again)
+    assert a.stale_leases == 1
     c = b.counters()
     assert (c.done, c.failed, c.pending, c.in_flight) == (1, 0, 0, 0)
 

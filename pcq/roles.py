@@ -293,9 +293,10 @@ class Consumer(_Process):
             self._count(queue.stale_leases == stale, handled, failures)
 
     def _count(self, applied: bool, handled: int, failures: list[Failure]) -> None:
-        """Add a lease to this consumer's tally, unless its ack was ``applied``
-        too late (the lease was reaped and went to another consumer, which counts
-        it): a host's summary counts only what its acks changed."""
+        """Add a lease to this consumer's tally if its ack was ``applied``.  An
+        ack that came too late (the lease was reaped and went to another
+        consumer, which counts it) counts nowhere: a host's summary holds only
+        what its acks changed."""
         if self._tally is None or not applied:
             return
         array, at = self._tally

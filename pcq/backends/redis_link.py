@@ -171,8 +171,9 @@ class Link:
         self._scripts = {}
         self._lock = threading.Lock()
         self._down_since: float | None = None  # monotonic time of the outage's first failure
+        self._prober: redis.Redis | None = self._injected  # probe()'s own client
 
-    def _build(self) -> redis.Redis:
+    def _build(self, socket_timeout: float = SOCKET_TIMEOUT) -> redis.Redis:
         try:
             parts = urlsplit(self.url)
             db = parts.path.strip("/")
@@ -181,7 +182,7 @@ class Link:
             tls: dict[str, Any] = {"connection_class": _TlsConnection}
             return redis.Redis.from_url(
                 self.url,
-                socket_timeout=SOCKET_TIMEOUT,
+                socket_timeout=socket_timeout,
                 socket_connect_timeout=CONNECT_TIMEOUT,
                 retry=Retry(NoBackoff(), 0),
                 redis_connect_func=self._on_connect,
@@ -192,7 +193,8 @@ class Link:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_client", "_injected", "_scripts", "_lock", "_pinged", "_pid", "_down_since"):
+        for name in ("_client", "_injected", "_scripts", "_lock", "_pinged", "_pid", "_down_since",
+                     "_prober"):
             state.pop(name, None)
         return state
 
@@ -331,8 +333,15 @@ class Link:
         """One PING, no retry: True when the server answers, False while it is
         away within the budget.  Raises :class:`~pcq.errors.BackendLost` once the
         budget is spent or the queue's data was lost."""
+        def ping(client: redis.Redis) -> Any:
+            # A client of its own, whose reads time out with the connect timeout:
+            # a partition must not hold a supervisor's loop for the socket timeout.
+            if self._prober is None:
+                self._prober = self._build(socket_timeout=CONNECT_TIMEOUT)
+            return self._prober.ping()
+
         try:
-            self.call(lambda client: client.ping(), retry=False)
+            self.call(ping, retry=False)
         except BackendLost:
             raise
         except BackendUnavailable:
@@ -344,7 +353,9 @@ class Link:
         its owner's to close)."""
         with self._lock:
             client, self._client = self._client, self._injected
+            prober, self._prober = self._prober, self._injected
             self._scripts = {}
             self._pinged = False
-        if client is not None and client is not self._injected and self._pid == os.getpid():
-            client.close()
+        for built in (client, prober):
+            if built is not None and built is not self._injected and self._pid == os.getpid():
+                built.close()

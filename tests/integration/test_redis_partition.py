@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,6 +135,10 @@ def test_a_host_cut_off_past_its_ttl_loses_its_tasks_and_rejoins_without_double_
         wait_for(lambda: len(consumer_pids(client, name)) == 2, timeout=60, message="near host")
         near_pids = consumer_pids(client, name)
         far = start_in(partition.ns, args, env)
+        far_err: list[str] = []  # read as it comes: the test waits for a line of it
+        assert far.stderr is not None
+        reader = threading.Thread(target=lambda: far_err.extend(far.stderr or []), daemon=True)
+        reader.start()
         wait_for(lambda: len(consumer_pids(client, name)) == 4, timeout=60, message="far host")
         far_pids = consumer_pids(client, name) - near_pids
         producer = start_pcq(["produce", f"{APP}:produce", "--json"], env)
@@ -151,6 +156,8 @@ def test_a_host_cut_off_past_its_ttl_loses_its_tasks_and_rejoins_without_double_
                  message="the far host's consumers reaped")
         wait_for(lambda: held <= handled_by(tmp_path, near_pids), timeout=90,
                  message="the far host's tasks handled by the near host")
+        wait_for(lambda: any("pcq: lost the link" in line for line in far_err), timeout=30,
+                 message="the far host to say it lost the link")
         assert far.poll() is None, "the cut-off host must wait, not exit"
         late = started(tmp_path, far_pids) - handled_by(tmp_path, near_pids)
         partition.heal()
@@ -161,12 +168,19 @@ def test_a_host_cut_off_past_its_ttl_loses_its_tasks_and_rejoins_without_double_
         summary = json.loads(out)
         assert (summary["produced"], summary["done"], summary["failed"]) == (40, 40, 0)
         results = {}
-        for host in (near, far):
-            out, err = host.communicate(timeout=120)
-            assert host.returncode == 0, err
-            assert "Traceback" not in err
-            assert err.count("pcq: lost the link") <= 1, err
-            results[host.pid] = json.loads(out)
+        out, err = near.communicate(timeout=120)
+        assert near.returncode == 0, err
+        assert "Traceback" not in err and "pcq: lost the link" not in err
+        results[near.pid] = json.loads(out)
+        assert far.stdout is not None
+        out = far.stdout.read()
+        assert far.wait(timeout=120) == 0, far_err
+        reader.join(30)
+        err = "".join(far_err)
+        assert "Traceback" not in err
+        # one line when the link went, one when it came back
+        assert (err.count("pcq: lost the link"), err.count("is back after")) == (1, 1), err
+        results[far.pid] = json.loads(out)
         assert results[near.pid]["done"] + results[far.pid]["done"] == 40
         # nothing was lost, and the far host's late acks changed no counter
         assert set(handled(tmp_path)) == set(range(40))

@@ -50,6 +50,9 @@ Workers = Annotated[int, typer.Option(min=1, help="Consumer processes.")]
 Retries = Annotated[int, typer.Option(min=0, help="Retries of a failing task before it is dead.")]
 Timeout = Annotated[float | None, typer.Option(
     min=0.001, help="Seconds a task may run; longer counts as a failed attempt.")]
+Concurrency = Annotated[int, typer.Option(
+    min=1, help="Tasks each consumer process runs at once: threads, or asyncio tasks for "
+                "an async def handler. For handlers that wait (network, disk).")]
 Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
 HeartbeatTtl = Annotated[float | None, typer.Option(
     min=0.1, envvar="PCQ_HEARTBEAT_TTL",
@@ -166,6 +169,7 @@ def run_command(
     queue: Name = "default",
     retries: Retries = 0,
     timeout: Timeout = None,
+    concurrency: Concurrency = 1,
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
@@ -180,7 +184,7 @@ def run_command(
     with _ProgressBar(not no_progress) as bar:
         summary = run(produce, handle, workers=workers, producers=producers, maxsize=maxsize,
                       retries=retries, timeout=timeout, backend=backend, url=url, queue=queue,
-                      on_progress=bar.update, **options)
+                      on_progress=bar.update, concurrency=concurrency, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
 
@@ -239,6 +243,7 @@ def consume_command(
     queue: Name = "default",
     retries: Retries = 0,
     timeout: Timeout = None,
+    concurrency: Concurrency = 1,
     as_json: Json = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
@@ -248,7 +253,8 @@ def consume_command(
     q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl, reconnect_timeout))
     try:
         q.counters()  # fail fast, in this process, if the server cannot be reached
-        summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout)
+        summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
+                              concurrency=concurrency)
     finally:
         q.dispose()
     _report(summary, as_json, "consume")

@@ -13,8 +13,10 @@ no child outlives a killed parent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import inspect
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -39,6 +41,7 @@ from pcq.backends.base import (
 )
 from pcq.envelope import Batch, Envelope
 from pcq.errors import BackendLost, PcqError, TaskTimeout
+from pcq.slots import consume_concurrently, run_coroutine
 
 log = logging.getLogger("pcq")
 
@@ -199,7 +202,14 @@ class Consumer(_Process):
     ``backoff * 2**attempt`` seconds, then dead-lettered with its traceback.  With
     ``timeout``, a handler still running after that many seconds is interrupted
     (SIGALRM) and the attempt counts as failed.
+
+    With ``concurrency`` C > 1, up to C tasks run at once: a plain handler in C
+    threads, an ``async def`` handler as asyncio tasks (see :mod:`pcq.slots`).
+    An ``async def`` handler is always awaited: at C == 1 on an event loop of
+    this process, one task at a time.
     """
+
+    _call: Callable[[Any], Any]  # what handles one task body (set by consume())
 
     def __init__(
         self,
@@ -211,16 +221,21 @@ class Consumer(_Process):
         backoff: float = 0.05,
         tally: tuple[Any, int] | None = None,
         name: str | None = None,
+        concurrency: int = 1,
     ) -> None:
         super().__init__(name=name)
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.queue = queue
         self._handle = handle
+        self.concurrency = concurrency
         self._tally = tally  # optional (shared int64 array, offset): done, failed, retried
         self.retries = retries
         self.timeout = timeout
         self.backoff = backoff
         self._parent_pid = os.getpid()
         self._stopping = False
+        self._stale_seen = 0  # the queue's stale_leases at the last _count
 
     def handle(self, item: Any) -> Any:
         """Handle one task.  Override, or pass ``handle=`` to the constructor."""
@@ -245,6 +260,7 @@ class Consumer(_Process):
 
             signal.signal(signal.SIGALRM, expire)
         queue = self.queue
+        self._stale_seen = queue.stale_leases
         code = 0
         try:
             queue.attach_consumer()
@@ -260,9 +276,37 @@ class Consumer(_Process):
         if code:
             sys.exit(code)
 
+    def _is_async(self) -> bool:
+        """Whether the handler is an ``async def`` (``handle=``, or an override;
+        a partial of one, or an object whose ``__call__`` is one, counts too)."""
+        own = self._handle is not None and type(self).handle is Consumer.handle
+        fn = self._handle if own else self.handle
+        return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None))  # noqa: B004 - the method, not callable()
+
     def consume(self) -> None:
         """The loop: take a lease, handle it, acknowledge it together with taking
         the next (one round trip where the backend can); stop at a sentinel."""
+        is_async = self._is_async()
+        if self.concurrency > 1:
+            consume_concurrently(
+                self.queue, self.handle, is_async=is_async, slots=self.concurrency,
+                timeout=self.timeout, stopping=lambda: self._stopping, failure=self._failure,
+                count=self._count if self._tally is not None else None)
+            return
+        if not is_async:
+            self._call = self._call_with_timeout if self.timeout else self.handle
+            self._consume()
+            return
+        loop = asyncio.new_event_loop()  # one per process: await each task on it in turn
+        self._call = lambda body: loop.run_until_complete(
+            run_coroutine(self.handle(body), self.timeout))
+        try:
+            self._consume()
+        finally:
+            loop.close()
+
+    def _consume(self) -> None:
         queue = self.queue
         want = 1  # tasks per take: grows while tasks are cheap (slow start)
         next_reap = time.monotonic() + queue.reap_interval
@@ -279,7 +323,6 @@ class Consumer(_Process):
                     continue
             started = time.perf_counter()
             failures, give_back, handled = self._handle_lease(lease)
-            stale = queue.stale_leases  # an ack that comes too late is not ours to count
             if handled:
                 cost = (time.perf_counter() - started) / handled
                 queue.note_task_cost(cost)
@@ -287,17 +330,19 @@ class Consumer(_Process):
                 want = max(1, min(MAX_BATCH, want * 2, fit))
             if lease.sentinel is not None or self._stopping:
                 queue.ack(lease, failures, give_back)
-                self._count(queue.stale_leases == stale, handled, failures)
+                self._count(handled, failures)
                 return
             lease = queue.ack_and_take(lease, failures, give_back, want, timeout=IDLE_WAIT)
-            self._count(queue.stale_leases == stale, handled, failures)
+            self._count(handled, failures)  # after the ack: it may have come too late
 
-    def _count(self, applied: bool, handled: int, failures: list[Failure]) -> None:
-        """Add a lease to this consumer's tally if its ack was ``applied``.  An
-        ack that came too late (the lease was reaped and went to another
-        consumer, which counts it) counts nowhere: a host's summary holds only
-        what its acks changed."""
-        if self._tally is None or not applied:
+    def _count(self, handled: int, failures: list[Failure]) -> None:
+        """Add the lease just acknowledged to this consumer's tally, unless that
+        ack came too late (the lease was reaped and went to another consumer,
+        which counts it; the backend's ``stale_leases`` grew): a host's summary
+        holds only what its acks changed.  Called once after each ack."""
+        stale, seen = self.queue.stale_leases, self._stale_seen
+        self._stale_seen = stale
+        if self._tally is None or stale != seen:
             return
         array, at = self._tally
         dead = sum(1 for f in failures if f.retry_in is None)
@@ -309,7 +354,7 @@ class Consumer(_Process):
         """Handle every task of ``lease``; on a stop request, finish the running
         task and return the rest unstarted.  Returns (failures, give_back, handled)."""
         failures: list[Failure] = []
-        call = self._call_with_timeout if self.timeout else self.handle
+        call = self._call
         handled = 0
         for n, batch in enumerate(lease.batches):
             for i, body in enumerate(batch.bodies):
@@ -335,7 +380,7 @@ class Consumer(_Process):
     def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:
         env = batch.envelope(index)
         error = f"{type(exc).__name__}: {exc}"
-        tb = traceback.format_exc()
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         if env.attempts < self.retries:
             delay = self.backoff * (2**env.attempts) * (1 + random.random() / 4)
             log.info("task %s failed (%s); retry in %.2fs", env.id, error, delay)

@@ -100,6 +100,7 @@ def run(
     maxsize: int = 1000,
     retries: int = 0,
     timeout: float | None = None,
+    concurrency: int = 1,
     backend: str | None = None,
     url: str | None = None,
     queue: str = "default",
@@ -108,12 +109,15 @@ def run(
     **queue_options: Any,
 ) -> Summary:
     """Run ``produce`` in ``producers`` processes and ``handle`` in ``workers``
-    consumer processes until every task is done; return the summary."""
-    if workers < 1 or producers < 1:
-        raise ValueError("workers and producers must be at least 1")
+    consumer processes until every task is done; return the summary.  Each
+    consumer runs up to ``concurrency`` tasks at once (threads, or asyncio tasks
+    for an ``async def`` handler)."""
+    if workers < 1 or producers < 1 or concurrency < 1:
+        raise ValueError("workers, producers and concurrency must be at least 1")
     q = open_queue(backend, url=url, name=queue, maxsize=maxsize, **queue_options)
     try:
-        return _run(q, produce, handle, workers, producers, retries, timeout, grace, on_progress)
+        return _run(q, produce, handle, workers, producers, retries, timeout, grace, on_progress,
+                    concurrency)
     finally:
         q.dispose()
 
@@ -128,6 +132,7 @@ def _run(
     timeout: float | None,
     grace: float,
     on_progress: Callable[[Counters, float], None] | None,
+    concurrency: int = 1,
 ) -> Summary:
     started = time.monotonic()
     before = q.counters()
@@ -138,7 +143,8 @@ def _run(
     q.attach_producer()
     supervisor = Supervisor(
         q,
-        lambda i: Consumer(q, handle, retries=retries, timeout=timeout, name=f"pcq-consumer-{i}"),
+        lambda i: Consumer(q, handle, retries=retries, timeout=timeout, name=f"pcq-consumer-{i}",
+                           concurrency=concurrency),
         workers,
     )
     running: dict[int, Producer] = {}
@@ -253,6 +259,7 @@ def consume_job(
     retries: int = 0,
     timeout: float | None = None,
     grace: float = GRACE_SECONDS,
+    concurrency: int = 1,
 ) -> Summary:
     """Run ``workers`` supervised consumers until each has taken its sentinel
     (``pcq consume``).  Counts are what this host's consumers did."""
@@ -261,7 +268,8 @@ def consume_job(
     supervisor = Supervisor(
         q,
         lambda i: Consumer(q, handle, retries=retries, timeout=timeout,
-                           tally=tallies.row(i), name=f"pcq-consumer-{i}"),
+                           tally=tallies.row(i), name=f"pcq-consumer-{i}",
+                           concurrency=concurrency),
         workers,
     )
     stopped: int | None = None

@@ -13,11 +13,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pcq.backends import open_queue
 from pcq.backends.base import Queue
 from pcq.errors import (
+    BackendLost,
     BackendUnavailable,
     ConfigError,
     DecodeError,
     ImportSpecError,
     PcqError,
+    QueueDataLost,
     SerializationError,
     TaskFailed,
     TaskTimeout,
@@ -34,6 +36,7 @@ except PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "BackendLost",
     "BackendUnavailable",
     "ConfigError",
     "Consumer",
@@ -42,6 +45,7 @@ __all__ = [
     "PcqError",
     "Producer",
     "Queue",
+    "QueueDataLost",
     "SerializationError",
     "Stage",
     "Summary",

@@ -1,7 +1,8 @@
 """The ``pcq`` command: parse, delegate to the library, turn errors into exit codes.
 
 Exit codes: 0 all done, 1 some tasks failed, 2 usage or configuration error,
-128 + signal when interrupted (130 for Ctrl-C, 143 for SIGTERM).
+3 the backend was lost mid-run (unreachable past --reconnect-timeout, or it lost
+the queue's data), 128 + signal when interrupted (130 for Ctrl-C, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from rich.table import Table
 
 from pcq.backends import backend_for, open_queue
 from pcq.backends.base import Counters, Queue
-from pcq.errors import ConfigError, PcqError
+from pcq.errors import BackendLost, ConfigError, PcqError
 from pcq.loader import load_callable
 from pcq.pipeline import run
-from pcq.run import EXIT_USAGE, Summary, consume_job, produce_job
+from pcq.run import EXIT_BACKEND_LOST, EXIT_USAGE, Summary, consume_job, produce_job
 
 app = typer.Typer(
     name="pcq",
@@ -58,10 +59,19 @@ HeartbeatTtl = Annotated[float | None, typer.Option(
     min=0.1, envvar="PCQ_HEARTBEAT_TTL",
     help="Redis: seconds without a heartbeat after which a consumer counts as dead "
          "and its tasks go back (default 5; env PCQ_HEARTBEAT_TTL).")]
+ReconnectTimeout = Annotated[float | None, typer.Option(
+    min=0.1, envvar="PCQ_RECONNECT_TIMEOUT",
+    help="Redis: seconds to keep reconnecting after the link is lost before giving up "
+         "with exit code 3 (default 60; env PCQ_RECONNECT_TIMEOUT).")]
 
 
-def _options(heartbeat_ttl: float | None) -> dict[str, Any]:
-    return {} if heartbeat_ttl is None else {"heartbeat_ttl": heartbeat_ttl}
+def _options(heartbeat_ttl: float | None, reconnect_timeout: float | None = None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if heartbeat_ttl is not None:
+        options["heartbeat_ttl"] = heartbeat_ttl
+    if reconnect_timeout is not None:
+        options["retry_for"] = reconnect_timeout
+    return options
 
 
 def _shared_queue(
@@ -231,6 +241,7 @@ def run_command(
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
+    reconnect_timeout: ReconnectTimeout = None,
 ) -> None:
     """Run a whole job — producers, consumers (of every stage), close, summary — on
     this host (local by default)."""
@@ -238,7 +249,8 @@ def run_command(
     handles = [load_callable(h, "HANDLER") for h in handlers]
     n = len(handles)
     shared = backend_for(backend, url) != "local"
-    options = _options(heartbeat_ttl) if shared else {}  # local consumers have no heartbeat
+    # local consumers have no heartbeat and no server to reconnect to
+    options = _options(heartbeat_ttl, reconnect_timeout) if shared else {}
     names = [h.rsplit(":", 1)[-1] for h in handlers]
     with _ProgressBar(not no_progress) as bar:
         summary = run(produce, *handles, workers=_per_stage(workers, n, "--workers", int),
@@ -281,11 +293,12 @@ def produce_command(
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
+    reconnect_timeout: ReconnectTimeout = None,
 ) -> None:
     """Put tasks on a shared queue, close it when the last producer is done, and
     wait until every task is acknowledged."""
     items = _json_lines(sys.stdin) if producer == "-" else load_callable(producer, "PRODUCER")()
-    q = _shared_queue(backend, url, queue, maxsize, **_options(heartbeat_ttl))
+    q = _shared_queue(backend, url, queue, maxsize, **_options(heartbeat_ttl, reconnect_timeout))
     try:
         with _ProgressBar(not no_progress and not no_wait) as bar:
             summary = produce_job(q, items, close=not no_close, wait_done=not no_wait,
@@ -309,13 +322,14 @@ def consume_command(
     concurrency: Concurrency = 1,
     as_json: Json = False,
     heartbeat_ttl: HeartbeatTtl = None,
+    reconnect_timeout: ReconnectTimeout = None,
     to: Annotated[str | None, typer.Option(
         "--to", help="A stage: put what HANDLER returns (or yields) on this queue, same "
                      "server; it closes when --queue is closed and fully acknowledged.")] = None,
 ) -> None:
     """Run consumer processes on this host until each takes its sentinel."""
     handle = load_callable(handler, "HANDLER")
-    q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl))
+    q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl, reconnect_timeout))
     target = q.sibling(to) if to is not None else None
     try:
         q.counters()  # fail fast, in this process, if the server cannot be reached
@@ -470,9 +484,13 @@ def dead_purge(backend: Backend = None, url: Url = None, queue: Name = "default"
 
 
 def main() -> None:
-    """Entry point: a PcqError is one line on stderr and exit code 2, never a traceback."""
+    """Entry point: a PcqError is one line on stderr and exit code 2 (3 for a
+    backend lost mid-run), never a traceback."""
     try:
         app()
+    except BackendLost as exc:
+        err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_BACKEND_LOST)
     except PcqError as exc:
         err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USAGE)

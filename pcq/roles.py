@@ -31,15 +31,25 @@ from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 from typing import Any
 
-from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Failure, Lease, Queue
+from pcq.backends.base import (
+    MAX_BATCH,
+    TARGET_BATCH_SECONDS,
+    Failure,
+    Lease,
+    PutInterrupted,
+    Queue,
+)
 from pcq.envelope import Batch, Envelope
-from pcq.errors import PcqError, TaskTimeout
+from pcq.errors import BackendLost, PcqError, TaskTimeout
 from pcq.slots import consume_concurrently, run_coroutine
 
 log = logging.getLogger("pcq")
 
 #: Exit code of a Producer whose produce() raised.
 PRODUCER_FAILED = 1
+#: Exit code of a consumer that lost its backend for good (BackendLost): it says
+#: nothing; its supervisor finds out for itself and speaks once for the host.
+BACKEND_LOST = 3
 #: How long an idle consumer waits for a task before looking around (reap, stop).
 IDLE_WAIT = 0.25
 #: How long a consumer whose parent died may take to finish its running task:
@@ -152,6 +162,7 @@ class Producer(_Process):
             stopping = True
             if _producing(frame, items.__code__):
                 raise _Stop
+            self.queue.interrupt()  # a put waiting for room gives up, putting no more
             if watchdog is None:
                 watchdog = _kill_self_after(STOP_GRACE)
 
@@ -170,7 +181,7 @@ class Producer(_Process):
         code = 0
         try:
             queue.put_many(items())
-        except _Stop:
+        except (_Stop, PutInterrupted):
             code = 143
         except PcqError as exc:
             print(f"pcq: producer {self.name}: {exc}", file=sys.stderr, flush=True)
@@ -230,6 +241,7 @@ class Consumer(_Process):
         self.backoff = backoff
         self._parent_pid = os.getpid()
         self._stopping = False
+        self._stale_seen = 0  # the queue's stale_leases at the last _count
 
     def handle(self, item: Any) -> Any:
         """Handle one task.  Override, or pass ``handle=`` to the constructor."""
@@ -260,14 +272,21 @@ class Consumer(_Process):
 
             signal.signal(signal.SIGALRM, expire)
         queue = self.queue
-        queue.attach_consumer()
+        self._stale_seen = queue.stale_leases
+        code = 0
         try:
+            queue.attach_consumer()
             self.consume()
+        except BackendLost:
+            code = BACKEND_LOST  # no traceback, no line: the supervisor reports it
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            queue.detach_consumer()
+            with contextlib.suppress(BackendLost):  # gone: its heartbeat expires instead
+                queue.detach_consumer()
             queue.dispose()
+        if code:
+            sys.exit(code)
 
     def _is_async(self) -> bool:
         """Whether the handler is an ``async def`` (``handle=``, or an override;
@@ -316,8 +335,6 @@ class Consumer(_Process):
                     continue
             started = time.perf_counter()
             failures, give_back, handled = self._handle_lease(lease)
-            if self._tally is not None:
-                self._count(handled, failures)
             if handled:
                 cost = (time.perf_counter() - started) / handled
                 queue.note_task_cost(cost)
@@ -325,8 +342,10 @@ class Consumer(_Process):
                 want = max(1, min(MAX_BATCH, want * 2, fit))
             if lease.sentinel is not None or self._stopping:
                 self._ack(lease, failures, give_back)
+                self._count(handled, failures)
                 return
             lease = self._ack_and_take(lease, failures, give_back, want)
+            self._count(handled, failures)  # after the ack: it may have come too late
 
     # A stage (pcq.stages) overrides these three to put what its handler returned.
     def _ack(self, lease: Lease, failures: list[Failure], give_back: list[Envelope]) -> None:
@@ -341,7 +360,14 @@ class Consumer(_Process):
         """``handle`` returned ``result`` (called outside the task's timeout)."""
 
     def _count(self, handled: int, failures: list[Failure]) -> None:
-        assert self._tally is not None
+        """Add the lease just acknowledged to this consumer's tally, unless that
+        ack came too late (the lease was reaped and went to another consumer,
+        which counts it; the backend's ``stale_leases`` grew): a host's summary
+        holds only what its acks changed.  Called once after each ack."""
+        stale, seen = self.queue.stale_leases, self._stale_seen
+        self._stale_seen = stale
+        if self._tally is None or stale != seen:
+            return
         array, at = self._tally
         dead = sum(1 for f in failures if f.retry_in is None)
         array[at] += handled - len(failures)
@@ -412,9 +438,12 @@ class Supervisor:
 
     A consumer that exits with code 0 took its sentinel and is not replaced.  One
     that dies any other way (killed, crashed) is evicted — its in-flight tasks go
-    back to ready at once — and a replacement starts.  If the queue is closed and
-    tasks are still pending while no consumer is left (tasks handed back after
-    the sentinels), one more consumer starts to finish them.
+    back to ready at once — and a replacement starts; one that lost the backend
+    (BACKEND_LOST) makes the supervisor look for itself, and raise if it agrees.
+
+    When no consumer is left but the closed run still has pending tasks, the
+    supervisor does not leave (see :meth:`_after_last`): it reaps dead hosts'
+    tasks and starts one consumer only when there is something to take.
     """
 
     def __init__(self, queue: Queue, make: Callable[[int], Consumer], workers: int) -> None:
@@ -424,6 +453,7 @@ class Supervisor:
         self.live: dict[int, Consumer] = {}
         self.restarts = 0
         self._started = 0
+        self._waiting = False  # the run still has tasks in flight on other hosts
 
     def start(self) -> None:
         for _ in range(self.workers):
@@ -446,6 +476,11 @@ class Supervisor:
             if consumer is None:
                 continue
             consumer.join()
+            if consumer.exitcode == BACKEND_LOST:
+                # Its link gave up; ours shares neither its clock nor its
+                # connections.  Ask the server: this raises BackendLost if the
+                # backend is gone for us too; otherwise replace it as a crash.
+                self.queue.counters()
             if consumer.exitcode != 0:
                 assert consumer.pid is not None
                 log.warning("consumer %s (pid %d) died with code %s; restarting it",
@@ -454,13 +489,34 @@ class Supervisor:
                 self.restarts += 1
                 self._spawn()
         if not self.live:
-            counters = self.queue.counters()
-            if counters.pending > 0 and counters.closed:
-                self._spawn()
+            self._after_last()
+
+    def _after_last(self) -> None:
+        """Every consumer here has exited; the closed run may still need this host.
+
+        Tasks in ready or delayed (handed back after the sentinels, or reaped
+        just now from hosts whose heartbeat expired): start one consumer — it
+        takes them ahead of any leftover sentinel.  Tasks in flight elsewhere:
+        start nothing and stay (``done`` is False), looking again at each poll,
+        because their host may be dead and only a live host reaps (the reap runs
+        here, not in a consumer that would take a leftover sentinel and exit at
+        once, over and over).  Nothing pending, or an open queue: done.
+        """
+        self._waiting = False
+        counters = self.queue.counters()
+        if counters.pending <= 0 or not counters.closed:
+            return
+        reaped = self.queue.reap()
+        # pending counts tasks in ready, delayed and in flight: what is not in
+        # flight can be taken now (reaped tasks were in flight a moment ago).
+        if reaped or counters.pending > counters.in_flight:
+            self._spawn()
+        elif counters.in_flight:
+            self._waiting = True
 
     @property
     def done(self) -> bool:
-        return not self.live
+        return not self.live and not self._waiting
 
     def stop(self, grace: float) -> None:
         """SIGTERM every consumer, SIGKILL those still running after ``grace``."""
@@ -475,8 +531,10 @@ class Supervisor:
                 consumer.kill()
                 consumer.join()
                 assert consumer.pid is not None
-                self.queue.evict(consumer.pid)
+                with contextlib.suppress(BackendLost):  # gone: its heartbeat expires instead
+                    self.queue.evict(consumer.pid)
         self.live.clear()
+        self._waiting = False
 
 
 def wait(handles: list[int], timeout: float) -> list[int]:

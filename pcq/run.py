@@ -20,13 +20,16 @@ from types import FrameType
 from typing import Any
 
 from pcq.backends import open_queue
-from pcq.backends.base import Counters, Queue
+from pcq.backends.base import Counters, PutInterrupted, Queue
+from pcq.errors import BackendLost
 from pcq.roles import Consumer, Producer, Supervisor, WorkerTallies, wait
 from pcq.stages import Stage, close_if_finished, finished
 
 #: How long consumers may take to finish their running task after SIGINT/SIGTERM.
 GRACE_SECONDS = 5.0
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: With the backend gone, consumers cannot acknowledge anything: stop them fast.
+LOST_GRACE = 0.5
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BACKEND_LOST = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,9 @@ def delta(before: Counters, after: Counters, elapsed: float, **extra: Any) -> Su
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[list[int]]:
-    """Catch SIGINT/SIGTERM for the duration; the list receives their numbers."""
+def interruptible(on_signal: Callable[[], None] | None = None) -> Iterator[list[int]]:
+    """Catch SIGINT/SIGTERM for the duration; the list receives their numbers, and
+    ``on_signal`` (if given) runs at each."""
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught  # signals can only be handled in the main thread
@@ -81,6 +85,8 @@ def interruptible() -> Iterator[list[int]]:
 
     def note(signum: int, frame: FrameType | None) -> None:
         caught.append(signum)
+        if on_signal is not None:
+            on_signal()
 
     old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -218,9 +224,13 @@ def produce_job(
     q.attach_producer()
     interrupted: int | None = None
     closing = close
-    with interruptible() as caught:
+    # A signal also interrupts a put that waits for room (maxsize): at once,
+    # putting nothing more, instead of after the consumers made room.
+    with interruptible(q.interrupt) as caught:
         try:
             q.put_many(_until(items, caught))
+        except PutInterrupted:
+            closing = False
         except BaseException:
             closing = False  # a producer that failed half way must not end the job
             raise
@@ -280,12 +290,16 @@ def consume_job(
         q.set_feeds(to.name)
     supervisor = Supervisor(q, make, workers)
     stopped: int | None = None
+    lost = False
     with interruptible() as caught:
         try:
             supervisor.start()
             running = False  # saw the input's run unfinished while we were here
             while not supervisor.done and not caught:
                 supervisor.poll(wait(supervisor.sentinels(), 0.5))
+                # The host's own look at the server: one line when the link goes,
+                # one when it is back, BackendLost when the budget is spent.
+                q.check_backend()
                 if to is None:
                     continue
                 if not finished(q):
@@ -296,9 +310,12 @@ def consume_job(
                     supervisor.stop(grace)
             if to is not None and not caught:  # in case the last to finish was killed
                 close_if_finished(q, to)
+        except BackendLost:
+            lost = True
+            raise
         finally:
             stopped = caught[0] if caught else None
-            supervisor.stop(grace)
+            supervisor.stop(LOST_GRACE if lost else grace)
     done, failed, retried = tallies.totals()
     return Summary(0, done, failed, retried, failed, round(time.monotonic() - started, 6),
                    workers, 0, restarts=supervisor.restarts, interrupted=stopped)

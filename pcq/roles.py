@@ -379,7 +379,9 @@ class Consumer(_Process):
         task and return the rest unstarted.  Returns (failures, give_back, handled)."""
         failures: list[Failure] = []
         call = self._call
-        keep = self._handled
+        keep: Callable[[Any], None] | None = self._handled
+        if getattr(keep, "__func__", None) is Consumer._handled:
+            keep = None  # nothing to keep (not a stage): no call per task
         handled = 0
         for n, batch in enumerate(lease.batches):
             for i, body in enumerate(batch.bodies):
@@ -392,7 +394,8 @@ class Consumer(_Process):
                 except Exception as exc:
                     failures.append(self._failure(batch, i, exc))
                 else:
-                    keep(result)
+                    if keep is not None:
+                        keep(result)
             handled += len(batch.bodies)
         return failures, [], handled
 

@@ -94,6 +94,11 @@ class Stage(Consumer):
         queue._check_target(to)
         self.to = to
         self._outputs: list[Any] = []
+        # handle() keeps a task's outputs itself, but with a timeout they are
+        # kept only once the task's timer has stopped (a late timeout would
+        # otherwise fail a task whose outputs were kept): through _handled.
+        if self.timeout:
+            self._handled = self._keep  # type: ignore[method-assign]
 
     def handle(self, item: Any) -> Any:
         # Run a generator to its end inside the task (and its timeout), and make
@@ -101,7 +106,10 @@ class Stage(Consumer):
         result = self._handle(item) if self._handle is not None else super().handle(item)
         if inspect.iscoroutine(result):  # an async def handler: the loop awaits this
             return self._after(result)
-        return self._outputs_of(result)
+        outputs = self._outputs_of(result)
+        if not self.timeout:
+            self._keep(outputs)
+        return outputs
 
     def _is_async(self) -> bool:
         # Consumer asks handle(); this handle() is plain, what it calls may not be.
@@ -110,7 +118,10 @@ class Stage(Consumer):
             getattr(fn, "__call__", None)))  # noqa: B004 - the method, not callable()
 
     async def _after(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
-        return self._outputs_of(await coroutine)
+        outputs = self._outputs_of(await coroutine)
+        if not self.timeout:
+            self._keep(outputs)
+        return outputs
 
     @staticmethod
     def _outputs_of(result: Any) -> Any:
@@ -124,7 +135,7 @@ class Stage(Consumer):
             check_encodable([result])
         return result
 
-    def _handled(self, result: Any) -> None:
+    def _keep(self, result: Any) -> None:
         if type(result) is _Outputs:
             self._outputs.extend(result)
         else:
@@ -206,6 +217,8 @@ class ResultStage(Stage):
             packed = pack_value([start, values, errors])
         if first is not None:
             raise ChunkFailed(f"{type(first).__name__}: {first}", packed) from first
+        if not self.timeout:
+            self._keep(packed)
         return packed  # one output
 
     def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:

@@ -209,3 +209,15 @@ def test_a_stage_refuses_concurrency(queues: tuple[RedisQueue, RedisQueue]) -> N
     q, out = queues
     with pytest.raises(ConfigError, match="one task at a time"):
         Stage(q, abs, to=out, concurrency=4)
+
+
+def test_with_a_timeout_outputs_are_kept_after_the_task(
+    queues: tuple[RedisQueue, RedisQueue],
+) -> None:
+    # (the outputs are kept once the task's timer has stopped, not inside it)
+    q, out = queues
+    q.put_many([1, 2, 3])
+    q.close()
+    run_stage(Stage(q, spread, to=out, timeout=30.0))
+    out.attach_consumer()
+    assert sorted(drain(out)) == [-3, -1, 1, 3]

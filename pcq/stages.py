@@ -104,7 +104,12 @@ class Stage(Consumer):
         # Run a generator to its end inside the task (and its timeout), and make
         # sure every output can be encoded: either failure is the task's.
         result = self._handle(item) if self._handle is not None else super().handle(item)
-        if inspect.iscoroutine(result):  # an async def handler: the loop awaits this
+        kind = type(result)
+        if kind in _PLAIN or (kind is int and -(2**63) <= result < 2**64):  # the common case
+            if not self.timeout:
+                self._outputs.append(result)
+            return result
+        if kind is types.CoroutineType:  # an async def handler: the loop awaits this
             return self._after(result)
         outputs = self._outputs_of(result)
         if not self.timeout:

@@ -8,6 +8,7 @@ Everything pcq raises on purpose derives from :class:`PcqError`::
     ├── SerializationError       a task body msgpack cannot carry
     ├── DecodeError              a queue message that is not a pcq envelope
     ├── BackendUnavailable       the queue's server cannot be reached (or refused us)
+    ├── SetupError               a consumer's setup function raised: the job stops
     └── TaskTimeout              a handler ran past its timeout (raised inside it)
 
 The CLI turns any ``PcqError`` into one line on stderr and exit code 2 (usage and
@@ -35,10 +36,19 @@ class SerializationError(PcqError):
     """A task body cannot be encoded; the message names the offending type.
 
     ``index`` is the position of the offending body in the batch being put (the
-    bodies before it were put), or 0 when unknown.
+    bodies before it were put), or 0 when unknown.  ``put_many`` sets ``put``:
+    how many items of its iterable were put before the offending one.
     """
 
     index: int = 0
+    put: int | None = None
+
+    def where(self) -> str:
+        """The message with the item's position: "item 3 cannot encode ..."."""
+        if self.put is None:
+            return str(self)
+        before = "nothing was put" if not self.put else f"the {self.put} before it were put"
+        return f"item {self.put + 1}: {self}; {before}"
 
 
 class DecodeError(PcqError):
@@ -47,6 +57,10 @@ class DecodeError(PcqError):
 
 class BackendUnavailable(PcqError):
     """The backend's server cannot be reached, or refused the connection."""
+
+
+class SetupError(PcqError):
+    """A consumer's setup function raised: no task was taken, and the job stops."""
 
 
 class TaskTimeout(PcqError):

@@ -25,18 +25,21 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from types import FrameType
 from typing import Any
 
 from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Failure, Lease, Queue
-from pcq.envelope import Batch, Envelope
-from pcq.errors import PcqError, TaskTimeout
+from pcq.envelope import Batch, Envelope, short_repr
+from pcq.errors import PcqError, SerializationError, TaskTimeout
 
 log = logging.getLogger("pcq")
 
 #: Exit code of a Producer whose produce() raised.
 PRODUCER_FAILED = 1
+#: Exit code of a Consumer whose setup() raised: the supervisor does not restart
+#: it (a restart would fail the same way) and the job stops.
+SETUP_FAILED = 3
 #: How long an idle consumer waits for a task before looking around (reap, stop).
 IDLE_WAIT = 0.25
 #: How long a consumer whose parent died may take to finish its running task:
@@ -105,12 +108,16 @@ class Producer(_Process):
         *,
         close_when_done: bool = True,
         name: str | None = None,
+        length: tuple[Any, int] | None = None,
     ) -> None:
         super().__init__(name=name)
         self.queue = queue
         self._produce = produce
         self.close_when_done = close_when_done
         self._parent_pid = os.getpid()
+        # (shared int64 array, index): where to note len() of what produce()
+        # returned, when it has one, so that a progress display knows the total.
+        self._length = length
 
     def produce(self) -> Iterable[Any]:
         """The items to put.  Override, or pass ``produce=`` to the constructor."""
@@ -140,7 +147,11 @@ class Producer(_Process):
             try:
                 if stopping:
                     raise _Stop
-                iterator = iter(self.produce())
+                produced = self.produce()
+                if self._length is not None and isinstance(produced, Sized):
+                    array, at = self._length
+                    array[at] = len(produced)
+                iterator = iter(produced)
                 while True:
                     try:
                         item = next(iterator)
@@ -164,7 +175,9 @@ class Producer(_Process):
         except _Stop:
             code = 143
         except PcqError as exc:
-            print(f"pcq: producer {self.name}: {exc}", file=sys.stderr, flush=True)
+            what = exc.where() if isinstance(exc, SerializationError) else str(exc)
+            print(f"pcq: producer {self.name}: {what}; this producer did not close the queue",
+                  file=sys.stderr, flush=True)
             code = PRODUCER_FAILED
         except Exception:
             print(f"pcq: producer {self.name} failed:", file=sys.stderr)
@@ -188,6 +201,12 @@ class Consumer(_Process):
     ``backoff * 2**attempt`` seconds, then dead-lettered with its traceback.  With
     ``timeout``, a handler still running after that many seconds is interrupted
     (SIGALRM) and the attempt counts as failed.
+
+    ``setup()`` (or ``setup=``, a function of no arguments) runs once in the
+    consumer process before its first task, like ``Pool(initializer=...)``: the
+    place to open database or HTTP clients.  If it raises, the consumer takes no
+    task, says why in one line and exits with ``SETUP_FAILED``; its supervisor
+    does not restart it and the job stops.
     """
 
     def __init__(
@@ -200,10 +219,14 @@ class Consumer(_Process):
         backoff: float = 0.05,
         tally: tuple[Any, int] | None = None,
         name: str | None = None,
+        setup: Callable[[], Any] | None = None,
+        setup_report: SetupReport | None = None,
     ) -> None:
         super().__init__(name=name)
         self.queue = queue
         self._handle = handle
+        self._setup = setup
+        self._setup_report = setup_report
         self._tally = tally  # optional (shared int64 array, offset): done, failed, retried
         self.retries = retries
         self.timeout = timeout
@@ -217,8 +240,18 @@ class Consumer(_Process):
             raise NotImplementedError("pass handle= or override Consumer.handle()")
         return self._handle(item)
 
+    def setup(self) -> None:
+        """Runs once in this process before the first task.  Override, or pass
+        ``setup=`` to the constructor."""
+        if self._setup is not None:
+            self._setup()
+
     def run(self) -> None:
         _die_with_parent(self._parent_pid)
+        try:
+            self.setup()
+        except Exception as exc:
+            self._setup_failed(exc)
 
         def stop(signum: int, frame: FrameType | None) -> None:
             if not self._stopping and os.getppid() != self._parent_pid:
@@ -242,6 +275,18 @@ class Consumer(_Process):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             queue.detach_consumer()
             queue.dispose()
+
+    def _setup_failed(self, exc: Exception) -> None:
+        """One line (the first failing consumer's, when a supervisor collects
+        them) and exit SETUP_FAILED, before the queue was touched."""
+        where = f"{type(exc).__name__}: {exc}"
+        line = f"setup failed in consumer {self.name} (pid {os.getpid()}): {where}"
+        if self._setup_report is None:
+            print(f"pcq: error: {line}", file=sys.stderr, flush=True)
+        else:
+            self._setup_report.record(line)
+        log.debug("setup traceback:\n%s", traceback.format_exc())
+        sys.exit(SETUP_FAILED)
 
     def consume(self) -> None:
         """The loop: take a lease, handle it, acknowledge it together with taking
@@ -313,12 +358,34 @@ class Consumer(_Process):
         env = batch.envelope(index)
         error = f"{type(exc).__name__}: {exc}"
         tb = traceback.format_exc()
+        # One line a person can act on: which task (its content, as `pcq dead list`
+        # shows it), which attempt of how many, where, and why.
+        what = (f"task {short_repr(env.body)} failed in {self.name} (pid {os.getpid()}), "
+                f"attempt {env.attempts + 1}/{self.retries + 1}: {error}")
         if env.attempts < self.retries:
             delay = self.backoff * (2**env.attempts) * (1 + random.random() / 4)
-            log.info("task %s failed (%s); retry in %.2fs", env.id, error, delay)
+            log.info("%s; retry in %.2f s", what, delay)
             return Failure(env, error, tb, retry_in=delay)
-        log.error("task %s failed after %d attempts: %s\n%s", env.id, env.attempts + 1, error, tb)
+        log.error("%s; dead-lettered (id %s)\n%s", what, env.id, tb.rstrip())
         return Failure(env, error, tb)
+
+
+class SetupReport:
+    """The first consumer setup failure of a job, in shared memory, so that a
+    job whose 16 consumers all fail says so once."""
+
+    SIZE = 1000
+
+    def __init__(self) -> None:
+        self._text: Any = mp.Array("c", self.SIZE)
+
+    def record(self, line: str) -> None:
+        with self._text.get_lock():
+            if not self._text.value:
+                self._text.value = line.encode(errors="replace")[: self.SIZE - 1]
+
+    def message(self) -> str | None:
+        return self._text.value.decode(errors="replace") or None
 
 
 class WorkerTallies:
@@ -354,6 +421,7 @@ class Supervisor:
         self.workers = workers
         self.live: dict[int, Consumer] = {}
         self.restarts = 0
+        self.setup_failed = False  # a consumer's setup raised: stop the job
         self._started = 0
 
     def start(self) -> None:
@@ -377,6 +445,9 @@ class Supervisor:
             if consumer is None:
                 continue
             consumer.join()
+            if consumer.exitcode == SETUP_FAILED:
+                self.setup_failed = True  # a replacement would fail the same way
+                continue
             if consumer.exitcode != 0:
                 assert consumer.pid is not None
                 log.warning("consumer %s (pid %d) died with code %s; restarting it",
@@ -384,7 +455,7 @@ class Supervisor:
                 self.queue.evict(consumer.pid)
                 self.restarts += 1
                 self._spawn()
-        if not self.live:
+        if not self.live and not self.setup_failed:
             counters = self.queue.counters()
             if counters.pending > 0 and counters.closed:
                 self._spawn()

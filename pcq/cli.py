@@ -94,6 +94,9 @@ def _opened(backend: str | None, url: str | None, name: str) -> Iterator[Queue]:
 
 
 def _report(summary: Summary, as_json: bool, what: str) -> None:
+    if summary.setup_error:
+        err.print(f"pcq: error: {summary.setup_error}", highlight=False, soft_wrap=True,
+                  markup=False)
     if as_json:
         print(json.dumps(summary.as_dict()), flush=True)
         return
@@ -113,9 +116,6 @@ def _report(summary: Summary, as_json: bool, what: str) -> None:
                   soft_wrap=True, markup=False)
     if summary.failures_more:
         err.print(f"  ... and {summary.failures_more} more failed", highlight=False)
-    if summary.setup_error:
-        err.print(f"pcq: error: {summary.setup_error}", highlight=False, soft_wrap=True,
-                  markup=False)
 
 
 @app.command("run")
@@ -397,8 +397,8 @@ def _usage_error(exc: Any) -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point: a PcqError is one line on stderr and exit code 2, never a traceback."""
-    logs.configure()
     line_buffered()  # forked consumers inherit it: their lines never interleave
+    logs.configure()  # after: its handler writes to the line-buffered stderr
     try:
         code = command().main(args, prog_name="pcq", standalone_mode=False)
     except PcqError as exc:

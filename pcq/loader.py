@@ -62,6 +62,11 @@ def _load_file(path: str, spec: str, what: str) -> Any:
     if not os.path.isfile(path):
         raise ImportSpecError(f"{what} {spec!r}: no such file {path!r}")
     name = "pcq_user_" + os.path.splitext(os.path.basename(path))[0]
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == os.path.abspath(path):
+        # One file, one module: a --setup and a HANDLER from the same file share
+        # its globals (the client setup opens is the one the handler uses).
+        return loaded
     module_spec = importlib.util.spec_from_file_location(name, os.path.abspath(path))
     if module_spec is None or module_spec.loader is None:
         raise ImportSpecError(f"{what} {spec!r}: cannot load {path!r} as Python")

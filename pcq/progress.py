@@ -21,6 +21,7 @@ touches the console, whose lock another thread may hold at the fork.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import threading
@@ -28,7 +29,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import IO, Any
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -44,12 +45,23 @@ DRAIN_SECONDS = 2.0
 
 
 def line_buffered() -> None:
-    """Make this process's stdout write whole lines, as the children forked from
-    it inherit it: lines of many processes then never interleave mid-line, on a
-    terminal, through a pipe or into a file."""
-    for stream in (sys.stdout, sys.stderr):
+    """Make this process's stdout and stderr write whole lines, one system call
+    a line, as the children forked from it inherit them: lines of many processes
+    then never interleave mid-line, on a terminal, through a pipe or into a file.
+
+    An unbuffered stream (``python -u``, ``PYTHONUNBUFFERED``) writes a line's
+    text and its newline in two calls, between which another process's line
+    can land: it is replaced by a line-buffered one on the same descriptor.
+    """
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
         with contextlib.suppress(AttributeError, ValueError, OSError):
-            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+            if stream.write_through or isinstance(stream.buffer, io.RawIOBase):
+                stream.flush()
+                setattr(sys, name, open(stream.fileno(), "w", buffering=1, closefd=False,  # noqa: SIM115
+                                        encoding=stream.encoding, errors=stream.errors))
+            else:
+                stream.reconfigure(line_buffering=True)
 
 
 def on_a_terminal() -> bool:
@@ -76,6 +88,9 @@ class Display:
         self._saved: tuple[int, int] | None = None
         self._reader: threading.Thread | None = None
         self._history: dict[str, deque[tuple[float, int]]] = {}
+        # The reader thread prints and the job's thread redraws: rich's Live
+        # repositions the cursor for each, so one must not run inside the other.
+        self._drawing = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,7 +140,8 @@ class Display:
         if self._reader is not None:
             self._reader.join(DRAIN_SECONDS)
         assert self._live is not None and self._console is not None
-        self._live.stop()
+        with self._drawing:
+            self._live.stop()
         self._console.file.flush()
 
     def _relay(self, fd: int) -> None:
@@ -148,7 +164,8 @@ class Display:
     def _print(self, line: bytes) -> None:
         assert self._console is not None
         text = Text.from_ansi(line.decode("utf-8", errors="replace").rstrip("\r"))
-        self._console.print(text, soft_wrap=True, highlight=False)
+        with self._drawing:
+            self._console.print(text, soft_wrap=True, highlight=False)
 
     # ------------------------------------------------------------------ drawing
 
@@ -159,7 +176,8 @@ class Display:
         table = Table.grid(padding=(0, 1))
         for row in rows:
             table.add_row(*self._cells(row))
-        self._live.update(Group(table), refresh=True)
+        with self._drawing:
+            self._live.update(table, refresh=True)
 
     def _cells(self, row: Progress) -> list[Any]:
         finished = row.done + row.failed

@@ -366,7 +366,10 @@ class Consumer(_Process):
             delay = self.backoff * (2**env.attempts) * (1 + random.random() / 4)
             log.info("%s; retry in %.2f s", what, delay)
             return Failure(env, error, tb, retry_in=delay)
-        log.error("%s; dead-lettered (id %s)\n%s", what, env.id, tb.rstrip())
+        # The traceback stays with the dead letter; in the log it would bury the
+        # lines of every other task, so it shows at debug level only.
+        log.error("%s; dead-lettered (id %s)", what, env.id)
+        log.debug("task %s (id %s) traceback:\n%s", short_repr(env.body), env.id, tb.rstrip())
         return Failure(env, error, tb)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from pcq.backends import open_queue
 from pcq.backends.base import Counters, Queue
 from pcq.envelope import short_repr
-from pcq.errors import SerializationError
+from pcq.errors import PcqError, SerializationError
 from pcq.roles import Consumer, Producer, SetupReport, Supervisor, WorkerTallies, wait
 
 #: How long consumers may take to finish their running task after SIGINT/SIGTERM.
@@ -283,7 +283,8 @@ def produce_job(
     closing = close
     with interruptible() as caught:
         try:
-            q.put_many(_until(items, caught, None if on_progress is None else report, q))
+            with _reporting(report if on_progress is not None else None, q):
+                q.put_many(_until(items, caught))
         except SerializationError as exc:
             closing = False  # a producer that failed half way must not end the job
             raise SerializationError(f"{exc.where()}; the queue was left open") from exc
@@ -309,22 +310,36 @@ def produce_job(
     return summary
 
 
-def _until(
-    items: Iterable[Any],
-    caught: list[int],
-    report: Callable[[Counters, bool], None] | None = None,
-    q: Queue | None = None,
-) -> Iterator[Any]:
-    """``items`` until a signal is caught; with ``report``, the progress too, as
-    the queue fills (with ``maxsize`` the puts take most of the job)."""
-    next_report = time.monotonic() + PROGRESS_EVERY
+def _until(items: Iterable[Any], caught: list[int]) -> Iterator[Any]:
     for item in items:
         if caught:
             return
-        if report is not None and q is not None and time.monotonic() >= next_report:
-            report(q.counters(), True)
-            next_report = time.monotonic() + PROGRESS_EVERY
         yield item
+
+
+@contextlib.contextmanager
+def _reporting(report: Callable[[Counters, bool], None] | None, q: Queue) -> Iterator[None]:
+    """Report progress from a thread while the body runs: with ``maxsize``, one
+    put can block for most of the job, and the display must not freeze."""
+    if report is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(PROGRESS_EVERY):
+            try:
+                report(q.counters(), True)
+            except PcqError:  # the put in the caller's thread reports the outage
+                return
+
+    reporter = threading.Thread(target=loop, name="pcq-progress", daemon=True)
+    reporter.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        reporter.join()
 
 
 def consume_job(

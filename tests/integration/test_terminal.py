@@ -318,3 +318,19 @@ def test_produce_of_an_unencodable_item_says_the_queue_was_left_open(redis_url: 
     assert result.stderr == ("pcq: error: item 3: cannot encode a task of type 'object': "
                              "can not serialize 'object' object; the 2 before it were put; "
                              "the queue was left open\n")
+
+
+def test_produce_with_maxsize_shows_the_work_moving(redis_url: str) -> None:
+    # Given consumers on the queue, and a producer bounded by --maxsize 2
+    env = redis_env(redis_url)
+    consumers = start_pcq(["consume", f"{JOBS}:handle_chatty", "--workers", "2"],
+                          {**os.environ, "PYTHONPATH": str(ROOT), **env})
+
+    code, output = on_a_terminal(["produce", f"{JOBS}:produce_generator", "--maxsize", "2"],
+                                 TJ_N="30", **env)
+
+    # Then while it puts (most of the job), the display counts done and produced
+    assert code == 0, output
+    assert re.search(r"\b[1-9]\d*/\d+\+ done", output), output
+    assert "pcq produce: 30 produced, 30 done" in output
+    assert finish(consumers).returncode == 0

@@ -8,7 +8,6 @@ Everything pcq raises on purpose derives from :class:`PcqError`::
     ├── SerializationError       a task body msgpack cannot carry
     ├── DecodeError              a queue message that is not a pcq envelope
     ├── BackendUnavailable       the queue's server cannot be reached (or refused us)
-    ├── SetupError               a consumer's setup function raised: the job stops
     └── TaskTimeout              a handler ran past its timeout (raised inside it)
 
 The CLI turns any ``PcqError`` into one line on stderr and exit code 2 (usage and
@@ -57,10 +56,6 @@ class DecodeError(PcqError):
 
 class BackendUnavailable(PcqError):
     """The backend's server cannot be reached, or refused the connection."""
-
-
-class SetupError(PcqError):
-    """A consumer's setup function raised: no task was taken, and the job stops."""
 
 
 class TaskTimeout(PcqError):

@@ -334,3 +334,14 @@ def test_produce_with_maxsize_shows_the_work_moving(redis_url: str) -> None:
     assert re.search(r"\b[1-9]\d*/\d+\+ done", output), output
     assert "pcq produce: 30 produced, 30 done" in output
     assert finish(consumers).returncode == 0
+
+
+def test_consume_with_a_failing_setup_stops_this_host_with_one_line(redis_url: str) -> None:
+    result = pcq_cli("consume", f"{JOBS}:handle_with_client", "--setup", f"{JOBS}:setup_fails",
+                     "--workers", "3", **redis_env(redis_url))
+
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()[:-1]  # the error, then the summary line
+    assert re.fullmatch(r"pcq: error: setup failed in consumer pcq-consumer-\d \(pid \d+\): "
+                        r"ConnectionError: database at db:5432 refused the connection", line)
+    assert result.stderr.splitlines()[-1].startswith("pcq consume: 0 done")

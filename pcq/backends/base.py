@@ -231,6 +231,9 @@ class Queue(ABC):
         pending = linger.pending
         try:
             limit = self.batch_limit()
+            # The quiet spell is counted from here, not from before the linger
+            # thread started: starting it can take longer than LINGER_SECONDS.
+            linger.sent_at = clock()
             for item in items:
                 append(item)
                 n = len(pending)

@@ -56,6 +56,9 @@ Workers = Annotated[int, typer.Option(min=1, help="Consumer processes.")]
 Retries = Annotated[int, typer.Option(min=0, help="Retries of a failing task before it is dead.")]
 Timeout = Annotated[float | None, typer.Option(
     min=0.001, help="Seconds a task may run; longer counts as a failed attempt.")]
+Concurrency = Annotated[int, typer.Option(
+    min=1, help="Tasks each consumer process runs at once: threads, or asyncio tasks for "
+                "an async def handler. For handlers that wait (network, disk).")]
 Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
 Setup = Annotated[str | None, typer.Option(
     "--setup", help="module:function or path/file.py:function run once in each consumer "
@@ -133,6 +136,7 @@ def run_command(
     queue: Name = "default",
     retries: Retries = 0,
     timeout: Timeout = None,
+    concurrency: Concurrency = 1,
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
@@ -147,7 +151,8 @@ def run_command(
     with Display(not no_progress) as display:
         summary = run(produce, handle, workers=workers, producers=producers, maxsize=maxsize,
                       retries=retries, timeout=timeout, backend=backend, url=url, queue=queue,
-                      on_progress=display.update, setup=setup_fn, **options)
+                      on_progress=display.update, concurrency=concurrency,
+                      setup=setup_fn, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
 
@@ -205,6 +210,7 @@ def consume_command(
     queue: Name = "default",
     retries: Retries = 0,
     timeout: Timeout = None,
+    concurrency: Concurrency = 1,
     as_json: Json = False,
     heartbeat_ttl: HeartbeatTtl = None,
     setup: Setup = None,
@@ -216,7 +222,7 @@ def consume_command(
     try:
         q.counters()  # fail fast, in this process, if the server cannot be reached
         summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
-                              setup=setup_fn)
+                              concurrency=concurrency, setup=setup_fn)
     finally:
         q.dispose()
     _report(summary, as_json, "consume")

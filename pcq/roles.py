@@ -13,8 +13,10 @@ no child outlives a killed parent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import inspect
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -32,6 +34,7 @@ from typing import Any
 from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Failure, Lease, Queue
 from pcq.envelope import Batch, Envelope, short_repr
 from pcq.errors import PcqError, SerializationError, TaskTimeout
+from pcq.slots import consume_concurrently, run_coroutine
 
 log = logging.getLogger("pcq")
 
@@ -207,7 +210,14 @@ class Consumer(_Process):
     place to open database or HTTP clients.  If it raises, the consumer takes no
     task, says why in one line and exits with ``SETUP_FAILED``; its supervisor
     does not restart it and the job stops.
+
+    With ``concurrency`` C > 1, up to C tasks run at once: a plain handler in C
+    threads, an ``async def`` handler as asyncio tasks (see :mod:`pcq.slots`).
+    An ``async def`` handler is always awaited: at C == 1 on an event loop of
+    this process, one task at a time.
     """
+
+    _call: Callable[[Any], Any]  # what handles one task body (set by consume())
 
     def __init__(
         self,
@@ -221,12 +231,16 @@ class Consumer(_Process):
         name: str | None = None,
         setup: Callable[[], Any] | None = None,
         setup_report: SetupReport | None = None,
+        concurrency: int = 1,
     ) -> None:
         super().__init__(name=name)
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.queue = queue
         self._handle = handle
         self._setup = setup
         self._setup_report = setup_report
+        self.concurrency = concurrency
         self._tally = tally  # optional (shared int64 array, offset): done, failed, retried
         self.retries = retries
         self.timeout = timeout
@@ -288,9 +302,37 @@ class Consumer(_Process):
         log.debug("setup traceback:\n%s", traceback.format_exc())
         sys.exit(SETUP_FAILED)
 
+    def _is_async(self) -> bool:
+        """Whether the handler is an ``async def`` (``handle=``, or an override;
+        a partial of one, or an object whose ``__call__`` is one, counts too)."""
+        own = self._handle is not None and type(self).handle is Consumer.handle
+        fn = self._handle if own else self.handle
+        return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None))  # noqa: B004 - the method, not callable()
+
     def consume(self) -> None:
         """The loop: take a lease, handle it, acknowledge it together with taking
         the next (one round trip where the backend can); stop at a sentinel."""
+        is_async = self._is_async()
+        if self.concurrency > 1:
+            consume_concurrently(
+                self.queue, self.handle, is_async=is_async, slots=self.concurrency,
+                timeout=self.timeout, stopping=lambda: self._stopping, failure=self._failure,
+                count=self._count if self._tally is not None else None)
+            return
+        if not is_async:
+            self._call = self._call_with_timeout if self.timeout else self.handle
+            self._consume()
+            return
+        loop = asyncio.new_event_loop()  # one per process: await each task on it in turn
+        self._call = lambda body: loop.run_until_complete(
+            run_coroutine(self.handle(body), self.timeout))
+        try:
+            self._consume()
+        finally:
+            loop.close()
+
+    def _consume(self) -> None:
         queue = self.queue
         want = 1  # tasks per take: grows while tasks are cheap (slow start)
         next_reap = time.monotonic() + queue.reap_interval
@@ -331,7 +373,7 @@ class Consumer(_Process):
         """Handle every task of ``lease``; on a stop request, finish the running
         task and return the rest unstarted.  Returns (failures, give_back, handled)."""
         failures: list[Failure] = []
-        call = self._call_with_timeout if self.timeout else self.handle
+        call = self._call
         handled = 0
         for n, batch in enumerate(lease.batches):
             for i, body in enumerate(batch.bodies):
@@ -357,7 +399,7 @@ class Consumer(_Process):
     def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:
         env = batch.envelope(index)
         error = f"{type(exc).__name__}: {exc}"
-        tb = traceback.format_exc()
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         # One line a person can act on: which task (its content, as `pcq dead list`
         # shows it), which attempt of how many, where, and why.
         what = (f"task {short_repr(env.body)} failed in {self.name} (pid {os.getpid()}), "

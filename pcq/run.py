@@ -148,6 +148,7 @@ def run(
     maxsize: int = 1000,
     retries: int = 0,
     timeout: float | None = None,
+    concurrency: int = 1,
     backend: str | None = None,
     url: str | None = None,
     queue: str = "default",
@@ -157,18 +158,20 @@ def run(
     **queue_options: Any,
 ) -> Summary:
     """Run ``produce`` in ``producers`` processes and ``handle`` in ``workers``
-    consumer processes until every task is done; return the summary.
+    consumer processes until every task is done; return the summary.  Each
+    consumer runs up to ``concurrency`` tasks at once (threads, or asyncio tasks
+    for an ``async def`` handler).
 
     ``setup`` runs once in each consumer process before its first task; if it
     raises, the job stops and the summary's ``setup_error`` says why.
     ``on_progress`` is called in this process about every 0.1 s with one
     :class:`Progress` line a stage."""
-    if workers < 1 or producers < 1:
-        raise ValueError("workers and producers must be at least 1")
+    if workers < 1 or producers < 1 or concurrency < 1:
+        raise ValueError("workers, producers and concurrency must be at least 1")
     q = open_queue(backend, url=url, name=queue, maxsize=maxsize, **queue_options)
     try:
         return _run(q, produce, handle, workers, producers, retries, timeout, grace, on_progress,
-                    setup)
+                    concurrency, setup)
     finally:
         q.dispose()
 
@@ -183,6 +186,7 @@ def _run(
     timeout: float | None,
     grace: float,
     on_progress: Callable[[list[Progress]], None] | None,
+    concurrency: int = 1,
     setup: Callable[[], Any] | None = None,
 ) -> Summary:
     started = time.monotonic()
@@ -204,7 +208,8 @@ def _run(
     supervisor = Supervisor(
         q,
         lambda i: Consumer(q, handle, retries=retries, timeout=timeout, name=f"pcq-consumer-{i}",
-                           setup=setup, setup_report=setup_report),
+                           concurrency=concurrency, setup=setup,
+                           setup_report=setup_report),
         workers,
     )
     running: dict[int, Producer] = {}
@@ -350,6 +355,7 @@ def consume_job(
     retries: int = 0,
     timeout: float | None = None,
     grace: float = GRACE_SECONDS,
+    concurrency: int = 1,
     setup: Callable[[], Any] | None = None,
 ) -> Summary:
     """Run ``workers`` supervised consumers until each has taken its sentinel
@@ -361,7 +367,8 @@ def consume_job(
         q,
         lambda i: Consumer(q, handle, retries=retries, timeout=timeout,
                            tally=tallies.row(i), name=f"pcq-consumer-{i}",
-                           setup=setup, setup_report=setup_report),
+                           concurrency=concurrency, setup=setup,
+                           setup_report=setup_report),
         workers,
     )
     stopped: int | None = None

@@ -202,6 +202,10 @@ class Queue(ABC):
     #: True when a backend ships a batch of tasks as one message (local); False
     #: when every task is a message of its own (redis: one list element a task).
     one_message_per_batch: ClassVar[bool] = False
+    #: True when one consumer may hold several leases at once and acknowledge
+    #: them in any order (a consumer with ``--concurrency`` takes a new lease
+    #: whenever slots are free); False: one lease at a time.
+    multiple_leases: ClassVar[bool] = False
 
     def __init__(self, name: str = "default", *, maxsize: int = 0) -> None:
         self.name = name

@@ -1,8 +1,9 @@
 """The ``pcq`` command: parse, delegate to the library, turn errors into exit codes.
 
 Exit codes: 0 all done, 1 some tasks failed, 2 usage or configuration error
-(a consumer's ``--setup`` that raised included), 128 + signal when interrupted
-(130 for Ctrl-C, 143 for SIGTERM).
+(a consumer's ``--setup`` that raised included), 3 the backend was lost mid-run
+(unreachable past --reconnect-timeout, or it lost the queue's data), 128 +
+signal when interrupted (130 for Ctrl-C, 143 for SIGTERM).
 
 An error is one line on stderr, ``pcq: error: WHAT``; a usage error adds the
 command's usage line and where to find help.
@@ -26,10 +27,10 @@ from pcq import __version__, logs
 from pcq.backends import backend_for, open_queue
 from pcq.backends.base import Queue
 from pcq.envelope import short_repr
-from pcq.errors import ConfigError, PcqError
+from pcq.errors import BackendLost, ConfigError, PcqError
 from pcq.loader import load_callable
 from pcq.progress import Display, line_buffered
-from pcq.run import EXIT_USAGE, Summary, consume_job, produce_job, run
+from pcq.run import EXIT_BACKEND_LOST, EXIT_USAGE, Summary, consume_job, produce_job, run
 
 app = typer.Typer(
     name="pcq",
@@ -68,10 +69,19 @@ HeartbeatTtl = Annotated[float | None, typer.Option(
     min=0.1, envvar="PCQ_HEARTBEAT_TTL",
     help="Redis: seconds without a heartbeat after which a consumer counts as dead "
          "and its tasks go back (default 5; env PCQ_HEARTBEAT_TTL).")]
+ReconnectTimeout = Annotated[float | None, typer.Option(
+    min=0.1, envvar="PCQ_RECONNECT_TIMEOUT",
+    help="Redis: seconds to keep reconnecting after the link is lost before giving up "
+         "with exit code 3 (default 60; env PCQ_RECONNECT_TIMEOUT).")]
 
 
-def _options(heartbeat_ttl: float | None) -> dict[str, Any]:
-    return {} if heartbeat_ttl is None else {"heartbeat_ttl": heartbeat_ttl}
+def _options(heartbeat_ttl: float | None, reconnect_timeout: float | None = None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if heartbeat_ttl is not None:
+        options["heartbeat_ttl"] = heartbeat_ttl
+    if reconnect_timeout is not None:
+        options["retry_for"] = reconnect_timeout
+    return options
 
 
 def _shared_queue(
@@ -140,6 +150,7 @@ def run_command(
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
+    reconnect_timeout: ReconnectTimeout = None,
     setup: Setup = None,
 ) -> None:
     """Run a whole job: producers, consumers, close, summary (local by default)."""
@@ -147,7 +158,8 @@ def run_command(
     handle = load_callable(handler, "HANDLER")
     setup_fn = None if setup is None else load_callable(setup, "SETUP")
     shared = backend_for(backend, url) != "local"
-    options = _options(heartbeat_ttl) if shared else {}  # local consumers have no heartbeat
+    # local consumers have no heartbeat and no server to reconnect to
+    options = _options(heartbeat_ttl, reconnect_timeout) if shared else {}
     with Display(not no_progress) as display:
         summary = run(produce, handle, workers=workers, producers=producers, maxsize=maxsize,
                       retries=retries, timeout=timeout, backend=backend, url=url, queue=queue,
@@ -185,11 +197,12 @@ def produce_command(
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
+    reconnect_timeout: ReconnectTimeout = None,
 ) -> None:
     """Put tasks on a shared queue, close it when the last producer is done, and
     wait until every task is acknowledged."""
     items = _json_lines(sys.stdin) if producer == "-" else load_callable(producer, "PRODUCER")()
-    q = _shared_queue(backend, url, queue, maxsize, **_options(heartbeat_ttl))
+    q = _shared_queue(backend, url, queue, maxsize, **_options(heartbeat_ttl, reconnect_timeout))
     try:
         with Display(not no_progress) as display:
             summary = produce_job(q, items, close=not no_close, wait_done=not no_wait,
@@ -213,12 +226,13 @@ def consume_command(
     concurrency: Concurrency = 1,
     as_json: Json = False,
     heartbeat_ttl: HeartbeatTtl = None,
+    reconnect_timeout: ReconnectTimeout = None,
     setup: Setup = None,
 ) -> None:
     """Run consumer processes on this host until each takes its sentinel."""
     handle = load_callable(handler, "HANDLER")
     setup_fn = None if setup is None else load_callable(setup, "SETUP")
-    q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl))
+    q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl, reconnect_timeout))
     try:
         q.counters()  # fail fast, in this process, if the server cannot be reached
         summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
@@ -402,11 +416,15 @@ def _usage_error(exc: Any) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point: a PcqError is one line on stderr and exit code 2, never a traceback."""
+    """Entry point: a PcqError is one line on stderr and exit code 2 (3 for a
+    backend lost mid-run), never a traceback."""
     line_buffered()  # forked consumers inherit it: their lines never interleave
     logs.configure()  # after: its handler writes to the line-buffered stderr
     try:
         code = command().main(args, prog_name="pcq", standalone_mode=False)
+    except BackendLost as exc:
+        err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True, markup=False)
+        sys.exit(EXIT_BACKEND_LOST)
     except PcqError as exc:
         err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True, markup=False)
         sys.exit(EXIT_USAGE)

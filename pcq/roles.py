@@ -31,18 +31,28 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from types import FrameType
 from typing import Any
 
-from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Failure, Lease, Queue
+from pcq.backends.base import (
+    MAX_BATCH,
+    TARGET_BATCH_SECONDS,
+    Failure,
+    Lease,
+    PutInterrupted,
+    Queue,
+)
 from pcq.envelope import Batch, Envelope, short_repr
-from pcq.errors import PcqError, SerializationError, TaskTimeout
+from pcq.errors import BackendLost, PcqError, SerializationError, TaskTimeout
 from pcq.slots import consume_concurrently, run_coroutine
 
 log = logging.getLogger("pcq")
 
 #: Exit code of a Producer whose produce() raised.
 PRODUCER_FAILED = 1
+#: Exit code of a consumer that lost its backend for good (BackendLost): it says
+#: nothing; its supervisor finds out for itself and speaks once for the host.
+BACKEND_LOST = 3
 #: Exit code of a Consumer whose setup() raised: the supervisor does not restart
 #: it (a restart would fail the same way) and the job stops.
-SETUP_FAILED = 3
+SETUP_FAILED = 4
 #: How long an idle consumer waits for a task before looking around (reap, stop).
 IDLE_WAIT = 0.25
 #: How long a consumer whose parent died may take to finish its running task:
@@ -73,6 +83,22 @@ def _die_with_parent(parent_pid: int) -> None:
         threading.Thread(target=watch, daemon=True).start()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+#: Where the queue's own code lives (every backend): a stop never interrupts it.
+_QUEUE_CODE = os.path.dirname(os.path.abspath(sys.modules[Queue.__module__].__file__ or ""))
+
+
+def _producing(frame: FrameType | None, items: Any) -> bool:
+    """True when ``frame`` runs the producer's own code (``items`` or what it
+    calls), False inside the queue's code (``pcq/backends``)."""
+    while frame is not None:
+        if frame.f_code is items:
+            return True
+        if frame.f_code.co_filename.startswith(_QUEUE_CODE):
+            return False
+        frame = frame.f_back
+    return False
 
 
 def _kill_self_after(seconds: float) -> threading.Timer:
@@ -131,42 +157,33 @@ class Producer(_Process):
     def run(self) -> None:
         _die_with_parent(self._parent_pid)
         # A stop interrupts produce() at once, but never the queue's own code: an
-        # exception raised there by a signal handler could leave a lock held.
-        # There the stop waits for the next item, for STOP_GRACE at most.
-        producing = stopping = False
+        # exception raised there by a signal handler could tear a request.
+        # There the stop waits for the next item, for STOP_GRACE at most.  The
+        # handler tells the two apart by the stack it interrupted, so the items
+        # cost nothing per item but one flag check.
+        stopping = False
         watchdog: threading.Timer | None = None
 
         def stop(signum: int, frame: FrameType | None) -> None:
             nonlocal stopping, watchdog
             stopping = True
-            if producing:
+            if _producing(frame, items.__code__):
                 raise _Stop
+            self.queue.interrupt()  # a put waiting for room gives up, putting no more
             if watchdog is None:
                 watchdog = _kill_self_after(STOP_GRACE)
 
         def items() -> Iterator[Any]:
-            nonlocal producing
-            producing = True
-            try:
+            if stopping:
+                raise _Stop
+            produced = self.produce()
+            if self._length is not None and isinstance(produced, Sized):
+                array, at = self._length
+                array[at] = len(produced)  # the job's total, for a progress display
+            for item in produced:
+                yield item
                 if stopping:
                     raise _Stop
-                produced = self.produce()
-                if self._length is not None and isinstance(produced, Sized):
-                    array, at = self._length
-                    array[at] = len(produced)
-                iterator = iter(produced)
-                while True:
-                    try:
-                        item = next(iterator)
-                    except StopIteration:
-                        return
-                    producing = False
-                    yield item
-                    producing = True
-                    if stopping:
-                        raise _Stop
-            finally:
-                producing = False
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -175,7 +192,7 @@ class Producer(_Process):
         code = 0
         try:
             queue.put_many(items())
-        except _Stop:
+        except (_Stop, PutInterrupted):
             code = 143
         except PcqError as exc:
             what = exc.where() if isinstance(exc, SerializationError) else str(exc)
@@ -247,6 +264,7 @@ class Consumer(_Process):
         self.backoff = backoff
         self._parent_pid = os.getpid()
         self._stopping = False
+        self._stale_seen = 0  # the queue's stale_leases at the last _count
 
     def handle(self, item: Any) -> Any:
         """Handle one task.  Override, or pass ``handle=`` to the constructor."""
@@ -267,9 +285,15 @@ class Consumer(_Process):
         except Exception as exc:
             self._setup_failed(exc)
 
+        orphan_watchdog: list[threading.Timer] = []
+
         def stop(signum: int, frame: FrameType | None) -> None:
-            if not self._stopping and os.getppid() != self._parent_pid:
-                _kill_self_after(ORPHAN_GRACE)  # orphaned: no one else enforces a grace
+            # Orphaned: no one else enforces a grace.  Checked on every signal, not
+            # the first only: a parent with threads sends PDEATHSIG once when the
+            # thread that forked us dies (getppid() is still the parent) and again
+            # when the whole process is gone.
+            if not orphan_watchdog and os.getppid() != self._parent_pid:
+                orphan_watchdog.append(_kill_self_after(ORPHAN_GRACE))
             self._stopping = True
 
         signal.signal(signal.SIGTERM, stop)
@@ -281,14 +305,21 @@ class Consumer(_Process):
 
             signal.signal(signal.SIGALRM, expire)
         queue = self.queue
-        queue.attach_consumer()
+        self._stale_seen = queue.stale_leases
+        code = 0
         try:
+            queue.attach_consumer()
             self.consume()
+        except BackendLost:
+            code = BACKEND_LOST  # no traceback, no line: the supervisor reports it
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            queue.detach_consumer()
+            with contextlib.suppress(BackendLost):  # gone: its heartbeat expires instead
+                queue.detach_consumer()
             queue.dispose()
+        if code:
+            sys.exit(code)
 
     def _setup_failed(self, exc: Exception) -> None:
         """One line (the first failing consumer's, when a supervisor collects
@@ -349,8 +380,6 @@ class Consumer(_Process):
                     continue
             started = time.perf_counter()
             failures, give_back, handled = self._handle_lease(lease)
-            if self._tally is not None:
-                self._count(handled, failures)
             if handled:
                 cost = (time.perf_counter() - started) / handled
                 queue.note_task_cost(cost)
@@ -358,11 +387,20 @@ class Consumer(_Process):
                 want = max(1, min(MAX_BATCH, want * 2, fit))
             if lease.sentinel is not None or self._stopping:
                 queue.ack(lease, failures, give_back)
+                self._count(handled, failures)
                 return
             lease = queue.ack_and_take(lease, failures, give_back, want, timeout=IDLE_WAIT)
+            self._count(handled, failures)  # after the ack: it may have come too late
 
     def _count(self, handled: int, failures: list[Failure]) -> None:
-        assert self._tally is not None
+        """Add the lease just acknowledged to this consumer's tally, unless that
+        ack came too late (the lease was reaped and went to another consumer,
+        which counts it; the backend's ``stale_leases`` grew): a host's summary
+        holds only what its acks changed.  Called once after each ack."""
+        stale, seen = self.queue.stale_leases, self._stale_seen
+        self._stale_seen = stale
+        if self._tally is None or stale != seen:
+            return
         array, at = self._tally
         dead = sum(1 for f in failures if f.retry_in is None)
         array[at] += handled - len(failures)
@@ -455,9 +493,12 @@ class Supervisor:
 
     A consumer that exits with code 0 took its sentinel and is not replaced.  One
     that dies any other way (killed, crashed) is evicted — its in-flight tasks go
-    back to ready at once — and a replacement starts.  If the queue is closed and
-    tasks are still pending while no consumer is left (tasks handed back after
-    the sentinels), one more consumer starts to finish them.
+    back to ready at once — and a replacement starts; one that lost the backend
+    (BACKEND_LOST) makes the supervisor look for itself, and raise if it agrees.
+
+    When no consumer is left but the closed run still has pending tasks, the
+    supervisor does not leave (see :meth:`_after_last`): it reaps dead hosts'
+    tasks and starts one consumer only when there is something to take.
     """
 
     def __init__(self, queue: Queue, make: Callable[[int], Consumer], workers: int) -> None:
@@ -468,6 +509,7 @@ class Supervisor:
         self.restarts = 0
         self.setup_failed = False  # a consumer's setup raised: stop the job
         self._started = 0
+        self._waiting = False  # the run still has tasks in flight on other hosts
 
     def start(self) -> None:
         for _ in range(self.workers):
@@ -493,6 +535,11 @@ class Supervisor:
             if consumer.exitcode == SETUP_FAILED:
                 self.setup_failed = True  # a replacement would fail the same way
                 continue
+            if consumer.exitcode == BACKEND_LOST:
+                # Its link gave up; ours shares neither its clock nor its
+                # connections.  Ask the server: this raises BackendLost if the
+                # backend is gone for us too; otherwise replace it as a crash.
+                self.queue.counters()
             if consumer.exitcode != 0:
                 assert consumer.pid is not None
                 log.warning("consumer %s (pid %d) died with code %s; restarting it",
@@ -501,13 +548,34 @@ class Supervisor:
                 self.restarts += 1
                 self._spawn()
         if not self.live and not self.setup_failed:
-            counters = self.queue.counters()
-            if counters.pending > 0 and counters.closed:
-                self._spawn()
+            self._after_last()
+
+    def _after_last(self) -> None:
+        """Every consumer here has exited; the closed run may still need this host.
+
+        Tasks in ready or delayed (handed back after the sentinels, or reaped
+        just now from hosts whose heartbeat expired): start one consumer — it
+        takes them ahead of any leftover sentinel.  Tasks in flight elsewhere:
+        start nothing and stay (``done`` is False), looking again at each poll,
+        because their host may be dead and only a live host reaps (the reap runs
+        here, not in a consumer that would take a leftover sentinel and exit at
+        once, over and over).  Nothing pending, or an open queue: done.
+        """
+        self._waiting = False
+        counters = self.queue.counters()
+        if counters.pending <= 0 or not counters.closed:
+            return
+        reaped = self.queue.reap()
+        # pending counts tasks in ready, delayed and in flight: what is not in
+        # flight can be taken now (reaped tasks were in flight a moment ago).
+        if reaped or counters.pending > counters.in_flight:
+            self._spawn()
+        elif counters.in_flight:
+            self._waiting = True
 
     @property
     def done(self) -> bool:
-        return not self.live
+        return not self.live and not self._waiting
 
     def stop(self, grace: float) -> None:
         """SIGTERM every consumer, SIGKILL those still running after ``grace``."""
@@ -522,8 +590,10 @@ class Supervisor:
                 consumer.kill()
                 consumer.join()
                 assert consumer.pid is not None
-                self.queue.evict(consumer.pid)
+                with contextlib.suppress(BackendLost):  # gone: its heartbeat expires instead
+                    self.queue.evict(consumer.pid)
         self.live.clear()
+        self._waiting = False
 
 
 def wait(handles: list[int], timeout: float) -> list[int]:

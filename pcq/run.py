@@ -21,14 +21,16 @@ from types import FrameType
 from typing import Any
 
 from pcq.backends import open_queue
-from pcq.backends.base import Counters, Queue
+from pcq.backends.base import Counters, PutInterrupted, Queue
 from pcq.envelope import short_repr
-from pcq.errors import PcqError, SerializationError
+from pcq.errors import BackendLost, PcqError, SerializationError
 from pcq.roles import Consumer, Producer, SetupReport, Supervisor, WorkerTallies, wait
 
 #: How long consumers may take to finish their running task after SIGINT/SIGTERM.
 GRACE_SECONDS = 5.0
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: With the backend gone, consumers cannot acknowledge anything: stop them fast.
+LOST_GRACE = 0.5
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BACKEND_LOST = 0, 1, 2, 3
 #: How many failed tasks a summary lists; ``failures_more`` counts the rest.
 FAILURES_LISTED = 20
 #: How often a job reports its progress, in seconds.
@@ -121,8 +123,9 @@ def delta(before: Counters, after: Counters, elapsed: float, **extra: Any) -> Su
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[list[int]]:
-    """Catch SIGINT/SIGTERM for the duration; the list receives their numbers."""
+def interruptible(on_signal: Callable[[], None] | None = None) -> Iterator[list[int]]:
+    """Catch SIGINT/SIGTERM for the duration; the list receives their numbers, and
+    ``on_signal`` (if given) runs at each."""
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught  # signals can only be handled in the main thread
@@ -130,6 +133,8 @@ def interruptible() -> Iterator[list[int]]:
 
     def note(signum: int, frame: FrameType | None) -> None:
         caught.append(signum)
+        if on_signal is not None:
+            on_signal()
 
     old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -241,6 +246,11 @@ def _run(
                 if not running and not closed:
                     q.detach_producer(close_if_last=True)
                     closed = True
+                elif closed and not supervisor.done and q.state() == "idle":
+                    # Every task is done.  A consumer that attached after the close
+                    # found the queue idle, which is new: it waits for a next run
+                    # that this job will not start.  Stop it.
+                    supervisor.stop(grace)
                 if on_progress is not None and time.monotonic() >= next_progress:
                     report(q.counters(), bool(running))
                     next_progress = time.monotonic() + PROGRESS_EVERY
@@ -286,10 +296,14 @@ def produce_job(
     q.attach_producer()
     interrupted: int | None = None
     closing = close
-    with interruptible() as caught:
+    # A signal also interrupts a put that waits for room (maxsize): at once,
+    # putting nothing more, instead of after the consumers made room.
+    with interruptible(q.interrupt) as caught:
         try:
             with _reporting(report if on_progress is not None else None, q):
                 q.put_many(_until(items, caught))
+        except PutInterrupted:
+            closing = False
         except SerializationError as exc:
             closing = False  # a producer that failed half way must not end the job
             raise SerializationError(f"{exc.where()}; the queue was left open") from exc
@@ -372,14 +386,21 @@ def consume_job(
         workers,
     )
     stopped: int | None = None
+    lost = False
     with interruptible() as caught:
         try:
             supervisor.start()
             while not supervisor.done and not caught and not supervisor.setup_failed:
                 supervisor.poll(wait(supervisor.sentinels(), 0.5))
+                # The host's own look at the server: one line when the link goes,
+                # one when it is back, BackendLost when the budget is spent.
+                q.check_backend()
+        except BackendLost:
+            lost = True
+            raise
         finally:
             stopped = caught[0] if caught else None
-            supervisor.stop(grace)
+            supervisor.stop(LOST_GRACE if lost else grace)
     done, failed, retried = tallies.totals()
     return Summary(0, done, failed, retried, failed, round(time.monotonic() - started, 6),
                    workers, 0, restarts=supervisor.restarts, interrupted=stopped,

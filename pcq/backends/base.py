@@ -37,6 +37,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, ClassVar
 
 from pcq.envelope import (
@@ -59,6 +60,11 @@ MAX_BATCH = 1024
 TARGET_BATCH_SECONDS = 0.005
 #: Longest a partial batch waits for more items before it is sent anyway.
 LINGER_SECONDS = 0.001
+
+
+class PutInterrupted(BaseException):
+    """A put that waited for room was interrupted (see :meth:`Queue.interrupt`).
+    A BaseException, so that ``put_many`` stops at once instead of flushing."""
 
 
 @dataclass(slots=True)
@@ -155,10 +161,15 @@ class _Linger:
                 raise error
             self._send_locked(limit)
 
-    def _send_locked(self, limit: int) -> None:
+    def _send_locked(self, limit: int, caller: bool = True) -> None:
         pending = self.pending
         n = len(pending) if not limit else min(limit, len(pending))
-        batch = [pending.popleft() for _ in range(n)]
+        if caller and n == len(pending):
+            # In the caller's thread nothing is appended meanwhile: take all at once.
+            batch = list(pending)
+            pending.clear()
+        else:
+            batch = [pending.popleft() for _ in range(n)]
         self._sends += 1
         if batch:
             self._send_fn(batch)
@@ -175,7 +186,7 @@ class _Linger:
             with self._send_lock:
                 if self._sends == seen and self._error is None:
                     try:
-                        self._send_locked(0)
+                        self._send_locked(0, caller=False)
                     except BaseException as exc:  # handed to the caller's thread
                         self._error = exc
                 seen = self._sends
@@ -207,9 +218,11 @@ class Queue(ABC):
     #: whenever slots are free); False: one lease at a time.
     multiple_leases: ClassVar[bool] = False
 
-    def __init__(self, name: str = "default", *, maxsize: int = 0) -> None:
+    def __init__(self, name: str = "default", *, maxsize: int = 0, max_deliveries: int = 3) -> None:
         self.name = name
         self.maxsize = maxsize
+        #: Consumer deaths a task may cause before it is dead-lettered (0: no limit).
+        self.max_deliveries = max_deliveries
         self._tag_pid = -1
         self._tag = ""
         self._seq = 0
@@ -233,17 +246,27 @@ class Queue(ABC):
         clock = time.monotonic
         append = linger.pending.append
         pending = linger.pending
+        extend = pending.extend
+        iterator = iter(items)
         try:
             limit = self.batch_limit()
             # The quiet spell is counted from here, not from before the linger
             # thread started: starting it can take longer than LINGER_SECONDS.
             linger.sent_at = clock()
-            for item in items:
+            for item in iterator:
                 append(item)
                 n = len(pending)
                 # The first item after a quiet spell goes at once: a trickle
                 # never waits for the linger thread.
                 if n >= limit or (n == 1 and clock() - linger.sent_at > LINGER_SECONDS):
+                    linger.send(limit)
+                    limit = self.batch_limit()
+                    continue
+                # The rest of the batch at C speed: deque.extend appends each item
+                # as islice yields it, so the linger thread still sees a slow
+                # iterable's items as they come.
+                extend(islice(iterator, limit - n))
+                if len(pending) >= limit:
                     linger.send(limit)
                     limit = self.batch_limit()
         except SerializationError as exc:
@@ -380,6 +403,10 @@ class Queue(ABC):
 
     #: How often ``join`` and idle consumers look for dead consumers' tasks.
     reap_interval: float = 1.0
+    #: Leases this process acknowledged after they were reaped (stale: their acks
+    #: changed nothing, whoever handled them again counts them).  Backends that
+    #: can tell add to it in ``_ack``.
+    stale_leases: int = 0
 
     @abstractmethod
     def close(self) -> None:
@@ -396,6 +423,16 @@ class Queue(ABC):
 
     @abstractmethod
     def counters(self) -> Counters: ...
+
+    def state(self) -> str:
+        """"open"; "closing" (closed, tasks still pending: a consumer attaching
+        now drains them and stops); or "idle" (closed and every task
+        acknowledged: the same as new, a consumer attaching waits for the next
+        producer)."""
+        c = self.counters()
+        if not c.closed:
+            return "open"
+        return "closing" if c.pending > 0 else "idle"
 
     @abstractmethod
     def attach_consumer(self) -> None:
@@ -428,6 +465,17 @@ class Queue(ABC):
 
     def dispose(self) -> None:  # noqa: B027 - optional hook
         """Free what this queue object holds in this process (files, connections)."""
+
+    def check_backend(self) -> bool:
+        """One quick look at the backend's server, for a supervisor's loop: False
+        while it is away (within its reconnect budget); raises
+        :class:`~pcq.errors.BackendLost` once it is gone for good or lost the
+        queue's data.  A backend without a server is always there."""
+        return True
+
+    def interrupt(self) -> None:  # noqa: B027 - optional hook
+        """Called from a signal handler: a put that waits for room gives up at its
+        next look (raising :class:`PutInterrupted`), putting nothing more."""
 
     # ------------------------------------------------------------------ dead letters
 

@@ -14,6 +14,9 @@ also touch in-flight lists they find by name.  One task is one list element.
 * ``closed`` (flag), ``epoch`` (close epoch), ``full`` / ``space`` (backpressure).
 * ``acked`` — hash consumer id -> the token of its last ack sent together with a
   take (``ack_and_take``), so that resending the pair never applies the ack twice.
+* ``run`` — the queue's marker: a random value set by the first connection to
+  the queue and checked by every later one (see :mod:`pcq.backends.redis_link`);
+  gone or changed means the server lost the queue's data.
 
 Each move that must be atomic is one Lua script in a ``.lua`` file beside this
 module; each file opens with the keys it touches and the race it prevents:
@@ -50,7 +53,15 @@ from typing import Any, cast
 import redis
 from redis.exceptions import NoScriptError, RedisError
 
-from pcq.backends.base import MAX_BATCH, Counters, Failure, Lease, Outcome, Queue
+from pcq.backends.base import (
+    MAX_BATCH,
+    Counters,
+    Failure,
+    Lease,
+    Outcome,
+    PutInterrupted,
+    Queue,
+)
 from pcq.backends.redis_link import Link
 from pcq.envelope import (
     SENTINEL_PREFIX,
@@ -97,6 +108,7 @@ class Keys:
     full: str
     space: str
     acked: str
+    run: str
     inflight_prefix: str
 
     @classmethod
@@ -118,6 +130,7 @@ class Keys:
             full=k("full"),
             space=k("space"),
             acked=k("acked"),
+            run=k("run"),
             inflight_prefix=k("inflight:"),
         )
 
@@ -160,8 +173,8 @@ class RedisQueue(Queue):
     instead of connecting to ``url``.  ``heartbeat_ttl`` — a consumer or producer
     that has not sent a heartbeat (every ``ttl/3`` s, from a daemon thread) for
     this long is dead: its tasks are reaped, it does not count as live.
-    ``retry_for`` — how long an operation retries a lost connection before it
-    raises :class:`~pcq.errors.BackendUnavailable`.
+    ``retry_for`` — how long after the first failure of an outage operations
+    stop retrying and raise :class:`~pcq.errors.BackendLost` (``--reconnect-timeout``).
 
     The consumer registration belongs to the process that made it; a copy of this
     object in another process starts unattached.  Producer registrations travel
@@ -193,8 +206,9 @@ class RedisQueue(Queue):
         self.url = url
         self.heartbeat_ttl = heartbeat_ttl
         self.keys = Keys.of(name)
-        self._link = Link(url, client, retry_for)
+        self._link = Link(url, client, retry_for, marker=self.keys.run, what=f"queue {name}")
         self._producer_ids: list[str] = []
+        self._interrupted = False  # set from a signal handler: a waiting put gives up
         self._fresh()
 
     # ------------------------------------------------------------------ processes
@@ -283,6 +297,8 @@ class RedisQueue(Queue):
         # room.  Waiting is one BLPOP, not a polling loop.
         at = 0
         while at < len(messages):
+            if self._interrupted:  # checked before every push: nothing more goes in
+                raise PutInterrupted
             chunk = messages[at : at + PUT_CHUNK]
             pushed = int(self._link.run("put", self._put_keys(), [self.maxsize, each, *chunk]))
             at += pushed
@@ -315,7 +331,10 @@ class RedisQueue(Queue):
             status, wait_ms, messages = taken
             if messages:
                 return messages, _Receipt(me, messages)
-            if status == _DRAINED:  # closed and empty: a consumer that came late stops too
+            if status == _DRAINED:  # closed and empty: a consumer that came late stops too,
+                if self.reap():  # unless dead consumers' tasks were waiting to be reaped
+                    taken = self._take_once(me, want)
+                    continue
                 return [self._sentinel], _Receipt(me, [])
             left = math.inf if deadline is None else deadline - time.monotonic()
             if left <= 0:
@@ -383,9 +402,14 @@ class RedisQueue(Queue):
         receipt = self._receipt(lease)
         if not receipt.messages:
             return  # a sentinel made up for a drained queue: nothing is in flight
-        _applied, held = self._link.run("ack", *self._ack_call(receipt, outcome, ""))
+        applied, held = self._link.run("ack", *self._ack_call(receipt, outcome, ""))
+        self._note_ack(applied)
         if receipt.consumer == self._consumer_id:
             self._held = int(held)
+
+    def _note_ack(self, code: int) -> None:
+        if int(code) == 0:  # ack.lua: the lease was reaped before this ack came
+            self.stale_leases += 1
 
     @staticmethod
     def _receipt(lease: Lease) -> _Receipt:
@@ -469,6 +493,7 @@ class RedisQueue(Queue):
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
+        self._note_ack(replies[0][0])
         return cast("list[Any]", replies[1])
 
     # ------------------------------------------------------------------ lifecycle
@@ -607,6 +632,12 @@ class RedisQueue(Queue):
         if self._heartbeat is not None and self._consumer_id is None and not self._beat_ids:
             self._heartbeat.stop()
             self._heartbeat = None
+
+    def check_backend(self) -> bool:
+        return self._link.probe()
+
+    def interrupt(self) -> None:
+        self._interrupted = True
 
     def dispose(self) -> None:
         self._here()

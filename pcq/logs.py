@@ -25,7 +25,17 @@ def configure(level: str = DEFAULT_LEVEL) -> None:
     if not any(h.get_name() == "pcq-cli" for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.set_name("pcq-cli")
-        handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+        handler.setFormatter(_Formatter(FORMAT, datefmt="%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False  # a user's root handler would print each line twice
     logger.setLevel(level.upper())
+
+
+class _Formatter(logging.Formatter):
+    """A record whose message already speaks for itself ("pcq: warning: ...",
+    written to read well without any handler) is printed as it is."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if isinstance(record.msg, str) and record.msg.startswith("pcq: "):
+            return record.getMessage()
+        return super().format(record)

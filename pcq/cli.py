@@ -1,8 +1,12 @@
 """The ``pcq`` command: parse, delegate to the library, turn errors into exit codes.
 
-Exit codes: 0 all done, 1 some tasks failed, 2 usage or configuration error,
-3 the backend was lost mid-run (unreachable past --reconnect-timeout, or it lost
-the queue's data), 128 + signal when interrupted (130 for Ctrl-C, 143 for SIGTERM).
+Exit codes: 0 all done, 1 some tasks failed, 2 usage or configuration error
+(a consumer's ``--setup`` that raised included), 3 the backend was lost mid-run
+(unreachable past --reconnect-timeout, or it lost the queue's data), 128 +
+signal when interrupted (130 for Ctrl-C, 143 for SIGTERM).
+
+An error is one line on stderr, ``pcq: error: WHAT``; a usage error adds the
+command's usage line and where to find help.
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pcq import __version__, logs
 from pcq.backends import backend_for, open_queue
-from pcq.backends.base import Counters, Queue
+from pcq.backends.base import Queue
+from pcq.envelope import short_repr
 from pcq.errors import BackendLost, ConfigError, PcqError
 from pcq.loader import load_callable
 from pcq.pipeline import run
+from pcq.progress import Display, line_buffered
 from pcq.run import EXIT_BACKEND_LOST, EXIT_USAGE, Summary, consume_job, produce_job
 
 app = typer.Typer(
@@ -33,6 +39,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 dead_app = typer.Typer(help="Dead letters: tasks that failed after their retries.",
                        no_args_is_help=True)
@@ -55,6 +62,10 @@ Concurrency = Annotated[int, typer.Option(
     min=1, help="Tasks each consumer process runs at once: threads, or asyncio tasks for "
                 "an async def handler. For handlers that wait (network, disk).")]
 Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
+Setup = Annotated[str | None, typer.Option(
+    "--setup", help="module:function or path/file.py:function run once in each consumer "
+                    "process before its first task (open clients there); if it raises, "
+                    "the job stops with exit code 2.")]
 HeartbeatTtl = Annotated[float | None, typer.Option(
     min=0.1, envvar="PCQ_HEARTBEAT_TTL",
     help="Redis: seconds without a heartbeat after which a consumer counts as dead "
@@ -96,69 +107,10 @@ def _opened(backend: str | None, url: str | None, name: str) -> Iterator[Queue]:
         q.dispose()
 
 
-class _ProgressBar:
-    """A progress bar on stderr, shown only on a terminal.
-
-    It is drawn from the caller's thread (``update``), never from a refresh
-    thread, and leaves sys.stdout/sys.stderr alone: consumer processes are
-    forked while it is shown, and a child must not inherit a lock that a
-    parent's thread held, nor a proxy that draws stale copies of the bar.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self._progress: Progress | None = None
-        if enabled and err.is_terminal:
-            self._progress = Progress(
-                TextColumn("[bold]pcq[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("done  {task.fields[failed]} failed"), TimeElapsedColumn(),
-                console=err, transient=True, auto_refresh=False,
-                redirect_stdout=False, redirect_stderr=False,
-            )
-            self._task: Any = self._progress.add_task("tasks", total=None, failed=0)
-        self._base: Counters | None = None  # the job's first report: its starting point
-        self._stages: dict[int, tuple[Any, Counters]] = {}  # stage -> (task, first report)
-
-    def __enter__(self) -> _ProgressBar:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def stages(self, rows: list[tuple[str, Counters]], elapsed: float) -> None:
-        """A pipeline's progress callback: one bar per stage."""
-        if self._progress is None:
-            return
-        if self._task is not None:  # the pipeline's stages replace the single bar
-            self._progress.remove_task(self._task)
-            self._task = None
-        for k, (name, counters) in enumerate(rows):
-            if k not in self._stages:
-                task = self._progress.add_task(name, total=None, failed=0)
-                self._stages[k] = (task, counters)
-            task, b = self._stages[k]
-            self._progress.update(
-                task, total=counters.produced - b.produced,
-                completed=counters.done + counters.failed - b.done - b.failed,
-                failed=counters.failed - b.failed,
-            )
-        self._progress.refresh()
-
-    def update(self, counters: Counters, elapsed: float) -> None:
-        """A job's progress callback; its first call sets the starting point."""
-        if self._progress is None or self._task is None:
-            return
-        b = self._base = self._base or counters
-        self._progress.update(
-            self._task, total=counters.produced - b.produced,
-            completed=counters.done + counters.failed - b.done - b.failed,
-            failed=counters.failed - b.failed, refresh=True,
-        )
-
-
 def _report(summary: Summary, as_json: bool, what: str) -> None:
+    if summary.setup_error:
+        err.print(f"pcq: error: {summary.setup_error}", highlight=False, soft_wrap=True,
+                  markup=False)
     if as_json:
         print(json.dumps(summary.as_dict()), flush=True)
         return
@@ -173,6 +125,11 @@ def _report(summary: Summary, as_json: bool, what: str) -> None:
     if summary.interrupted is not None:
         line += "; interrupted"
     err.print(line, highlight=False, soft_wrap=True)
+    for failure in summary.failures:
+        err.print(f"  failed: {failure['item']}: {failure['error']}", highlight=False,
+                  soft_wrap=True, markup=False)
+    if summary.failures_more:
+        err.print(f"  ... and {summary.failures_more} more failed", highlight=False)
     for stage in summary.stages:
         err.print(f"  stage {stage.name} ({stage.queue}, {stage.workers} worker(s)): "
                   f"{stage.produced} produced, {stage.done} done, {stage.failed} failed, "
@@ -242,24 +199,25 @@ def run_command(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
+    setup: Setup = None,
 ) -> None:
     """Run a whole job — producers, consumers (of every stage), close, summary — on
     this host (local by default)."""
     produce = load_callable(producer, "PRODUCER")
     handles = [load_callable(h, "HANDLER") for h in handlers]
     n = len(handles)
+    setup_fn = None if setup is None else load_callable(setup, "SETUP")
     shared = backend_for(backend, url) != "local"
     # local consumers have no heartbeat and no server to reconnect to
     options = _options(heartbeat_ttl, reconnect_timeout) if shared else {}
     names = [h.rsplit(":", 1)[-1] for h in handlers]
-    with _ProgressBar(not no_progress) as bar:
+    with Display(not no_progress) as display:
         summary = run(produce, *handles, workers=_per_stage(workers, n, "--workers", int),
                       producers=producers, maxsize=_per_stage(maxsize, n, "--maxsize", int),
                       retries=_per_stage(retries, n, "--retries", int),
                       timeout=_per_stage(timeout or "none", n, "--timeout", float),
                       backend=backend, url=url, queue=queue, names=names,
-                      on_progress=bar.update if n == 1 else None,
-                      on_stages=bar.stages if n > 1 else None, concurrency=concurrency,
+                      on_progress=display.update, concurrency=concurrency, setup=setup_fn,
                       **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
@@ -300,9 +258,9 @@ def produce_command(
     items = _json_lines(sys.stdin) if producer == "-" else load_callable(producer, "PRODUCER")()
     q = _shared_queue(backend, url, queue, maxsize, **_options(heartbeat_ttl, reconnect_timeout))
     try:
-        with _ProgressBar(not no_progress and not no_wait) as bar:
+        with Display(not no_progress) as display:
             summary = produce_job(q, items, close=not no_close, wait_done=not no_wait,
-                                  on_progress=bar.update)
+                                  on_progress=display.update)
     finally:
         q.dispose()
     _report(summary, as_json, "produce")
@@ -323,18 +281,20 @@ def consume_command(
     as_json: Json = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
+    setup: Setup = None,
     to: Annotated[str | None, typer.Option(
         "--to", help="A stage: put what HANDLER returns (or yields) on this queue, same "
                      "server; it closes when --queue is closed and fully acknowledged.")] = None,
 ) -> None:
     """Run consumer processes on this host until each takes its sentinel."""
     handle = load_callable(handler, "HANDLER")
+    setup_fn = None if setup is None else load_callable(setup, "SETUP")
     q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl, reconnect_timeout))
     target = q.sibling(to) if to is not None else None
     try:
         q.counters()  # fail fast, in this process, if the server cannot be reached
         summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
-                              concurrency=concurrency, to=target)
+                              concurrency=concurrency, setup=setup_fn, to=target)
     finally:
         if target is not None:
             target.dispose()
@@ -413,6 +373,9 @@ def status_command(
     """Show a queue's counters, consumers and producers — and those of every queue
     its stages feed, for a pipeline."""
     with _opened(backend, url, queue) as q:
+        if not q.exists():  # a misspelled --queue would otherwise show zeros
+            raise ConfigError(f"queue {queue!r} does not exist on this server (nothing was "
+                              "ever put in it, and no consumer or producer is attached)")
         if not watch:
             if as_json:
                 print(json.dumps(_status_json(q)))
@@ -459,12 +422,17 @@ def dead_list(
     """List dead letters with their errors."""
     with _opened(backend, url, queue) as q:
         letters = q.dead_letters(limit)
+    if not letters and not as_json:
+        err.print(f"pcq: no dead letters in queue {queue!r}", highlight=False)
     for letter in letters:
         if as_json:
             print(json.dumps(letter, default=repr))
+        elif "body" in letter:
+            # Like the consumer's log line: content, attempts made, error.
+            print(f"{letter.get('id')}: task {short_repr(letter['body'])}, "
+                  f"{letter.get('attempts')} attempt(s): {letter.get('error')}")
         else:
-            what = letter.get("id", "(undecodable message)")
-            print(f"{what}: {letter.get('error')}  body={letter.get('body', letter.get('raw'))!r}")
+            print(f"(undecodable message): {letter.get('error')}  raw={letter.get('raw')!r}")
 
 
 @dead_app.command("requeue")
@@ -483,19 +451,90 @@ def dead_purge(backend: Backend = None, url: Url = None, queue: Name = "default"
     err.print(f"pcq: deleted {deleted} dead letter(s)", highlight=False)
 
 
-def main() -> None:
+def _set_log_level(value: str | None) -> None:
+    if value is not None:
+        if value.lower() not in logs.LEVELS:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(logs.LEVELS)}")
+        logs.configure(value)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"pcq {__version__}")
+        raise typer.Exit(0)
+
+
+def _log_level_option(
+    log_level: Annotated[str | None, typer.Option(
+        "--log-level", envvar="PCQ_LOG_LEVEL", is_eager=True, callback=_set_log_level,
+        metavar="LEVEL",
+        help=f"{'|'.join(logs.LEVELS)} (default {logs.DEFAULT_LEVEL}; env PCQ_LOG_LEVEL).",
+    )] = None,
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_show_version, help="Show pcq's version and exit.",
+    )] = False,
+) -> None:
+    """Where Typer builds the two options every command shares (see command())."""
+
+
+def command() -> Any:
+    """The ``pcq`` command: the Typer app, with ``--version`` on ``pcq`` itself and
+    ``--log-level`` on every command, added here so that no command function
+    has to take (and pass around) an option that only configures logging."""
+    shared = typer.Typer()
+    shared.command()(_log_level_option)
+    params = {p.name: p for p in typer.main.get_command(shared).params}
+    log_level, version = params["log_level"], params["version"]
+    log_level.expose_value = version.expose_value = False
+    cli = typer.main.get_command(app)
+    cli.params.extend([version, log_level])
+
+    def add(group: Any) -> None:
+        for sub in getattr(group, "commands", {}).values():
+            sub.params.append(log_level)
+            add(sub)
+
+    add(cli)
+    return cli
+
+
+#: Typer re-exports only some of click's exceptions; every usage error (unknown
+#: option, bad value, missing argument) derives from BadParameter's base class.
+UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+def _usage_error(exc: Any) -> None:
+    """Two lines: ``pcq: error: WHAT`` and the command's usage, with where to find help."""
+    err.print(f"pcq: error: {exc.format_message()}", highlight=False, soft_wrap=True,
+              markup=False)
+    if exc.ctx is not None:
+        usage = " ".join(exc.ctx.get_usage().split())
+        err.print(f"{usage}  (see {exc.ctx.command_path} -h)", highlight=False,
+                  soft_wrap=True, markup=False)
+
+
+def main(args: list[str] | None = None) -> None:
     """Entry point: a PcqError is one line on stderr and exit code 2 (3 for a
     backend lost mid-run), never a traceback."""
+    line_buffered()  # forked consumers inherit it: their lines never interleave
+    logs.configure()  # after: its handler writes to the line-buffered stderr
     try:
-        app()
+        code = command().main(args, prog_name="pcq", standalone_mode=False)
     except BackendLost as exc:
-        err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True, markup=False)
         sys.exit(EXIT_BACKEND_LOST)
     except PcqError as exc:
-        err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True, markup=False)
         sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `pcq`, `pcq dead`: the help
+            print(exc.ctx.get_help(), file=sys.stderr)  # type: ignore[attr-defined]
+        else:
+            _usage_error(exc)
+        sys.exit(EXIT_USAGE)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

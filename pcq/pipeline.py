@@ -27,15 +27,20 @@ from typing import Any, TypeVar
 from pcq.backends import open_queue
 from pcq.backends.base import Counters, Queue
 from pcq.errors import ConfigError
-from pcq.roles import Consumer, Producer, Supervisor, wait
-from pcq.run import GRACE_SECONDS, Summary, interruptible
+from pcq.roles import Consumer, Producer, SetupReport, Supervisor, wait
+from pcq.run import (
+    FAILURES_LISTED,
+    GRACE_SECONDS,
+    Progress,
+    Summary,
+    interruptible,
+    job_failures,
+    progress,
+)
 from pcq.run import run as run_one
 from pcq.stages import Stage, close_if_finished, finished
 
 T = TypeVar("T")
-#: A pipeline's progress callback: (stage name, its input queue's counters) per
-#: stage, in order, and the seconds since the start.
-StagesProgress = Callable[[list[tuple[str, Counters]], float], None]
 
 
 def stage_queue(queue: str, stage: int) -> str:
@@ -87,10 +92,10 @@ def run(
     url: str | None = None,
     queue: str = "default",
     grace: float = GRACE_SECONDS,
-    on_progress: Callable[[Counters, float], None] | None = None,
-    on_stages: StagesProgress | None = None,
+    on_progress: Callable[[list[Progress]], None] | None = None,
     names: Sequence[str] | None = None,
     concurrency: int = 1,
+    setup: Callable[[], Any] | None = None,
     **queue_options: Any,
 ) -> Summary:
     """Run ``produce`` into a pipeline of one or more handlers (see the module
@@ -107,11 +112,11 @@ def run(
     sizes = per_stage(maxsize, n, "maxsize")
     tries = per_stage(retries, n, "retries")
     limits = per_stage(timeout, n, "timeout")
-    if n == 1 and on_stages is None:
+    if n == 1:
         return run_one(produce, handle, workers=counts[0], producers=producers,
                        maxsize=sizes[0], retries=tries[0], timeout=limits[0], backend=backend,
                        url=url, queue=queue, grace=grace, on_progress=on_progress,
-                       concurrency=concurrency, **queue_options)
+                       concurrency=concurrency, setup=setup, **queue_options)
     if min(counts) < 1 or producers < 1:
         raise ValueError("workers and producers must be at least 1")
     labels = list(names) if names is not None else [stage_name(h) for h in steps]
@@ -121,8 +126,8 @@ def run(
         queues += [first.sibling(stage_queue(queue, k), maxsize=sizes[k]) for k in range(1, n)]
         for k in range(n - 1):
             queues[k].set_feeds(queues[k + 1].name)
-        job = _Job(queues, steps, counts, tries, limits, labels, concurrency)
-        return job.run(produce, producers, grace, on_progress, on_stages)
+        job = _Job(queues, steps, counts, tries, limits, labels, concurrency, setup)
+        return job.run(produce, producers, grace, on_progress)
     finally:
         for q in reversed(queues):
             q.dispose()
@@ -140,9 +145,12 @@ class _Job:
         timeouts: list[float | None],
         names: list[str],
         concurrency: int = 1,
+        setup: Callable[[], Any] | None = None,
     ) -> None:
         self.queues = queues
         self.concurrency = concurrency
+        self.setup = setup  # runs in every consumer of every stage
+        self.setup_report = SetupReport()
         self.names = names
         self.workers = workers
         self.supervisors = [
@@ -157,10 +165,12 @@ class _Job:
         q = self.queues[k]
         if k == len(self.queues) - 1:
             return lambda i: Consumer(q, handle, retries=retries, timeout=timeout,
-                                      name=f"pcq-{k + 1}-{i}", concurrency=self.concurrency)
+                                      name=f"pcq-{k + 1}-{i}", concurrency=self.concurrency,
+                                      setup=self.setup, setup_report=self.setup_report)
         to = self.queues[k + 1]
         return lambda i: Stage(q, handle, to=to, retries=retries, timeout=timeout,
-                               name=f"pcq-{k + 1}-{i}")
+                               name=f"pcq-{k + 1}-{i}", setup=self.setup,
+                               setup_report=self.setup_report)
 
     def _finish_stages(self, grace: float) -> None:
         """Close the output of every stage whose input is finished (closed, all
@@ -178,26 +188,29 @@ class _Job:
             if (self.closed[k] if k < last else finished(q)):
                 supervisor.stop(grace)
 
-    def _report(self, elapsed: float, on_progress: Callable[[Counters, float], None] | None,
-                on_stages: StagesProgress | None) -> None:
-        rows = [(name, q.counters()) for name, q in zip(self.names, self.queues, strict=True)]
-        if on_stages is not None:
-            on_stages(rows, elapsed)
-        if on_progress is not None:
-            on_progress(rows[0][1], elapsed)
+    def _report(self, on_progress: Callable[[list[Progress]], None] | None,
+                before: list[Counters], elapsed: float, producing: bool) -> None:
+        """One progress line a stage: a stage is still fed while the producers
+        run (the first) or its input is open (the others)."""
+        if on_progress is None:
+            return
+        rows = []
+        for k, (name, q) in enumerate(zip(self.names, self.queues, strict=True)):
+            fed = producing if k == 0 else not self.closed[k - 1]
+            rows.append(progress(name, before[k], q.counters(), fed, None, elapsed))
+        on_progress(rows)
 
     def run(
         self,
         produce: Callable[[], Iterable[Any]],
         producers: int,
         grace: float,
-        on_progress: Callable[[Counters, float], None] | None,
-        on_stages: StagesProgress | None,
+        on_progress: Callable[[list[Progress]], None] | None,
     ) -> Summary:
         started = time.monotonic()
         before = [q.counters() for q in self.queues]
         first = self.queues[0]
-        self._report(0.0, on_progress, on_stages)
+        self._report(on_progress, before, 0.0, True)
         # Our registration keeps the first queue open until every producer is
         # done; on the others it reopens what an earlier run closed, so their
         # consumers wait for this run's tasks instead of leaving at once.
@@ -217,7 +230,8 @@ class _Job:
                     running[producer.sentinel] = producer
                 opened = True
                 next_progress = 0.0
-                while (running or not all(s.done for s in self.supervisors)) and not caught:
+                while ((running or not all(s.done for s in self.supervisors)) and not caught
+                       and not any(s.setup_failed for s in self.supervisors)):
                     handles = list(running) + [fd for s in self.supervisors
                                                for fd in s.sentinels()]
                     ready = wait(handles, 0.1)
@@ -237,14 +251,15 @@ class _Job:
                     if not opened:
                         self._finish_stages(grace)
                     if time.monotonic() >= next_progress:
-                        self._report(time.monotonic() - started, on_progress, on_stages)
+                        self._report(on_progress, before, time.monotonic() - started,
+                                     bool(running))
                         next_progress = time.monotonic() + 0.1
             finally:
                 stopped = caught[0] if caught else None
                 self._stop(running.values(), grace)
                 for q in self.queues[1:]:
                     q.detach_producer(close_if_last=False)  # closed by propagation
-        self._report(time.monotonic() - started, on_progress, on_stages)
+        self._report(on_progress, before, time.monotonic() - started, False)
         return self._summary(before, time.monotonic() - started, producers, producer_errors,
                              stopped)
 
@@ -275,6 +290,15 @@ class _Job:
                 self.names[k], q.name, self.workers[k], a.produced - b.produced,
                 a.done - b.done, a.failed - b.failed, a.retried - b.retried, a.dead - b.dead,
                 self.supervisors[k].restarts))
+        failures: list[dict[str, Any]] = []
+        more = 0
+        for k, q in enumerate(self.queues):
+            found = job_failures(q, before[k], q.counters())
+            listed = list(found.get("failures", ()))
+            room = FAILURES_LISTED - len(failures)
+            failures += listed[:room]
+            more += found.get("failures_more", 0) + max(0, len(listed) - room)
+        setup_failed = any(s.setup_failed for s in self.supervisors)
         return Summary(
             produced=stages[0].produced,
             done=stages[-1].done,
@@ -287,6 +311,9 @@ class _Job:
             restarts=sum(s.restarts for s in stages),
             producer_errors=producer_errors,
             interrupted=stopped,
+            failures=tuple(failures),
+            failures_more=more,
+            setup_error=self.setup_report.message() if setup_failed else None,
             stages=tuple(stages),
         )
 

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from types import FrameType
 from typing import Any
 
@@ -39,8 +39,8 @@ from pcq.backends.base import (
     PutInterrupted,
     Queue,
 )
-from pcq.envelope import Batch, Envelope
-from pcq.errors import BackendLost, PcqError, TaskTimeout
+from pcq.envelope import Batch, Envelope, short_repr
+from pcq.errors import BackendLost, PcqError, SerializationError, TaskTimeout
 from pcq.slots import consume_concurrently, run_coroutine
 
 log = logging.getLogger("pcq")
@@ -50,6 +50,9 @@ PRODUCER_FAILED = 1
 #: Exit code of a consumer that lost its backend for good (BackendLost): it says
 #: nothing; its supervisor finds out for itself and speaks once for the host.
 BACKEND_LOST = 3
+#: Exit code of a Consumer whose setup() raised: the supervisor does not restart
+#: it (a restart would fail the same way) and the job stops.
+SETUP_FAILED = 4
 #: How long an idle consumer waits for a task before looking around (reap, stop).
 IDLE_WAIT = 0.25
 #: How long a consumer whose parent died may take to finish its running task:
@@ -134,12 +137,16 @@ class Producer(_Process):
         *,
         close_when_done: bool = True,
         name: str | None = None,
+        length: tuple[Any, int] | None = None,
     ) -> None:
         super().__init__(name=name)
         self.queue = queue
         self._produce = produce
         self.close_when_done = close_when_done
         self._parent_pid = os.getpid()
+        # (shared int64 array, index): where to note len() of what produce()
+        # returned, when it has one, so that a progress display knows the total.
+        self._length = length
 
     def produce(self) -> Iterable[Any]:
         """The items to put.  Override, or pass ``produce=`` to the constructor."""
@@ -169,7 +176,11 @@ class Producer(_Process):
         def items() -> Iterator[Any]:
             if stopping:
                 raise _Stop
-            for item in self.produce():
+            produced = self.produce()
+            if self._length is not None and isinstance(produced, Sized):
+                array, at = self._length
+                array[at] = len(produced)  # the job's total, for a progress display
+            for item in produced:
                 yield item
                 if stopping:
                     raise _Stop
@@ -184,7 +195,9 @@ class Producer(_Process):
         except (_Stop, PutInterrupted):
             code = 143
         except PcqError as exc:
-            print(f"pcq: producer {self.name}: {exc}", file=sys.stderr, flush=True)
+            what = exc.where() if isinstance(exc, SerializationError) else str(exc)
+            print(f"pcq: producer {self.name}: {what}; this producer did not close the queue",
+                  file=sys.stderr, flush=True)
             code = PRODUCER_FAILED
         except Exception:
             print(f"pcq: producer {self.name} failed:", file=sys.stderr)
@@ -209,6 +222,12 @@ class Consumer(_Process):
     ``timeout``, a handler still running after that many seconds is interrupted
     (SIGALRM) and the attempt counts as failed.
 
+    ``setup()`` (or ``setup=``, a function of no arguments) runs once in the
+    consumer process before its first task, like ``Pool(initializer=...)``: the
+    place to open database or HTTP clients.  If it raises, the consumer takes no
+    task, says why in one line and exits with ``SETUP_FAILED``; its supervisor
+    does not restart it and the job stops.
+
     With ``concurrency`` C > 1, up to C tasks run at once: a plain handler in C
     threads, an ``async def`` handler as asyncio tasks (see :mod:`pcq.slots`).
     An ``async def`` handler is always awaited: at C == 1 on an event loop of
@@ -227,6 +246,8 @@ class Consumer(_Process):
         backoff: float = 0.05,
         tally: tuple[Any, int] | None = None,
         name: str | None = None,
+        setup: Callable[[], Any] | None = None,
+        setup_report: SetupReport | None = None,
         concurrency: int = 1,
     ) -> None:
         super().__init__(name=name)
@@ -234,6 +255,8 @@ class Consumer(_Process):
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.queue = queue
         self._handle = handle
+        self._setup = setup
+        self._setup_report = setup_report
         self.concurrency = concurrency
         self._tally = tally  # optional (shared int64 array, offset): done, failed, retried
         self.retries = retries
@@ -249,8 +272,18 @@ class Consumer(_Process):
             raise NotImplementedError("pass handle= or override Consumer.handle()")
         return self._handle(item)
 
+    def setup(self) -> None:
+        """Runs once in this process before the first task.  Override, or pass
+        ``setup=`` to the constructor."""
+        if self._setup is not None:
+            self._setup()
+
     def run(self) -> None:
         _die_with_parent(self._parent_pid)
+        try:
+            self.setup()
+        except Exception as exc:
+            self._setup_failed(exc)
 
         orphan_watchdog: list[threading.Timer] = []
 
@@ -287,6 +320,18 @@ class Consumer(_Process):
             queue.dispose()
         if code:
             sys.exit(code)
+
+    def _setup_failed(self, exc: Exception) -> None:
+        """One line (the first failing consumer's, when a supervisor collects
+        them) and exit SETUP_FAILED, before the queue was touched."""
+        where = f"{type(exc).__name__}: {exc}"
+        line = f"setup failed in consumer {self.name} (pid {os.getpid()}): {where}"
+        if self._setup_report is None:
+            print(f"pcq: error: {line}", file=sys.stderr, flush=True)
+        else:
+            self._setup_report.record(line)
+        log.debug("setup traceback:\n%s", traceback.format_exc())
+        sys.exit(SETUP_FAILED)
 
     def _is_async(self) -> bool:
         """Whether the handler is an ``async def`` (``handle=``, or an override;
@@ -411,12 +456,37 @@ class Consumer(_Process):
         env = batch.envelope(index)
         error = f"{type(exc).__name__}: {exc}"
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        # One line a person can act on: which task (its content, as `pcq dead list`
+        # shows it), which attempt of how many, where, and why.
+        what = (f"task {short_repr(env.body)} failed in {self.name} (pid {os.getpid()}), "
+                f"attempt {env.attempts + 1}/{self.retries + 1}: {error}")
         if env.attempts < self.retries:
             delay = self.backoff * (2**env.attempts) * (1 + random.random() / 4)
-            log.info("task %s failed (%s); retry in %.2fs", env.id, error, delay)
+            log.info("%s; retry in %.2f s", what, delay)
             return Failure(env, error, tb, retry_in=delay)
-        log.error("task %s failed after %d attempts: %s\n%s", env.id, env.attempts + 1, error, tb)
+        # The traceback stays with the dead letter; in the log it would bury the
+        # lines of every other task, so it shows at debug level only.
+        log.error("%s; dead-lettered (id %s)", what, env.id)
+        log.debug("task %s (id %s) traceback:\n%s", short_repr(env.body), env.id, tb.rstrip())
         return Failure(env, error, tb)
+
+
+class SetupReport:
+    """The first consumer setup failure of a job, in shared memory, so that a
+    job whose 16 consumers all fail says so once."""
+
+    SIZE = 1000
+
+    def __init__(self) -> None:
+        self._text: Any = mp.Array("c", self.SIZE)
+
+    def record(self, line: str) -> None:
+        with self._text.get_lock():
+            if not self._text.value:
+                self._text.value = line.encode(errors="replace")[: self.SIZE - 1]
+
+    def message(self) -> str | None:
+        return self._text.value.decode(errors="replace") or None
 
 
 class WorkerTallies:
@@ -455,6 +525,7 @@ class Supervisor:
         self.workers = workers
         self.live: dict[int, Consumer] = {}
         self.restarts = 0
+        self.setup_failed = False  # a consumer's setup raised: stop the job
         self._started = 0
         self._waiting = False  # the run still has tasks in flight on other hosts
 
@@ -479,6 +550,9 @@ class Supervisor:
             if consumer is None:
                 continue
             consumer.join()
+            if consumer.exitcode == SETUP_FAILED:
+                self.setup_failed = True  # a replacement would fail the same way
+                continue
             if consumer.exitcode == BACKEND_LOST:
                 # Its link gave up; ours shares neither its clock nor its
                 # connections.  Ask the server: this raises BackendLost if the
@@ -491,7 +565,7 @@ class Supervisor:
                 self.queue.evict(consumer.pid)
                 self.restarts += 1
                 self._spawn()
-        if not self.live:
+        if not self.live and not self.setup_failed:
             self._after_last()
 
     def _after_last(self) -> None:

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pcq.backends import backend_for, open_queue
-from pcq.backends.base import Counters, Queue
+from pcq.backends.base import Counters, Queue, state_of
 from pcq.errors import ConfigError, PcqError
 from pcq.loader import load_callable
 from pcq.run import EXIT_USAGE, Summary, consume_job, produce_job, run
@@ -50,6 +50,8 @@ Retries = Annotated[int, typer.Option(min=0, help="Retries of a failing task bef
 Timeout = Annotated[float | None, typer.Option(
     min=0.001, help="Seconds a task may run; longer counts as a failed attempt.")]
 Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
+MaxDeliveries = Annotated[int, typer.Option(
+    min=1, help="Dead-letter a task once this many consumers died while handling it.")]
 HeartbeatTtl = Annotated[float | None, typer.Option(
     min=0.1, envvar="PCQ_HEARTBEAT_TTL",
     help="Redis: seconds without a heartbeat after which a consumer counts as dead "
@@ -159,6 +161,7 @@ def run_command(
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
+    max_deliveries: MaxDeliveries = 3,
 ) -> None:
     """Run a whole job: producers, consumers, close, summary (local by default)."""
     produce = load_callable(producer, "PRODUCER")
@@ -168,7 +171,7 @@ def run_command(
     with _ProgressBar(not no_progress) as bar:
         summary = run(produce, handle, workers=workers, producers=producers, maxsize=maxsize,
                       retries=retries, timeout=timeout, backend=backend, url=url, queue=queue,
-                      on_progress=bar.update, **options)
+                      on_progress=bar.update, max_deliveries=max_deliveries, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
 
@@ -228,22 +231,36 @@ def consume_command(
     timeout: Timeout = None,
     as_json: Json = False,
     heartbeat_ttl: HeartbeatTtl = None,
+    max_deliveries: MaxDeliveries = 3,
+    burst: Annotated[bool, typer.Option("--burst", help="Exit as soon as there is nothing "
+                                        "to take and no producer is attached, instead of "
+                                        "waiting for the next producer.")] = False,
 ) -> None:
-    """Run consumer processes on this host until each takes its sentinel."""
+    """Run consumer processes on this host until each takes its sentinel.  On an
+    idle queue (its last run finished) they wait for the next producer."""
     handle = load_callable(handler, "HANDLER")
     q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl))
+    q.max_deliveries = max_deliveries
     try:
-        q.counters()  # fail fast, in this process, if the server cannot be reached
-        summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout)
+        # In this process: fails fast if the server cannot be reached.
+        if not burst and q.state() == "idle":
+            err.print(f"pcq consume: queue {queue!r} is idle; waiting for a producer",
+                      highlight=False, soft_wrap=True)
+        summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
+                              burst=burst)
     finally:
         q.dispose()
     _report(summary, as_json, "consume")
     raise typer.Exit(summary.exit_code)
 
 
+_STATES = {"open": "open", "closing": "closed with work left", "idle": "idle (run finished)"}
+
+
 def _status_table(q: Queue) -> Table:
     c = q.counters()
     table = Table(title=f"pcq queue {q.name!r}", show_header=False)
+    table.add_row("state", _STATES[state_of(c)])
     for field in ("ready", "in_flight", "pending", "delayed", "produced", "done", "failed",
                   "retried", "dead", "producers", "consumers", "closed"):
         table.add_row(field.replace("_", "-"), str(getattr(c, field)))
@@ -256,6 +273,7 @@ def _status_table(q: Queue) -> Table:
 def _status_dict(q: Queue) -> dict[str, Any]:
     c = q.counters()
     out: dict[str, Any] = {f: getattr(c, f) for f in c.__slots__}
+    out["state"] = state_of(c)
     regs = q.registrations()
     out["consumer_list"] = [r for r in regs if r["role"] == "consumer"]
     out["producer_list"] = [r for r in regs if r["role"] == "producer"]

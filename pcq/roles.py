@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -45,6 +46,15 @@ ORPHAN_GRACE = 5.0
 #: How long a producer asked to stop may stay in the queue's code (waiting for
 #: room in a full queue) before it ends itself.
 STOP_GRACE = 1.0
+#: How long past its timeout a task may go on (its handler swallowed the
+#: TaskTimeout, or sits in C code) before the supervisor kills its consumer.
+KILL_GRACE = 2.0
+#: A supervisor restarts a consumer that died at once the first time; while they
+#: keep dying, after a delay doubling from RESTART_DELAY up to RESTART_DELAY_MAX.
+RESTART_DELAY = 0.1
+RESTART_DELAY_MAX = 5.0
+#: A death this long after the previous one starts the delays over.
+RESTART_CALM = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -187,7 +197,12 @@ class Consumer(_Process):
     A handler that raises is retried up to ``retries`` times, after
     ``backoff * 2**attempt`` seconds, then dead-lettered with its traceback.  With
     ``timeout``, a handler still running after that many seconds is interrupted
-    (SIGALRM) and the attempt counts as failed.
+    (SIGALRM) and the attempt counts as failed, even if the handler caught the
+    TaskTimeout and returned; under a :class:`Supervisor`, one still running
+    ``KILL_GRACE`` seconds later is killed, and the attempt counts as failed too.
+    A task whose consumers died ``queue.max_deliveries`` times is dead-lettered
+    unhandled.  ``burst``: stop as soon as there is nothing to take and no
+    producer is attached, rather than wait for the next run.
     """
 
     def __init__(
@@ -200,6 +215,7 @@ class Consumer(_Process):
         backoff: float = 0.05,
         tally: tuple[Any, int] | None = None,
         name: str | None = None,
+        burst: bool = False,
     ) -> None:
         super().__init__(name=name)
         self.queue = queue
@@ -208,8 +224,13 @@ class Consumer(_Process):
         self.retries = retries
         self.timeout = timeout
         self.backoff = backoff
+        self.burst = burst
+        #: Set by a supervisor on a replacement: the run its predecessor served.
+        self.joins: int | None = None
+        self._board: tuple[_Board, int] | None = None  # set by a supervisor: (board, row)
         self._parent_pid = os.getpid()
         self._stopping = False
+        self._expired = False
 
     def handle(self, item: Any) -> Any:
         """Handle one task.  Override, or pass ``handle=`` to the constructor."""
@@ -230,11 +251,14 @@ class Consumer(_Process):
         if self.timeout:
 
             def expire(signum: int, frame: FrameType | None) -> None:
+                self._expired = True
                 raise TaskTimeout(f"task ran past its timeout of {self.timeout:g} s")
 
             signal.signal(signal.SIGALRM, expire)
         queue = self.queue
-        queue.attach_consumer()
+        served = queue.join_run(burst=self.burst, run=self.joins)
+        if self._board is not None:
+            self._board[0].serving(self._board[1], served)
         try:
             self.consume()
         finally:
@@ -262,8 +286,6 @@ class Consumer(_Process):
                     continue
             started = time.perf_counter()
             failures, give_back, handled = self._handle_lease(lease)
-            if self._tally is not None:
-                self._count(handled, failures)
             if handled:
                 cost = (time.perf_counter() - started) / handled
                 queue.note_task_cost(cost)
@@ -271,11 +293,16 @@ class Consumer(_Process):
                 want = max(1, min(MAX_BATCH, want * 2, fit))
             if lease.sentinel is not None or self._stopping:
                 queue.ack(lease, failures, give_back)
+                self._count(handled, failures)
                 return
             lease = queue.ack_and_take(lease, failures, give_back, want, timeout=IDLE_WAIT)
+            self._count(handled, failures)
 
     def _count(self, handled: int, failures: list[Failure]) -> None:
-        assert self._tally is not None
+        """Add a lease's outcome to this consumer's tally, if the queue applied its
+        acknowledgement (a stale lease was someone else's work by then)."""
+        if self._tally is None or not self.queue.ack_applied:
+            return
         array, at = self._tally
         dead = sum(1 for f in failures if f.retry_in is None)
         array[at] += handled - len(failures)
@@ -286,6 +313,10 @@ class Consumer(_Process):
         """Handle every task of ``lease``; on a stop request, finish the running
         task and return the rest unstarted.  Returns (failures, give_back, handled)."""
         failures: list[Failure] = []
+        if lease.deaths >= self.queue.max_deliveries:  # a poison task: never run it again
+            error = f"consumer died {lease.deaths} times while handling it"
+            log.error("task dead-lettered: %s", error)
+            return [Failure(env, error) for env in lease.envelopes()], [], lease.size
         call = self._call_with_timeout if self.timeout else self.handle
         handled = 0
         for n, batch in enumerate(lease.batches):
@@ -295,6 +326,8 @@ class Consumer(_Process):
                     rest += [env for later in lease.batches[n + 1 :] for env in later.envelopes()]
                     return failures, rest, handled + i
                 try:
+                    if self._board is not None and self.timeout:
+                        self._board[0].running(self._board[1], f"{batch.tag}-{batch.seq + i}")
                     call(body)
                 except Exception as exc:
                     failures.append(self._failure(batch, i, exc))
@@ -303,16 +336,25 @@ class Consumer(_Process):
 
     def _call_with_timeout(self, body: Any) -> Any:
         assert self.timeout is not None
+        self._expired = False
         signal.setitimer(signal.ITIMER_REAL, self.timeout)
         try:
-            return self.handle(body)
+            result = self.handle(body)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            if self._board is not None:
+                self._board[0].running(self._board[1], "")
+        if self._expired:  # the handler caught the TaskTimeout and went on: still failed
+            raise TaskTimeout(f"task ran past its timeout of {self.timeout:g} s")
+        return result
 
     def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:
         env = batch.envelope(index)
-        error = f"{type(exc).__name__}: {exc}"
-        tb = traceback.format_exc()
+        return self.failure(env, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+    def failure(self, env: Envelope, error: str, tb: str = "") -> Failure:
+        """A failed attempt at ``env``: retried while it has retries left, else
+        dead-lettered."""
         if env.attempts < self.retries:
             delay = self.backoff * (2**env.attempts) * (1 + random.random() / 4)
             log.info("task %s failed (%s); retry in %.2fs", env.id, error, delay)
@@ -338,14 +380,63 @@ class WorkerTallies:
         return (sum(a[0::3]), sum(a[1::3]), sum(a[2::3]))
 
 
+class _Board:
+    """Shared memory between a supervisor and its consumers, one row each: the run
+    a consumer serves, and the task it is running under a timeout (when it
+    started, by the monotonic clock every process of a host shares, and its id)."""
+
+    ID_BYTES = 64
+
+    def __init__(self, rows: int) -> None:
+        self._numbers = mp.RawArray("d", rows * 2)  # run served, task started (0: none)
+        self._ids = mp.RawArray("c", rows * self.ID_BYTES)
+        self.rows = rows
+
+    def clear(self, row: int) -> None:
+        self._numbers[2 * row] = -1
+        self.running(row, "")
+
+    def serving(self, row: int, run: int) -> None:
+        self._numbers[2 * row] = run
+
+    def served(self, row: int) -> int | None:
+        run = int(self._numbers[2 * row])
+        return None if run < 0 else run
+
+    def running(self, row: int, task_id: str) -> None:
+        """The consumer of ``row`` starts task ``task_id`` now ('' : it is done)."""
+        at = row * self.ID_BYTES
+        if not task_id:
+            self._numbers[2 * row + 1] = 0.0
+            return
+        raw = task_id.encode()[: self.ID_BYTES - 1]
+        self._ids[at : at + len(raw) + 1] = raw + b"\0"
+        self._numbers[2 * row + 1] = time.monotonic()
+
+    def task(self, row: int) -> tuple[float, str]:
+        """(when the running task started, its id); (0, '') when none runs."""
+        started = self._numbers[2 * row + 1]
+        at = row * self.ID_BYTES
+        raw = bytes(self._ids[at : at + self.ID_BYTES]).split(b"\0", 1)[0]
+        return started, raw.decode(errors="replace")
+
+
 class Supervisor:
     """Keeps ``workers`` consumer processes running until each gets its sentinel.
 
     A consumer that exits with code 0 took its sentinel and is not replaced.  One
     that dies any other way (killed, crashed) is evicted — its in-flight tasks go
-    back to ready at once — and a replacement starts.  If the queue is closed and
-    tasks are still pending while no consumer is left (tasks handed back after
-    the sentinels), one more consumer starts to finish them.
+    back, as suspects that are handed out alone — and a replacement starts: at
+    once the first time, then, while consumers keep dying, after a delay that
+    doubles up to ``RESTART_DELAY_MAX`` (a crash loop never forks hundreds of
+    processes a second).  A replacement serves the run its predecessor served.
+    If the queue is closed and tasks are still pending while no consumer is left
+    (tasks handed back after the sentinels), one more consumer starts to finish them.
+
+    While consumers run, a thread vouches for them to the queue
+    (:meth:`Queue.keep_alive`: a handler that holds the GIL does not make its
+    consumer look dead) and kills a consumer whose task runs ``KILL_GRACE``
+    seconds past its timeout; that task counts a failed attempt, not a death.
     """
 
     def __init__(self, queue: Queue, make: Callable[[int], Consumer], workers: int) -> None:
@@ -355,46 +446,124 @@ class Supervisor:
         self.live: dict[int, Consumer] = {}
         self.restarts = 0
         self._started = 0
+        self._board = _Board(workers + 2)  # room for the extra consumer of poll()
+        self._free_rows = list(range(self._board.rows))
+        self._rows: dict[int, int] = {}  # sentinel -> board row
+        self._due: list[tuple[float, int | None]] = []  # (when, run) of restarts
+        self._streak = 0  # deaths in a row, each within RESTART_CALM of the last
+        self._last_death = -math.inf
+        self._killed: dict[int, str] = {}  # pid -> task it ran past its timeout
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
         for _ in range(self.workers):
             self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="pcq-supervisor", daemon=True)
+        self._watcher.start()
 
-    def _spawn(self) -> None:
+    def _spawn(self, joins: int | None = None) -> None:
         consumer = self._make(self._started)
         self._started += 1
+        row = self._free_rows.pop() if self._free_rows else self._started % self._board.rows
+        self._board.clear(row)
+        consumer.joins = joins
+        consumer._board = (self._board, row)
         consumer.start()
         assert consumer.sentinel is not None
-        self.live[consumer.sentinel] = consumer
+        with self._lock:
+            self.live[consumer.sentinel] = consumer
+            self._rows[consumer.sentinel] = row
 
     def sentinels(self) -> list[int]:
         return list(self.live)
 
     def poll(self, ready: Iterable[int] = ()) -> None:
-        """Handle consumers that exited (their sentinels in ``ready``)."""
+        """Handle consumers that exited (their sentinels in ``ready``), and start
+        the replacements that are due."""
         for fd in list(ready):
-            consumer = self.live.pop(fd, None)
-            if consumer is None:
+            with self._lock:
+                consumer = self.live.pop(fd, None)
+                row = self._rows.pop(fd, None)
+            if consumer is None or row is None:
                 continue
             consumer.join()
+            served = self._board.served(row)
+            self._free_rows.append(row)
             if consumer.exitcode != 0:
-                assert consumer.pid is not None
-                log.warning("consumer %s (pid %d) died with code %s; restarting it",
-                            consumer.name, consumer.pid, consumer.exitcode)
-                self.queue.evict(consumer.pid)
-                self.restarts += 1
-                self._spawn()
-        if not self.live:
+                self._died(consumer, served)
+        now = time.monotonic()
+        for when, joins in [d for d in self._due if d[0] <= now]:
+            self._due.remove((when, joins))
+            self._spawn(joins)
+        if not self.live and not self._due:
             counters = self.queue.counters()
             if counters.pending > 0 and counters.closed:
                 self._spawn()
 
+    def _died(self, consumer: Consumer, served: int | None) -> None:
+        """Give back the tasks of a consumer that died and plan its replacement."""
+        assert consumer.pid is not None
+        task = self._killed.pop(consumer.pid, None)
+        if task is not None:  # killed by us for a timeout: that task failed, no death
+            error = f"TaskTimeout: task ran past its timeout of {consumer.timeout:g} s " \
+                    f"and its consumer was killed {KILL_GRACE:g} s later"
+            self.queue.fail_running(consumer.pid, task, lambda env: consumer.failure(env, error))
+            self.queue.release(consumer.pid)
+        else:
+            self.queue.evict(consumer.pid)
+        now = time.monotonic()
+        self._streak = self._streak + 1 if now - self._last_death < RESTART_CALM else 1
+        self._last_death = now
+        delay = 0.0 if self._streak == 1 else RESTART_DELAY * 2 ** (self._streak - 2)
+        delay = min(delay, RESTART_DELAY_MAX)
+        log.warning("consumer %s (pid %d) died with code %s; restarting it in %.1f s",
+                    consumer.name, consumer.pid, consumer.exitcode, delay)
+        self.restarts += 1
+        self._due.append((now + delay, served))
+
+    def pause(self, longest: float) -> float:
+        """How long the caller may wait for a consumer to exit before it must call
+        :meth:`poll` again (a restart is due)."""
+        if not self._due:
+            return longest
+        return max(0.0, min(longest, min(when for when, _ in self._due) - time.monotonic()))
+
+    def _watch(self) -> None:
+        """The supervisor's thread: vouch for live consumers, kill runaway tasks."""
+        every = self.queue.keep_alive_every
+        next_beat = 0.0
+        tick = 0.1 if every is None else min(0.1, every)
+        while not self._halt.wait(tick):
+            with self._lock:
+                running = [(c, self._rows[fd]) for fd, c in self.live.items()]
+            now = time.monotonic()
+            if every is not None and now >= next_beat:
+                next_beat = now + every
+                with contextlib.suppress(PcqError):  # the server is away: the next beat
+                    self.queue.keep_alive([c.pid for c, _ in running if c.pid is not None])
+            for consumer, row in running:
+                started, task = self._board.task(row)
+                if not consumer.timeout or not started or consumer.pid is None:
+                    continue
+                if now - started > consumer.timeout + KILL_GRACE and task:
+                    self._killed.setdefault(consumer.pid, task)
+                    log.error("task %s ran %.1f s past its timeout; killing consumer %s",
+                              task, now - started - consumer.timeout, consumer.name)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(consumer.pid, signal.SIGKILL)
+
     @property
     def done(self) -> bool:
-        return not self.live
+        return not self.live and not self._due
 
     def stop(self, grace: float) -> None:
         """SIGTERM every consumer, SIGKILL those still running after ``grace``."""
+        self._halt.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        self._due.clear()
         for consumer in self.live.values():
             with contextlib.suppress(ProcessLookupError):
                 consumer.terminate()
@@ -406,7 +575,7 @@ class Supervisor:
                 consumer.kill()
                 consumer.join()
                 assert consumer.pid is not None
-                self.queue.evict(consumer.pid)
+                self.queue.release(consumer.pid)  # killed on purpose: no death counted
         self.live.clear()
 
 

@@ -99,13 +99,18 @@ def run(
     queue: str = "default",
     grace: float = GRACE_SECONDS,
     on_progress: Callable[[Counters, float], None] | None = None,
+    max_deliveries: int = 3,
     **queue_options: Any,
 ) -> Summary:
     """Run ``produce`` in ``producers`` processes and ``handle`` in ``workers``
-    consumer processes until every task is done; return the summary."""
+    consumer processes until every task is done; return the summary.  A task in
+    flight in ``max_deliveries`` consumers that died is dead-lettered."""
     if workers < 1 or producers < 1:
         raise ValueError("workers and producers must be at least 1")
+    if max_deliveries < 1:
+        raise ValueError("max_deliveries must be at least 1")
     q = open_queue(backend, url=url, name=queue, maxsize=maxsize, **queue_options)
+    q.max_deliveries = max_deliveries
     try:
         return _run(q, produce, handle, workers, producers, retries, timeout, grace, on_progress)
     finally:
@@ -130,9 +135,11 @@ def _run(
     # Our own registration keeps the queue open until every producer process is
     # done, however their starts and ends interleave.
     q.attach_producer()
+    # Burst consumers: this job's run is theirs, they never wait for the next.
     supervisor = Supervisor(
         q,
-        lambda i: Consumer(q, handle, retries=retries, timeout=timeout, name=f"pcq-consumer-{i}"),
+        lambda i: Consumer(q, handle, retries=retries, timeout=timeout, burst=True,
+                           name=f"pcq-consumer-{i}"),
         workers,
     )
     running: dict[int, Producer] = {}
@@ -149,7 +156,7 @@ def _run(
             closed = False
             next_progress = 0.0
             while (running or not supervisor.done) and not caught:
-                ready = wait(list(running) + supervisor.sentinels(), 0.1)
+                ready = wait(list(running) + supervisor.sentinels(), supervisor.pause(0.1))
                 for fd in ready:
                     if fd in running:
                         producer = running.pop(fd)
@@ -243,14 +250,16 @@ def consume_job(
     retries: int = 0,
     timeout: float | None = None,
     grace: float = GRACE_SECONDS,
+    burst: bool = False,
 ) -> Summary:
     """Run ``workers`` supervised consumers until each has taken its sentinel
-    (``pcq consume``).  Counts are what this host's consumers did."""
+    (``pcq consume``).  Counts are what this host's consumers did and the queue
+    accepted.  On an idle queue they wait for the next run, unless ``burst``."""
     started = time.monotonic()
     tallies = WorkerTallies(workers)
     supervisor = Supervisor(
         q,
-        lambda i: Consumer(q, handle, retries=retries, timeout=timeout,
+        lambda i: Consumer(q, handle, retries=retries, timeout=timeout, burst=burst,
                            tally=tallies.row(i), name=f"pcq-consumer-{i}"),
         workers,
     )
@@ -259,7 +268,7 @@ def consume_job(
         try:
             supervisor.start()
             while not supervisor.done and not caught:
-                supervisor.poll(wait(supervisor.sentinels(), 0.5))
+                supervisor.poll(wait(supervisor.sentinels(), supervisor.pause(0.5)))
         finally:
             stopped = caught[0] if caught else None
             supervisor.stop(grace)

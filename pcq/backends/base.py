@@ -26,6 +26,14 @@ Contracts every backend keeps (``tests/conformance`` checks them):
   returns a sentinel, so a consumer that attached after close exits too.
 * **Backpressure.**  With ``maxsize`` > 0, ``put`` blocks while about ``maxsize``
   tasks are ready.
+* **Runs.**  A queue is ``open``, ``closing`` (closed with work left) or ``idle``
+  (closed, every task acknowledged).  Idle is the same as new: a consumer that
+  attaches to an idle queue waits for the next producer and serves that run;
+  one that attaches to a closing queue drains it and stops.
+* **Poison tasks.**  A task in flight in a consumer that died is taken alone
+  (a lease of one, ``Lease.deaths`` > 0) until it is acknowledged; once
+  ``max_deliveries`` consumers died with it, the consumer that takes it
+  dead-letters it instead of handling it.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from pcq.envelope import (
     encode_tasks,
     new_tag,
 )
-from pcq.errors import SerializationError
+from pcq.errors import ConfigError, SerializationError
 
 #: Largest number of tasks moved by one put or take.
 MAX_BATCH = 1024
@@ -68,13 +76,15 @@ class Lease:
     ``batches`` hold the tasks in queue order.  ``bad`` holds messages that could
     not be decoded, with the reason; ``ack`` dead-letters them.  ``sentinel`` is
     set when the take ended at this consumer's sentinel: exit after handling
-    the batches.  ``receipt`` is the backend's own bookkeeping.
+    the batches.  ``receipt`` is the backend's own bookkeeping.  ``deaths`` > 0:
+    a lease of one task that was in flight in that many consumers that died.
     """
 
     batches: list[Batch]
     sentinel: Sentinel | None = None
     bad: list[tuple[bytes, str]] = field(default_factory=list)
     receipt: Any = None
+    deaths: int = 0
 
     @property
     def size(self) -> int:
@@ -111,6 +121,13 @@ class Counters:
     consumers: int
     producers: int
     closed: bool
+
+
+def state_of(c: Counters) -> str:
+    """The run state a counters snapshot shows (see :meth:`Queue.state`)."""
+    if not c.closed:
+        return "open"
+    return "closing" if c.pending > 0 else "idle"
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,9 +220,16 @@ class Queue(ABC):
     #: when every task is a message of its own (redis: one list element a task).
     one_message_per_batch: ClassVar[bool] = False
 
-    def __init__(self, name: str = "default", *, maxsize: int = 0) -> None:
+    #: False after ``ack`` (or ``ack_and_take``) of a stale lease: nothing was
+    #: applied, so a consumer must not count its tasks as its own work.
+    ack_applied: bool = True
+
+    def __init__(self, name: str = "default", *, maxsize: int = 0, max_deliveries: int = 3) -> None:
+        if max_deliveries < 1:
+            raise ConfigError(f"max_deliveries must be 1 or more, not {max_deliveries}")
         self.name = name
         self.maxsize = maxsize
+        self.max_deliveries = max_deliveries
         self._tag_pid = -1
         self._tag = ""
         self._seq = 0
@@ -297,14 +321,17 @@ class Queue(ABC):
         lease: Lease,
         failures: Sequence[Failure] = (),
         give_back: Sequence[Envelope] = (),
-    ) -> None:
+    ) -> bool:
         """Acknowledge a lease: every task in it is done, except ``failures``
         (retried or dead-lettered) and ``give_back`` (returned to ready, unstarted).
 
         This is ``task_done`` for the whole lease.  Acknowledging a lease whose
-        tasks were already reaped and handed to another consumer changes no counter.
+        tasks were already reaped and handed to another consumer changes no counter
+        and returns False (so does :attr:`ack_applied` after it).
         """
+        self.ack_applied = True
         self._ack(lease, self._outcome(lease, failures, give_back))
+        return self.ack_applied
 
     def _outcome(
         self, lease: Lease, failures: Sequence[Failure], give_back: Sequence[Envelope]
@@ -374,8 +401,47 @@ class Queue(ABC):
 
     def evict(self, pid: int) -> int:
         """A supervisor saw its consumer process ``pid`` die: return that
-        consumer's in-flight tasks to ready now, not at the next reap."""
+        consumer's in-flight tasks to ready now, not at the next reap.  Counts a
+        death against each of them (see *Poison tasks*)."""
         return self.reap()
+
+    def release(self, pid: int) -> int:
+        """Like :meth:`evict`, for a consumer the supervisor killed for a known
+        reason (a task past its timeout, see :meth:`fail_running`): its other
+        tasks go back to ready with no death counted against them."""
+        return self.evict(pid)
+
+    def fail_running(self, pid: int, task_id: str, failure: Callable[[Envelope], Failure]) -> bool:
+        """The consumer process ``pid`` was killed because task ``task_id`` ran past
+        its timeout: acknowledge that task, in flight for the dead process, with
+        ``failure(envelope)`` (retried or dead-lettered).  False if it was not
+        found in flight (already acknowledged or reaped)."""
+        return False
+
+    #: How often a supervisor calls :meth:`keep_alive` (None: never needed).
+    keep_alive_every: float | None = None
+
+    def keep_alive(self, pids: Sequence[int]) -> None:  # noqa: B027 - optional hook
+        """A supervisor vouches for its live consumer processes ``pids`` on this
+        host: they are not dead, however long a handler holds their GIL."""
+
+    def state(self) -> str:
+        """``"open"``, ``"closing"`` (closed with work left) or ``"idle"`` (closed,
+        every task acknowledged: the same as new)."""
+        return state_of(self.counters())
+
+    def join_run(self, *, burst: bool = False, run: int | None = None) -> int:
+        """Attach the calling process as a consumer (:meth:`attach_consumer`) of the
+        queue's current run, or of its next run when the queue is idle; returns
+        the number of the run it serves.
+
+        ``burst``: serve only what is there — a take finds a sentinel as soon as
+        there is nothing to take and no producer is attached.  ``run``: the run
+        a consumer that died was serving; its replacement stops, rather than
+        waits for the next run, when it finds that run finished.
+        """
+        self.attach_consumer()
+        return 0
 
     @abstractmethod
     def counters(self) -> Counters: ...

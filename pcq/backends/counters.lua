@@ -2,6 +2,7 @@
 --
 -- KEYS[1] ready   KEYS[2] counters (hash)   KEYS[3] dead   KEYS[4] delayed
 -- KEYS[5] consumers:beat   KEYS[6] producers:beat   KEYS[7] closed
+-- KEYS[8] suspects (ready too: tasks of dead consumers, taken one at a time)
 -- ARGV[1] in-flight key prefix ("pcq:{NAME}:inflight:"; same hash slot as KEYS)
 --
 -- Returns {ready, in_flight, pending, produced, done, failed, retried, dead,
@@ -16,7 +17,7 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
 end
 local c = redis.call('HMGET', KEYS[2], 'pending', 'produced', 'done', 'failed', 'retried')
 return {
-  redis.call('LLEN', KEYS[1]), in_flight,
+  redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[8]), in_flight,
   tonumber(c[1] or '0'), tonumber(c[2] or '0'), tonumber(c[3] or '0'),
   tonumber(c[4] or '0'), tonumber(c[5] or '0'),
   redis.call('LLEN', KEYS[3]), redis.call('ZCARD', KEYS[4]),

@@ -156,12 +156,12 @@ def test_a_consumer_that_starts_after_close_drains_then_stops(make_queue: QueueF
     assert q.counters().pending == 0
 
 
-def test_take_without_timeout_returns_a_sentinel_on_a_closed_drained_queue(
+def test_take_without_timeout_returns_a_sentinel_to_a_burst_consumer_on_an_idle_queue(
     make_queue: QueueFactory,
 ) -> None:
     q = make_queue()
     q.close()
-    q.attach_consumer()
+    q.join_run(burst=True)
     got = []
 
     thread = threading.Thread(target=lambda: got.append(q.take(1, timeout=None)), daemon=True)

@@ -244,15 +244,51 @@ def test_close_counts_live_consumers_only_and_is_idempotent(make: Factory) -> No
     assert c.closed and c.ready == 2
 
 
-def test_a_consumer_started_after_close_on_a_drained_queue_stops(make: Factory) -> None:
+def test_a_burst_consumer_started_on_an_idle_queue_stops(make: Factory) -> None:
     q = make()
     q.close()
-    q.attach_consumer()
+    q.join_run(burst=True)
 
     lease = q.take(1, timeout=None)
 
     assert lease is not None and lease.sentinel is not None and lease.size == 0
     q.ack(lease)
+
+
+def test_a_consumer_started_on_an_idle_queue_waits_for_the_next_run(make: Factory) -> None:
+    # Given a finished run: closed, nothing pending
+    q, producer = make(), make()
+    q.close()
+    assert q.state() == "idle"
+    serves = q.join_run()
+
+    # Then a consumer that attaches waits ...
+    assert q.take(1, timeout=0.3) is None
+    # ... and serves the next run, to its sentinel
+    producer.attach_producer()
+    assert q.state() == "open"
+    producer.put("next")
+    producer.detach_producer()
+    assert drain(q) == ["next"]
+    assert serves == 1  # the run after the finished one (epoch 0)
+
+
+def test_a_replacement_for_a_finished_run_stops(make: Factory) -> None:
+    q = make()
+    q.close()  # run 0 finished while its consumer was being replaced
+    q.join_run(run=0)
+    lease = q.take(1, timeout=1)
+    assert lease is not None and lease.sentinel is not None
+
+
+def test_a_burst_consumer_stops_when_no_producer_is_attached(make: Factory) -> None:
+    q, producer = make(), make()
+    q.join_run(burst=True)
+    producer.attach_producer()
+    assert q.take(1, timeout=0.3) is None  # a producer is attached: it waits
+    producer.detach_producer(close_if_last=False)
+    lease = q.take(1, timeout=1)
+    assert lease is not None and lease.sentinel is not None
 
 
 def test_the_last_sentinel_waits_for_delayed_retries(make: Factory) -> None:
@@ -310,13 +346,19 @@ def test_reap_returns_a_dead_consumers_tasks_to_the_front(make: Factory) -> None
     a.dispose()
     moved = wait_for(lambda: b.reap(), timeout=5, message="the reap")
 
-    # Then A's tasks are back, ahead of the others, and A is unregistered
+    # Then A's tasks are back, ahead of the others, each alone (suspects), and A
+    # is unregistered
     assert moved == 2
-    lease = b.take(10, timeout=1)
-    assert lease is not None and bodies(lease) == ["a1", "a2", "w1", "w2"]
-    b.ack(lease)
+    taken = []
+    for _ in range(3):
+        lease = b.take(10, timeout=1)
+        assert lease is not None
+        taken.append((bodies(lease), lease.deaths))
+        b.ack(lease)
+    assert taken == [(["a1"], 1), (["a2"], 1), (["w1", "w2"], 0)]
     c = b.counters()
     assert (c.consumers, c.done, c.pending) == (1, 4, 0)
+    assert b._link.call(lambda r: r.exists(b.keys.deaths)) == 0  # forgotten once handled
 
 
 def test_evict_returns_a_killed_workers_tasks_at_once(make: Factory) -> None:

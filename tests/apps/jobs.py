@@ -100,3 +100,8 @@ def handle_swallow(item):
             time.sleep(float(os.environ.get("JOBS_AFTER", "600")))
         return
     _record(item)
+
+
+def handle_dies(item):
+    """Every task kills its consumer: a crash loop."""
+    os._exit(1)

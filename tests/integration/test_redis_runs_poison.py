@@ -215,3 +215,25 @@ def test_a_handler_that_swallows_its_timeout_and_returns_still_fails(redis_url, 
     assert (summary["done"], summary["failed"], summary["restarts"]) == (9, 1, 0)
     (letter,) = dead_letters(env)
     assert letter["body"] == 3 and "TaskTimeout" in str(letter["error"])
+
+
+@pytest.mark.timeout(300)
+def test_a_crash_loop_restarts_consumers_with_a_backoff_and_ends(redis_url, tmp_path):
+    # Given a handler that kills every consumer, on every task
+    env = pcq_env(redis_url, tmp_path, JOBS_N="6")
+    proc = start_pcq(["run", f"{APP}:produce", f"{APP}:handle_dies", "--workers", "2",
+                      "--max-deliveries", "2", "--backend", "redis", "--url", redis_url,
+                      "--queue", env["PCQ_QUEUE"], "--json"], env)
+    code, out, err = finish(proc, timeout=240)
+    # Then the job ends: every task dead-lettered after two deaths, exit 1
+    assert code == 1, err
+    summary = json.loads(out)
+    assert (summary["done"], summary["failed"]) == (0, 6)
+    assert all(d["error"] == "consumer died 2 times while handling it"
+               for d in dead_letters(env))
+    # and the restarts were spaced out: delays of 0, 0.1, 0.2, 0.4 s ... up to 5 s,
+    # so the last restart alone waited min(5, 0.1 * 2**(restarts - 2)) s
+    restarts = summary["restarts"]
+    assert 7 <= restarts <= 12
+    assert summary["elapsed_s"] > min(5.0, 0.1 * 2 ** (restarts - 2))
+    assert restarts / summary["elapsed_s"] < 5

@@ -1120,3 +1120,58 @@ def test_ack_and_take_of_a_lease_from_an_earlier_registration(make: Factory) -> 
     q.ack(after)
     c = q.counters()
     assert (c.done, c.pending, c.in_flight) == (2, 0, 0)
+
+
+# ---------------------------------------------------------------- issue 8: liveness, deaths
+
+
+def test_keep_alive_keeps_a_consumer_whose_heartbeat_thread_starves(make: Factory) -> None:
+    # Given a consumer whose own heartbeat stopped (a handler holds its GIL)
+    worker, supervisor = make(heartbeat_ttl=0.3), make(heartbeat_ttl=0.3)
+    worker.attach_consumer()
+    assert worker._heartbeat is not None
+    worker._heartbeat.stop()
+    # When its supervisor vouches for its pid, past several TTLs
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        supervisor.keep_alive([os.getpid()])
+        assert supervisor.reap() == 0
+        time.sleep(0.05)
+    # Then it was never reaped; without the supervisor, it is
+    assert supervisor.counters().consumers == 1
+    wait_for(lambda: supervisor.counters().consumers == 0, timeout=5, message="expiry")
+
+
+def test_fail_running_fails_the_timed_out_task_and_release_counts_no_death(
+    make: Factory,
+) -> None:
+    worker, supervisor = make(), make()
+    worker.attach_consumer()
+    supervisor.put_many(["stuck", "next"])
+    lease = worker.take(2, timeout=1)
+    assert lease is not None and bodies(lease) == ["stuck", "next"]
+    stuck = next(iter(lease.envelopes()))
+
+    # When the supervisor killed the worker for a timeout on "stuck"
+    assert supervisor.fail_running(os.getpid(), stuck.id, lambda env: Failure(env, "late"))
+    assert supervisor.release(os.getpid()) == 1
+
+    # Then "stuck" is dead-lettered as failed, "next" is ready again, unsuspected
+    c = supervisor.counters()
+    assert (c.failed, c.dead, c.ready, c.pending) == (1, 1, 1, 1)
+    assert supervisor.dead_letters()[0]["error"] == "late"
+    supervisor.attach_consumer()
+    again = supervisor.take(5, timeout=1)
+    assert again is not None and bodies(again) == ["next"] and again.deaths == 0
+
+
+def test_an_ack_of_a_stale_lease_says_it_was_not_applied(make: Factory) -> None:
+    worker, supervisor = make(), make()
+    worker.attach_consumer()
+    supervisor.put("t")
+    lease = worker.take(1, timeout=1)
+    assert lease is not None
+    supervisor.evict(os.getpid())
+
+    assert worker.ack(lease) is False and worker.ack_applied is False
+    assert supervisor.counters().done == 0

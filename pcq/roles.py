@@ -445,6 +445,9 @@ class Supervisor:
         self.workers = workers
         self.live: dict[int, Consumer] = {}
         self.restarts = 0
+        #: Tasks of consumers killed past their timeout: (failed, retried); a
+        #: consumer's own tally cannot count them.
+        self.killed_tasks = [0, 0]
         self._started = 0
         self._board = _Board(workers + 2)  # room for the extra consumer of poll()
         self._free_rows = list(range(self._board.rows))
@@ -509,7 +512,14 @@ class Supervisor:
         if task is not None:  # killed by us for a timeout: that task failed, no death
             error = f"TaskTimeout: task ran past its timeout of {consumer.timeout:g} s " \
                     f"and its consumer was killed {KILL_GRACE:g} s later"
-            self.queue.fail_running(consumer.pid, task, lambda env: consumer.failure(env, error))
+            failures: list[Failure] = []
+
+            def fail(env: Envelope) -> Failure:
+                failures.append(consumer.failure(env, error))
+                return failures[-1]
+
+            if self.queue.fail_running(consumer.pid, task, fail) and failures:
+                self.killed_tasks[failures[-1].retry_in is not None] += 1
             self.queue.release(consumer.pid)
         else:
             self.queue.evict(consumer.pid)

@@ -273,6 +273,8 @@ def consume_job(
             stopped = caught[0] if caught else None
             supervisor.stop(grace)
     done, failed, retried = tallies.totals()
+    failed += supervisor.killed_tasks[0]
+    retried += supervisor.killed_tasks[1]
     return Summary(0, done, failed, retried, failed, round(time.monotonic() - started, 6),
                    workers, 0, restarts=supervisor.restarts, interrupted=stopped)
 

@@ -461,7 +461,7 @@ class RedisQueue(Queue):
         ack = self._ack_call(receipt, outcome, token)
         take = self._take_keys(me), self._take_args(me, want, -1, token)  # held: what the ack left
         acked, reply = self._link.call(lambda client: self._ack_then_take(client, ack, take))
-        self.ack_applied = int(acked[0]) != 0  # 2, a repeat after a lost reply: applied once
+        self.ack_applied = int(acked[0]) != 0  # 2: a repeat after a lost reply, as the first
         taken = self._taken(reply)
         if taken is None:  # a new epoch, or a reap removed the ack's token: take again
             taken = self._take_once(me, want)
@@ -555,20 +555,34 @@ class RedisQueue(Queue):
         closing, serve this run; idle, serve the next (and obey no sentinel of
         this one), unless ``burst``, or unless ``run`` (what a consumer that died
         served) says this one was ours."""
-        self._register_consumer()
+        self._here()
         self._burst = burst
-        epoch, closed, pending, _producers = self._run_state()
+        if self._consumer_id is None:
+            # Under the beat lock: no heartbeat registers us before run_state does.
+            with self._beat_lock:
+                self._consumer_id, self._consumer_info = self._new_id(), self._info()
+                try:  # being the first use, this also checks the server
+                    epoch, closed, pending, _ = self._run_state(register=True)
+                except BaseException:
+                    self._consumer_id = None
+                    raise
+            self._start_heartbeat()
+        else:
+            epoch, closed, pending, _ = self._run_state()
         idle = bool(closed) and pending <= 0
         waits = idle and not burst and (run is None or run > epoch)
         self._serves = epoch + 1 if waits else epoch
         self._set_epoch(epoch)
         return self._serves
 
-    def _run_state(self) -> tuple[int, int, int, int]:
-        """(epoch, closed, pending, live producers), read in one step."""
+    def _run_state(self, register: bool = False) -> tuple[int, int, int, int]:
+        """(epoch, closed, pending, live producers), read in one step — the step
+        that registers this consumer, with ``register``: a run that ends after it
+        counts this consumer, so the run it reads is the one it serves."""
         k = self.keys
-        keys = [k.epoch, k.closed, k.counters, k.producer_beats]
-        epoch, closed, pending, producers = self._link.run("run_state", keys, [])
+        keys = [k.epoch, k.closed, k.counters, k.producer_beats, k.consumers, k.consumer_beats]
+        args = [self._consumer_id, self._consumer_info, self._ttl_ms] if register else ["", "", 0]
+        epoch, closed, pending, producers = self._link.run("run_state", keys, args)
         return int(epoch), int(closed), int(pending), int(producers)
 
     def _run_is_over(self, status: int, wait_ms: int) -> bool:
@@ -580,19 +594,6 @@ class RedisQueue(Queue):
         if not self._burst or status != _TAKEN or wait_ms >= 0:
             return False
         return self._run_state()[3] == 0
-
-    def _register_consumer(self) -> None:
-        self._here()
-        if self._consumer_id is not None:
-            return
-        with self._beat_lock:
-            self._consumer_id, self._consumer_info = self._new_id(), self._info()
-        try:
-            self._beat(retry=True)  # registers; being the first use, it checks the server
-        except BaseException:
-            self._consumer_id = None
-            raise
-        self._start_heartbeat()
 
     def detach_consumer(self) -> None:
         self._here()

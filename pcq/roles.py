@@ -555,14 +555,15 @@ class Supervisor:
                     self.queue.keep_alive([c.pid for c, _ in running if c.pid is not None])
             for consumer, row in running:
                 started, task = self._board.task(row)
-                if not consumer.timeout or not started or consumer.pid is None:
+                pid = consumer.pid
+                if not consumer.timeout or not started or pid is None or pid in self._killed:
                     continue
                 if now - started > consumer.timeout + KILL_GRACE and task:
-                    self._killed.setdefault(consumer.pid, task)
+                    self._killed[pid] = task
                     log.error("task %s ran %.1f s past its timeout; killing consumer %s",
                               task, now - started - consumer.timeout, consumer.name)
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(consumer.pid, signal.SIGKILL)
+                        os.kill(pid, signal.SIGKILL)
 
     @property
     def done(self) -> bool:

@@ -429,7 +429,10 @@ class Supervisor:
     back, as suspects that are handed out alone — and a replacement starts: at
     once the first time, then, while consumers keep dying, after a delay that
     doubles up to ``RESTART_DELAY_MAX`` (a crash loop never forks hundreds of
-    processes a second).  A replacement serves the run its predecessor served.
+    processes a second).  Every consumer serves the run the queue was at when the
+    supervisor started (the next one if it was idle), a replacement the run its
+    predecessor served: a consumer that starts late, after that run finished,
+    stops with its siblings instead of waiting for the next run.
     If the queue is closed and tasks are still pending while no consumer is left
     (tasks handed back after the sentinels), one more consumer starts to finish them.
 
@@ -459,8 +462,10 @@ class Supervisor:
         self._lock = threading.Lock()
         self._halt = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._run: int | None = None  # the run this supervisor's consumers serve
 
     def start(self) -> None:
+        self._run = self.queue.run_to_serve()
         for _ in range(self.workers):
             self._spawn()
         self._watcher = threading.Thread(target=self._watch, name="pcq-supervisor", daemon=True)
@@ -471,7 +476,7 @@ class Supervisor:
         self._started += 1
         row = self._free_rows.pop() if self._free_rows else self._started % self._board.rows
         self._board.clear(row)
-        consumer.joins = joins
+        consumer.joins = self._run if joins is None else joins
         consumer._board = (self._board, row)
         consumer.start()
         assert consumer.sentinel is not None

@@ -430,6 +430,13 @@ class Queue(ABC):
         every task acknowledged: the same as new)."""
         return state_of(self.counters())
 
+    def run_to_serve(self) -> int | None:
+        """The number of the run a consumer attaching now would serve (the next
+        one on an idle queue); None if this backend does not number its runs.  A
+        supervisor reads it once and hands it to every consumer it starts (as
+        ``join_run(run=...)``), so that all of them serve the same run."""
+        return None
+
     def join_run(self, *, burst: bool = False, run: int | None = None) -> int:
         """Attach the calling process as a consumer (:meth:`attach_consumer`) of the
         queue's current run, or of its next run when the queue is idle; returns

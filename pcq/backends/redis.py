@@ -575,6 +575,10 @@ class RedisQueue(Queue):
         self._set_epoch(epoch)
         return self._serves
 
+    def run_to_serve(self) -> int:
+        epoch, closed, pending, _ = self._run_state()
+        return epoch + 1 if closed and pending <= 0 else epoch
+
     def _run_state(self, register: bool = False) -> tuple[int, int, int, int]:
         """(epoch, closed, pending, live producers), read in one step — the step
         that registers this consumer, with ``register``: a run that ends after it

@@ -51,7 +51,8 @@ Timeout = Annotated[float | None, typer.Option(
     min=0.001, help="Seconds a task may run; longer counts as a failed attempt.")]
 Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
 MaxDeliveries = Annotated[int, typer.Option(
-    min=1, help="Dead-letter a task once this many consumers died while handling it.")]
+    min=0, help="Dead-letter a task once this many consumers died while handling it "
+    "(0: never).")]
 HeartbeatTtl = Annotated[float | None, typer.Option(
     min=0.1, envvar="PCQ_HEARTBEAT_TTL",
     help="Redis: seconds without a heartbeat after which a consumer counts as dead "

@@ -313,7 +313,7 @@ class Consumer(_Process):
         """Handle every task of ``lease``; on a stop request, finish the running
         task and return the rest unstarted.  Returns (failures, give_back, handled)."""
         failures: list[Failure] = []
-        if lease.deaths >= self.queue.max_deliveries:  # a poison task: never run it again
+        if 0 < self.queue.max_deliveries <= lease.deaths:  # a poison task: never run it again
             error = f"consumer died {lease.deaths} times while handling it"
             log.error("task dead-lettered: %s", error)
             return [Failure(env, error) for env in lease.envelopes()], [], lease.size

@@ -104,11 +104,11 @@ def run(
 ) -> Summary:
     """Run ``produce`` in ``producers`` processes and ``handle`` in ``workers``
     consumer processes until every task is done; return the summary.  A task in
-    flight in ``max_deliveries`` consumers that died is dead-lettered."""
+    flight in ``max_deliveries`` consumers that died is dead-lettered (0: never)."""
     if workers < 1 or producers < 1:
         raise ValueError("workers and producers must be at least 1")
-    if max_deliveries < 1:
-        raise ValueError("max_deliveries must be at least 1")
+    if max_deliveries < 0:
+        raise ValueError("max_deliveries must be 0 (no limit) or more")
     q = open_queue(backend, url=url, name=queue, maxsize=maxsize, **queue_options)
     q.max_deliveries = max_deliveries
     try:

@@ -32,8 +32,8 @@ Contracts every backend keeps (``tests/conformance`` checks them):
   one that attaches to a closing queue drains it and stops.
 * **Poison tasks.**  A task in flight in a consumer that died is taken alone
   (a lease of one, ``Lease.deaths`` > 0) until it is acknowledged; once
-  ``max_deliveries`` consumers died with it, the consumer that takes it
-  dead-letters it instead of handling it.
+  ``max_deliveries`` consumers died with it (0: no limit), it is dead-lettered
+  instead of handled again.
 """
 
 from __future__ import annotations
@@ -225,10 +225,11 @@ class Queue(ABC):
     ack_applied: bool = True
 
     def __init__(self, name: str = "default", *, maxsize: int = 0, max_deliveries: int = 3) -> None:
-        if max_deliveries < 1:
-            raise ConfigError(f"max_deliveries must be 1 or more, not {max_deliveries}")
+        if max_deliveries < 0:
+            raise ConfigError(f"max_deliveries must be 0 (no limit) or more, not {max_deliveries}")
         self.name = name
         self.maxsize = maxsize
+        #: Consumer deaths a task may cause before it is dead-lettered (0: no limit).
         self.max_deliveries = max_deliveries
         self._tag_pid = -1
         self._tag = ""

@@ -49,6 +49,9 @@ Workers = Annotated[int, typer.Option(min=1, help="Consumer processes.")]
 Retries = Annotated[int, typer.Option(min=0, help="Retries of a failing task before it is dead.")]
 Timeout = Annotated[float | None, typer.Option(
     min=0.001, help="Seconds a task may run; longer counts as a failed attempt.")]
+Concurrency = Annotated[int, typer.Option(
+    min=1, help="Tasks each consumer process runs at once: threads, or asyncio tasks for "
+                "an async def handler. For handlers that wait (network, disk).")]
 Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
 MaxDeliveries = Annotated[int, typer.Option(
     min=0, help="Dead-letter a task once this many consumers died while handling it "
@@ -159,6 +162,7 @@ def run_command(
     queue: Name = "default",
     retries: Retries = 0,
     timeout: Timeout = None,
+    concurrency: Concurrency = 1,
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
@@ -172,7 +176,8 @@ def run_command(
     with _ProgressBar(not no_progress) as bar:
         summary = run(produce, handle, workers=workers, producers=producers, maxsize=maxsize,
                       retries=retries, timeout=timeout, backend=backend, url=url, queue=queue,
-                      on_progress=bar.update, max_deliveries=max_deliveries, **options)
+                      on_progress=bar.update, concurrency=concurrency,
+                      max_deliveries=max_deliveries, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
 
@@ -230,6 +235,7 @@ def consume_command(
     queue: Name = "default",
     retries: Retries = 0,
     timeout: Timeout = None,
+    concurrency: Concurrency = 1,
     as_json: Json = False,
     heartbeat_ttl: HeartbeatTtl = None,
     max_deliveries: MaxDeliveries = 3,
@@ -248,7 +254,7 @@ def consume_command(
             err.print(f"pcq consume: queue {queue!r} is idle; waiting for a producer",
                       highlight=False, soft_wrap=True)
         summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
-                              burst=burst)
+                              burst=burst, concurrency=concurrency)
     finally:
         q.dispose()
     _report(summary, as_json, "consume")

@@ -13,8 +13,10 @@ no child outlives a killed parent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import inspect
 import logging
 import math
 import multiprocessing as mp
@@ -30,9 +32,10 @@ from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 from typing import Any
 
-from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Failure, Lease, Queue
+from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Failure, Lease, Queue, poisoned
 from pcq.envelope import Batch, Envelope
 from pcq.errors import PcqError, TaskTimeout
+from pcq.slots import consume_concurrently, run_coroutine
 
 log = logging.getLogger("pcq")
 
@@ -203,7 +206,14 @@ class Consumer(_Process):
     A task whose consumers died ``queue.max_deliveries`` times is dead-lettered
     unhandled.  ``burst``: stop as soon as there is nothing to take and no
     producer is attached, rather than wait for the next run.
+
+    With ``concurrency`` C > 1, up to C tasks run at once: a plain handler in C
+    threads, an ``async def`` handler as asyncio tasks (see :mod:`pcq.slots`).
+    An ``async def`` handler is always awaited: at C == 1 on an event loop of
+    this process, one task at a time.
     """
+
+    _call: Callable[[Any], Any]  # what handles one task body (set by consume())
 
     def __init__(
         self,
@@ -216,10 +226,14 @@ class Consumer(_Process):
         tally: tuple[Any, int] | None = None,
         name: str | None = None,
         burst: bool = False,
+        concurrency: int = 1,
     ) -> None:
         super().__init__(name=name)
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.queue = queue
         self._handle = handle
+        self.concurrency = concurrency
         self._tally = tally  # optional (shared int64 array, offset): done, failed, retried
         self.retries = retries
         self.timeout = timeout
@@ -267,9 +281,37 @@ class Consumer(_Process):
             queue.detach_consumer()
             queue.dispose()
 
+    def _is_async(self) -> bool:
+        """Whether the handler is an ``async def`` (``handle=``, or an override;
+        a partial of one, or an object whose ``__call__`` is one, counts too)."""
+        own = self._handle is not None and type(self).handle is Consumer.handle
+        fn = self._handle if own else self.handle
+        return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None))  # noqa: B004 - the method, not callable()
+
     def consume(self) -> None:
         """The loop: take a lease, handle it, acknowledge it together with taking
         the next (one round trip where the backend can); stop at a sentinel."""
+        is_async = self._is_async()
+        if self.concurrency > 1:
+            consume_concurrently(
+                self.queue, self.handle, is_async=is_async, slots=self.concurrency,
+                timeout=self.timeout, stopping=lambda: self._stopping, failure=self._failure,
+                count=self._count if self._tally is not None else None)
+            return
+        if not is_async:
+            self._call = self._call_with_timeout if self.timeout else self.handle
+            self._consume()
+            return
+        loop = asyncio.new_event_loop()  # one per process: await each task on it in turn
+        self._call = lambda body: loop.run_until_complete(
+            run_coroutine(self.handle(body), self.timeout))
+        try:
+            self._consume()
+        finally:
+            loop.close()
+
+    def _consume(self) -> None:
         queue = self.queue
         want = 1  # tasks per take: grows while tasks are cheap (slow start)
         next_reap = time.monotonic() + queue.reap_interval
@@ -313,11 +355,11 @@ class Consumer(_Process):
         """Handle every task of ``lease``; on a stop request, finish the running
         task and return the rest unstarted.  Returns (failures, give_back, handled)."""
         failures: list[Failure] = []
-        if 0 < self.queue.max_deliveries <= lease.deaths:  # a poison task: never run it again
-            error = f"consumer died {lease.deaths} times while handling it"
-            log.error("task dead-lettered: %s", error)
-            return [Failure(env, error) for env in lease.envelopes()], [], lease.size
-        call = self._call_with_timeout if self.timeout else self.handle
+        poison = poisoned(lease, self.queue.max_deliveries)
+        if poison:  # a task that killed its consumers: never run it again
+            return poison, [], lease.size
+        call = self._call
+        watch = self._board if self.timeout else None  # the supervisor enforces timeouts
         handled = 0
         for n, batch in enumerate(lease.batches):
             for i, body in enumerate(batch.bodies):
@@ -326,11 +368,14 @@ class Consumer(_Process):
                     rest += [env for later in lease.batches[n + 1 :] for env in later.envelopes()]
                     return failures, rest, handled + i
                 try:
-                    if self._board is not None and self.timeout:
-                        self._board[0].running(self._board[1], f"{batch.tag}-{batch.seq + i}")
+                    if watch is not None:
+                        watch[0].running(watch[1], f"{batch.tag}-{batch.seq + i}")
                     call(body)
                 except Exception as exc:
                     failures.append(self._failure(batch, i, exc))
+                finally:
+                    if watch is not None:
+                        watch[0].running(watch[1], "")
             handled += len(batch.bodies)
         return failures, [], handled
 
@@ -342,15 +387,14 @@ class Consumer(_Process):
             result = self.handle(body)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            if self._board is not None:
-                self._board[0].running(self._board[1], "")
         if self._expired:  # the handler caught the TaskTimeout and went on: still failed
             raise TaskTimeout(f"task ran past its timeout of {self.timeout:g} s")
         return result
 
     def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:
         env = batch.envelope(index)
-        return self.failure(env, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return self.failure(env, f"{type(exc).__name__}: {exc}", tb)
 
     def failure(self, env: Envelope, error: str, tb: str = "") -> Failure:
         """A failed attempt at ``env``: retried while it has retries left, else

@@ -94,6 +94,7 @@ def run(
     maxsize: int = 1000,
     retries: int = 0,
     timeout: float | None = None,
+    concurrency: int = 1,
     backend: str | None = None,
     url: str | None = None,
     queue: str = "default",
@@ -103,16 +104,19 @@ def run(
     **queue_options: Any,
 ) -> Summary:
     """Run ``produce`` in ``producers`` processes and ``handle`` in ``workers``
-    consumer processes until every task is done; return the summary.  A task in
-    flight in ``max_deliveries`` consumers that died is dead-lettered (0: never)."""
-    if workers < 1 or producers < 1:
-        raise ValueError("workers and producers must be at least 1")
+    consumer processes until every task is done; return the summary.  Each
+    consumer runs up to ``concurrency`` tasks at once (threads, or asyncio tasks
+    for an ``async def`` handler).  A task in flight in ``max_deliveries``
+    consumers that died is dead-lettered (0: never)."""
+    if workers < 1 or producers < 1 or concurrency < 1:
+        raise ValueError("workers, producers and concurrency must be at least 1")
     if max_deliveries < 0:
         raise ValueError("max_deliveries must be 0 (no limit) or more")
     q = open_queue(backend, url=url, name=queue, maxsize=maxsize, **queue_options)
     q.max_deliveries = max_deliveries
     try:
-        return _run(q, produce, handle, workers, producers, retries, timeout, grace, on_progress)
+        return _run(q, produce, handle, workers, producers, retries, timeout, grace, on_progress,
+                    concurrency)
     finally:
         q.dispose()
 
@@ -127,6 +131,7 @@ def _run(
     timeout: float | None,
     grace: float,
     on_progress: Callable[[Counters, float], None] | None,
+    concurrency: int = 1,
 ) -> Summary:
     started = time.monotonic()
     before = q.counters()
@@ -139,7 +144,7 @@ def _run(
     supervisor = Supervisor(
         q,
         lambda i: Consumer(q, handle, retries=retries, timeout=timeout, burst=True,
-                           name=f"pcq-consumer-{i}"),
+                           name=f"pcq-consumer-{i}", concurrency=concurrency),
         workers,
     )
     running: dict[int, Producer] = {}
@@ -251,6 +256,7 @@ def consume_job(
     timeout: float | None = None,
     grace: float = GRACE_SECONDS,
     burst: bool = False,
+    concurrency: int = 1,
 ) -> Summary:
     """Run ``workers`` supervised consumers until each has taken its sentinel
     (``pcq consume``).  Counts are what this host's consumers did and the queue
@@ -260,7 +266,8 @@ def consume_job(
     supervisor = Supervisor(
         q,
         lambda i: Consumer(q, handle, retries=retries, timeout=timeout, burst=burst,
-                           tally=tallies.row(i), name=f"pcq-consumer-{i}"),
+                           tally=tallies.row(i), name=f"pcq-consumer-{i}",
+                           concurrency=concurrency),
         workers,
     )
     stopped: int | None = None

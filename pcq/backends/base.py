@@ -38,6 +38,7 @@ Contracts every backend keeps (``tests/conformance`` checks them):
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -59,6 +60,8 @@ from pcq.envelope import (
     new_tag,
 )
 from pcq.errors import ConfigError, SerializationError
+
+log = logging.getLogger("pcq")
 
 #: Largest number of tasks moved by one put or take.
 MAX_BATCH = 1024
@@ -103,6 +106,17 @@ class Failure:
     error: str
     traceback: str = ""
     retry_in: float | None = None
+
+
+def poisoned(lease: Lease, max_deliveries: int) -> list[Failure]:
+    """The failures that dead-letter every task of ``lease`` when consumers died
+    ``max_deliveries`` times (0: no limit) with it in flight — a poison task,
+    never run again; [] for any other lease."""
+    if not 0 < max_deliveries <= lease.deaths:
+        return []
+    error = f"consumer died {lease.deaths} times while handling it"
+    log.error("task dead-lettered: %s", error)
+    return [Failure(env, error) for env in lease.envelopes()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +233,10 @@ class Queue(ABC):
     #: True when a backend ships a batch of tasks as one message (local); False
     #: when every task is a message of its own (redis: one list element a task).
     one_message_per_batch: ClassVar[bool] = False
+    #: True when one consumer may hold several leases at once and acknowledge
+    #: them in any order (a consumer with ``--concurrency`` takes a new lease
+    #: whenever slots are free); False: one lease at a time.
+    multiple_leases: ClassVar[bool] = False
 
     #: False after ``ack`` (or ``ack_and_take``) of a stale lease: nothing was
     #: applied, so a consumer must not count its tasks as its own work.

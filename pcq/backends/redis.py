@@ -179,6 +179,7 @@ class RedisQueue(Queue):
 
     backend = "redis"
     one_message_per_batch = False
+    multiple_leases = True  # ack.lua finds a lease anywhere in the in-flight list
 
     def __init__(
         self,

@@ -255,9 +255,15 @@ class Consumer(_Process):
     def run(self) -> None:
         _die_with_parent(self._parent_pid)
 
+        orphan_watchdog: list[threading.Timer] = []
+
         def stop(signum: int, frame: FrameType | None) -> None:
-            if not self._stopping and os.getppid() != self._parent_pid:
-                _kill_self_after(ORPHAN_GRACE)  # orphaned: no one else enforces a grace
+            # Orphaned: no one else enforces a grace.  Checked on every signal, not
+            # the first only: a parent with threads sends PDEATHSIG once when the
+            # thread that forked us dies (getppid() is still the parent) and again
+            # when the whole process is gone.
+            if not orphan_watchdog and os.getppid() != self._parent_pid:
+                orphan_watchdog.append(_kill_self_after(ORPHAN_GRACE))
             self._stopping = True
 
         signal.signal(signal.SIGTERM, stop)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from helpers import drain, take_lease
 
-from pcq.backends.base import Queue
+from pcq.backends.base import Queue, poisoned
 
 if TYPE_CHECKING:
     from conftest import QueueFactory
@@ -102,20 +102,28 @@ def test_a_replacement_stops_at_the_end_of_the_run_its_predecessor_served(
     assert lease.sentinel is not None and lease.size == 0
 
 
-def _take_three_and_hang(queue: Queue, report: Connection) -> None:
-    """Child: take up to three tasks in one lease, report them, wait to be killed."""
+def _take_and_hang(queue: Queue, report: Connection, poison: Any) -> None:
+    """Child: take leases (acknowledging those without ``poison``) until one holds
+    ``poison`` (or any task, if None); report that lease's bodies, wait to be killed."""
     queue.attach_consumer()
-    lease = take_lease(queue)
-    report.send([env.body for env in lease.envelopes()])
-    signal.pause()
+    while True:
+        lease = queue.take(3, timeout=5)
+        if lease is None or not lease.batches:
+            continue
+        bodies = [env.body for env in lease.envelopes()]
+        if poison is None or poison in bodies:
+            report.send(bodies)
+            signal.pause()
+        queue.ack(lease)
 
 
-def _dies_holding(queue: Queue) -> tuple[list[Any], int]:
-    """A child consumer that took a lease and was SIGKILLed: (its bodies, pid)."""
+def _dies_holding(queue: Queue, poison: Any = None) -> tuple[list[Any], int]:
+    """A child consumer SIGKILLed while it held a lease (one with ``poison``):
+    (the lease's bodies, the child's pid)."""
     mine, theirs = fork.Pipe(duplex=False)
-    child = fork.Process(target=_take_three_and_hang, args=(queue, theirs), daemon=True)
+    child = fork.Process(target=_take_and_hang, args=(queue, theirs, poison), daemon=True)
     child.start()
-    assert mine.poll(10), "the child consumer took nothing"
+    assert mine.poll(20), "the child consumer took nothing"
     bodies: list[Any] = mine.recv()
     os.kill(child.pid, signal.SIGKILL)
     child.join(10)
@@ -125,46 +133,61 @@ def _dies_holding(queue: Queue) -> tuple[list[Any], int]:
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(60)
-def test_tasks_of_a_consumer_that_died_come_back_alone_with_their_deaths(
-    make_queue: QueueFactory,
-) -> None:
-    # Given a consumer that died holding a lease of three tasks
+def test_tasks_of_a_consumer_that_died_come_back_one_a_lease(make_queue: QueueFactory) -> None:
+    # Given a consumer that died holding a lease of several tasks
     q = make_queue()
-    q.put_many(["a", "b", "c", "later"])
     q.note_task_cost(0.0)  # cheap tasks: big leases
-    first, pid = _dies_holding(q)
-    q.evict(pid)
-    # and another that died holding one of them
-    second, pid = _dies_holding(q)
+    q.put_many(["a", "b", "c"])
+    held, pid = _dies_holding(q)
+    assert len(held) > 1
     q.evict(pid)
 
     # When the queue hands them out again
     q.attach_consumer()
-    deaths: dict[Any, int] = {}
-    while len(deaths) < 4:
+    leases = []
+    while sum(map(len, leases)) < 3:
         lease = take_lease(q)
-        bodies = [env.body for env in lease.envelopes()]
-        if lease.deaths:  # a task that was in flight in a dead consumer: alone
-            assert len(bodies) == 1
-        for body in bodies:
-            deaths[body] = lease.deaths
+        leases.append([env.body for env in lease.envelopes()])
         q.ack(lease)
 
-    # Then each counts the consumers that died while it was in flight
-    assert len(second) == 1 and set(second) <= set(first)
-    expected = {body: 1 for body in first} | {body: 2 for body in second}
-    assert {b: d for b, d in deaths.items() if d} == expected
+    # Then each of the dead consumer's tasks comes alone: a poison task among
+    # them could take none of the others down with it again
+    assert all(len(bodies) == 1 for bodies in leases if set(bodies) & set(held))
+    assert sorted(b for bodies in leases for b in bodies) == ["a", "b", "c"]
     assert q.counters().pending == 0
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(60)
-def test_a_consumer_killed_on_purpose_counts_no_death(make_queue: QueueFactory) -> None:
+@pytest.mark.timeout(90)
+def test_a_task_whose_consumers_died_max_deliveries_times_is_dead_lettered(
+    make_queue: QueueFactory,
+) -> None:
+    # Given a poison task among innocent ones, and consumers it killed
     q = make_queue()
-    q.put("t")
-    _, pid = _dies_holding(q)
-    q.release(pid)  # its supervisor killed it (a task past its timeout)
+    q.note_task_cost(0.0)
+    q.put_many(["a", "poison", "b", "c"])
+    for _ in range(q.max_deliveries):
+        held, pid = _dies_holding(q, "poison")
+        assert "poison" in held
+        q.evict(pid)
+
+    # When a consumer takes what is left, as Consumer does (a lease with
+    # max_deliveries deaths is acknowledged as failed, unrun)
     q.attach_consumer()
-    lease = take_lease(q)
-    assert [e.body for e in lease.envelopes()] == ["t"] and lease.deaths == 0
-    q.ack(lease)
+    handled: list[Any] = []
+    while q.counters().pending:
+        lease = q.take(1, timeout=1)
+        if lease is None:
+            continue
+        failures = poisoned(lease, q.max_deliveries)
+        handled += [env.body for env in lease.envelopes()] if not failures else []
+        q.ack(lease, failures)
+
+    # Then every innocent task is done (by the children or this consumer), the
+    # poison one dead-lettered with the reason and counted failed
+    assert "poison" not in handled
+    (letter,) = q.dead_letters()
+    assert letter["body"] == "poison"
+    assert letter["error"] == f"consumer died {q.max_deliveries} times while handling it"
+    c = q.counters()
+    assert (c.done, c.failed, c.dead, c.pending) == (3, 1, 1, 0)

@@ -22,6 +22,13 @@ LOCAL_NOOP_TARGET = 20.0
 REDIS_NOOP_TARGET = 30.0
 CPU_TARGET = 0.95
 REDIS_LATENCY_TARGET_MS = 2.0
+#: Issue #7 (the local broker): noop pcq-local-1000 against Pool(chunksize=500),
+#: pcq-local-16 against the classic JoinableQueue(16), idle latency no worse than
+#: the classic pattern's, handler busy share.
+LOCAL_VS_POOL_TARGET = 1.0
+LOCAL_16_VS_JQ_TARGET = 3.0
+LOCAL_LATENCY_VS_JQ = 1.0
+LOCAL_BUSY_TARGET = 0.98
 #: Memory is flat when peak RSS at the large N is at most this times that at the small N.
 MEMORY_FLAT_RATIO = 1.10
 
@@ -87,6 +94,26 @@ def targets(trials: list[Trial], unavailable: dict[str, str]) -> list[Target]:
     ratio_target("pcq-local-16", "jq-16", LOCAL_NOOP_TARGET)
     ratio_target("pcq-local-1000", "jq-16", LOCAL_NOOP_TARGET)
     ratio_target("pcq-redis", "redis-raw", REDIS_NOOP_TARGET)
+    ratio_target("pcq-local-1000", "pool-500", LOCAL_VS_POOL_TARGET)
+    ratio_target("pcq-local-16", "jq-16", LOCAL_16_VS_JQ_TARGET)
+    for system in ("pcq-local-16", "pcq-local-1000"):
+        per_rep, of_medians = paired_ratio(trials, "latency", "latency_median_ms", system,
+                                           "jq-16")
+        name = f"latency median {system} / jq-16"
+        goal = f"<= {LOCAL_LATENCY_VS_JQ:g}x"
+        if per_rep is None:
+            out.append(Target(name, goal, None, None, why_missing("latency", system, "jq-16")))
+        else:
+            out.append(Target(name, goal, per_rep, per_rep <= LOCAL_LATENCY_VS_JQ,
+                              f"{per_rep:.2f}x (ratio of medians {of_medians:.2f}x)"))
+        busy = median_of(ok(trials, "cpu", system), "busy")
+        name = f"cpu busy {system}"
+        if busy is None:
+            out.append(Target(name, f">= {LOCAL_BUSY_TARGET}", None, None,
+                              why_missing("cpu", system)))
+        else:
+            out.append(Target(name, f">= {LOCAL_BUSY_TARGET}", busy,
+                              busy >= LOCAL_BUSY_TARGET, f"{busy:.3f}"))
     base_eff = median_of(ok(trials, "cpu", "jq-16"), "efficiency")
     base_busy = median_of(ok(trials, "cpu", "jq-16"), "busy")
     for system in ("pcq-local-16", "pcq-local-1000", "pcq-redis"):

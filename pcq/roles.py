@@ -82,6 +82,22 @@ def _die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+#: Where the queue's own code lives (every backend): a stop never interrupts it.
+_QUEUE_CODE = os.path.dirname(os.path.abspath(sys.modules[Queue.__module__].__file__ or ""))
+
+
+def _producing(frame: FrameType | None, items: Any) -> bool:
+    """True when ``frame`` runs the producer's own code (``items`` or what it
+    calls), False inside the queue's code (``pcq/backends``)."""
+    while frame is not None:
+        if frame.f_code is items:
+            return True
+        if frame.f_code.co_filename.startswith(_QUEUE_CODE):
+            return False
+        frame = frame.f_back
+    return False
+
+
 def _kill_self_after(seconds: float) -> threading.Timer:
     """A watchdog that SIGKILLs this process in ``seconds`` unless cancelled.
     Dying by a signal tells the parent that nothing was cleaned up."""
@@ -134,38 +150,28 @@ class Producer(_Process):
     def run(self) -> None:
         _die_with_parent(self._parent_pid)
         # A stop interrupts produce() at once, but never the queue's own code: an
-        # exception raised there by a signal handler could leave a lock held.
-        # There the stop waits for the next item, for STOP_GRACE at most.
-        producing = stopping = False
+        # exception raised there by a signal handler could tear a request.
+        # There the stop waits for the next item, for STOP_GRACE at most.  The
+        # handler tells the two apart by the stack it interrupted, so the items
+        # cost nothing per item but one flag check.
+        stopping = False
         watchdog: threading.Timer | None = None
 
         def stop(signum: int, frame: FrameType | None) -> None:
             nonlocal stopping, watchdog
             stopping = True
-            if producing:
+            if _producing(frame, items.__code__):
                 raise _Stop
             if watchdog is None:
                 watchdog = _kill_self_after(STOP_GRACE)
 
         def items() -> Iterator[Any]:
-            nonlocal producing
-            producing = True
-            try:
+            if stopping:
+                raise _Stop
+            for item in self.produce():
+                yield item
                 if stopping:
                     raise _Stop
-                iterator = iter(self.produce())
-                while True:
-                    try:
-                        item = next(iterator)
-                    except StopIteration:
-                        return
-                    producing = False
-                    yield item
-                    producing = True
-                    if stopping:
-                        raise _Stop
-            finally:
-                producing = False
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)

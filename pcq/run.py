@@ -176,6 +176,11 @@ def _run(
                 if not running and not closed:
                     q.detach_producer(close_if_last=True)
                     closed = True
+                elif closed and not supervisor.done and q.state() == "idle":
+                    # Every task is done.  A consumer that attached after the close
+                    # found the queue idle, which is new: it waits for a next run
+                    # that this job will not start.  Stop it.
+                    supervisor.stop(grace)
                 if on_progress is not None and time.monotonic() >= next_progress:
                     on_progress(q.counters(), time.monotonic() - started)
                     next_progress = time.monotonic() + 0.1

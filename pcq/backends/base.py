@@ -46,6 +46,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, ClassVar
 
 from pcq.envelope import (
@@ -186,10 +187,15 @@ class _Linger:
                 raise error
             self._send_locked(limit)
 
-    def _send_locked(self, limit: int) -> None:
+    def _send_locked(self, limit: int, caller: bool = True) -> None:
         pending = self.pending
         n = len(pending) if not limit else min(limit, len(pending))
-        batch = [pending.popleft() for _ in range(n)]
+        if caller and n == len(pending):
+            # In the caller's thread nothing is appended meanwhile: take all at once.
+            batch = list(pending)
+            pending.clear()
+        else:
+            batch = [pending.popleft() for _ in range(n)]
         self._sends += 1
         if batch:
             self._send_fn(batch)
@@ -206,7 +212,7 @@ class _Linger:
             with self._send_lock:
                 if self._sends == seen and self._error is None:
                     try:
-                        self._send_locked(0)
+                        self._send_locked(0, caller=False)
                     except BaseException as exc:  # handed to the caller's thread
                         self._error = exc
                 seen = self._sends
@@ -272,14 +278,24 @@ class Queue(ABC):
         clock = time.monotonic
         append = linger.pending.append
         pending = linger.pending
+        extend = pending.extend
+        iterator = iter(items)
         try:
             limit = self.batch_limit()
-            for item in items:
+            for item in iterator:
                 append(item)
                 n = len(pending)
                 # The first item after a quiet spell goes at once: a trickle
                 # never waits for the linger thread.
                 if n >= limit or (n == 1 and clock() - linger.sent_at > LINGER_SECONDS):
+                    linger.send(limit)
+                    limit = self.batch_limit()
+                    continue
+                # The rest of the batch at C speed: deque.extend appends each item
+                # as islice yields it, so the linger thread still sees a slow
+                # iterable's items as they come.
+                extend(islice(iterator, limit - n))
+                if len(pending) >= limit:
                     linger.send(limit)
                     limit = self.batch_limit()
         except Exception:
@@ -444,11 +460,6 @@ class Queue(ABC):
         """A supervisor vouches for its live consumer processes ``pids`` on this
         host: they are not dead, however long a handler holds their GIL."""
 
-    def state(self) -> str:
-        """``"open"``, ``"closing"`` (closed with work left) or ``"idle"`` (closed,
-        every task acknowledged: the same as new)."""
-        return state_of(self.counters())
-
     def run_to_serve(self) -> int | None:
         """The number of the run a consumer attaching now would serve (the next
         one on an idle queue); None if this backend does not number its runs.  A
@@ -471,6 +482,13 @@ class Queue(ABC):
 
     @abstractmethod
     def counters(self) -> Counters: ...
+
+    def state(self) -> str:
+        """"open"; "closing" (closed, tasks still pending: a consumer attaching
+        now drains them and stops); or "idle" (closed and every task
+        acknowledged: the same as new, a consumer attaching waits for the next
+        producer)."""
+        return state_of(self.counters())
 
     @abstractmethod
     def attach_consumer(self) -> None:

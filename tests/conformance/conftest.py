@@ -13,6 +13,9 @@ A backend whose queues cannot be shared with a forked child process sets
 ``multiprocess = False``: the tests marked ``@pytest.mark.multiprocess`` (a
 consumer process that is SIGKILLed, several consumer processes) are then not
 generated for it at all — they are neither run nor reported as skipped.
+Likewise ``idle_is_new = False`` leaves out the tests marked
+``@pytest.mark.idle_is_new`` (a consumer attaching to a finished run's queue
+waits for the next producer), for a backend that does not follow that rule yet.
 ``prepare(request)`` can pull in fixtures (a redis-server), ``cleanup(queue)``
 can delete what a queue left on a server.
 """
@@ -38,6 +41,8 @@ class Backend:
     name: str = ""
     #: True when a queue can be handed to a forked child process and used there.
     multiprocess: bool = True
+    #: True when a consumer attaching to an idle queue waits for the next run.
+    idle_is_new: bool = True
 
     def prepare(self, request: pytest.FixtureRequest) -> None:
         """Called once per test before the first queue is opened."""
@@ -135,13 +140,23 @@ def pytest_configure(config: pytest.Config) -> None:
         "multiprocess: needs a queue shared with forked child processes "
         "(generated only for backends with Backend.multiprocess)",
     )
+    config.addinivalue_line(
+        "markers",
+        "idle_is_new: a consumer attaching to an idle queue waits for the next run "
+        "(generated only for backends with Backend.idle_is_new)",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" not in metafunc.fixturenames:
         return
     needs_processes = metafunc.definition.get_closest_marker("multiprocess") is not None
-    chosen = [b for b in BACKENDS if b.multiprocess or not needs_processes]
+    needs_idle = metafunc.definition.get_closest_marker("idle_is_new") is not None
+    chosen = [
+        b
+        for b in BACKENDS
+        if (b.multiprocess or not needs_processes) and (b.idle_is_new or not needs_idle)
+    ]
     metafunc.parametrize("backend", chosen, ids=[b.name for b in chosen], indirect=True)
 
 

@@ -156,12 +156,15 @@ def test_a_consumer_that_starts_after_close_drains_then_stops(make_queue: QueueF
     assert q.counters().pending == 0
 
 
-def test_take_without_timeout_returns_a_sentinel_to_a_burst_consumer_on_an_idle_queue(
+def test_take_without_timeout_returns_a_sentinel_on_a_closed_drained_queue(
     make_queue: QueueFactory,
 ) -> None:
+    # A consumer attached when the queue closed gets its sentinel.  (It used to
+    # attach after the close; a closed, drained queue is now idle, and idle is
+    # new: see the next test.)
     q = make_queue()
+    q.attach_consumer()
     q.close()
-    q.join_run(burst=True)
     got = []
 
     thread = threading.Thread(target=lambda: got.append(q.take(1, timeout=None)), daemon=True)
@@ -172,6 +175,45 @@ def test_take_without_timeout_returns_a_sentinel_to_a_burst_consumer_on_an_idle_
     (lease,) = got
     assert lease is not None and lease.sentinel is not None
     q.ack(lease)
+
+
+@pytest.mark.idle_is_new
+def test_a_consumer_attaching_to_an_idle_queue_waits_for_the_next_run(
+    make_queue: QueueFactory,
+) -> None:
+    # Given a queue whose run has finished: closed, every task acknowledged
+    q = make_queue()
+    q.attach_consumer()
+    q.put("first run")
+    q.close()
+    assert drain(q) == ["first run"]
+    q.detach_consumer()
+    assert q.state() == "idle"
+
+    # When a consumer attaches
+    late = make_queue.handle(q)
+    late.attach_consumer()
+
+    # Then it waits for the next producer instead of stopping, and takes part
+    # in that run up to its sentinel
+    assert late.take(1, timeout=0.3) is None
+    q.attach_producer()
+    assert q.state() == "open"
+    q.put("second run")
+    q.detach_producer()
+    assert drain(late) == ["second run"]
+    assert q.state() == "idle"
+
+
+def test_state_says_open_closing_or_idle(make_queue: QueueFactory) -> None:
+    q = make_queue()
+    assert q.state() == "open"
+    q.put("t")
+    q.close()
+    assert q.state() == "closing"
+    q.attach_consumer()
+    assert drain(q) == ["t"]
+    assert q.state() == "idle"
 
 
 def test_a_retry_due_after_close_is_handled_before_the_sentinel(

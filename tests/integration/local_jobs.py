@@ -155,3 +155,49 @@ def produce_then_die() -> Any:
     yield from range(5)
     time.sleep(0.2)  # what was put reaches the queue
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def produce_paced() -> Any:
+    """``LJ_N`` tasks ``0 .. N-1`` with a 1 ms pause every 20, recording
+    ``producing-<pid>.log`` first: a producer a test can kill mid-stream."""
+    _append(f"producing-{os.getpid()}.log", time.monotonic())
+    for n in range(_n()):
+        if n % 20 == 0:
+            time.sleep(0.001)
+        yield n
+
+
+def produce_after_a_pause() -> Any:
+    """``LJ_N`` tasks after ``LJ_PAUSE`` seconds (consumers wait idle meanwhile)."""
+    time.sleep(float(os.environ.get("LJ_PAUSE", "1")))
+    yield from range(_n())
+
+
+def handle_poison(item: int) -> None:
+    """Task ``LJ_POISON`` kills every consumer that takes it (a segfault, the
+    OOM killer); the others are handled."""
+    if item == int(os.environ.get("LJ_POISON", "13")):
+        os._exit(3)
+    handle(item)
+
+
+def handle_stop_at(item: int) -> None:
+    """Task ``LJ_STOP_AT`` asks its own consumer to stop (SIGTERM), once: the
+    consumer hands the rest of its lease back."""
+    if item == int(os.environ.get("LJ_STOP_AT", "500")):
+        try:
+            os.close(os.open(_out() / "stopped", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+    handle(item)
+
+
+def consumers(out: Path) -> set[int]:
+    """The pids of the consumers that handled something."""
+    return {int(p.stem.split("-")[1]) for p in out.glob("handled-*.log")}
+
+
+def producers(out: Path) -> set[int]:
+    return {int(p.stem.split("-")[1]) for p in out.glob("producing-*.log")}

@@ -212,7 +212,7 @@ def test_class_style_join_survives_a_killed_consumer(
 
 
 def test_a_producer_never_runs_far_ahead_of_the_consumers() -> None:
-    maxsize, workers, cap = 16, 2, 4  # a local batch is at most maxsize / 4 tasks
+    maxsize, workers, cap = 16, 2, 4  # a batch holds ~5 ms of work: 2-3 tasks of 2 ms
     counts = mp.get_context("fork").RawArray("q", 3)  # yielded, handled, most ahead
     lock = mp.get_context("fork").Lock()
 

@@ -1,5 +1,6 @@
-"""What only the local backend does: batch sizing, in-flight files and the
-rules ``reap`` follows, sentinel messages on the pipe, its temp dir."""
+"""What only the local backend does: batch sizing, backpressure in tasks, the
+broker settling a closed connection at once, deaths and poison tasks, siblings
+on one broker, its temp dir."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import copy
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
@@ -15,20 +17,20 @@ from typing import Any
 import pytest
 from helpers import take_bodies, take_lease, wait_for
 
-from pcq.backends import open_queue
+from pcq.backends import local_wire, open_queue
 from pcq.backends.base import MAX_BATCH, Failure, Queue
 from pcq.backends.local import LocalQueue
-from pcq.envelope import SENTINEL_PREFIX
 
 fork = mp.get_context("fork")
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
 def make_local() -> Iterator[Callable[..., LocalQueue]]:
     made: list[LocalQueue] = []
 
-    def make(maxsize: int = 0) -> LocalQueue:
-        q = LocalQueue("unit", maxsize=maxsize)
+    def make(maxsize: int = 0, max_deliveries: int = 3) -> LocalQueue:
+        q = LocalQueue("unit", maxsize=maxsize, max_deliveries=max_deliveries)
         made.append(q)
         return q
 
@@ -37,22 +39,13 @@ def make_local() -> Iterator[Callable[..., LocalQueue]]:
         q.dispose()
 
 
-def _messages_on_pipe(q: LocalQueue, expected: int) -> list[bytes]:
-    """Read the raw messages off the queue's pipe (waiting for ``expected``)."""
-    out: list[bytes] = []
-    deadline = time.monotonic() + 5
-    while (item := q._recv(max(0.0, deadline - time.monotonic()) if len(out) < expected else 0.1)):
-        out.append(item[0])
-    return out
-
-
 # ---------------------------------------------------------------- batch sizing
 
 
 def test_open_queue_local_is_a_local_queue() -> None:
-    q = open_queue("local", maxsize=16)
+    q = open_queue("local", maxsize=16, max_deliveries=5)
     try:
-        assert isinstance(q, LocalQueue) and q.maxsize == 16
+        assert isinstance(q, LocalQueue) and (q.maxsize, q.max_deliveries) == (16, 5)
     finally:
         q.dispose()
 
@@ -67,9 +60,9 @@ def test_batches_are_single_tasks_until_a_consumer_reports_a_cost(make_local: An
     [
         (0, 1e-7, MAX_BATCH),  # cheap tasks, unbounded queue: the largest batch
         (0, 1e-4, 50),  # 5 ms of work per batch
-        (16, 1e-7, 4),  # never more than a quarter of maxsize
-        (1000, 1e-7, 250),
-        (3, 1e-7, 1),
+        (16, 1e-7, MAX_BATCH),  # a small maxsize does not force tiny batches
+        (16, 1e-4, 50),
+        (3, 1e-3, 5),
         (0, 0.5, 1),  # slow handler: one task per batch, so tasks spread out
     ],
 )
@@ -89,24 +82,26 @@ def test_reported_costs_are_smoothed(make_local: Any) -> None:
 
 
 def test_put_many_ships_batches_and_in_flight_counts_tasks(make_local: Any) -> None:
-    # Given cheap tasks on a queue of maxsize 16
     q = make_local(16)
-    q.note_task_cost(1e-7)
+    q.note_task_cost(1e-6)  # batches of 5 ms of work: more than maxsize tasks
     q.attach_consumer()
 
-    # When 10 tasks are put at once
-    q.put_many(range(10))
+    producer = copy.copy(q)
+    thread = threading.Thread(target=producer.put_many, args=(range(40),), daemon=True)
+    thread.start()
 
-    # Then they travel in batches of at most maxsize / 4, in order
     sizes, bodies = [], []
-    while len(bodies) < 10:
-        lease = take_lease(q)
+    while len(bodies) < 40:
+        lease = q.take(MAX_BATCH, timeout=5)
+        assert lease is not None
         sizes.append(lease.size)
         assert q.counters().in_flight == lease.size
         bodies += [e.body for e in lease.envelopes()]
         q.ack(lease)
-    assert sizes == [4, 4, 2]
-    assert bodies == list(range(10))
+    thread.join(5)
+    producer.dispose()
+    assert bodies == list(range(40))
+    assert max(sizes) > 16 and len(sizes) <= 3  # whole batches, never tiny ones
 
 
 def test_a_trickle_is_sent_as_it_comes(make_local: Any) -> None:
@@ -124,245 +119,201 @@ def test_a_trickle_is_sent_as_it_comes(make_local: Any) -> None:
     assert [take_lease(q).size for _ in range(3)] == [1, 1, 1]
 
 
-def test_backpressure_counts_batch_slots(make_local: Any) -> None:
-    q = make_local(8)  # batches of 2: four slots
-    q.note_task_cost(1e-7)
-    for _ in range(4):
-        q.put_many([1, 2])
-
-    assert not q._space.acquire(timeout=0.05)  # the queue is full
-
-
-# ---------------------------------------------------------------- sentinels on the pipe
-
-
-def test_close_places_one_sentinel_message_per_live_consumer(make_local: Any) -> None:
-    q = make_local()
-    other = copy.copy(q)
+def test_backpressure_counts_tasks_and_overshoots_by_one_batch_at_most(
+    make_local: Any,
+) -> None:
+    # Given a queue of maxsize 8 holding 5 ready tasks
+    q = make_local(8)
+    q._put_bodies(list(range(5)))
+    # When a batch of 5 comes, there is room (5 < 8): 10 ready, one batch over
+    q._put_bodies(list(range(5, 10)))
+    assert q.counters().ready == 10
+    # Then the next put waits until fewer than 8 are ready
+    finished = threading.Event()
+    producer = copy.copy(q)  # a second connection, as a second process has
+    thread = threading.Thread(target=lambda: (producer._put_bodies([10]), finished.set()))
+    thread.start()
+    assert not finished.wait(0.3)
     q.attach_consumer()
-    other.attach_consumer()
-    q.put("task")
-
-    q.close()
-    q.close()  # idempotent: no more sentinels
-
-    messages = _messages_on_pipe(q, 3)
-    assert len(messages) == 3
-    assert not messages[0].startswith(SENTINEL_PREFIX)
-    assert [m.startswith(SENTINEL_PREFIX) for m in messages[1:]] == [True, True]
-    other.detach_consumer()
-
-
-def test_close_reaps_first_so_a_dead_consumer_gets_no_sentinel(make_local: Any) -> None:
-    q = make_local()
-    child = fork.Process(target=_attach_and_pause, args=(q,), daemon=True)
-    child.start()
-    wait_for(lambda: q.counters().consumers == 1, message="the child attached")
-    q.attach_consumer()
-    _kill(child)
-    assert q.counters().consumers == 2  # not yet noticed
-
-    q.close()
-
-    assert q.counters().consumers == 1
-    assert len(_messages_on_pipe(q, 1)) == 1
-
-
-def test_a_stale_sentinel_is_dropped_as_an_empty_lease(make_local: Any) -> None:
-    q = make_local()
-    q.attach_consumer()
-    q.close()
-    q.attach_producer()  # a new epoch: the sentinel on the pipe is stale
-
-    lease = q.take(1, timeout=5)
-
-    assert lease is not None
-    assert (lease.size, lease.sentinel, lease.bad) == (0, None, [])
+    lease = q.take(3, timeout=5)  # the first batch: 5 ready left
+    assert lease is not None and lease.size == 5
+    assert finished.wait(5)
+    thread.join(5)
     q.ack(lease)
-    assert q.counters().pending == 0
+    producer.dispose()
+    assert q.counters().ready == 6
 
 
-# ---------------------------------------------------------------- in-flight files and reap
+# ---------------------------------------------------------------- a closed connection
 
 
-def _attach_and_pause(q: Queue) -> None:
-    q.attach_consumer()
+def _take_and_hang(queue: Queue, max_tasks: int, report: Connection) -> None:
+    queue.attach_consumer()
+    lease = queue.take(max_tasks, timeout=10)
+    assert lease is not None
+    report.send([env.body for env in lease.envelopes()])
     signal.pause()
+
+
+def _hanging_consumer(q: Queue, max_tasks: int = 1) -> tuple[Any, list[Any]]:
+    mine, theirs = fork.Pipe(duplex=False)
+    child = fork.Process(target=_take_and_hang, args=(q, max_tasks, theirs), daemon=True)
+    child.start()
+    assert mine.poll(10), "the child took nothing"
+    bodies: list[Any] = mine.recv()
+    return child, bodies
 
 
 def _kill(child: Any) -> None:
     os.kill(child.pid, signal.SIGKILL)
     child.join(10)
-    assert child.exitcode == -signal.SIGKILL
 
 
-def _script(q: LocalQueue, steps: list[str], report: Connection) -> None:
-    """Child: attach, run ``steps`` against the queue, report, wait to be killed.
-
-    take  take a lease          done  ack it            retry  ack it, retry in 1 h
-    put   put a new task "new"
-    """
-    q.attach_consumer()
-    lease = None
-    for step in steps:
-        if step == "take":
-            lease = take_lease(q)
-        elif step == "done":
-            assert lease is not None
-            q.ack(lease)
-        elif step == "retry":
-            assert lease is not None
-            q.ack(lease, [Failure(e, "E", "tb", retry_in=3600) for e in lease.envelopes()])
-        elif step == "put":
-            q.put("new")
-            # A local put is written by a feeder thread: let it reach the pipe
-            # before this process is killed.
-            q._q.close()
-            q._q.join_thread()
-    report.send("ready")
-    signal.pause()
-
-
-def _run_and_kill(q: LocalQueue, steps: list[str]) -> int:
-    """Run ``steps`` in a child consumer, SIGKILL it; its pid."""
-    mine, theirs = fork.Pipe(duplex=False)
-    child = fork.Process(target=_script, args=(q, steps, theirs), daemon=True)
-    child.start()
-    assert mine.poll(10) and mine.recv() == "ready"
-    _kill(child)
-    assert child.pid is not None
-    return child.pid
-
-
-@pytest.mark.parametrize(
-    ("steps", "back", "expected"),
-    [
-        # the lease was not acknowledged: it goes back as it was
-        (["take"], 1, [("a", 0), ("b", 0)]),
-        # acknowledged: nothing goes back
-        (["take", "done"], 0, [("b", 0)]),
-        # acknowledged with a retry: the retry goes back, one attempt counted
-        (["take", "retry"], 1, [("a", 1), ("b", 0)]),
-        # a retry held, a second lease not acknowledged: both go back
-        (["take", "retry", "take"], 2, [("a", 1), ("b", 0)]),
-        # a consumer that also put a task after its ack: the ack still stands
-        (["take", "done", "put"], 0, [("b", 0), ("new", 0)]),
-    ],
-    ids=["unacked", "acked", "retry-held", "retry-and-unacked", "acked-then-put"],
-)
-def test_reap_puts_back_what_the_in_flight_file_says(
-    make_local: Any, steps: list[str], back: int, expected: list[tuple[str, int]]
+def test_a_dead_consumers_lease_is_back_at_once_without_reap_or_evict(
+    make_local: Any,
 ) -> None:
-    # Given tasks "a" then "b", and a consumer killed after ``steps``
     q = make_local()
-    q.put("a")
-    q.put("b")
-    _run_and_kill(q, steps)
+    q.put_many(["a", "b"])
+    child, taken = _hanging_consumer(q)
     q.attach_consumer()
 
-    # When it is reaped
-    assert q.reap() == back
-    assert q.reap() == 0  # a reaped consumer is reaped once
-
-    # Then exactly the tasks it had not finished are delivered again
-    assert q.counters().pending == len(expected)
-    got: list[tuple[str, int]] = []
-    while len(got) < len(expected):
-        lease = take_lease(q)
-        got += [(e.body, e.attempts) for e in lease.envelopes()]
-        q.ack(lease)
-    assert sorted(got) == expected
-    assert q.take(1, timeout=0.1) is None
-    c = q.counters()
-    assert (c.pending, c.done) == (0, c.produced)
-
-
-def test_a_live_or_detached_consumer_is_not_reaped(make_local: Any) -> None:
-    q = make_local()
-    q.put("a")
-    mine, theirs = fork.Pipe(duplex=False)
-    child = fork.Process(target=_script, args=(q, ["take"], theirs), daemon=True)
-    child.start()
-    assert mine.poll(10)
-    q.attach_consumer()
-
-    assert q.reap() == 0  # it holds its flock: alive
-    q.detach_consumer()
-    assert q.reap() == 0
     _kill(child)
-    assert q.reap() == 1
+
+    # take alone finds the task: no reap, no evict
+    lease = take_lease(q, timeout=5)
+    assert [e.body for e in lease.envelopes()] == taken
+    q.ack(lease)
+    assert q.reap() == 1  # reports what the broker returned
+    assert q.reap() == 0
 
 
-def test_reap_does_not_block_on_a_full_queue(make_local: Any) -> None:
-    q = make_local(2)
-    q.put("held")
-    _run_and_kill(q, ["take"])
-    q.put("x")
-    q.put("y")  # full again
-
-    assert q.reap() == 1  # returned without a space permit
-
-    q.attach_consumer()
-    assert sorted(take_bodies(q, 3)) == ["held", "x", "y"]
-
-
-def test_evict_reaps_only_the_given_pid(make_local: Any) -> None:
+def test_after_a_death_each_task_comes_back_alone_with_the_death_counted(
+    make_local: Any,
+) -> None:
+    # Given a consumer that died holding one batch of four tasks
     q = make_local()
-    q.put("a")
-    q.put("b")
-    first = _run_and_kill(q, ["take"])
-    _run_and_kill(q, ["take"])
+    q.note_task_cost(1e-7)
+    q._put_bodies(["p", "i1", "i2", "i3"])
+    child, taken = _hanging_consumer(q, max_tasks=10)
+    assert taken == ["p", "i1", "i2", "i3"]
+    _kill(child)
 
-    assert q.evict(first) == 1
-    assert q.evict(first) == 0
-    assert q.reap() == 1
-
-
-def test_detach_hands_back_the_unacknowledged_lease_and_retries(make_local: Any) -> None:
-    q = make_local()
-    q.put("a")
-    q.put("b")
+    # Then the tasks come back one lease each, in order, even to a greedy take
     q.attach_consumer()
-    lease = take_lease(q)
-    q.ack(lease, [Failure(e, "E", "tb", retry_in=3600) for e in lease.envelopes()])
-    take_lease(q)  # holds "b"
-
-    q.detach_consumer()
-
-    other = LocalQueue.__new__(LocalQueue)
-    other.__setstate__(q.__getstate__())  # a fresh handle in this process
-    other.attach_consumer()
     got = []
-    for _ in range(2):
-        lease = take_lease(other)
-        got += [(e.body, e.attempts) for e in lease.envelopes()]
-        other.ack(lease)
-    other.detach_consumer()
-    assert sorted(got) == [("a", 1), ("b", 0)]
+    for _ in range(4):
+        lease = q.take(10, timeout=5)
+        assert lease is not None and lease.size == 1
+        got += [e.body for e in lease.envelopes()]
+        q.ack(lease)
+    assert got == taken
     assert q.counters().pending == 0
 
 
-# ---------------------------------------------------------------- files
+def test_a_task_whose_consumers_keep_dying_is_dead_lettered(make_local: Any) -> None:
+    # Given max_deliveries 2 and a poison task among innocent ones
+    q = make_local(max_deliveries=2)
+    q.note_task_cost(1e-7)
+    q._put_bodies(["poison", "innocent"])
+
+    # When two consumers in a row die holding it
+    child, taken = _hanging_consumer(q, max_tasks=10)
+    assert taken == ["poison", "innocent"]
+    _kill(child)
+    child, taken = _hanging_consumer(q, max_tasks=10)
+    assert taken == ["poison"]  # alone now
+    _kill(child)
+
+    # Then it is a dead letter, counted failed, and the innocent task is handled
+    q.attach_consumer()
+    assert take_bodies(q, 1) == ["innocent"]
+    wait_for(lambda: q.counters().pending == 0, message="the poison task settled")
+    c = q.counters()
+    assert (c.produced, c.done, c.failed, c.dead) == (2, 1, 1, 1)
+    (letter,) = q.dead_letters()
+    assert letter["body"] == "poison"
+    assert letter["error"] == "consumer died 2 times while handling it"
 
 
-def test_each_consumer_has_an_in_flight_file_in_the_queue_dir(make_local: Any) -> None:
+def test_a_consumer_may_hold_several_leases_and_ack_them_in_any_order(
+    make_local: Any,
+) -> None:
     q = make_local()
     q.attach_consumer()
-    assert os.listdir(q._dir) == [f"c{q._slot}"]
+    for n in range(3):
+        q.put(n)
+    leases = [take_lease(q) for _ in range(3)]
+    assert q.counters().in_flight == 3
+
+    for lease in reversed(leases):
+        q.ack(lease)
+
+    c = q.counters()
+    assert (c.done, c.in_flight, c.pending) == (3, 0, 0)
 
 
-def test_dispose_in_the_opening_process_removes_the_temp_dir() -> None:
+def test_sibling_queues_share_one_broker(make_local: Any) -> None:
+    a = make_local()
+    b = a.sibling("stage-2")
+    try:
+        a.put("to a")
+        b.put("to b")
+        a.attach_consumer()
+        b.attach_consumer()
+        assert take_bodies(a, 1) == ["to a"]
+        assert take_bodies(b, 1) == ["to b"]
+        assert (a.counters().done, b.counters().done) == (1, 1)
+    finally:
+        b.dispose()
+
+
+def _put_then_stop_midway(q: LocalQueue) -> None:
+    local_wire.PAUSE_AT = "put"  # the fault hook, armed in this child only
+    q.put("torn")
+
+
+def test_a_producer_killed_mid_put_puts_nothing_and_leaves_the_queue_whole(
+    make_local: Any,
+) -> None:
+    q = make_local()
+    child = fork.Process(target=_put_then_stop_midway, args=(q,), daemon=True)
+    child.start()
+    wait_for(lambda: _state(child.pid) == "T", message="the producer stopped mid-put")
+    _kill(child)
+
+    q.put("whole")
+    q.attach_consumer()
+    assert take_bodies(q, 1) == ["whole"]
+    assert q.counters().produced == 1
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    return data[data.rindex(")") + 2]
+
+
+# ---------------------------------------------------------------- the temp dir
+
+
+def test_dispose_in_the_opening_process_stops_the_broker_and_removes_its_dir() -> None:
     q = LocalQueue("unit")
     q.attach_consumer()
     q.put(1)
     lease = take_lease(q)
     q.ack(lease, [Failure(e, "E", "tb") for e in lease.envelopes()])
     assert q.counters().dead == 1
-    directory = q._dir
+    assert q._broker is not None
+    directory = q._broker.dir
+    threads = threading.active_count()
 
     q.dispose()
 
     assert not os.path.exists(directory)
+    assert threading.active_count() == threads - 1
 
 
 def _dispose_in_child(q: LocalQueue) -> None:
@@ -377,7 +328,50 @@ def test_dispose_in_a_child_process_keeps_the_queue(make_local: Any) -> None:
     child.join(10)
 
     assert child.exitcode == 0
-    assert os.path.isdir(q._dir)
     q.put("still works")
     q.attach_consumer()
     assert take_bodies(q, 1) == ["still works"]
+
+
+# ---------------------------------------------------------------- idle is new
+
+
+def _attach_when_told(q: LocalQueue, go: Any, report: Connection) -> None:
+    go.wait(10)
+    q.attach_consumer()
+    lease = q.take(1, timeout=0.5)
+    report.send(None if lease is None else lease.sentinel is not None)
+
+
+def _late_consumer(q: LocalQueue) -> tuple[Any, Any, Connection]:
+    go = fork.Event()
+    mine, theirs = fork.Pipe(duplex=False)
+    child = fork.Process(target=_attach_when_told, args=(q, go, theirs), daemon=True)
+    child.start()
+    return child, go, mine
+
+
+def test_a_consumer_forked_during_a_run_that_attaches_after_it_ends_stops(
+    make_local: Any,
+) -> None:
+    # Given a consumer process started while the run is open, slow to attach
+    q = make_local()
+    child, go, report = _late_consumer(q)
+    # When the run ends (closed, nothing pending) before it attaches
+    q.close()
+    go.set()
+    # Then its run is over: it gets its sentinel, as a classic consumer would
+    assert report.poll(10) and report.recv() is True
+    child.join(10)
+
+
+def test_a_consumer_forked_while_the_queue_is_idle_waits_for_the_next_run(
+    make_local: Any,
+) -> None:
+    q = make_local()
+    q.close()
+    assert q.state() == "idle"
+    child, go, report = _late_consumer(q)
+    go.set()
+    assert report.poll(10) and report.recv() is None  # no sentinel: it waits
+    child.join(10)

@@ -11,11 +11,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pcq.backends import open_queue
 from pcq.backends.base import Queue
 from pcq.errors import (
+    BackendLost,
     BackendUnavailable,
     ConfigError,
     DecodeError,
     ImportSpecError,
     PcqError,
+    QueueDataLost,
     SerializationError,
     TaskTimeout,
 )
@@ -28,6 +30,7 @@ except PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "BackendLost",
     "BackendUnavailable",
     "ConfigError",
     "Consumer",
@@ -36,6 +39,7 @@ __all__ = [
     "PcqError",
     "Producer",
     "Queue",
+    "QueueDataLost",
     "SerializationError",
     "Summary",
     "TaskTimeout",

@@ -1,7 +1,8 @@
 """The ``pcq`` command: parse, delegate to the library, turn errors into exit codes.
 
 Exit codes: 0 all done, 1 some tasks failed, 2 usage or configuration error,
-128 + signal when interrupted (130 for Ctrl-C, 143 for SIGTERM).
+3 the backend was lost mid-run (unreachable past --reconnect-timeout, or it lost
+the queue's data), 128 + signal when interrupted (130 for Ctrl-C, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from rich.table import Table
 
 from pcq.backends import backend_for, open_queue
 from pcq.backends.base import Counters, Queue, state_of
-from pcq.errors import ConfigError, PcqError
+from pcq.errors import BackendLost, ConfigError, PcqError
 from pcq.loader import load_callable
-from pcq.run import EXIT_USAGE, Summary, consume_job, produce_job, run
+from pcq.run import EXIT_BACKEND_LOST, EXIT_USAGE, Summary, consume_job, produce_job, run
 
 app = typer.Typer(
     name="pcq",
@@ -60,10 +61,19 @@ HeartbeatTtl = Annotated[float | None, typer.Option(
     min=0.1, envvar="PCQ_HEARTBEAT_TTL",
     help="Redis: seconds without a heartbeat after which a consumer counts as dead "
          "and its tasks go back (default 5; env PCQ_HEARTBEAT_TTL).")]
+ReconnectTimeout = Annotated[float | None, typer.Option(
+    min=0.1, envvar="PCQ_RECONNECT_TIMEOUT",
+    help="Redis: seconds to keep reconnecting after the link is lost before giving up "
+         "with exit code 3 (default 60; env PCQ_RECONNECT_TIMEOUT).")]
 
 
-def _options(heartbeat_ttl: float | None) -> dict[str, Any]:
-    return {} if heartbeat_ttl is None else {"heartbeat_ttl": heartbeat_ttl}
+def _options(heartbeat_ttl: float | None, reconnect_timeout: float | None = None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if heartbeat_ttl is not None:
+        options["heartbeat_ttl"] = heartbeat_ttl
+    if reconnect_timeout is not None:
+        options["retry_for"] = reconnect_timeout
+    return options
 
 
 def _shared_queue(
@@ -166,13 +176,15 @@ def run_command(
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
+    reconnect_timeout: ReconnectTimeout = None,
     max_deliveries: MaxDeliveries = 3,
 ) -> None:
     """Run a whole job: producers, consumers, close, summary (local by default)."""
     produce = load_callable(producer, "PRODUCER")
     handle = load_callable(handler, "HANDLER")
     shared = backend_for(backend, url) != "local"
-    options = _options(heartbeat_ttl) if shared else {}  # local consumers have no heartbeat
+    # local consumers have no heartbeat and no server to reconnect to
+    options = _options(heartbeat_ttl, reconnect_timeout) if shared else {}
     with _ProgressBar(not no_progress) as bar:
         summary = run(produce, handle, workers=workers, producers=producers, maxsize=maxsize,
                       retries=retries, timeout=timeout, backend=backend, url=url, queue=queue,
@@ -210,11 +222,12 @@ def produce_command(
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
+    reconnect_timeout: ReconnectTimeout = None,
 ) -> None:
     """Put tasks on a shared queue, close it when the last producer is done, and
     wait until every task is acknowledged."""
     items = _json_lines(sys.stdin) if producer == "-" else load_callable(producer, "PRODUCER")()
-    q = _shared_queue(backend, url, queue, maxsize, **_options(heartbeat_ttl))
+    q = _shared_queue(backend, url, queue, maxsize, **_options(heartbeat_ttl, reconnect_timeout))
     try:
         with _ProgressBar(not no_progress and not no_wait) as bar:
             summary = produce_job(q, items, close=not no_close, wait_done=not no_wait,
@@ -238,6 +251,7 @@ def consume_command(
     concurrency: Concurrency = 1,
     as_json: Json = False,
     heartbeat_ttl: HeartbeatTtl = None,
+    reconnect_timeout: ReconnectTimeout = None,
     max_deliveries: MaxDeliveries = 3,
     burst: Annotated[bool, typer.Option("--burst", help="Exit as soon as there is nothing "
                                         "to take and no producer is attached, instead of "
@@ -246,7 +260,7 @@ def consume_command(
     """Run consumer processes on this host until each takes its sentinel.  On an
     idle queue (its last run finished) they wait for the next producer."""
     handle = load_callable(handler, "HANDLER")
-    q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl))
+    q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl, reconnect_timeout))
     q.max_deliveries = max_deliveries
     try:
         # In this process: fails fast if the server cannot be reached.
@@ -369,9 +383,13 @@ def dead_purge(backend: Backend = None, url: Url = None, queue: Name = "default"
 
 
 def main() -> None:
-    """Entry point: a PcqError is one line on stderr and exit code 2, never a traceback."""
+    """Entry point: a PcqError is one line on stderr and exit code 2 (3 for a
+    backend lost mid-run), never a traceback."""
     try:
         app()
+    except BackendLost as exc:
+        err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_BACKEND_LOST)
     except PcqError as exc:
         err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USAGE)

@@ -8,10 +8,13 @@ Everything pcq raises on purpose derives from :class:`PcqError`::
     ├── SerializationError       a task body msgpack cannot carry
     ├── DecodeError              a queue message that is not a pcq envelope
     ├── BackendUnavailable       the queue's server cannot be reached (or refused us)
+    │   └── BackendLost          reached once, then gone for longer than the reconnect budget
+    │       └── QueueDataLost    the server came back without the queue's data
     └── TaskTimeout              a handler ran past its timeout (raised inside it)
 
 The CLI turns any ``PcqError`` into one line on stderr and exit code 2 (usage and
-configuration) — never a traceback.  Third-party errors are translated where they
+configuration), or 3 for :class:`BackendLost` (the backend went away mid-run) —
+never a traceback.  Third-party errors are translated where they
 are caught and chained (``raise BackendUnavailable(...) from exc``), so the
 original cause is kept for debugging.
 """
@@ -47,6 +50,17 @@ class DecodeError(PcqError):
 
 class BackendUnavailable(PcqError):
     """The backend's server cannot be reached, or refused the connection."""
+
+
+class BackendLost(BackendUnavailable):
+    """The server was reached, then stayed unreachable for longer than the reconnect
+    budget (``retry_for``, ``--reconnect-timeout``): the run cannot go on."""
+
+
+class QueueDataLost(BackendLost):
+    """The server came back without the queue's data (it restarted without
+    persistence, or the data was evicted or flushed): nothing the run did can be
+    trusted to be there, so no process of it may claim success."""
 
 
 class TaskTimeout(PcqError):

@@ -32,15 +32,26 @@ from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 from typing import Any
 
-from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Failure, Lease, Queue, poisoned
+from pcq.backends.base import (
+    MAX_BATCH,
+    TARGET_BATCH_SECONDS,
+    Failure,
+    Lease,
+    PutInterrupted,
+    Queue,
+    poisoned,
+)
 from pcq.envelope import Batch, Envelope
-from pcq.errors import PcqError, TaskTimeout
+from pcq.errors import BackendLost, PcqError, TaskTimeout
 from pcq.slots import consume_concurrently, run_coroutine
 
 log = logging.getLogger("pcq")
 
 #: Exit code of a Producer whose produce() raised.
 PRODUCER_FAILED = 1
+#: Exit code of a consumer that lost its backend for good (BackendLost): it says
+#: nothing; its supervisor finds out for itself and speaks once for the host.
+BACKEND_LOST = 3
 #: How long an idle consumer waits for a task before looking around (reap, stop).
 IDLE_WAIT = 0.25
 #: How long a consumer whose parent died may take to finish its running task:
@@ -162,6 +173,7 @@ class Producer(_Process):
             stopping = True
             if _producing(frame, items.__code__):
                 raise _Stop
+            self.queue.interrupt()  # a put waiting for room gives up, putting no more
             if watchdog is None:
                 watchdog = _kill_self_after(STOP_GRACE)
 
@@ -180,7 +192,7 @@ class Producer(_Process):
         code = 0
         try:
             queue.put_many(items())
-        except _Stop:
+        except (_Stop, PutInterrupted):
             code = 143
         except PcqError as exc:
             print(f"pcq: producer {self.name}: {exc}", file=sys.stderr, flush=True)
@@ -251,6 +263,7 @@ class Consumer(_Process):
         self._parent_pid = os.getpid()
         self._stopping = False
         self._expired = False
+        self._stale_seen = 0  # the queue's stale_leases at the last _count
 
     def handle(self, item: Any) -> Any:
         """Handle one task.  Override, or pass ``handle=`` to the constructor."""
@@ -282,16 +295,23 @@ class Consumer(_Process):
 
             signal.signal(signal.SIGALRM, expire)
         queue = self.queue
-        served = queue.join_run(burst=self.burst, run=self.joins)
-        if self._board is not None:
-            self._board[0].serving(self._board[1], served)
+        self._stale_seen = queue.stale_leases
+        code = 0
         try:
+            served = queue.join_run(burst=self.burst, run=self.joins)
+            if self._board is not None:
+                self._board[0].serving(self._board[1], served)
             self.consume()
+        except BackendLost:
+            code = BACKEND_LOST  # no traceback, no line: the supervisor reports it
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            queue.detach_consumer()
+            with contextlib.suppress(BackendLost):  # gone: its heartbeat expires instead
+                queue.detach_consumer()
             queue.dispose()
+        if code:
+            sys.exit(code)
 
     def _is_async(self) -> bool:
         """Whether the handler is an ``async def`` (``handle=``, or an override;
@@ -350,12 +370,16 @@ class Consumer(_Process):
                 self._count(handled, failures)
                 return
             lease = queue.ack_and_take(lease, failures, give_back, want, timeout=IDLE_WAIT)
-            self._count(handled, failures)
+            self._count(handled, failures)  # after the ack: it may have come too late
 
     def _count(self, handled: int, failures: list[Failure]) -> None:
-        """Add a lease's outcome to this consumer's tally, if the queue applied its
-        acknowledgement (a stale lease was someone else's work by then)."""
-        if self._tally is None or not self.queue.ack_applied:
+        """Add the lease just acknowledged to this consumer's tally, unless that
+        ack came too late (the lease was reaped and went to another consumer,
+        which counts it; the backend's ``stale_leases`` grew): a host's summary
+        holds only what its acks changed.  Called once after each ack."""
+        stale, seen = self.queue.stale_leases, self._stale_seen
+        self._stale_seen = stale
+        if self._tally is None or stale != seen:
             return
         array, at = self._tally
         dead = sum(1 for f in failures if f.retry_in is None)
@@ -496,6 +520,12 @@ class Supervisor:
     (:meth:`Queue.keep_alive`: a handler that holds the GIL does not make its
     consumer look dead) and kills a consumer whose task runs ``KILL_GRACE``
     seconds past its timeout; that task counts a failed attempt, not a death.
+    One that lost the backend (BACKEND_LOST) makes the supervisor look for
+    itself, and raise if it agrees.
+
+    When no consumer is left but the closed run still has pending tasks, the
+    supervisor does not leave (see :meth:`_after_last`): it reaps dead hosts'
+    tasks and starts one consumer only when there is something to take.
     """
 
     def __init__(self, queue: Queue, make: Callable[[int], Consumer], workers: int) -> None:
@@ -519,6 +549,7 @@ class Supervisor:
         self._halt = threading.Event()
         self._watcher: threading.Thread | None = None
         self._run: int | None = None  # the run this supervisor's consumers serve
+        self._waiting = False  # the run still has tasks in flight on other hosts
 
     def start(self) -> None:
         self._run = self.queue.run_to_serve()
@@ -555,6 +586,11 @@ class Supervisor:
             consumer.join()
             served = self._board.served(row)
             self._free_rows.append(row)
+            if consumer.exitcode == BACKEND_LOST:
+                # Its link gave up; ours shares neither its clock nor its
+                # connections.  Ask the server: this raises BackendLost if the
+                # backend is gone for us too; otherwise replace it as a crash.
+                self.queue.counters()
             if consumer.exitcode != 0:
                 self._died(consumer, served)
         now = time.monotonic()
@@ -562,9 +598,30 @@ class Supervisor:
             self._due.remove((when, joins))
             self._spawn(joins)
         if not self.live and not self._due:
-            counters = self.queue.counters()
-            if counters.pending > 0 and counters.closed:
-                self._spawn()
+            self._after_last()
+
+    def _after_last(self) -> None:
+        """Every consumer here has exited; the closed run may still need this host.
+
+        Tasks in ready or delayed (handed back after the sentinels, or reaped
+        just now from hosts whose heartbeat expired): start one consumer — it
+        takes them ahead of any leftover sentinel.  Tasks in flight elsewhere:
+        start nothing and stay (``done`` is False), looking again at each poll,
+        because their host may be dead and only a live host reaps (the reap runs
+        here, not in a consumer that would take a leftover sentinel and exit at
+        once, over and over).  Nothing pending, or an open queue: done.
+        """
+        self._waiting = False
+        counters = self.queue.counters()
+        if counters.pending <= 0 or not counters.closed:
+            return
+        reaped = self.queue.reap()
+        # pending counts tasks in ready, delayed and in flight: what is not in
+        # flight can be taken now (reaped tasks were in flight a moment ago).
+        if reaped or counters.pending > counters.in_flight:
+            self._spawn()
+        elif counters.in_flight:
+            self._waiting = True
 
     def _died(self, consumer: Consumer, served: int | None) -> None:
         """Give back the tasks of a consumer that died and plan its replacement."""
@@ -628,7 +685,7 @@ class Supervisor:
 
     @property
     def done(self) -> bool:
-        return not self.live and not self._due
+        return not self.live and not self._due and not self._waiting
 
     def stop(self, grace: float) -> None:
         """SIGTERM every consumer, SIGKILL those still running after ``grace``."""
@@ -647,8 +704,10 @@ class Supervisor:
                 consumer.kill()
                 consumer.join()
                 assert consumer.pid is not None
-                self.queue.release(consumer.pid)  # killed on purpose: no death counted
+                with contextlib.suppress(BackendLost):  # gone: its heartbeat expires instead
+                    self.queue.release(consumer.pid)  # killed on purpose: no death counted
         self.live.clear()
+        self._waiting = False
 
 
 def wait(handles: list[int], timeout: float) -> list[int]:

@@ -20,12 +20,15 @@ from types import FrameType
 from typing import Any
 
 from pcq.backends import open_queue
-from pcq.backends.base import Counters, Queue
+from pcq.backends.base import Counters, PutInterrupted, Queue
+from pcq.errors import BackendLost
 from pcq.roles import Consumer, Producer, Supervisor, WorkerTallies, wait
 
 #: How long consumers may take to finish their running task after SIGINT/SIGTERM.
 GRACE_SECONDS = 5.0
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: With the backend gone, consumers cannot acknowledge anything: stop them fast.
+LOST_GRACE = 0.5
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BACKEND_LOST = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,9 @@ def delta(before: Counters, after: Counters, elapsed: float, **extra: Any) -> Su
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[list[int]]:
-    """Catch SIGINT/SIGTERM for the duration; the list receives their numbers."""
+def interruptible(on_signal: Callable[[], None] | None = None) -> Iterator[list[int]]:
+    """Catch SIGINT/SIGTERM for the duration; the list receives their numbers, and
+    ``on_signal`` (if given) runs at each."""
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught  # signals can only be handled in the main thread
@@ -76,6 +80,8 @@ def interruptible() -> Iterator[list[int]]:
 
     def note(signum: int, frame: FrameType | None) -> None:
         caught.append(signum)
+        if on_signal is not None:
+            on_signal()
 
     old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -219,9 +225,13 @@ def produce_job(
     q.attach_producer()
     interrupted: int | None = None
     closing = close
-    with interruptible() as caught:
+    # A signal also interrupts a put that waits for room (maxsize): at once,
+    # putting nothing more, instead of after the consumers made room.
+    with interruptible(q.interrupt) as caught:
         try:
             q.put_many(_until(items, caught))
+        except PutInterrupted:
+            closing = False
         except BaseException:
             closing = False  # a producer that failed half way must not end the job
             raise
@@ -276,14 +286,21 @@ def consume_job(
         workers,
     )
     stopped: int | None = None
+    lost = False
     with interruptible() as caught:
         try:
             supervisor.start()
             while not supervisor.done and not caught:
                 supervisor.poll(wait(supervisor.sentinels(), supervisor.pause(0.5)))
+                # The host's own look at the server: one line when the link goes,
+                # one when it is back, BackendLost when the budget is spent.
+                q.check_backend()
+        except BackendLost:
+            lost = True
+            raise
         finally:
             stopped = caught[0] if caught else None
-            supervisor.stop(grace)
+            supervisor.stop(LOST_GRACE if lost else grace)
     done, failed, retried = tallies.totals()
     failed += supervisor.killed_tasks[0]
     retried += supervisor.killed_tasks[1]

@@ -5,7 +5,7 @@
 -- KEYS[3] delayed         zset of retries, member = 8 unique bytes .. message, score = due ms
 -- KEYS[4] dead            list of dead letters
 -- KEYS[5] ready           list; its right end is taken next
--- KEYS[6] acked           hash consumer id -> "token held" of its last ack sent with a token
+-- KEYS[6] acked           hash consumer id -> "token held code" of its last ack sent with a token
 -- ARGV[1] n   messages in the lease      ARGV[2] nr  retries
 -- ARGV[3] nd  dead letters               ARGV[4] nb  give-backs
 -- ARGV[5] done  ARGV[6] failed           (tasks that leave pending now)
@@ -13,8 +13,9 @@
 -- then the n lease messages in take order, nr pairs (delay ms, member),
 -- nd dead letters, nb give-backs in RPUSH order (the first to take is last).
 --
--- Returns {1, inflight_len} when applied, {0, inflight_len} for a stale lease,
--- {2, inflight_len} when this token was already acknowledged (a repeat: nothing done).
+-- Returns {1, inflight_len} when applied, {0, inflight_len} for a stale lease; a
+-- repeat of an ack with a token (nothing done) returns what the first run returned,
+-- so a late ack retried after a lost reply is still known to be stale.
 --
 -- Race prevented: a lease whose consumer was reaped (its in-flight list went back
 -- to ready, maybe to another consumer) is stale.  All its messages must still be
@@ -25,7 +26,7 @@
 -- the caller leaves them out of done/failed but sends their dead letters.
 --
 -- With a token (ack_and_take: this ack and a take.lua call go out in one
--- pipeline), the ack also leaves "token held" in `acked`, held = our in-flight
+-- pipeline), the ack also leaves "token held code" in `acked`, held = our in-flight
 -- length after it.  If the reply is lost, the caller sends both again: the repeat
 -- of this ack must be a no-op even though the take may have moved new messages
 -- into our in-flight list meanwhile — byte-equal copies of the lease's messages
@@ -38,13 +39,13 @@ local lease = 8  -- ARGV[lease + j] is the j-th message taken
 
 local function finish(code)
   local held = redis.call('LLEN', KEYS[1])
-  if token ~= '' then redis.call('HSET', KEYS[6], me, token .. ' ' .. held) end
+  if token ~= '' then redis.call('HSET', KEYS[6], me, token .. ' ' .. held .. ' ' .. code) end
   return {code, held}
 end
 
 if token ~= '' then
-  local mark = redis.call('HGET', KEYS[6], me)
-  if mark and string.match(mark, '^%S+') == token then return {2, redis.call('LLEN', KEYS[1])} end
+  local mark, first = string.match(redis.call('HGET', KEYS[6], me) or '', '^(%S+) %d+ (%d)$')
+  if mark == token then return {tonumber(first), redis.call('LLEN', KEYS[1])} end
 end
 
 -- list[at .. at+n-1] holds the lease (newest first, as LPUSH left it)

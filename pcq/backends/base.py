@@ -73,6 +73,11 @@ TARGET_BATCH_SECONDS = 0.005
 LINGER_SECONDS = 0.001
 
 
+class PutInterrupted(BaseException):
+    """A put that waited for room was interrupted (see :meth:`Queue.interrupt`).
+    A BaseException, so that ``put_many`` stops at once instead of flushing."""
+
+
 @dataclass(slots=True)
 class Lease:
     """Tasks taken by one consumer in one ``take``; acknowledged together.
@@ -425,6 +430,10 @@ class Queue(ABC):
 
     #: How often ``join`` and idle consumers look for dead consumers' tasks.
     reap_interval: float = 1.0
+    #: Leases this process acknowledged after they were reaped (stale: their acks
+    #: changed nothing, whoever handled them again counts them).  Backends that
+    #: can tell add to it in ``_ack``.
+    stale_leases: int = 0
 
     @abstractmethod
     def close(self) -> None:
@@ -516,6 +525,17 @@ class Queue(ABC):
 
     def dispose(self) -> None:  # noqa: B027 - optional hook
         """Free what this queue object holds in this process (files, connections)."""
+
+    def check_backend(self) -> bool:
+        """One quick look at the backend's server, for a supervisor's loop: False
+        while it is away (within its reconnect budget); raises
+        :class:`~pcq.errors.BackendLost` once it is gone for good or lost the
+        queue's data.  A backend without a server is always there."""
+        return True
+
+    def interrupt(self) -> None:  # noqa: B027 - optional hook
+        """Called from a signal handler: a put that waits for room gives up at its
+        next look (raising :class:`PutInterrupted`), putting nothing more."""
 
     # ------------------------------------------------------------------ dead letters
 

@@ -17,6 +17,9 @@ also touch in-flight lists they find by name.  One task is one list element.
 * ``suspects`` — list of tasks that were in flight in a consumer that died, each
   handed out alone; ``deaths`` — hash message -> how many consumers died with it
   in flight (poison tasks: see ``reap.lua``).
+* ``run`` — the queue's marker: a random value set by the first connection to
+  the queue and checked by every later one (see :mod:`pcq.backends.redis_link`);
+  gone or changed means the server lost the queue's data.
 
 Each move that must be atomic is one Lua script in a ``.lua`` file beside this
 module; each file opens with the keys it touches and the race it prevents:
@@ -53,7 +56,15 @@ from typing import Any, cast
 import redis
 from redis.exceptions import NoScriptError, RedisError
 
-from pcq.backends.base import MAX_BATCH, Counters, Failure, Lease, Outcome, Queue
+from pcq.backends.base import (
+    MAX_BATCH,
+    Counters,
+    Failure,
+    Lease,
+    Outcome,
+    PutInterrupted,
+    Queue,
+)
 from pcq.backends.redis_link import Link
 from pcq.envelope import (
     SENTINEL_PREFIX,
@@ -102,6 +113,7 @@ class Keys:
     acked: str
     suspects: str
     deaths: str
+    run: str
     inflight_prefix: str
 
     @classmethod
@@ -125,6 +137,7 @@ class Keys:
             acked=k("acked"),
             suspects=k("suspects"),
             deaths=k("deaths"),
+            run=k("run"),
             inflight_prefix=k("inflight:"),
         )
 
@@ -168,8 +181,8 @@ class RedisQueue(Queue):
     instead of connecting to ``url``.  ``heartbeat_ttl`` — a consumer or producer
     that has not sent a heartbeat (every ``ttl/3`` s, from a daemon thread) for
     this long is dead: its tasks are reaped, it does not count as live.
-    ``retry_for`` — how long an operation retries a lost connection before it
-    raises :class:`~pcq.errors.BackendUnavailable`.
+    ``retry_for`` — how long after the first failure of an outage operations
+    stop retrying and raise :class:`~pcq.errors.BackendLost` (``--reconnect-timeout``).
 
     The consumer registration belongs to the process that made it; a copy of this
     object in another process starts unattached.  Producer registrations travel
@@ -203,8 +216,9 @@ class RedisQueue(Queue):
         self.heartbeat_ttl = heartbeat_ttl
         self.keep_alive_every = heartbeat_ttl / 3
         self.keys = Keys.of(name)
-        self._link = Link(url, client, retry_for)
+        self._link = Link(url, client, retry_for, marker=self.keys.run, what=f"queue {name}")
         self._producer_ids: list[str] = []
+        self._interrupted = False  # set from a signal handler: a waiting put gives up
         self._fresh()
 
     # ------------------------------------------------------------------ processes
@@ -296,6 +310,8 @@ class RedisQueue(Queue):
         # room.  Waiting is one BLPOP, not a polling loop.
         at = 0
         while at < len(messages):
+            if self._interrupted:  # checked before every push: nothing more goes in
+                raise PutInterrupted
             chunk = messages[at : at + PUT_CHUNK]
             pushed = int(self._link.run("put", self._put_keys(), [self.maxsize, each, *chunk]))
             at += pushed
@@ -328,6 +344,10 @@ class RedisQueue(Queue):
             status, wait_ms, messages = taken
             if messages:
                 return messages, _Receipt(me, messages, wait_ms if status == _SUSPECT else 0)
+            if status == _DRAINED and self._epoch >= self._serves and self.reap():
+                # closed and empty, but dead consumers' tasks were waiting to be reaped
+                taken = self._take_once(me, want)
+                continue
             if self._run_is_over(status, wait_ms):
                 return [self._sentinel], _Receipt(me, [])  # made up: nothing in flight
             left = math.inf if deadline is None else deadline - time.monotonic()
@@ -402,11 +422,16 @@ class RedisQueue(Queue):
         if not receipt.messages:
             return  # a sentinel made up for a drained queue: nothing is in flight
         applied, held = self._link.run("ack", *self._ack_call(receipt, outcome, ""))
+        self._note_ack(applied)
         if receipt.consumer == self._consumer_id:
             self._held = int(held)
         self.ack_applied = int(applied) != 0
         if receipt.deaths and int(applied) == 1:
             self._forget_deaths(receipt.messages)
+
+    def _note_ack(self, code: int) -> None:
+        if int(code) == 0:  # ack.lua: the lease was reaped before this ack came
+            self.stale_leases += 1
 
     @staticmethod
     def _receipt(lease: Lease) -> _Receipt:
@@ -494,6 +519,7 @@ class RedisQueue(Queue):
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
+        self._note_ack(replies[0][0])
         return cast("list[Any]", replies[0]), cast("list[Any]", replies[1])
 
     # ------------------------------------------------------------------ lifecycle
@@ -707,6 +733,12 @@ class RedisQueue(Queue):
         if self._heartbeat is not None and self._consumer_id is None and not self._beat_ids:
             self._heartbeat.stop()
             self._heartbeat = None
+
+    def check_backend(self) -> bool:
+        return self._link.probe()
+
+    def interrupt(self) -> None:
+        self._interrupted = True
 
     def dispose(self) -> None:
         self._here()

@@ -8,11 +8,28 @@ redis-py's errors become pcq's:
   (never its password).  A URL redis-py cannot parse is a
   :class:`~pcq.errors.ConfigError` when the link is made.
 * Once connected, a dropped connection (server restarted, failover, network
-  blip) is retried with exponential backoff — 0.05 s doubling to 2 s — for up to
-  ``retry_for`` seconds.  redis-py's own retries are switched off: a command
-  whose reply was lost must come back to the caller, which knows whether
-  running it again is safe (see the Lua scripts' comments).
+  blip) is retried with exponential backoff — 0.05 s doubling to 2 s.  One
+  outage clock per link (every thread's failures share it) gives up
+  ``retry_for`` seconds after the first failure: :class:`~pcq.errors.BackendLost`,
+  and every later call fails at once.  The process that made the link says so in
+  one line when the link is lost and one when it is back (its forked children
+  stay quiet: their supervisor speaks for the host).  redis-py's own retries are
+  switched off: a command whose reply was lost must come back to the caller,
+  which knows whether running it again is safe (see the Lua scripts' comments).
 * A refusal (wrong password, ACL) is never retried.
+* Data loss: every new connection checks the queue's marker key (``marker``)
+  before any command runs on it.  The first connection creates the marker if it
+  is missing (SET NX, a random value) and remembers it; a later connection that
+  finds another value, or none, is talking to a server that lost the queue (it
+  restarted without persistence, evicted or flushed it):
+  :class:`~pcq.errors.QueueDataLost`, for good.  Connections are checked, not
+  commands, because a server restart always breaks them, and redis-py reconnects
+  a pooled connection silently — so no command ever runs unchecked on the new
+  server.
+* At the first connection, the process that made the link warns once if the
+  server keeps nothing on restart (no AOF, no RDB save points) or may evict keys.
+* ``rediss://``: the TLS handshake shares the connect timeout, so a TLS client
+  talking to a plain server fails in ``CONNECT_TIMEOUT``, not the socket timeout.
 
 A link crosses process boundaries as its URL: the client is dropped when pickled
 and rebuilt, lazily, in a process whose pid differs from its maker's.  An injected
@@ -22,6 +39,7 @@ not survive pickling.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -43,9 +61,10 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from pcq.errors import BackendUnavailable, ConfigError
+from pcq.errors import BackendLost, BackendUnavailable, ConfigError, QueueDataLost
 
 T = TypeVar("T")
+log = logging.getLogger("pcq")
 
 #: Errors worth waiting out: the server is restarting, loading, or unreachable.
 RETRYABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -60,7 +79,28 @@ FIRST_PAUSE = 0.05
 LONGEST_PAUSE = 2.0
 #: Longest a blocking command waits server-side; the socket timeout must exceed it.
 SOCKET_TIMEOUT = 10.0
-CONNECT_TIMEOUT = 5.0
+#: Longest a TCP connect plus TLS handshake may take (a partition, or rediss://
+#: against a plain server, must not cost the socket timeout).
+CONNECT_TIMEOUT = 2.0
+
+
+class _MarkerChanged(RedisError):
+    """Raised while a new connection is set up: the queue's marker is not the one
+    this link saw first (a RedisError, so that redis-py drops the connection)."""
+
+
+class _TlsConnection(redis.SSLConnection):
+    """An SSL connection whose handshake is bounded by the connect timeout."""
+
+    def _connect(self) -> Any:
+        timeout = self.socket_timeout
+        self.socket_timeout = self.socket_connect_timeout  # wrap_socket handshakes under it
+        try:
+            sock = super()._connect()  # type: ignore[no-untyped-call]
+        finally:
+            self.socket_timeout = timeout
+        sock.settimeout(timeout)
+        return sock
 
 
 def safe_url(url: str) -> str:
@@ -92,12 +132,26 @@ class Link:
     """A Redis client that reconnects, retries and translates errors."""
 
     def __init__(
-        self, url: str, client: redis.Redis | None = None, retry_for: float = 60.0
+        self,
+        url: str,
+        client: redis.Redis | None = None,
+        retry_for: float = 60.0,
+        *,
+        marker: str | None = None,
+        what: str = "the queue",
     ) -> None:
         self.url = url
         self.retry_for = retry_for
         self._injected = client
         self._connected_once = False  # crosses pickling: a child of a live job retries
+        # The marker key and the value first seen there; both cross fork and
+        # pickling, so a child checks against what its parent saw.
+        self._marker_key = marker
+        self._marker: bytes | None = None
+        self._what = what
+        self._maker = os.getpid()  # only this process announces outages and warns
+        self._warned = False
+        self._failure: BackendLost | None = None  # sticky: the run cannot go on
         self._client: redis.Redis | None = None
         self._pinged = False
         self._scripts: dict[str, Script] = {}
@@ -116,25 +170,31 @@ class Link:
         self._pinged = False
         self._scripts = {}
         self._lock = threading.Lock()
+        self._down_since: float | None = None  # monotonic time of the outage's first failure
+        self._prober: redis.Redis | None = self._injected  # probe()'s own client
 
-    def _build(self) -> redis.Redis:
+    def _build(self, socket_timeout: float = SOCKET_TIMEOUT) -> redis.Redis:
         try:
             parts = urlsplit(self.url)
             db = parts.path.strip("/")
             if parts.scheme in ("redis", "rediss") and db and not db.isdigit():
                 raise ValueError(f"the database must be a number, not {db!r}")  # not db 0
+            tls: dict[str, Any] = {"connection_class": _TlsConnection}
             return redis.Redis.from_url(
                 self.url,
-                socket_timeout=SOCKET_TIMEOUT,
+                socket_timeout=socket_timeout,
                 socket_connect_timeout=CONNECT_TIMEOUT,
                 retry=Retry(NoBackoff(), 0),
+                redis_connect_func=self._on_connect,
+                **(tls if parts.scheme == "rediss" else {}),
             )
         except ValueError as exc:
             raise ConfigError(f"bad Redis URL {safe_url(self.url)!r}: {exc}") from exc
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_client", "_injected", "_scripts", "_lock", "_pinged", "_pid"):
+        for name in ("_client", "_injected", "_scripts", "_lock", "_pinged", "_pid", "_down_since",
+                     "_prober"):
             state.pop(name, None)
         return state
 
@@ -154,7 +214,47 @@ class Link:
         if not self._pinged:
             client.ping()
             self._pinged = self._connected_once = True
+            if not self._warned and os.getpid() == self._maker:
+                self._warned = True
+                self._warn_about(client)
         return client
+
+    def _on_connect(self, connection: Any) -> None:
+        """redis-py calls this on every new connection, before any command of
+        ours: authenticate as usual, then check the queue's marker."""
+        connection.on_connect()
+        if self._marker_key is None:
+            return
+        connection.send_command("SET", self._marker_key, os.urandom(8).hex(), "NX")
+        connection.read_response()
+        connection.send_command("GET", self._marker_key)
+        seen = connection.read_response()
+        if self._marker is None:
+            self._marker = seen
+        elif seen != self._marker:
+            raise _MarkerChanged(f"marker {self._marker_key} is {seen!r}, was {self._marker!r}")
+
+    def _warn_about(self, client: redis.Redis) -> None:
+        """Warn (once, in the process that made the link) about a server that can
+        lose the queue: no persistence at all, or an evicting maxmemory-policy.
+        A server that refuses CONFIG (managed Redis, ACL) is not second-guessed."""
+        try:
+            config = client.config_get("appendonly", "save", "maxmemory-policy")
+        except RedisError:
+            return
+        where = self.where
+        if config.get("appendonly") == "no" and not config.get("save"):
+            log.warning(
+                "pcq: warning: Redis at %s keeps nothing on restart (appendonly no, no save "
+                "points): a restart loses the queue; see 'Running Redis for pcq' in the README",
+                where,
+            )
+        policy = config.get("maxmemory-policy", "noeviction")
+        if policy != "noeviction":
+            log.warning(
+                "pcq: warning: Redis at %s has maxmemory-policy %s: it may evict queue keys; "
+                "use noeviction", where, policy,
+            )
 
     def script(self, name: str) -> Script:
         """The Lua script ``name`` registered on this process's client."""
@@ -172,37 +272,90 @@ class Link:
 
     def call(self, op: Callable[[redis.Redis], T], *, retry: bool = True) -> T:
         """``op(client)``, with redis-py's errors translated and dropped connections
-        retried (unless ``retry`` is False).  ``op`` must be safe to run again after
-        a reply was lost."""
+        retried (unless ``retry`` is False) until the outage is ``retry_for``
+        seconds old.  ``op`` must be safe to run again after a reply was lost."""
         pause = FIRST_PAUSE
-        give_up: float | None = None
         while True:
+            if self._failure is not None:
+                raise self._failure
             try:
-                return op(self.client())
+                result = op(self.client())
+            except _MarkerChanged as exc:
+                self._failure = QueueDataLost(
+                    f"the Redis server lost {self._what}'s data (restarted without persistence?)"
+                )
+                raise self._failure from exc
             except REFUSED as exc:
                 raise BackendUnavailable(f"Redis at {self.where} refused us: {exc}") from exc
             except RETRYABLE as exc:
                 if not self._connected_once:
                     raise BackendUnavailable(f"cannot reach Redis at {self.where}: {exc}") from exc
-                now = time.monotonic()
-                give_up = now + self.retry_for if give_up is None else give_up
-                if not retry or now >= give_up:
-                    raise BackendUnavailable(
-                        f"lost Redis at {self.where} (retried {self.retry_for:g} s): {exc}"
-                    ) from exc
-                time.sleep(min(pause, give_up - now))
+                left = self._outage(exc)
+                if not retry:
+                    raise BackendUnavailable(f"lost Redis at {self.where}: {exc}") from exc
+                time.sleep(min(pause, left))
                 pause = min(pause * 2, LONGEST_PAUSE)
             except ResponseError as exc:
                 raise BackendUnavailable(f"Redis at {self.where} said: {exc}") from exc
             except RedisError as exc:
                 raise BackendUnavailable(f"Redis at {self.where}: {exc}") from exc
+            else:
+                if self._down_since is not None:
+                    self._back()
+                return result
+
+    def _outage(self, exc: Exception) -> float:
+        """Note a failure of the link: start the outage clock (one line, in the
+        process that made the link), or give up for good once it is ``retry_for``
+        seconds old.  Returns the seconds left."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            if os.getpid() == self._maker:
+                log.warning("pcq: lost the link to Redis at %s (%s); reconnecting for up to %g s",
+                            self.where, exc, self.retry_for)
+        left = self._down_since + self.retry_for - now
+        if left <= 0:
+            self._failure = BackendLost(
+                f"lost Redis at {self.where}: unreachable, retried {self.retry_for:g} s "
+                f"(--reconnect-timeout): {exc}"
+            )
+            raise self._failure from exc
+        return left
+
+    def _back(self) -> None:
+        since, self._down_since = self._down_since, None
+        if since is not None and os.getpid() == self._maker:
+            log.warning("pcq: the link to Redis at %s is back after %.1f s",
+                        self.where, time.monotonic() - since)
+
+    def probe(self) -> bool:
+        """One PING, no retry: True when the server answers, False while it is
+        away within the budget.  Raises :class:`~pcq.errors.BackendLost` once the
+        budget is spent or the queue's data was lost."""
+        def ping(client: redis.Redis) -> Any:
+            # A client of its own, whose reads time out with the connect timeout:
+            # a partition must not hold a supervisor's loop for the socket timeout.
+            if self._prober is None:
+                self._prober = self._build(socket_timeout=CONNECT_TIMEOUT)
+            return self._prober.ping()
+
+        try:
+            self.call(ping, retry=False)
+        except BackendLost:
+            raise
+        except BackendUnavailable:
+            return False
+        return True
 
     def close(self) -> None:
         """Close the connections of a client this link built (an injected one is
         its owner's to close)."""
         with self._lock:
             client, self._client = self._client, self._injected
+            prober, self._prober = self._prober, self._injected
             self._scripts = {}
             self._pinged = False
-        if client is not None and client is not self._injected and self._pid == os.getpid():
-            client.close()
+        for built in (client, prober):
+            if built is not None and built is not self._injected and self._pid == os.getpid():
+                built.close()

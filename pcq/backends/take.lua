@@ -8,7 +8,7 @@
 -- KEYS[6] consumers:beat   zset consumer id -> heartbeat expiry ms (refreshed here too)
 -- KEYS[7] full             set by a producer blocked on maxsize; value = its maxsize
 -- KEYS[8] space            wake-up tokens for that producer (it BLPOPs them)
--- KEYS[9] acked            hash consumer id -> "token held" left by ack.lua
+-- KEYS[9] acked            hash consumer id -> "token held code" left by ack.lua
 -- ARGV[1] max messages to take
 -- ARGV[2] held: length of in-flight as of the caller's last reply
 -- ARGV[3] epoch the caller knows; ARGV[4] the sentinel of that epoch (exact bytes)
@@ -40,7 +40,7 @@
 --   they are taken before any sentinel.
 local max, held = tonumber(ARGV[1]), tonumber(ARGV[2])
 if ARGV[8] ~= '' then
-  local token, after = string.match(redis.call('HGET', KEYS[9], ARGV[6]) or '', '^(%S+) (%d+)$')
+  local token, after = string.match(redis.call('HGET', KEYS[9], ARGV[6]) or '', '^(%S+) (%d+) %d$')
   if token ~= ARGV[8] then return {4, -1, -1, redis.call('LLEN', KEYS[2])} end
   held = tonumber(after)
 end

@@ -26,7 +26,7 @@ from pcq.backends.base import Counters, Failure, Lease
 from pcq.backends.redis import RedisQueue, key
 from pcq.backends.redis_link import Link, safe_url
 from pcq.envelope import Sentinel
-from pcq.errors import BackendUnavailable, ConfigError
+from pcq.errors import BackendLost, BackendUnavailable, ConfigError
 
 Factory = Callable[..., RedisQueue]
 
@@ -143,6 +143,7 @@ def test_a_stale_ack_changes_nothing(make: Factory) -> None:
 
     # Then no counter moved and nothing was written: the task is B's to finish
     assert b.counters() == before
+    assert a.stale_leases == 1  # and A knows: its own summary does not count it
     assert b.dead_letters() == []
     fresh = take_lease(b)
     assert [e.id for e in fresh.envelopes()] == [env.id]
@@ -902,7 +903,9 @@ def test_a_stale_ack_in_ack_and_take_changes_nothing(make: Factory) -> None:
     assert (c.done, c.failed, c.pending, c.dead) == (before.done, 0, 1, 0)
     assert b.dead_letters() == []
     assert again is not None and [e.id for e in again.envelopes()] == [env.id]
+    assert a.stale_leases == 1
     a.ack(again)
+    assert a.stale_leases == 1
     c = b.counters()
     assert (c.done, c.failed, c.pending, c.in_flight) == (1, 0, 0, 0)
 
@@ -1175,3 +1178,44 @@ def test_an_ack_of_a_stale_lease_says_it_was_not_applied(make: Factory) -> None:
 
     assert worker.ack(lease) is False and worker.ack_applied is False
     assert supervisor.counters().done == 0
+
+
+def test_an_outage_is_one_line_when_lost_and_one_when_back(
+    client: FakeRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a link that was connected, then fails three times: once in a call that
+    # does not retry (as a heartbeat's), twice more in one that does
+    link = Link("redis://unused", client, retry_for=30)
+    link.client()
+    failures = [3]
+
+    def op(c: redis.Redis) -> str:
+        if failures[0]:
+            failures[0] -= 1
+            raise redis.exceptions.ConnectionError("server away")
+        return "ok"
+
+    with caplog.at_level("WARNING", logger="pcq"):
+        with pytest.raises(BackendUnavailable):
+            link.call(op, retry=False)
+        assert link.call(op) == "ok"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("pcq: lost the link to Redis") and "is back after" in lines[1]
+
+
+def test_past_the_budget_every_call_fails_at_once_with_backend_lost(client: FakeRedis) -> None:
+    link = Link("redis://unused", client, retry_for=0.2)
+    link.client()
+
+    def down(c: redis.Redis) -> None:
+        raise redis.exceptions.ConnectionError("server away")
+
+    with pytest.raises(BackendLost):
+        link.call(down)
+    started = time.monotonic()
+    with pytest.raises(BackendLost):
+        link.call(lambda c: c.ping())  # the server may answer: the run is over anyway
+    with pytest.raises(BackendLost):
+        link.probe()
+    assert time.monotonic() - started < 0.1

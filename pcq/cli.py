@@ -260,8 +260,8 @@ def consume_command(
     """Run consumer processes on this host until each takes its sentinel.  On an
     idle queue (its last run finished) they wait for the next producer."""
     handle = load_callable(handler, "HANDLER")
-    q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl, reconnect_timeout))
-    q.max_deliveries = max_deliveries
+    q = _shared_queue(backend, url, queue, max_deliveries=max_deliveries,
+                      **_options(heartbeat_ttl, reconnect_timeout))
     try:
         # In this process: fails fast if the server cannot be reached.
         if not burst and q.state() == "idle":

@@ -118,8 +118,8 @@ def run(
         raise ValueError("workers, producers and concurrency must be at least 1")
     if max_deliveries < 0:
         raise ValueError("max_deliveries must be 0 (no limit) or more")
-    q = open_queue(backend, url=url, name=queue, maxsize=maxsize, **queue_options)
-    q.max_deliveries = max_deliveries
+    q = open_queue(backend, url=url, name=queue, maxsize=maxsize,
+                   max_deliveries=max_deliveries, **queue_options)
     try:
         return _run(q, produce, handle, workers, producers, retries, timeout, grace, on_progress,
                     concurrency)

@@ -61,7 +61,8 @@ def test_python_api_takes_max_deliveries() -> None:
             "def handle(x):\n"
             "    if x == 2: os._exit(1)\n"
             "s = pcq.run(produce, handle, workers=2, max_deliveries=1)\n"
-            "print(s.failed, s.done, s.restarts <= 3)\n")
+            "print(s.failed, s.done, s.restarts)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert proc.stdout.split() == ["1", "4", "True"], proc.stderr[-2000:]
+    # one death was enough (the default, 3, takes three restarts)
+    assert proc.stdout.split() == ["1", "4", "1"], proc.stderr[-2000:]

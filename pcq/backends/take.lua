@@ -89,8 +89,11 @@ if llen > held then
   if #back > 0 then redis.call('RPUSH', KEYS[1], unpack(back)) end  -- first back ends rightmost
 end
 
--- A suspect is taken alone, before anything in ready (it was taken once already).
-if n == 0 and not stop and redis.call('LLEN', KEYS[10]) > 0 then
+-- A suspect is taken alone, before anything in ready (it was taken once already),
+-- and only by a consumer that holds nothing else (one with concurrent leases
+-- waits for them): no task in flight beside it can die with it again.
+local suspects = redis.call('LLEN', KEYS[10])
+if n == 0 and not stop and suspects > 0 and redis.call('LLEN', KEYS[2]) == 0 then
   local m = redis.call('RPOP', KEYS[10])
   n, reply[5], stop, status = 1, m, true, 5
 end
@@ -125,7 +128,7 @@ if full and ready < tonumber(full) then
   redis.call('LPUSH', KEYS[8], 1)
   redis.call('PEXPIRE', KEYS[8], 10000)
 end
-if n == 0 and status == 0 and ready == 0 and delayed == 0
+if n == 0 and status == 0 and ready == 0 and delayed == 0 and suspects == 0
     and redis.call('EXISTS', KEYS[4]) == 1 then
   status = 2
 end

@@ -249,3 +249,22 @@ def test_pcq_consume_counts_a_task_killed_past_its_timeout_as_failed(redis_url, 
     code, out, err = finish(host)
     summary = json.loads(out)
     assert (summary["done"], summary["failed"], summary["restarts"]) == (7, 1, 1)
+
+
+@pytest.mark.timeout(300)
+def test_a_poison_task_with_concurrent_consumers_takes_no_innocent_one_down(
+    redis_url, tmp_path
+):
+    # Consumers that run several tasks at once: a suspect is only taken by a
+    # consumer holding nothing else, so no innocent task dies beside it twice
+    env = pcq_env(redis_url, tmp_path, JOBS_N="300", JOBS_POISON="77")
+    proc = start_pcq(["run", f"{APP}:produce", f"{APP}:handle_poison", "--workers", "2",
+                      "--concurrency", "4", "--max-deliveries", "2", "--backend", "redis",
+                      "--url", redis_url, "--queue", env["PCQ_QUEUE"], "--json"], env)
+    code, out, err = finish(proc, timeout=240)
+    assert code == 1, err
+    summary = json.loads(out)
+    assert (summary["failed"], summary["done"]) == (1, 299)
+    assert set(handled(tmp_path)) == set(range(300)) - {77}
+    (letter,) = dead_letters(env)
+    assert (letter["body"], letter["error"]) == (77, "consumer died 2 times while handling it")

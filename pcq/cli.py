@@ -1,8 +1,12 @@
 """The ``pcq`` command: parse, delegate to the library, turn errors into exit codes.
 
-Exit codes: 0 all done, 1 some tasks failed, 2 usage or configuration error,
-3 the backend was lost mid-run (unreachable past --reconnect-timeout, or it lost
-the queue's data), 128 + signal when interrupted (130 for Ctrl-C, 143 for SIGTERM).
+Exit codes: 0 all done, 1 some tasks failed, 2 usage or configuration error
+(a consumer's ``--setup`` that raised included), 3 the backend was lost mid-run
+(unreachable past --reconnect-timeout, or it lost the queue's data), 128 +
+signal when interrupted (130 for Ctrl-C, 143 for SIGTERM).
+
+An error is one line on stderr, ``pcq: error: WHAT``; a usage error adds the
+command's usage line and where to find help.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pcq import __version__, logs
 from pcq.backends import backend_for, open_queue
-from pcq.backends.base import Counters, Queue, state_of
+from pcq.backends.base import Queue, state_of
+from pcq.envelope import short_repr
 from pcq.errors import BackendLost, ConfigError, PcqError
 from pcq.loader import load_callable
+from pcq.progress import Display, line_buffered
 from pcq.run import EXIT_BACKEND_LOST, EXIT_USAGE, Summary, consume_job, produce_job, run
 
 app = typer.Typer(
@@ -32,6 +38,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 dead_app = typer.Typer(help="Dead letters: tasks that failed after their retries.",
                        no_args_is_help=True)
@@ -57,6 +64,10 @@ Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unb
 MaxDeliveries = Annotated[int, typer.Option(
     min=0, help="Dead-letter a task once this many consumers died while handling it "
     "(0: never).")]
+Setup = Annotated[str | None, typer.Option(
+    "--setup", help="module:function or path/file.py:function run once in each consumer "
+                    "process before its first task (open clients there); if it raises, "
+                    "the job stops with exit code 2.")]
 HeartbeatTtl = Annotated[float | None, typer.Option(
     min=0.1, envvar="PCQ_HEARTBEAT_TTL",
     help="Redis: seconds without a heartbeat after which a consumer counts as dead "
@@ -98,49 +109,10 @@ def _opened(backend: str | None, url: str | None, name: str) -> Iterator[Queue]:
         q.dispose()
 
 
-class _ProgressBar:
-    """A progress bar on stderr, shown only on a terminal.
-
-    It is drawn from the caller's thread (``update``), never from a refresh
-    thread, and leaves sys.stdout/sys.stderr alone: consumer processes are
-    forked while it is shown, and a child must not inherit a lock that a
-    parent's thread held, nor a proxy that draws stale copies of the bar.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self._progress: Progress | None = None
-        if enabled and err.is_terminal:
-            self._progress = Progress(
-                TextColumn("[bold]pcq"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("done  {task.fields[failed]} failed"), TimeElapsedColumn(),
-                console=err, transient=True, auto_refresh=False,
-                redirect_stdout=False, redirect_stderr=False,
-            )
-            self._task = self._progress.add_task("tasks", total=None, failed=0)
-        self._base: Counters | None = None  # the job's first report: its starting point
-
-    def __enter__(self) -> _ProgressBar:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def update(self, counters: Counters, elapsed: float) -> None:
-        """A job's progress callback; its first call sets the starting point."""
-        if self._progress is None:
-            return
-        b = self._base = self._base or counters
-        self._progress.update(
-            self._task, total=counters.produced - b.produced,
-            completed=counters.done + counters.failed - b.done - b.failed,
-            failed=counters.failed - b.failed, refresh=True,
-        )
-
-
 def _report(summary: Summary, as_json: bool, what: str) -> None:
+    if summary.setup_error:
+        err.print(f"pcq: error: {summary.setup_error}", highlight=False, soft_wrap=True,
+                  markup=False)
     if as_json:
         print(json.dumps(summary.as_dict()), flush=True)
         return
@@ -155,6 +127,11 @@ def _report(summary: Summary, as_json: bool, what: str) -> None:
     if summary.interrupted is not None:
         line += "; interrupted"
     err.print(line, highlight=False, soft_wrap=True)
+    for failure in summary.failures:
+        err.print(f"  failed: {failure['item']}: {failure['error']}", highlight=False,
+                  soft_wrap=True, markup=False)
+    if summary.failures_more:
+        err.print(f"  ... and {summary.failures_more} more failed", highlight=False)
 
 
 @app.command("run")
@@ -178,18 +155,20 @@ def run_command(
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
     max_deliveries: MaxDeliveries = 3,
+    setup: Setup = None,
 ) -> None:
     """Run a whole job: producers, consumers, close, summary (local by default)."""
     produce = load_callable(producer, "PRODUCER")
     handle = load_callable(handler, "HANDLER")
+    setup_fn = None if setup is None else load_callable(setup, "SETUP")
     shared = backend_for(backend, url) != "local"
     # local consumers have no heartbeat and no server to reconnect to
     options = _options(heartbeat_ttl, reconnect_timeout) if shared else {}
-    with _ProgressBar(not no_progress) as bar:
+    with Display(not no_progress) as display:
         summary = run(produce, handle, workers=workers, producers=producers, maxsize=maxsize,
                       retries=retries, timeout=timeout, backend=backend, url=url, queue=queue,
-                      on_progress=bar.update, concurrency=concurrency,
-                      max_deliveries=max_deliveries, **options)
+                      on_progress=display.update, concurrency=concurrency,
+                      max_deliveries=max_deliveries, setup=setup_fn, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
 
@@ -229,9 +208,9 @@ def produce_command(
     items = _json_lines(sys.stdin) if producer == "-" else load_callable(producer, "PRODUCER")()
     q = _shared_queue(backend, url, queue, maxsize, **_options(heartbeat_ttl, reconnect_timeout))
     try:
-        with _ProgressBar(not no_progress and not no_wait) as bar:
+        with Display(not no_progress) as display:
             summary = produce_job(q, items, close=not no_close, wait_done=not no_wait,
-                                  on_progress=bar.update)
+                                  on_progress=display.update)
     finally:
         q.dispose()
     _report(summary, as_json, "produce")
@@ -256,10 +235,12 @@ def consume_command(
     burst: Annotated[bool, typer.Option("--burst", help="Exit as soon as there is nothing "
                                         "to take and no producer is attached, instead of "
                                         "waiting for the next producer.")] = False,
+    setup: Setup = None,
 ) -> None:
     """Run consumer processes on this host until each takes its sentinel.  On an
     idle queue (its last run finished) they wait for the next producer."""
     handle = load_callable(handler, "HANDLER")
+    setup_fn = None if setup is None else load_callable(setup, "SETUP")
     q = _shared_queue(backend, url, queue, max_deliveries=max_deliveries,
                       **_options(heartbeat_ttl, reconnect_timeout))
     try:
@@ -268,7 +249,7 @@ def consume_command(
             err.print(f"pcq consume: queue {queue!r} is idle; waiting for a producer",
                       highlight=False, soft_wrap=True)
         summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
-                              burst=burst, concurrency=concurrency)
+                              burst=burst, concurrency=concurrency, setup=setup_fn)
     finally:
         q.dispose()
     _report(summary, as_json, "consume")
@@ -312,6 +293,9 @@ def status_command(
 ) -> None:
     """Show a queue's counters, consumers and producers."""
     with _opened(backend, url, queue) as q:
+        if not q.exists():  # a misspelled --queue would otherwise show zeros
+            raise ConfigError(f"queue {queue!r} does not exist on this server (nothing was "
+                              "ever put in it, and no consumer or producer is attached)")
         if not watch:
             if as_json:
                 print(json.dumps(_status_dict(q)))
@@ -358,12 +342,17 @@ def dead_list(
     """List dead letters with their errors."""
     with _opened(backend, url, queue) as q:
         letters = q.dead_letters(limit)
+    if not letters and not as_json:
+        err.print(f"pcq: no dead letters in queue {queue!r}", highlight=False)
     for letter in letters:
         if as_json:
             print(json.dumps(letter, default=repr))
+        elif "body" in letter:
+            # Like the consumer's log line: content, attempts made, error.
+            print(f"{letter.get('id')}: task {short_repr(letter['body'])}, "
+                  f"{letter.get('attempts')} attempt(s): {letter.get('error')}")
         else:
-            what = letter.get("id", "(undecodable message)")
-            print(f"{what}: {letter.get('error')}  body={letter.get('body', letter.get('raw'))!r}")
+            print(f"(undecodable message): {letter.get('error')}  raw={letter.get('raw')!r}")
 
 
 @dead_app.command("requeue")
@@ -382,19 +371,90 @@ def dead_purge(backend: Backend = None, url: Url = None, queue: Name = "default"
     err.print(f"pcq: deleted {deleted} dead letter(s)", highlight=False)
 
 
-def main() -> None:
+def _set_log_level(value: str | None) -> None:
+    if value is not None:
+        if value.lower() not in logs.LEVELS:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(logs.LEVELS)}")
+        logs.configure(value)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"pcq {__version__}")
+        raise typer.Exit(0)
+
+
+def _log_level_option(
+    log_level: Annotated[str | None, typer.Option(
+        "--log-level", envvar="PCQ_LOG_LEVEL", is_eager=True, callback=_set_log_level,
+        metavar="LEVEL",
+        help=f"{'|'.join(logs.LEVELS)} (default {logs.DEFAULT_LEVEL}; env PCQ_LOG_LEVEL).",
+    )] = None,
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_show_version, help="Show pcq's version and exit.",
+    )] = False,
+) -> None:
+    """Where Typer builds the two options every command shares (see command())."""
+
+
+def command() -> Any:
+    """The ``pcq`` command: the Typer app, with ``--version`` on ``pcq`` itself and
+    ``--log-level`` on every command, added here so that no command function
+    has to take (and pass around) an option that only configures logging."""
+    shared = typer.Typer()
+    shared.command()(_log_level_option)
+    params = {p.name: p for p in typer.main.get_command(shared).params}
+    log_level, version = params["log_level"], params["version"]
+    log_level.expose_value = version.expose_value = False
+    cli = typer.main.get_command(app)
+    cli.params.extend([version, log_level])
+
+    def add(group: Any) -> None:
+        for sub in getattr(group, "commands", {}).values():
+            sub.params.append(log_level)
+            add(sub)
+
+    add(cli)
+    return cli
+
+
+#: Typer re-exports only some of click's exceptions; every usage error (unknown
+#: option, bad value, missing argument) derives from BadParameter's base class.
+UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+def _usage_error(exc: Any) -> None:
+    """Two lines: ``pcq: error: WHAT`` and the command's usage, with where to find help."""
+    err.print(f"pcq: error: {exc.format_message()}", highlight=False, soft_wrap=True,
+              markup=False)
+    if exc.ctx is not None:
+        usage = " ".join(exc.ctx.get_usage().split())
+        err.print(f"{usage}  (see {exc.ctx.command_path} -h)", highlight=False,
+                  soft_wrap=True, markup=False)
+
+
+def main(args: list[str] | None = None) -> None:
     """Entry point: a PcqError is one line on stderr and exit code 2 (3 for a
     backend lost mid-run), never a traceback."""
+    line_buffered()  # forked consumers inherit it: their lines never interleave
+    logs.configure()  # after: its handler writes to the line-buffered stderr
     try:
-        app()
+        code = command().main(args, prog_name="pcq", standalone_mode=False)
     except BackendLost as exc:
-        err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True, markup=False)
         sys.exit(EXIT_BACKEND_LOST)
     except PcqError as exc:
-        err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True, markup=False)
         sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `pcq`, `pcq dead`: the help
+            print(exc.ctx.get_help(), file=sys.stderr)  # type: ignore[attr-defined]
+        else:
+            _usage_error(exc)
+        sys.exit(EXIT_USAGE)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

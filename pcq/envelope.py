@@ -20,6 +20,7 @@ code in a consumer.  Dead letters are msgpack maps (see :func:`encode_dead`).
 from __future__ import annotations
 
 import os
+import reprlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -251,7 +252,12 @@ def decode_many(raws: Iterable[bytes]) -> Decoded:
 def encode_dead(
     env: Envelope | None, error: str, traceback: str = "", raw: bytes | None = None
 ) -> bytes:
-    """A dead letter: the task (or the raw bytes that could not be decoded) and why."""
+    """A dead letter: the task (or the raw bytes that could not be decoded) and why.
+
+    ``env`` is the task as its last, failed attempt took it; the letter's
+    ``attempts`` counts the attempts made, that one included ("attempt 2/2" in
+    the consumer's log is ``"attempts": 2`` here).
+    """
     record: dict[str, Any] = {"error": error, "traceback": traceback, "failed_at": time.time()}
     if env is not None:
         record.update(
@@ -259,12 +265,23 @@ def encode_dead(
             tag=env.tag,
             seq=env.seq,
             body=env.body,
-            attempts=env.attempts,
+            attempts=env.attempts + 1,
             enqueued_at=env.enqueued_at,
         )
     if raw is not None:
         record["raw"] = raw
     return _packb(record)
+
+
+def short_repr(body: Any, width: int = 60) -> str:
+    """A task body as a person reads it in a log line: its repr, cut to ``width``."""
+    text = _repr.repr(body)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+_repr = reprlib.Repr()
+_repr.maxstring = 40
+_repr.maxother = 40
 
 
 def decode_dead(raw: bytes) -> dict[str, Any]:

@@ -38,10 +38,19 @@ class SerializationError(PcqError):
     """A task body cannot be encoded; the message names the offending type.
 
     ``index`` is the position of the offending body in the batch being put (the
-    bodies before it were put), or 0 when unknown.
+    bodies before it were put), or 0 when unknown.  ``put_many`` sets ``put``:
+    how many items of its iterable were put before the offending one.
     """
 
     index: int = 0
+    put: int | None = None
+
+    def where(self) -> str:
+        """The message with the item's position: "item 3 cannot encode ..."."""
+        if self.put is None:
+            return str(self)
+        before = "nothing was put" if not self.put else f"the {self.put} before it were put"
+        return f"item {self.put + 1}: {self}; {before}"
 
 
 class DecodeError(PcqError):

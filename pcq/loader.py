@@ -40,17 +40,33 @@ def load_callable(spec: str, what: str = "function") -> Callable[..., Any]:
             raise ImportSpecError(
                 f"{what} {spec!r}: {target!r} has no attribute {attr!r}"
             ) from None
-    if not callable(obj):
+    if isinstance(obj, type):
+        # Calling a class builds an object instead of doing the work: the job would
+        # "succeed" with nothing done, so refuse it here, in one line.
         raise ImportSpecError(
-            f"{what} {spec!r}: {attr!r} is a {type(obj).__name__}, not a function"
+            f"{what} {spec!r}: {attr!r} is a class, not a function "
+            "(pass a function, or a method of an instance)"
         )
+    if not callable(obj):
+        raise ImportSpecError(f"{what} {spec!r}: {attr!r} is {_a(type(obj).__name__)}, "
+                              "not a function")
     return obj  # type: ignore[no-any-return]
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "an int", "a str"."""
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
 
 
 def _load_file(path: str, spec: str, what: str) -> Any:
     if not os.path.isfile(path):
         raise ImportSpecError(f"{what} {spec!r}: no such file {path!r}")
     name = "pcq_user_" + os.path.splitext(os.path.basename(path))[0]
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == os.path.abspath(path):
+        # One file, one module: a --setup and a HANDLER from the same file share
+        # its globals (the client setup opens is the one the handler uses).
+        return loaded
     module_spec = importlib.util.spec_from_file_location(name, os.path.abspath(path))
     if module_spec is None or module_spec.loader is None:
         raise ImportSpecError(f"{what} {spec!r}: cannot load {path!r} as Python")

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from types import FrameType
 from typing import Any
 
@@ -41,8 +41,8 @@ from pcq.backends.base import (
     Queue,
     poisoned,
 )
-from pcq.envelope import Batch, Envelope
-from pcq.errors import BackendLost, PcqError, TaskTimeout
+from pcq.envelope import Batch, Envelope, short_repr
+from pcq.errors import BackendLost, PcqError, SerializationError, TaskTimeout
 from pcq.slots import consume_concurrently, run_coroutine
 
 log = logging.getLogger("pcq")
@@ -52,6 +52,9 @@ PRODUCER_FAILED = 1
 #: Exit code of a consumer that lost its backend for good (BackendLost): it says
 #: nothing; its supervisor finds out for itself and speaks once for the host.
 BACKEND_LOST = 3
+#: Exit code of a Consumer whose setup() raised: the supervisor does not restart
+#: it (a restart would fail the same way) and the job stops.
+SETUP_FAILED = 4
 #: How long an idle consumer waits for a task before looking around (reap, stop).
 IDLE_WAIT = 0.25
 #: How long a consumer whose parent died may take to finish its running task:
@@ -145,12 +148,16 @@ class Producer(_Process):
         *,
         close_when_done: bool = True,
         name: str | None = None,
+        length: tuple[Any, int] | None = None,
     ) -> None:
         super().__init__(name=name)
         self.queue = queue
         self._produce = produce
         self.close_when_done = close_when_done
         self._parent_pid = os.getpid()
+        # (shared int64 array, index): where to note len() of what produce()
+        # returned, when it has one, so that a progress display knows the total.
+        self._length = length
 
     def produce(self) -> Iterable[Any]:
         """The items to put.  Override, or pass ``produce=`` to the constructor."""
@@ -180,7 +187,11 @@ class Producer(_Process):
         def items() -> Iterator[Any]:
             if stopping:
                 raise _Stop
-            for item in self.produce():
+            produced = self.produce()
+            if self._length is not None and isinstance(produced, Sized):
+                array, at = self._length
+                array[at] = len(produced)  # the job's total, for a progress display
+            for item in produced:
                 yield item
                 if stopping:
                     raise _Stop
@@ -195,7 +206,9 @@ class Producer(_Process):
         except (_Stop, PutInterrupted):
             code = 143
         except PcqError as exc:
-            print(f"pcq: producer {self.name}: {exc}", file=sys.stderr, flush=True)
+            what = exc.where() if isinstance(exc, SerializationError) else str(exc)
+            print(f"pcq: producer {self.name}: {what}; this producer did not close the queue",
+                  file=sys.stderr, flush=True)
             code = PRODUCER_FAILED
         except Exception:
             print(f"pcq: producer {self.name} failed:", file=sys.stderr)
@@ -225,6 +238,12 @@ class Consumer(_Process):
     unhandled.  ``burst``: stop as soon as there is nothing to take and no
     producer is attached, rather than wait for the next run.
 
+    ``setup()`` (or ``setup=``, a function of no arguments) runs once in the
+    consumer process before its first task, like ``Pool(initializer=...)``: the
+    place to open database or HTTP clients.  If it raises, the consumer takes no
+    task, says why in one line and exits with ``SETUP_FAILED``; its supervisor
+    does not restart it and the job stops.
+
     With ``concurrency`` C > 1, up to C tasks run at once: a plain handler in C
     threads, an ``async def`` handler as asyncio tasks (see :mod:`pcq.slots`).
     An ``async def`` handler is always awaited: at C == 1 on an event loop of
@@ -244,6 +263,8 @@ class Consumer(_Process):
         tally: tuple[Any, int] | None = None,
         name: str | None = None,
         burst: bool = False,
+        setup: Callable[[], Any] | None = None,
+        setup_report: SetupReport | None = None,
         concurrency: int = 1,
     ) -> None:
         super().__init__(name=name)
@@ -251,6 +272,8 @@ class Consumer(_Process):
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.queue = queue
         self._handle = handle
+        self._setup = setup
+        self._setup_report = setup_report
         self.concurrency = concurrency
         self._tally = tally  # optional (shared int64 array, offset): done, failed, retried
         self.retries = retries
@@ -271,8 +294,18 @@ class Consumer(_Process):
             raise NotImplementedError("pass handle= or override Consumer.handle()")
         return self._handle(item)
 
+    def setup(self) -> None:
+        """Runs once in this process before the first task.  Override, or pass
+        ``setup=`` to the constructor."""
+        if self._setup is not None:
+            self._setup()
+
     def run(self) -> None:
         _die_with_parent(self._parent_pid)
+        try:
+            self.setup()
+        except Exception as exc:
+            self._setup_failed(exc)
 
         orphan_watchdog: list[threading.Timer] = []
 
@@ -312,6 +345,18 @@ class Consumer(_Process):
             queue.dispose()
         if code:
             sys.exit(code)
+
+    def _setup_failed(self, exc: Exception) -> None:
+        """One line (the first failing consumer's, when a supervisor collects
+        them) and exit SETUP_FAILED, before the queue was touched."""
+        where = f"{type(exc).__name__}: {exc}"
+        line = f"setup failed in consumer {self.name} (pid {os.getpid()}): {where}"
+        if self._setup_report is None:
+            print(f"pcq: error: {line}", file=sys.stderr, flush=True)
+        else:
+            self._setup_report.record(line)
+        log.debug("setup traceback:\n%s", traceback.format_exc())
+        sys.exit(SETUP_FAILED)
 
     def _is_async(self) -> bool:
         """Whether the handler is an ``async def`` (``handle=``, or an override;
@@ -435,12 +480,37 @@ class Consumer(_Process):
     def failure(self, env: Envelope, error: str, tb: str = "") -> Failure:
         """A failed attempt at ``env``: retried while it has retries left, else
         dead-lettered."""
+        # One line a person can act on: which task (its content, as `pcq dead list`
+        # shows it), which attempt of how many, where, and why.
+        what = (f"task {short_repr(env.body)} failed in {self.name} (pid {self.pid}), "
+                f"attempt {env.attempts + 1}/{self.retries + 1}: {error}")
         if env.attempts < self.retries:
             delay = self.backoff * (2**env.attempts) * (1 + random.random() / 4)
-            log.info("task %s failed (%s); retry in %.2fs", env.id, error, delay)
+            log.info("%s; retry in %.2f s", what, delay)
             return Failure(env, error, tb, retry_in=delay)
-        log.error("task %s failed after %d attempts: %s\n%s", env.id, env.attempts + 1, error, tb)
+        # The traceback stays with the dead letter; in the log it would bury the
+        # lines of every other task, so it shows at debug level only.
+        log.error("%s; dead-lettered (id %s)", what, env.id)
+        log.debug("task %s (id %s) traceback:\n%s", short_repr(env.body), env.id, tb.rstrip())
         return Failure(env, error, tb)
+
+
+class SetupReport:
+    """The first consumer setup failure of a job, in shared memory, so that a
+    job whose 16 consumers all fail says so once."""
+
+    SIZE = 1000
+
+    def __init__(self) -> None:
+        self._text: Any = mp.Array("c", self.SIZE)
+
+    def record(self, line: str) -> None:
+        with self._text.get_lock():
+            if not self._text.value:
+                self._text.value = line.encode(errors="replace")[: self.SIZE - 1]
+
+    def message(self) -> str | None:
+        return self._text.value.decode(errors="replace") or None
 
 
 class WorkerTallies:
@@ -537,6 +607,7 @@ class Supervisor:
         #: Tasks of consumers killed past their timeout: (failed, retried); a
         #: consumer's own tally cannot count them.
         self.killed_tasks = [0, 0]
+        self.setup_failed = False  # a consumer's setup raised: stop the job
         self._started = 0
         self._board = _Board(workers + 2)  # room for the extra consumer of poll()
         self._free_rows = list(range(self._board.rows))
@@ -586,6 +657,9 @@ class Supervisor:
             consumer.join()
             served = self._board.served(row)
             self._free_rows.append(row)
+            if consumer.exitcode == SETUP_FAILED:
+                self.setup_failed = True  # a replacement would fail the same way
+                continue
             if consumer.exitcode == BACKEND_LOST:
                 # Its link gave up; ours shares neither its clock nor its
                 # connections.  Ask the server: this raises BackendLost if the
@@ -597,7 +671,7 @@ class Supervisor:
         for when, joins in [d for d in self._due if d[0] <= now]:
             self._due.remove((when, joins))
             self._spawn(joins)
-        if not self.live and not self._due:
+        if not self.live and not self._due and not self.setup_failed:
             self._after_last()
 
     def _after_last(self) -> None:

@@ -287,6 +287,9 @@ class Queue(ABC):
         iterator = iter(items)
         try:
             limit = self.batch_limit()
+            # The quiet spell is counted from here, not from before the linger
+            # thread started: starting it can take longer than LINGER_SECONDS.
+            linger.sent_at = clock()
             for item in iterator:
                 append(item)
                 n = len(pending)
@@ -303,13 +306,23 @@ class Queue(ABC):
                 if len(pending) >= limit:
                     linger.send(limit)
                     limit = self.batch_limit()
+        except SerializationError as exc:
+            # The producer stops at the bad item: what it yielded after it is not
+            # put, so "the N before it were put" stays exact.
+            linger.stop(flush=False)
+            exc.put = linger.count + exc.index
+            raise
         except Exception:
             linger.stop(flush=True)  # the items yielded before the error are put
             raise
         except BaseException:
             linger.stop(flush=False)  # interrupted: stop at once, never block
             raise
-        linger.stop(flush=True)
+        try:
+            linger.stop(flush=True)
+        except SerializationError as exc:
+            exc.put = linger.count + exc.index
+            raise
         return linger.count
 
     def batch_limit(self) -> int:
@@ -519,6 +532,11 @@ class Queue(ABC):
         """Live consumers and producers: dicts with role, host, pid, heartbeat
         (a Unix time).  Backends without a registry return []."""
         return []
+
+    def exists(self) -> bool:
+        """Whether this queue was ever used (a server keeps something of it).
+        Backends without a server say True: their queue is whatever is open."""
+        return True
 
     def note_task_cost(self, seconds_per_task: float) -> None:  # noqa: B027 - optional hook
         """Consumers report what a task costs, so producers can size batches."""

@@ -4,6 +4,7 @@
 -- KEYS[5] consumers:beat   KEYS[6] producers:beat   KEYS[7] closed
 -- KEYS[8] suspects (ready too: tasks of dead consumers, taken one at a time)
 -- ARGV[1] in-flight key prefix ("pcq:{NAME}:inflight:"; same hash slot as KEYS)
+-- ARGV[2] SENTINEL_PREFIX (first bytes of any sentinel)
 --
 -- Returns {ready, in_flight, pending, produced, done, failed, retried, dead,
 --          delayed, live consumers, live producers, closed}.
@@ -15,9 +16,23 @@ local in_flight = 0
 for _, id in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   in_flight = in_flight + redis.call('LLEN', ARGV[1] .. id)
 end
+-- Sentinels are not tasks: close LPUSHes them behind every task, so they wait
+-- at the left end of ready. Count them from there, a chunk at a time, and leave
+-- them out of ready.
+local ready = redis.call('LLEN', KEYS[1])
+local p = ARGV[2] or ''
+local at, more = 0, p ~= ''
+while more and at < ready do
+  local chunk = redis.call('LRANGE', KEYS[1], at, at + 63)
+  if #chunk == 0 then break end
+  for _, m in ipairs(chunk) do
+    if string.sub(m, 1, #p) ~= p then more = false; break end
+    at = at + 1
+  end
+end
 local c = redis.call('HMGET', KEYS[2], 'pending', 'produced', 'done', 'failed', 'retried')
 return {
-  redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[8]), in_flight,
+  ready - at + redis.call('LLEN', KEYS[8]), in_flight,
   tonumber(c[1] or '0'), tonumber(c[2] or '0'), tonumber(c[3] or '0'),
   tonumber(c[4] or '0'), tonumber(c[5] or '0'),
   redis.call('LLEN', KEYS[3]), redis.call('ZCARD', KEYS[4]),

@@ -558,7 +558,8 @@ class RedisQueue(Queue):
         k = self.keys
         keys = [k.ready, k.counters, k.dead, k.delayed, k.consumer_beats, k.producer_beats]
         keys += [k.closed, k.suspects]
-        v = [int(x) for x in self._link.run("counters", keys, [k.inflight_prefix])]
+        args = [k.inflight_prefix, SENTINEL_PREFIX]
+        v = [int(x) for x in self._link.run("counters", keys, args)]
         return Counters(
             ready=v[0],
             in_flight=v[1],
@@ -746,6 +747,13 @@ class RedisQueue(Queue):
             self._heartbeat.stop()
             self._heartbeat = None
         self._link.close()
+
+    def exists(self) -> bool:
+        """Whether Redis holds any key of this queue: a name never used has none."""
+        k = self.keys
+        names = [k.ready, k.delayed, k.dead, k.counters, k.closed, k.epoch, k.consumers,
+                 k.consumer_beats, k.producers, k.producer_beats]
+        return bool(self._link.call(lambda client: client.exists(*names)))
 
     # ------------------------------------------------------------------ dead letters
 

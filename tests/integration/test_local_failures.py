@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -35,14 +36,15 @@ def test_a_raising_handler_is_retried_then_counted_failed_with_its_traceback(
     tmp_path: Path,
 ) -> None:
     result = pcq("run", f"{JOBS}:produce_numbers", f"{JOBS}:handle_failing", "--retries", "2",
-                 "--workers", "3", "--json", out=tmp_path, timeout=60)
+                 "--workers", "3", "--json", "--log-level", "debug", out=tmp_path, timeout=60)
 
     assert result.returncode == 1
     summary = json.loads(result.stdout)
     assert {k: summary[k] for k in ("produced", "done", "failed", "retried")} == {
         "produced": 20, "done": 16, "failed": 4, "retried": 8}
     assert sorted(local_jobs.handled(tmp_path)) == [n for n in range(20) if n % 5]
-    # each final failure is logged with its traceback
+    # each final failure is logged as one error line, its traceback at debug level
+    assert len(re.findall(r"ERROR task \d+ failed .* attempt 3/3: ", result.stderr)) == 4
     assert result.stderr.count("Traceback (most recent call last)") == 4
     for n in (0, 5, 10, 15):
         assert f"ValueError: unlucky {n}" in result.stderr

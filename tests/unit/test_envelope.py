@@ -255,7 +255,8 @@ def test_a_dead_letter_keeps_the_task_error_and_traceback() -> None:
     record = decode_dead(encode_dead(env, "ValueError: x", "Traceback (most recent ...)"))
 
     assert record["id"] == "t-3"
-    assert (record["body"], record["attempts"], record["enqueued_at"]) == ({"b": 1}, 2, 10.0)
+    # attempts counts the attempts made: two earlier ones and the one that failed last
+    assert (record["body"], record["attempts"], record["enqueued_at"]) == ({"b": 1}, 3, 10.0)
     assert record["error"] == "ValueError: x"
     assert record["traceback"] == "Traceback (most recent ...)"
     assert record["failed_at"] > 0

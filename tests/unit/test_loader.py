@@ -64,7 +64,9 @@ def test_a_module_in_the_current_directory(
         ("pcq_no_such_module_xyz:handle", "no module named 'pcq_no_such_module_xyz'"),
         ("json:no_such_function", "'json' has no attribute 'no_such_function'"),
         ("json.decoder:JSONDecoder.nope", "has no attribute 'JSONDecoder.nope'"),
-        ("sys:maxsize", "'maxsize' is a int, not a function"),
+        ("sys:maxsize", "'maxsize' is an int, not a function"),
+        ("os:sep", "'sep' is a str, not a function"),
+        ("json:JSONDecoder", "'JSONDecoder' is a class, not a function"),
         ("missing/dir/job.py:handle", "no such file 'missing/dir/job.py'"),
     ],
 )

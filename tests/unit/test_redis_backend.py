@@ -207,12 +207,12 @@ def test_a_sentinel_ends_a_batch_and_the_next_consumer_gets_its_own(make: Factor
     assert a.counters().ready == 0
 
 
-def test_a_sentinel_of_an_earlier_epoch_is_dropped(make: Factory) -> None:
-    # Given a closed queue with a sentinel in it
+def test_a_sentinel_of_an_earlier_epoch_is_dropped(make: Factory, client: FakeRedis) -> None:
+    # Given a closed queue with a sentinel in it (in the list, not counted ready)
     q = make()
     q.attach_consumer()
     q.close()
-    assert q.counters().ready == 1
+    assert (client.llen(q.keys.ready), q.counters().ready) == (1, 0)
 
     # When a producer reopens it and puts a task
     q.attach_producer()
@@ -226,7 +226,9 @@ def test_a_sentinel_of_an_earlier_epoch_is_dropped(make: Factory) -> None:
     assert not q._sentinel_is_current(Sentinel(0)) and q._sentinel_is_current(Sentinel(1))
 
 
-def test_close_counts_live_consumers_only_and_is_idempotent(make: Factory) -> None:
+def test_close_counts_live_consumers_only_and_is_idempotent(
+    make: Factory, client: FakeRedis
+) -> None:
     # Given two live consumers and one whose heartbeat expired
     live = [make(), make()]
     for q in live:
@@ -240,9 +242,19 @@ def test_close_counts_live_consumers_only_and_is_idempotent(make: Factory) -> No
     live[0].close()
     live[1].close()
 
-    # Then there are two sentinels, one per live consumer
+    # Then there are two sentinels, one per live consumer (sentinels are not ready tasks)
     c = live[0].counters()
-    assert c.closed and c.ready == 2
+    assert c.closed and client.llen(live[0].keys.ready) == 2 and c.ready == 0
+
+
+def test_ready_counts_tasks_not_the_sentinels_behind_them(make: Factory) -> None:
+    q = make()
+    q.attach_consumer()
+    q.put_many(range(70))
+    q.close()
+
+    c = q.counters()
+    assert (c.ready, c.pending, c.closed) == (70, 70, True)
 
 
 def test_a_burst_consumer_started_on_an_idle_queue_stops(make: Factory) -> None:

@@ -59,6 +59,7 @@ from pcq.envelope import (
     encode_envelope,
     encode_tasks,
     new_tag,
+    short_repr,
 )
 from pcq.errors import ConfigError, SerializationError
 
@@ -121,8 +122,10 @@ def poisoned(lease: Lease, max_deliveries: int) -> list[Failure]:
     if not 0 < max_deliveries <= lease.deaths:
         return []
     error = f"consumer died {lease.deaths} times while handling it"
-    log.error("task dead-lettered: %s", error)
-    return [Failure(env, error) for env in lease.envelopes()]
+    envs = list(lease.envelopes())
+    for env in envs:
+        log.error("task %s dead-lettered (id %s): %s", short_repr(env.body), env.id, error)
+    return [Failure(env, error) for env in envs]
 
 
 @dataclass(frozen=True, slots=True)

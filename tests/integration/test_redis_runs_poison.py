@@ -41,7 +41,10 @@ def status(env: dict[str, str]) -> dict[str, object]:
 
 
 def consumers_attached(env: dict[str, str], count: int) -> None:
-    wait_for(lambda: status(env)["consumers"] == count, timeout=60,
+    # Read from the server: `pcq status` refuses a queue no one has used yet.
+    client = redis.Redis.from_url(env["PCQ_URL"])
+    registered = f"pcq:{{{env['PCQ_QUEUE']}}}:consumers"
+    wait_for(lambda: client.hlen(registered) == count, timeout=60,
              message=f"{count} consumers attached")
 
 

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from pcq import __version__, logs
 from pcq.backends import backend_for, open_queue
-from pcq.backends.base import Queue
+from pcq.backends.base import Queue, state_of
 from pcq.envelope import short_repr
 from pcq.errors import BackendLost, ConfigError, PcqError
 from pcq.loader import load_callable
@@ -62,6 +62,9 @@ Concurrency = Annotated[int, typer.Option(
     min=1, help="Tasks each consumer process runs at once: threads, or asyncio tasks for "
                 "an async def handler. For handlers that wait (network, disk).")]
 Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
+MaxDeliveries = Annotated[int, typer.Option(
+    min=0, help="Dead-letter a task once this many consumers died while handling it "
+    "(0: never).")]
 Setup = Annotated[str | None, typer.Option(
     "--setup", help="module:function or path/file.py:function run once in each consumer "
                     "process before its first task (open clients there); if it raises, "
@@ -199,6 +202,7 @@ def run_command(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
+    max_deliveries: MaxDeliveries = 3,
     setup: Setup = None,
 ) -> None:
     """Run a whole job — producers, consumers (of every stage), close, summary — on
@@ -217,8 +221,8 @@ def run_command(
                       retries=_per_stage(retries, n, "--retries", int),
                       timeout=_per_stage(timeout or "none", n, "--timeout", float),
                       backend=backend, url=url, queue=queue, names=names,
-                      on_progress=display.update, concurrency=concurrency, setup=setup_fn,
-                      **options)
+                      on_progress=display.update, concurrency=concurrency,
+                      max_deliveries=max_deliveries, setup=setup_fn, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
 
@@ -281,20 +285,29 @@ def consume_command(
     as_json: Json = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
+    max_deliveries: MaxDeliveries = 3,
+    burst: Annotated[bool, typer.Option("--burst", help="Exit as soon as there is nothing "
+                                        "to take and no producer is attached, instead of "
+                                        "waiting for the next producer.")] = False,
     setup: Setup = None,
     to: Annotated[str | None, typer.Option(
         "--to", help="A stage: put what HANDLER returns (or yields) on this queue, same "
                      "server; it closes when --queue is closed and fully acknowledged.")] = None,
 ) -> None:
-    """Run consumer processes on this host until each takes its sentinel."""
+    """Run consumer processes on this host until each takes its sentinel.  On an
+    idle queue (its last run finished) they wait for the next producer."""
     handle = load_callable(handler, "HANDLER")
     setup_fn = None if setup is None else load_callable(setup, "SETUP")
-    q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl, reconnect_timeout))
+    q = _shared_queue(backend, url, queue, max_deliveries=max_deliveries,
+                      **_options(heartbeat_ttl, reconnect_timeout))
     target = q.sibling(to) if to is not None else None
     try:
-        q.counters()  # fail fast, in this process, if the server cannot be reached
+        # In this process: fails fast if the server cannot be reached.
+        if not burst and q.state() == "idle":
+            err.print(f"pcq consume: queue {queue!r} is idle; waiting for a producer",
+                      highlight=False, soft_wrap=True)
         summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
-                              concurrency=concurrency, setup=setup_fn, to=target)
+                              burst=burst, concurrency=concurrency, setup=setup_fn, to=target)
     finally:
         if target is not None:
             target.dispose()
@@ -328,11 +341,15 @@ def _status_tables(q: Queue) -> Table:
     return grid
 
 
+_STATES = {"open": "open", "closing": "closed with work left", "idle": "idle (run finished)"}
+
+
 def _status_table(q: Queue) -> Table:
     c = q.counters()
     feeds = q.feeds()
     title = f"pcq queue {q.name!r}" + (f" (feeds {feeds!r})" if feeds else "")
     table = Table(title=title, show_header=False)
+    table.add_row("state", _STATES[state_of(c)])
     for field in ("ready", "in_flight", "pending", "delayed", "produced", "done", "failed",
                   "retried", "dead", "producers", "consumers", "closed"):
         table.add_row(field.replace("_", "-"), str(getattr(c, field)))
@@ -345,6 +362,7 @@ def _status_table(q: Queue) -> Table:
 def _status_dict(q: Queue) -> dict[str, Any]:
     c = q.counters()
     out: dict[str, Any] = {f: getattr(c, f) for f in c.__slots__}
+    out["state"] = state_of(c)
     regs = q.registrations()
     out["consumer_list"] = [r for r in regs if r["role"] == "consumer"]
     out["producer_list"] = [r for r in regs if r["role"] == "producer"]

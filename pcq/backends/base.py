@@ -30,10 +30,19 @@ Contracts every backend keeps (``tests/conformance`` checks them):
   lease's handled tasks on queue ``other`` and acknowledges the lease in one
   atomic step; a stale lease puts nothing and counts nothing.  A backend that
   cannot do this raises :class:`~pcq.errors.ConfigError` (see ``_ack_out``).
+* **Runs.**  A queue is ``open``, ``closing`` (closed with work left) or ``idle``
+  (closed, every task acknowledged).  Idle is the same as new: a consumer that
+  attaches to an idle queue waits for the next producer and serves that run;
+  one that attaches to a closing queue drains it and stops.
+* **Poison tasks.**  A task in flight in a consumer that died is taken alone
+  (a lease of one, ``Lease.deaths`` > 0) until it is acknowledged; once
+  ``max_deliveries`` consumers died with it (0: no limit), it is dead-lettered
+  instead of handled again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -54,8 +63,11 @@ from pcq.envelope import (
     encode_envelope,
     encode_tasks,
     new_tag,
+    short_repr,
 )
 from pcq.errors import ConfigError, SerializationError
+
+log = logging.getLogger("pcq")
 
 #: Largest number of tasks moved by one put or take.
 MAX_BATCH = 1024
@@ -78,13 +90,15 @@ class Lease:
     ``batches`` hold the tasks in queue order.  ``bad`` holds messages that could
     not be decoded, with the reason; ``ack`` dead-letters them.  ``sentinel`` is
     set when the take ended at this consumer's sentinel: exit after handling
-    the batches.  ``receipt`` is the backend's own bookkeeping.
+    the batches.  ``receipt`` is the backend's own bookkeeping.  ``deaths`` > 0:
+    a lease of one task that was in flight in that many consumers that died.
     """
 
     batches: list[Batch]
     sentinel: Sentinel | None = None
     bad: list[tuple[bytes, str]] = field(default_factory=list)
     receipt: Any = None
+    deaths: int = 0
 
     @property
     def size(self) -> int:
@@ -105,6 +119,19 @@ class Failure:
     retry_in: float | None = None
 
 
+def poisoned(lease: Lease, max_deliveries: int) -> list[Failure]:
+    """The failures that dead-letter every task of ``lease`` when consumers died
+    ``max_deliveries`` times (0: no limit) with it in flight — a poison task,
+    never run again; [] for any other lease."""
+    if not 0 < max_deliveries <= lease.deaths:
+        return []
+    error = f"consumer died {lease.deaths} times while handling it"
+    envs = list(lease.envelopes())
+    for env in envs:
+        log.error("task %s dead-lettered (id %s): %s", short_repr(env.body), env.id, error)
+    return [Failure(env, error) for env in envs]
+
+
 @dataclass(frozen=True, slots=True)
 class Counters:
     """A snapshot of a queue.  ``pending`` = put and not yet done or failed."""
@@ -121,6 +148,13 @@ class Counters:
     consumers: int
     producers: int
     closed: bool
+
+
+def state_of(c: Counters) -> str:
+    """The run state a counters snapshot shows (see :meth:`Queue.state`)."""
+    if not c.closed:
+        return "open"
+    return "closing" if c.pending > 0 else "idle"
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +258,13 @@ class Queue(ABC):
     #: whenever slots are free); False: one lease at a time.
     multiple_leases: ClassVar[bool] = False
 
+    #: False after ``ack`` (or ``ack_and_take``) of a stale lease: nothing was
+    #: applied, so a consumer must not count its tasks as its own work.
+    ack_applied: bool = True
+
     def __init__(self, name: str = "default", *, maxsize: int = 0, max_deliveries: int = 3) -> None:
+        if max_deliveries < 0:
+            raise ConfigError(f"max_deliveries must be 0 (no limit) or more, not {max_deliveries}")
         self.name = name
         self.maxsize = maxsize
         #: Consumer deaths a task may cause before it is dead-lettered (0: no limit).
@@ -359,22 +399,25 @@ class Queue(ABC):
         give_back: Sequence[Envelope] = (),
         outputs: Sequence[Any] = (),
         to: Queue | None = None,
-    ) -> None:
+    ) -> bool:
         """Acknowledge a lease: every task in it is done, except ``failures``
         (retried or dead-lettered) and ``give_back`` (returned to ready, unstarted).
 
         This is ``task_done`` for the whole lease.  Acknowledging a lease whose
-        tasks were already reaped and handed to another consumer changes no counter.
+        tasks were already reaped and handed to another consumer changes no counter
+        and returns False (so does :attr:`ack_applied` after it).
 
         With ``to`` (a queue of the same backend and server), ``outputs`` — what
         the lease's handled tasks produced — are put on ``to`` in the same atomic
         step: both happen or neither, and a stale lease puts nothing.
         """
+        self.ack_applied = True
         outcome = self._outcome(lease, failures, give_back, outputs, to)
         if to is None:
             self._ack(lease, outcome)
         else:
             self._ack_out(lease, outcome, to)
+        return self.ack_applied
 
     def _outcome(
         self,
@@ -459,8 +502,49 @@ class Queue(ABC):
 
     def evict(self, pid: int) -> int:
         """A supervisor saw its consumer process ``pid`` die: return that
-        consumer's in-flight tasks to ready now, not at the next reap."""
+        consumer's in-flight tasks to ready now, not at the next reap.  Counts a
+        death against each of them (see *Poison tasks*)."""
         return self.reap()
+
+    def release(self, pid: int) -> int:
+        """Like :meth:`evict`, for a consumer the supervisor killed for a known
+        reason (a task past its timeout, see :meth:`fail_running`): its other
+        tasks go back to ready with no death counted against them."""
+        return self.evict(pid)
+
+    def fail_running(self, pid: int, task_id: str, failure: Callable[[Envelope], Failure]) -> bool:
+        """The consumer process ``pid`` was killed because task ``task_id`` ran past
+        its timeout: acknowledge that task, in flight for the dead process, with
+        ``failure(envelope)`` (retried or dead-lettered).  False if it was not
+        found in flight (already acknowledged or reaped)."""
+        return False
+
+    #: How often a supervisor calls :meth:`keep_alive` (None: never needed).
+    keep_alive_every: float | None = None
+
+    def keep_alive(self, pids: Sequence[int]) -> None:  # noqa: B027 - optional hook
+        """A supervisor vouches for its live consumer processes ``pids`` on this
+        host: they are not dead, however long a handler holds their GIL."""
+
+    def run_to_serve(self) -> int | None:
+        """The number of the run a consumer attaching now would serve (the next
+        one on an idle queue); None if this backend does not number its runs.  A
+        supervisor reads it once and hands it to every consumer it starts (as
+        ``join_run(run=...)``), so that all of them serve the same run."""
+        return None
+
+    def join_run(self, *, burst: bool = False, run: int | None = None) -> int:
+        """Attach the calling process as a consumer (:meth:`attach_consumer`) of the
+        queue's current run, or of its next run when the queue is idle; returns
+        the number of the run it serves.
+
+        ``burst``: serve only what is there — a take finds a sentinel as soon as
+        there is nothing to take and no producer is attached.  ``run``: the run
+        a consumer that died was serving; its replacement stops, rather than
+        waits for the next run, when it finds that run finished.
+        """
+        self.attach_consumer()
+        return 0
 
     @abstractmethod
     def counters(self) -> Counters: ...
@@ -470,10 +554,7 @@ class Queue(ABC):
         now drains them and stops); or "idle" (closed and every task
         acknowledged: the same as new, a consumer attaching waits for the next
         producer)."""
-        c = self.counters()
-        if not c.closed:
-            return "open"
-        return "closing" if c.pending > 0 else "idle"
+        return state_of(self.counters())
 
     @abstractmethod
     def attach_consumer(self) -> None:
@@ -494,8 +575,8 @@ class Queue(ABC):
     def sibling(self, name: str, *, maxsize: int = 0) -> Queue:
         """Queue ``name`` on the same backend and server as this one (the next
         queue of a pipeline: a stage's outputs and acks are one atomic step, so
-        its queues must share a server)."""
-        return type(self)(name, maxsize=maxsize)
+        its queues must share a server).  It counts deaths as this one does."""
+        return type(self)(name, maxsize=maxsize, max_deliveries=self.max_deliveries)
 
     def wait_for_room(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Block while this queue holds ``maxsize`` ready tasks or more (or until

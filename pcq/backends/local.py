@@ -59,6 +59,9 @@ from pcq.backends.local_broker import Broker
 from pcq.envelope import decode_dead, encode_sentinel, envelope_from_dead
 from pcq.errors import BackendUnavailable, ConfigError
 
+#: Longest a burst consumer's take waits before it looks for producers again.
+IDLE_PEEK = 0.25
+
 
 class LocalQueue(Queue):
     """A queue shared by the processes of one machine.  Open it in the parent,
@@ -88,13 +91,14 @@ class LocalQueue(Queue):
         self._owner = os.getpid()
         self._init_process_state()
 
-    def sibling(self, name: str, *, maxsize: int = 0, max_deliveries: int = 3) -> LocalQueue:
+    def sibling(self, name: str, *, maxsize: int = 0, max_deliveries: int | None = None
+                ) -> LocalQueue:
         """Another named queue on this queue's broker (pipeline stages), opened in
         the owner process; dispose it before this one."""
         if self._broker is None or os.getpid() != self._owner:
             raise RuntimeError("open sibling queues in the process that opened this one")
-        return LocalQueue(name, maxsize=maxsize, max_deliveries=max_deliveries,
-                          broker=self._broker)
+        deliveries = self.max_deliveries if max_deliveries is None else max_deliveries
+        return LocalQueue(name, maxsize=maxsize, max_deliveries=deliveries, broker=self._broker)
 
     # Per-process state: never crosses a process boundary.
     def _init_process_state(self) -> None:
@@ -107,6 +111,7 @@ class LocalQueue(Queue):
         self._side_lock = threading.Lock()
         self._cost_ns: int | None = None  # the consumers' cost per task, as last heard
         self._cost_report = 0  # this consumer's, not sent yet
+        self._burst = False  # see join_run
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -228,7 +233,15 @@ class LocalQueue(Queue):
     # ------------------------------------------------------------------ consuming
 
     def attach_consumer(self) -> None:
-        self._call(wire.ATTACH_CONSUMER, self._born_in())
+        self.join_run()
+
+    def join_run(self, *, burst: bool = False, run: int | None = None) -> int:
+        """Attach; the broker decides the run served from ``run`` (the run a dead
+        predecessor served) or else the run this process was forked in.  A burst
+        consumer stops at an empty queue no producer is attached to (see _take)."""
+        self._burst = burst
+        born = -1 if burst else self._born_in() if run is None else run
+        return int(self._call(wire.ATTACH_CONSUMER, born))
 
     def _born_in(self) -> int | None:
         """The run this process was forked in: the queue's epoch if it was open
@@ -245,7 +258,14 @@ class LocalQueue(Queue):
             self._call(wire.DETACH_CONSUMER)
 
     def _take(self, max_tasks: int, timeout: float | None) -> tuple[list[bytes], Any] | None:
-        return self._leased(self._call(wire.TAKE, max_tasks, timeout, take=True))
+        if self._burst:  # never block for long: look for producers in between
+            timeout = IDLE_PEEK if timeout is None else min(timeout, IDLE_PEEK)
+        got = self._leased(self._call(wire.TAKE, max_tasks, timeout, take=True))
+        if got is None and self._burst:
+            c = self.counters()
+            if not (c.producers or c.ready or c.delayed):
+                return [encode_sentinel(0)], 0  # a stop of our own: nothing was leased
+        return got
 
     @staticmethod
     def _leased(reply: Any) -> tuple[list[bytes], Any] | None:

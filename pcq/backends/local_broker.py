@@ -281,10 +281,13 @@ class Broker:
                 # pending) is new: wait for the next producer — unless this
                 # consumer was forked while this very run was open (it started
                 # late for it): then its run is over, and it stops.
+                # (``born`` may also be the run a dead predecessor served, or -1 for
+                # a burst consumer: any run up to this one is over.)
                 state, born = ledger.state(), args[0]
-                late = state == "idle" and born == ledger.epoch
+                late = state == "idle" and born is not None and born <= ledger.epoch
                 ledger.consumers[conn] = ledger.epoch if state == "closing" or late else -1
-            return True
+            waits = ledger.consumers[conn] == -1 and ledger.state() == "idle"
+            return ledger.epoch + 1 if waits else ledger.epoch  # the run it serves
         if op == wire.DETACH_CONSUMER:
             ledger.consumers.pop(conn, None)
             for lease_id in [k for k, (lg, _) in conn.leases.items() if lg is ledger]:

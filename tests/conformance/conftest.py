@@ -80,7 +80,6 @@ class FakeRedisBackend(Backend):
 
     name = "redis-fake"
     multiprocess = False
-    idle_is_new = False  # issue #8: the redis half is on its way
 
     def prepare(self, request: pytest.FixtureRequest) -> None:
         self.client = FakeRedis()
@@ -93,7 +92,6 @@ class RealRedisBackend(Backend):
     """The session's real redis-server."""
 
     name = "redis-real"
-    idle_is_new = False  # issue #8: the redis half is on its way
 
     def prepare(self, request: pytest.FixtureRequest) -> None:
         server: RedisServer = request.getfixturevalue("shared_redis")

@@ -241,15 +241,27 @@ class LocalQueue(Queue):
         consumer stops at an empty queue no producer is attached to (see _take)."""
         self._burst = burst
         born = -1 if burst else self._born_in() if run is None else run
-        return int(self._call(wire.ATTACH_CONSUMER, born))
+        closes = self._fork_closes() if run is None and not burst else None
+        return int(self._call(wire.ATTACH_CONSUMER, born, closes))
 
     def _born_in(self) -> int | None:
-        """The run this process was forked in: the queue's epoch if it was open
-        then, else None (forked while idle, or not forked from the owner)."""
+        """The run this process was forked for (None: not forked from the owner).
+
+        Forked while a run was open or closing, it is that run.  Forked while the
+        queue was idle, it is the next run: a consumer started before its
+        producer (the classic pattern) serves that run, and if the whole run
+        went by before it attached — the other consumers were quicker — it
+        finds its run over and stops, instead of waiting for one more."""
         if self._broker is None or os.getpid() == self._owner:
             return None
-        epoch, closed = self._broker.forked_in.get(self.name, (0, True))
-        return None if closed else epoch
+        epoch, idle, _ = self._broker.forked_in.get(self.name, (0, False, 0))
+        return epoch + 1 if idle else epoch
+
+    def _fork_closes(self) -> int | None:
+        """How many close() calls the queue had seen when this process was forked."""
+        if self._broker is None or os.getpid() == self._owner:
+            return None
+        return self._broker.forked_in.get(self.name, (0, False, 0))[2]
 
     def detach_consumer(self) -> None:
         """Hand back every lease this process holds and unregister."""

@@ -64,8 +64,9 @@ class Broker:
         self._tiebreak = itertools.count()
         self._stopping = False
         self._owner = os.getpid()
-        #: In a forked child: each queue's (epoch, closed) at the fork.
-        self.forked_in: dict[str, tuple[int, bool]] = {}
+        #: In a forked child: each queue's epoch at the fork, whether it was idle,
+        #: and how many close() calls it had seen.
+        self.forked_in: dict[str, tuple[int, bool, int]] = {}
         self._thread = threading.Thread(target=self._run, name="pcq-broker", daemon=True)
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _close_in_child(ref))
@@ -283,8 +284,12 @@ class Broker:
                 # late for it): then its run is over, and it stops.
                 # (``born`` may also be the run a dead predecessor served, or -1 for
                 # a burst consumer: any run up to this one is over.)
-                state, born = ledger.state(), args[0]
-                late = state == "idle" and born is not None and born <= ledger.epoch
+                # A close() called after this consumer was forked (the classic
+                # pattern's producer.join(); queue.close()) is its stop too, even
+                # if the others finished the run before it attached.
+                state, born, closes = ledger.state(), args[0], args[1]
+                late = state == "idle" and born is not None and (
+                    born <= ledger.epoch or (closes is not None and ledger.closes > closes))
                 ledger.consumers[conn] = ledger.epoch if state == "closing" or late else -1
             waits = ledger.consumers[conn] == -1 and ledger.state() == "idle"
             return ledger.epoch + 1 if waits else ledger.epoch  # the run it serves
@@ -454,7 +459,8 @@ def _close_in_child(ref: weakref.ref[Broker]) -> None:
     broker = ref()
     if broker is None or broker._stopping:
         return
-    broker.forked_in = {name: (lg.epoch, lg.closed) for name, lg in broker.ledgers.items()}
+    broker.forked_in = {name: (lg.epoch, lg.state() == "idle", lg.closes)
+                        for name, lg in broker.ledgers.items()}
     broker._stopping = True
     with contextlib.suppress(OSError):
         broker._close_all()

@@ -71,6 +71,7 @@ class Ledger:
         self.letters: list[bytes] = []
         self.closed = False
         self.epoch = 0
+        self.closes = 0  # close() calls so far, also those on a closed queue
         self.producers = 0
         self.consumers: dict[Conn, int] = {}  # conn -> epoch whose close stops it (-1: none)
         self.takers: deque[Taker] = deque()
@@ -131,7 +132,14 @@ class Ledger:
         )
 
     def close(self) -> None:
+        self.closes += 1  # every call: a consumer forked before it belongs to it
         if self.closed:
+            # Closed again (the classic pattern's own close() after the last
+            # producer's): a consumer that attached after the run had finished
+            # and waits for the next one takes this close as its stop too.
+            for conn, epoch in self.consumers.items():
+                if epoch == -1:
+                    self.consumers[conn] = self.epoch
             return
         self.closed = True
         for conn in self.consumers:

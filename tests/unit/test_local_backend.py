@@ -375,3 +375,51 @@ def test_a_consumer_forked_while_the_queue_is_idle_waits_for_the_next_run(
     go.set()
     assert report.poll(10) and report.recv() is None  # no sentinel: it waits
     child.join(10)
+
+
+def _attach_then_wait(q: LocalQueue, attached: Any, report: Connection) -> None:
+    q.attach_consumer()
+    attached.set()
+    lease = q.take(1, timeout=10)
+    report.send(None if lease is None else lease.sentinel is not None)
+
+
+def _finish_a_run(q: LocalQueue) -> None:
+    """One whole run in this process: a producer puts a task and closes, a
+    consumer takes it and acknowledges it; the queue is idle after it."""
+    q.attach_producer()
+    q.put("x")
+    q.detach_producer(close_if_last=True)
+    q.attach_consumer()
+    lease = take_lease(q)
+    q.ack(lease)
+    q.detach_consumer()
+    assert q.state() == "idle"
+
+
+@pytest.mark.parametrize("attach", ["before the close", "after the close"])
+def test_the_classic_close_stops_a_consumer_forked_after_the_others_finished_the_run(
+    make_local: Any, attach: str
+) -> None:
+    # Given the classic pattern, where the quick consumers finished the whole run
+    # (and the last producer closed the queue) before the last consumer was forked
+    q = make_local()
+    _finish_a_run(q)
+    attached = fork.Event()
+    mine, theirs = fork.Pipe(duplex=False)
+    if attach == "after the close":
+        child = fork.Process(target=_attach_when_told, args=(q, attached, theirs), daemon=True)
+        child.start()
+        # When the user's own queue.close() comes before it attaches
+        q.close()
+        attached.set()
+    else:
+        child = fork.Process(target=_attach_then_wait, args=(q, attached, theirs), daemon=True)
+        child.start()
+        assert attached.wait(10)
+        # When the user's own queue.close() comes while it waits
+        q.close()
+    # Then that close is its stop: it gets its sentinel instead of waiting forever
+    assert mine.poll(15) and mine.recv() is True
+    child.join(10)
+    assert child.exitcode == 0

@@ -1,6 +1,8 @@
 """pcq: producer -> many-consumer work, on one machine or across many.
 
     summary = pcq.run(produce, handle, workers=16, maxsize=16)
+    summary = pcq.run(produce, fetch, parse, save, workers=[16, 4, 1])   # a pipeline
+    for result in pcq.map(func, items, workers=8): ...
 
 or, class style, ``pcq.Producer`` / ``pcq.Consumer`` processes sharing a queue
 from ``pcq.open_queue("local", maxsize=16)``.
@@ -19,10 +21,14 @@ from pcq.errors import (
     PcqError,
     QueueDataLost,
     SerializationError,
+    TaskFailed,
     TaskTimeout,
 )
+from pcq.mapping import map
+from pcq.pipeline import run
 from pcq.roles import Consumer, Producer
-from pcq.run import Summary, run
+from pcq.run import Summary
+from pcq.stages import Stage
 
 try:
     __version__ = version("pcq")
@@ -41,9 +47,12 @@ __all__ = [
     "Queue",
     "QueueDataLost",
     "SerializationError",
+    "Stage",
     "Summary",
+    "TaskFailed",
     "TaskTimeout",
     "__version__",
+    "map",
     "open_queue",
     "run",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
@@ -25,12 +25,13 @@ from rich.table import Table
 
 from pcq import __version__, logs
 from pcq.backends import backend_for, open_queue
-from pcq.backends.base import Queue
+from pcq.backends.base import Queue, state_of
 from pcq.envelope import short_repr
 from pcq.errors import BackendLost, ConfigError, PcqError
 from pcq.loader import load_callable
+from pcq.pipeline import run
 from pcq.progress import Display, line_buffered
-from pcq.run import EXIT_BACKEND_LOST, EXIT_USAGE, Summary, consume_job, produce_job, run
+from pcq.run import EXIT_BACKEND_LOST, EXIT_USAGE, Summary, consume_job, produce_job
 
 app = typer.Typer(
     name="pcq",
@@ -61,6 +62,9 @@ Concurrency = Annotated[int, typer.Option(
     min=1, help="Tasks each consumer process runs at once: threads, or asyncio tasks for "
                 "an async def handler. For handlers that wait (network, disk).")]
 Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
+MaxDeliveries = Annotated[int, typer.Option(
+    min=0, help="Dead-letter a task once this many consumers died while handling it "
+    "(0: never).")]
 Setup = Annotated[str | None, typer.Option(
     "--setup", help="module:function or path/file.py:function run once in each consumer "
                     "process before its first task (open clients there); if it raises, "
@@ -129,42 +133,96 @@ def _report(summary: Summary, as_json: bool, what: str) -> None:
                   soft_wrap=True, markup=False)
     if summary.failures_more:
         err.print(f"  ... and {summary.failures_more} more failed", highlight=False)
+    for stage in summary.stages:
+        err.print(f"  stage {stage.name} ({stage.queue}, {stage.workers} worker(s)): "
+                  f"{stage.produced} produced, {stage.done} done, {stage.failed} failed, "
+                  f"{stage.retried} retried", highlight=False, soft_wrap=True)
+
+
+def _values(text: str, kind: type[Any], least: float) -> list[Any]:
+    """``8,4,1`` -> [8, 4, 1]; ``none`` stands for no limit (``--timeout``)."""
+    try:
+        values = [None if kind is float and v.strip().lower() == "none" else kind(v)
+                  for v in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give a number, or one per stage separated "
+                                 "by commas") from None
+    if any(v is not None and v < least for v in values):
+        raise typer.BadParameter(f"{text!r}: every value must be at least {least:g}")
+    return values
+
+
+def _checked(kind: type[Any], least: float) -> Callable[[str | None], str | None]:
+    """A Typer callback that checks a per-stage option while the line is parsed
+    (a usage error, exit 2, with the usage line)."""
+    def check(text: str | None) -> str | None:
+        if text is not None:
+            _values(text, kind, least)
+        return text
+    return check
+
+
+def _per_stage(text: str, stages: int, option: str, kind: type[Any]) -> list[Any]:
+    """``--workers 8,4,1``: one value per stage, or one for all of them."""
+    values = _values(text, kind, float("-inf"))
+    if len(values) not in (1, stages):
+        raise ConfigError(f"{option} {text!r}: give one value for all {stages} stages "
+                          "or one per stage")
+    return values * stages if len(values) == 1 else values
 
 
 @app.command("run")
 def run_command(
     producer: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
                                             "returning an iterable of tasks.")],
-    handler: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
-                                           "called with each task.")],
-    workers: Workers = 4,
+    handlers: Annotated[list[str], typer.Argument(
+        metavar="handler",
+        help="module:function or path/file.py:function called with each task; several "
+             "make a pipeline: what one returns or yields is a task of the next.")],
+    workers: Annotated[str, typer.Option(callback=_checked(int, 1), help="Consumer "
+                                         "processes: one number, or one per stage (8,4,1).")
+                       ] = "4",
     producers: Annotated[int, typer.Option(min=1, help="Producer processes; each runs "
                                            "PRODUCER once.")] = 1,
-    maxsize: Maxsize = 1000,
+    maxsize: Annotated[str, typer.Option(callback=_checked(int, 0), help="Tasks waiting "
+                                         "at most (0: unbounded); one number or one per "
+                                         "stage.")] = "1000",
     backend: Backend = None,
     url: Url = None,
     queue: Name = "default",
-    retries: Retries = 0,
-    timeout: Timeout = None,
+    retries: Annotated[str, typer.Option(callback=_checked(int, 0), help="Retries of a "
+                                         "failing task before it is dead; one number or one "
+                                         "per stage.")] = "0",
+    timeout: Annotated[str | None, typer.Option(
+        callback=_checked(float, 0.001),
+        help="Seconds a task may run; longer counts as a failed attempt.  One number "
+             "or one per stage (none: no limit).")] = None,
     concurrency: Concurrency = 1,
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
+    max_deliveries: MaxDeliveries = 3,
     setup: Setup = None,
 ) -> None:
-    """Run a whole job: producers, consumers, close, summary (local by default)."""
+    """Run a whole job — producers, consumers (of every stage), close, summary — on
+    this host (local by default)."""
     produce = load_callable(producer, "PRODUCER")
-    handle = load_callable(handler, "HANDLER")
+    handles = [load_callable(h, "HANDLER") for h in handlers]
+    n = len(handles)
     setup_fn = None if setup is None else load_callable(setup, "SETUP")
     shared = backend_for(backend, url) != "local"
     # local consumers have no heartbeat and no server to reconnect to
     options = _options(heartbeat_ttl, reconnect_timeout) if shared else {}
+    names = [h.rsplit(":", 1)[-1] for h in handlers]
     with Display(not no_progress) as display:
-        summary = run(produce, handle, workers=workers, producers=producers, maxsize=maxsize,
-                      retries=retries, timeout=timeout, backend=backend, url=url, queue=queue,
+        summary = run(produce, *handles, workers=_per_stage(workers, n, "--workers", int),
+                      producers=producers, maxsize=_per_stage(maxsize, n, "--maxsize", int),
+                      retries=_per_stage(retries, n, "--retries", int),
+                      timeout=_per_stage(timeout or "none", n, "--timeout", float),
+                      backend=backend, url=url, queue=queue, names=names,
                       on_progress=display.update, concurrency=concurrency,
-                      setup=setup_fn, **options)
+                      max_deliveries=max_deliveries, setup=setup_fn, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
 
@@ -227,25 +285,71 @@ def consume_command(
     as_json: Json = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
+    max_deliveries: MaxDeliveries = 3,
+    burst: Annotated[bool, typer.Option("--burst", help="Exit as soon as there is nothing "
+                                        "to take and no producer is attached, instead of "
+                                        "waiting for the next producer.")] = False,
     setup: Setup = None,
+    to: Annotated[str | None, typer.Option(
+        "--to", help="A stage: put what HANDLER returns (or yields) on this queue, same "
+                     "server; it closes when --queue is closed and fully acknowledged.")] = None,
 ) -> None:
-    """Run consumer processes on this host until each takes its sentinel."""
+    """Run consumer processes on this host until each takes its sentinel.  On an
+    idle queue (its last run finished) they wait for the next producer."""
     handle = load_callable(handler, "HANDLER")
     setup_fn = None if setup is None else load_callable(setup, "SETUP")
-    q = _shared_queue(backend, url, queue, **_options(heartbeat_ttl, reconnect_timeout))
+    q = _shared_queue(backend, url, queue, max_deliveries=max_deliveries,
+                      **_options(heartbeat_ttl, reconnect_timeout))
+    target = q.sibling(to) if to is not None else None
     try:
-        q.counters()  # fail fast, in this process, if the server cannot be reached
+        # In this process: fails fast if the server cannot be reached.
+        if not burst and q.state() == "idle":
+            err.print(f"pcq consume: queue {queue!r} is idle; waiting for a producer",
+                      highlight=False, soft_wrap=True)
         summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
-                              concurrency=concurrency, setup=setup_fn)
+                              burst=burst, concurrency=concurrency, setup=setup_fn, to=target)
     finally:
+        if target is not None:
+            target.dispose()
         q.dispose()
     _report(summary, as_json, "consume")
     raise typer.Exit(summary.exit_code)
 
 
+def _chain(q: Queue) -> Iterator[Queue]:
+    """``q`` and the queues its stages feed, in order (``pcq status`` of a pipeline)."""
+    seen = {q.name}
+    yield q
+    name = q.feeds()
+    while name is not None and name not in seen:
+        seen.add(name)
+        nxt = q.sibling(name)
+        try:
+            yield nxt
+            name = nxt.feeds()
+        finally:
+            nxt.dispose()
+
+
+def _status_tables(q: Queue) -> Table:
+    tables = [_status_table(each) for each in _chain(q)]
+    if len(tables) == 1:
+        return tables[0]
+    grid = Table.grid()
+    for table in tables:
+        grid.add_row(table)
+    return grid
+
+
+_STATES = {"open": "open", "closing": "closed with work left", "idle": "idle (run finished)"}
+
+
 def _status_table(q: Queue) -> Table:
     c = q.counters()
-    table = Table(title=f"pcq queue {q.name!r}", show_header=False)
+    feeds = q.feeds()
+    title = f"pcq queue {q.name!r}" + (f" (feeds {feeds!r})" if feeds else "")
+    table = Table(title=title, show_header=False)
+    table.add_row("state", _STATES[state_of(c)])
     for field in ("ready", "in_flight", "pending", "delayed", "produced", "done", "failed",
                   "retried", "dead", "producers", "consumers", "closed"):
         table.add_row(field.replace("_", "-"), str(getattr(c, field)))
@@ -258,9 +362,20 @@ def _status_table(q: Queue) -> Table:
 def _status_dict(q: Queue) -> dict[str, Any]:
     c = q.counters()
     out: dict[str, Any] = {f: getattr(c, f) for f in c.__slots__}
+    out["state"] = state_of(c)
     regs = q.registrations()
     out["consumer_list"] = [r for r in regs if r["role"] == "consumer"]
     out["producer_list"] = [r for r in regs if r["role"] == "producer"]
+    out["queue"], out["feeds"] = q.name, q.feeds()
+    return out
+
+
+def _status_json(q: Queue) -> dict[str, Any]:
+    """The queue's status; for a pipeline, ``stages`` holds every queue's in order."""
+    chain = [_status_dict(each) for each in _chain(q)]
+    out = dict(chain[0])
+    if len(chain) > 1:
+        out["stages"] = chain
     return out
 
 
@@ -273,26 +388,27 @@ def status_command(
     watch: Annotated[bool, typer.Option("--watch", help="Refresh every second "
                                         "until Ctrl-C.")] = False,
 ) -> None:
-    """Show a queue's counters, consumers and producers."""
+    """Show a queue's counters, consumers and producers — and those of every queue
+    its stages feed, for a pipeline."""
     with _opened(backend, url, queue) as q:
         if not q.exists():  # a misspelled --queue would otherwise show zeros
             raise ConfigError(f"queue {queue!r} does not exist on this server (nothing was "
                               "ever put in it, and no consumer or producer is attached)")
         if not watch:
             if as_json:
-                print(json.dumps(_status_dict(q)))
+                print(json.dumps(_status_json(q)))
             else:
-                Console().print(_status_table(q))
+                Console().print(_status_tables(q))
             return
         try:
             if as_json:  # one JSON object a line, every second
                 while True:
-                    print(json.dumps(_status_dict(q)), flush=True)
+                    print(json.dumps(_status_json(q)), flush=True)
                     time.sleep(1.0)
-            with Live(_status_table(q), console=Console(), auto_refresh=False) as live:
+            with Live(_status_tables(q), console=Console(), auto_refresh=False) as live:
                 while True:
                     time.sleep(1.0)
-                    live.update(_status_table(q), refresh=True)
+                    live.update(_status_tables(q), refresh=True)
         except KeyboardInterrupt:
             return
 

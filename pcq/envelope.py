@@ -108,6 +108,31 @@ def _unencodable(bodies: Sequence[Any], exc: Exception) -> SerializationError:
     return SerializationError(f"cannot encode tasks: {exc}")
 
 
+def check_encodable(bodies: Sequence[Any]) -> None:
+    """Raise SerializationError, naming the type, unless every body can travel."""
+    try:
+        for body in bodies:
+            _packb(body)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _unencodable(bodies, exc) from exc
+
+
+def pack_value(value: Any) -> bytes:
+    """``value`` packed on its own (pcq.map ships a chunk's results so: packed
+    once by the worker, unpacked once by the caller).  SerializationError if it
+    cannot travel."""
+    try:
+        return _packb(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"cannot encode a value of type "
+                                 f"{type(value).__name__!r}: {exc}") from exc
+
+
+def unpack_value(raw: bytes) -> Any:
+    """The value :func:`pack_value` packed."""
+    return _unpack(raw)
+
+
 def encode_tasks(
     tag: str,
     seq: int,

@@ -10,7 +10,8 @@ Everything pcq raises on purpose derives from :class:`PcqError`::
     ├── BackendUnavailable       the queue's server cannot be reached (or refused us)
     │   └── BackendLost          reached once, then gone for longer than the reconnect budget
     │       └── QueueDataLost    the server came back without the queue's data
-    └── TaskTimeout              a handler ran past its timeout (raised inside it)
+    ├── TaskTimeout              a handler ran past its timeout (raised inside it)
+    └── TaskFailed               pcq.map: an item's task failed after its retries
 
 The CLI turns any ``PcqError`` into one line on stderr and exit code 2 (usage and
 configuration), or 3 for :class:`BackendLost` (the backend went away mid-run) —
@@ -74,3 +75,17 @@ class QueueDataLost(BackendLost):
 
 class TaskTimeout(PcqError):
     """A handler ran past its timeout; the attempt counts as failed."""
+
+
+class TaskFailed(PcqError):
+    """``pcq.map``: the task of one item failed after its retries.  Raised when
+    iteration reaches that item; ``index`` is its position in the input and
+    ``error`` the handler's last error (``"ExceptionType: message"``)."""
+
+    def __init__(self, index: int, error: str) -> None:
+        super().__init__(index, error)  # both in args: it pickles like any exception
+        self.index = index
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"item {self.index} failed: {self.error}"

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import inspect
 import logging
+import math
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -38,6 +39,7 @@ from pcq.backends.base import (
     Lease,
     PutInterrupted,
     Queue,
+    poisoned,
 )
 from pcq.envelope import Batch, Envelope, short_repr
 from pcq.errors import BackendLost, PcqError, SerializationError, TaskTimeout
@@ -61,6 +63,15 @@ ORPHAN_GRACE = 5.0
 #: How long a producer asked to stop may stay in the queue's code (waiting for
 #: room in a full queue) before it ends itself.
 STOP_GRACE = 1.0
+#: How long past its timeout a task may go on (its handler swallowed the
+#: TaskTimeout, or sits in C code) before the supervisor kills its consumer.
+KILL_GRACE = 2.0
+#: A supervisor restarts a consumer that died at once the first time; while they
+#: keep dying, after a delay doubling from RESTART_DELAY up to RESTART_DELAY_MAX.
+RESTART_DELAY = 0.1
+RESTART_DELAY_MAX = 5.0
+#: A death this long after the previous one starts the delays over.
+RESTART_CALM = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -220,7 +231,12 @@ class Consumer(_Process):
     A handler that raises is retried up to ``retries`` times, after
     ``backoff * 2**attempt`` seconds, then dead-lettered with its traceback.  With
     ``timeout``, a handler still running after that many seconds is interrupted
-    (SIGALRM) and the attempt counts as failed.
+    (SIGALRM) and the attempt counts as failed, even if the handler caught the
+    TaskTimeout and returned; under a :class:`Supervisor`, one still running
+    ``KILL_GRACE`` seconds later is killed, and the attempt counts as failed too.
+    A task whose consumers died ``queue.max_deliveries`` times is dead-lettered
+    unhandled.  ``burst``: stop as soon as there is nothing to take and no
+    producer is attached, rather than wait for the next run.
 
     ``setup()`` (or ``setup=``, a function of no arguments) runs once in the
     consumer process before its first task, like ``Pool(initializer=...)``: the
@@ -246,6 +262,7 @@ class Consumer(_Process):
         backoff: float = 0.05,
         tally: tuple[Any, int] | None = None,
         name: str | None = None,
+        burst: bool = False,
         setup: Callable[[], Any] | None = None,
         setup_report: SetupReport | None = None,
         concurrency: int = 1,
@@ -262,8 +279,13 @@ class Consumer(_Process):
         self.retries = retries
         self.timeout = timeout
         self.backoff = backoff
+        self.burst = burst
+        #: Set by a supervisor on a replacement: the run its predecessor served.
+        self.joins: int | None = None
+        self._board: tuple[_Board, int] | None = None  # set by a supervisor: (board, row)
         self._parent_pid = os.getpid()
         self._stopping = False
+        self._expired = False
         self._stale_seen = 0  # the queue's stale_leases at the last _count
 
     def handle(self, item: Any) -> Any:
@@ -301,6 +323,7 @@ class Consumer(_Process):
         if self.timeout:
 
             def expire(signum: int, frame: FrameType | None) -> None:
+                self._expired = True
                 raise TaskTimeout(f"task ran past its timeout of {self.timeout:g} s")
 
             signal.signal(signal.SIGALRM, expire)
@@ -308,7 +331,9 @@ class Consumer(_Process):
         self._stale_seen = queue.stale_leases
         code = 0
         try:
-            queue.attach_consumer()
+            served = queue.join_run(burst=self.burst, run=self.joins)
+            if self._board is not None:
+                self._board[0].serving(self._board[1], served)
             self.consume()
         except BackendLost:
             code = BACKEND_LOST  # no traceback, no line: the supervisor reports it
@@ -386,11 +411,23 @@ class Consumer(_Process):
                 fit = int(TARGET_BATCH_SECONDS / cost) if cost > 0 else MAX_BATCH
                 want = max(1, min(MAX_BATCH, want * 2, fit))
             if lease.sentinel is not None or self._stopping:
-                queue.ack(lease, failures, give_back)
+                self._ack(lease, failures, give_back)
                 self._count(handled, failures)
                 return
-            lease = queue.ack_and_take(lease, failures, give_back, want, timeout=IDLE_WAIT)
+            lease = self._ack_and_take(lease, failures, give_back, want)
             self._count(handled, failures)  # after the ack: it may have come too late
+
+    # A stage (pcq.stages) overrides these three to put what its handler returned.
+    def _ack(self, lease: Lease, failures: list[Failure], give_back: list[Envelope]) -> None:
+        self.queue.ack(lease, failures, give_back)
+
+    def _ack_and_take(
+        self, lease: Lease, failures: list[Failure], give_back: list[Envelope], want: int
+    ) -> Lease | None:
+        return self.queue.ack_and_take(lease, failures, give_back, want, timeout=IDLE_WAIT)
+
+    def _handled(self, result: Any) -> None:
+        """``handle`` returned ``result`` (called outside the task's timeout)."""
 
     def _count(self, handled: int, failures: list[Failure]) -> None:
         """Add the lease just acknowledged to this consumer's tally, unless that
@@ -411,7 +448,14 @@ class Consumer(_Process):
         """Handle every task of ``lease``; on a stop request, finish the running
         task and return the rest unstarted.  Returns (failures, give_back, handled)."""
         failures: list[Failure] = []
+        poison = poisoned(lease, self.queue.max_deliveries)
+        if poison:  # a task that killed its consumers: never run it again
+            return poison, [], lease.size
         call = self._call
+        keep: Callable[[Any], None] | None = self._handled
+        if getattr(keep, "__func__", None) is Consumer._handled:
+            keep = None  # nothing to keep (not a stage): no call per task
+        watch = self._board if self.timeout else None  # the supervisor enforces timeouts
         handled = 0
         for n, batch in enumerate(lease.batches):
             for i, body in enumerate(batch.bodies):
@@ -420,27 +464,43 @@ class Consumer(_Process):
                     rest += [env for later in lease.batches[n + 1 :] for env in later.envelopes()]
                     return failures, rest, handled + i
                 try:
-                    call(body)
+                    if watch is not None:
+                        watch[0].running(watch[1], f"{batch.tag}-{batch.seq + i}")
+                    result = call(body)
                 except Exception as exc:
                     failures.append(self._failure(batch, i, exc))
+                else:
+                    if keep is not None:
+                        keep(result)
+                finally:
+                    if watch is not None:
+                        watch[0].running(watch[1], "")
             handled += len(batch.bodies)
         return failures, [], handled
 
     def _call_with_timeout(self, body: Any) -> Any:
         assert self.timeout is not None
+        self._expired = False
         signal.setitimer(signal.ITIMER_REAL, self.timeout)
         try:
-            return self.handle(body)
+            result = self.handle(body)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
+        if self._expired:  # the handler caught the TaskTimeout and went on: still failed
+            raise TaskTimeout(f"task ran past its timeout of {self.timeout:g} s")
+        return result
 
     def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:
         env = batch.envelope(index)
-        error = f"{type(exc).__name__}: {exc}"
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return self.failure(env, f"{type(exc).__name__}: {exc}", tb)
+
+    def failure(self, env: Envelope, error: str, tb: str = "") -> Failure:
+        """A failed attempt at ``env``: retried while it has retries left, else
+        dead-lettered."""
         # One line a person can act on: which task (its content, as `pcq dead list`
         # shows it), which attempt of how many, where, and why.
-        what = (f"task {short_repr(env.body)} failed in {self.name} (pid {os.getpid()}), "
+        what = (f"task {short_repr(env.body)} failed in {self.name} (pid {self.pid}), "
                 f"attempt {env.attempts + 1}/{self.retries + 1}: {error}")
         if env.attempts < self.retries:
             delay = self.backoff * (2**env.attempts) * (1 + random.random() / 4)
@@ -488,13 +548,68 @@ class WorkerTallies:
         return (sum(a[0::3]), sum(a[1::3]), sum(a[2::3]))
 
 
+class _Board:
+    """Shared memory between a supervisor and its consumers, one row each: the run
+    a consumer serves, and the task it is running under a timeout (when it
+    started, by the monotonic clock every process of a host shares, and its id)."""
+
+    ID_BYTES = 64
+
+    def __init__(self, rows: int) -> None:
+        self._numbers = mp.RawArray("d", rows * 2)  # run served, task started (0: none)
+        self._ids = mp.RawArray("c", rows * self.ID_BYTES)
+        self.rows = rows
+
+    def clear(self, row: int) -> None:
+        self._numbers[2 * row] = -1
+        self.running(row, "")
+
+    def serving(self, row: int, run: int) -> None:
+        self._numbers[2 * row] = run
+
+    def served(self, row: int) -> int | None:
+        run = int(self._numbers[2 * row])
+        return None if run < 0 else run
+
+    def running(self, row: int, task_id: str) -> None:
+        """The consumer of ``row`` starts task ``task_id`` now ('' : it is done)."""
+        at = row * self.ID_BYTES
+        if not task_id:
+            self._numbers[2 * row + 1] = 0.0
+            return
+        raw = task_id.encode()[: self.ID_BYTES - 1]
+        self._ids[at : at + len(raw) + 1] = raw + b"\0"
+        self._numbers[2 * row + 1] = time.monotonic()
+
+    def task(self, row: int) -> tuple[float, str]:
+        """(when the running task started, its id); (0, '') when none runs."""
+        started = self._numbers[2 * row + 1]
+        at = row * self.ID_BYTES
+        raw = bytes(self._ids[at : at + self.ID_BYTES]).split(b"\0", 1)[0]
+        return started, raw.decode(errors="replace")
+
+
 class Supervisor:
     """Keeps ``workers`` consumer processes running until each gets its sentinel.
 
     A consumer that exits with code 0 took its sentinel and is not replaced.  One
     that dies any other way (killed, crashed) is evicted — its in-flight tasks go
-    back to ready at once — and a replacement starts; one that lost the backend
-    (BACKEND_LOST) makes the supervisor look for itself, and raise if it agrees.
+    back, as suspects that are handed out alone — and a replacement starts: at
+    once the first time, then, while consumers keep dying, after a delay that
+    doubles up to ``RESTART_DELAY_MAX`` (a crash loop never forks hundreds of
+    processes a second).  Every consumer serves the run the queue was at when the
+    supervisor started (the next one if it was idle), a replacement the run its
+    predecessor served: a consumer that starts late, after that run finished,
+    stops with its siblings instead of waiting for the next run.
+    If the queue is closed and tasks are still pending while no consumer is left
+    (tasks handed back after the sentinels), one more consumer starts to finish them.
+
+    While consumers run, a thread vouches for them to the queue
+    (:meth:`Queue.keep_alive`: a handler that holds the GIL does not make its
+    consumer look dead) and kills a consumer whose task runs ``KILL_GRACE``
+    seconds past its timeout; that task counts a failed attempt, not a death.
+    One that lost the backend (BACKEND_LOST) makes the supervisor look for
+    itself, and raise if it agrees.
 
     When no consumer is left but the closed run still has pending tasks, the
     supervisor does not leave (see :meth:`_after_last`): it reaps dead hosts'
@@ -507,31 +622,59 @@ class Supervisor:
         self.workers = workers
         self.live: dict[int, Consumer] = {}
         self.restarts = 0
+        #: Tasks of consumers killed past their timeout: (failed, retried); a
+        #: consumer's own tally cannot count them.
+        self.killed_tasks = [0, 0]
         self.setup_failed = False  # a consumer's setup raised: stop the job
         self._started = 0
+        self._board = _Board(workers + 2)  # room for the extra consumer of poll()
+        self._free_rows = list(range(self._board.rows))
+        self._rows: dict[int, int] = {}  # sentinel -> board row
+        self._due: list[tuple[float, int | None]] = []  # (when, run) of restarts
+        self._streak = 0  # deaths in a row, each within RESTART_CALM of the last
+        self._last_death = -math.inf
+        self._killed: dict[int, str] = {}  # pid -> task it ran past its timeout
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._run: int | None = None  # the run this supervisor's consumers serve
         self._waiting = False  # the run still has tasks in flight on other hosts
 
     def start(self) -> None:
+        self._run = self.queue.run_to_serve()
         for _ in range(self.workers):
             self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="pcq-supervisor", daemon=True)
+        self._watcher.start()
 
-    def _spawn(self) -> None:
+    def _spawn(self, joins: int | None = None) -> None:
         consumer = self._make(self._started)
         self._started += 1
+        row = self._free_rows.pop() if self._free_rows else self._started % self._board.rows
+        self._board.clear(row)
+        consumer.joins = self._run if joins is None else joins
+        consumer._board = (self._board, row)
         consumer.start()
         assert consumer.sentinel is not None
-        self.live[consumer.sentinel] = consumer
+        with self._lock:
+            self.live[consumer.sentinel] = consumer
+            self._rows[consumer.sentinel] = row
 
     def sentinels(self) -> list[int]:
         return list(self.live)
 
     def poll(self, ready: Iterable[int] = ()) -> None:
-        """Handle consumers that exited (their sentinels in ``ready``)."""
+        """Handle consumers that exited (their sentinels in ``ready``), and start
+        the replacements that are due."""
         for fd in list(ready):
-            consumer = self.live.pop(fd, None)
-            if consumer is None:
+            with self._lock:
+                consumer = self.live.pop(fd, None)
+                row = self._rows.pop(fd, None)
+            if consumer is None or row is None:
                 continue
             consumer.join()
+            served = self._board.served(row)
+            self._free_rows.append(row)
             if consumer.exitcode == SETUP_FAILED:
                 self.setup_failed = True  # a replacement would fail the same way
                 continue
@@ -541,13 +684,12 @@ class Supervisor:
                 # backend is gone for us too; otherwise replace it as a crash.
                 self.queue.counters()
             if consumer.exitcode != 0:
-                assert consumer.pid is not None
-                log.warning("consumer %s (pid %d) died with code %s; restarting it",
-                            consumer.name, consumer.pid, consumer.exitcode)
-                self.queue.evict(consumer.pid)
-                self.restarts += 1
-                self._spawn()
-        if not self.live and not self.setup_failed:
+                self._died(consumer, served)
+        now = time.monotonic()
+        for when, joins in [d for d in self._due if d[0] <= now]:
+            self._due.remove((when, joins))
+            self._spawn(joins)
+        if not self.live and not self._due and not self.setup_failed:
             self._after_last()
 
     def _after_last(self) -> None:
@@ -573,12 +715,76 @@ class Supervisor:
         elif counters.in_flight:
             self._waiting = True
 
+    def _died(self, consumer: Consumer, served: int | None) -> None:
+        """Give back the tasks of a consumer that died and plan its replacement."""
+        assert consumer.pid is not None
+        task = self._killed.pop(consumer.pid, None)
+        if task is not None:  # killed by us for a timeout: that task failed, no death
+            error = f"TaskTimeout: task ran past its timeout of {consumer.timeout:g} s " \
+                    f"and its consumer was killed {KILL_GRACE:g} s later"
+            failures: list[Failure] = []
+
+            def fail(env: Envelope) -> Failure:
+                failures.append(consumer.failure(env, error))
+                return failures[-1]
+
+            if self.queue.fail_running(consumer.pid, task, fail) and failures:
+                self.killed_tasks[failures[-1].retry_in is not None] += 1
+            self.queue.release(consumer.pid)
+        else:
+            self.queue.evict(consumer.pid)
+        now = time.monotonic()
+        self._streak = self._streak + 1 if now - self._last_death < RESTART_CALM else 1
+        self._last_death = now
+        delay = 0.0 if self._streak == 1 else RESTART_DELAY * 2 ** (self._streak - 2)
+        delay = min(delay, RESTART_DELAY_MAX)
+        log.warning("consumer %s (pid %d) died with code %s; restarting it in %.1f s",
+                    consumer.name, consumer.pid, consumer.exitcode, delay)
+        self.restarts += 1
+        self._due.append((now + delay, served))
+
+    def pause(self, longest: float) -> float:
+        """How long the caller may wait for a consumer to exit before it must call
+        :meth:`poll` again (a restart is due)."""
+        if not self._due:
+            return longest
+        return max(0.0, min(longest, min(when for when, _ in self._due) - time.monotonic()))
+
+    def _watch(self) -> None:
+        """The supervisor's thread: vouch for live consumers, kill runaway tasks."""
+        every = self.queue.keep_alive_every
+        next_beat = 0.0
+        tick = 0.1 if every is None else min(0.1, every)
+        while not self._halt.wait(tick):
+            with self._lock:
+                running = [(c, self._rows[fd]) for fd, c in self.live.items()]
+            now = time.monotonic()
+            if every is not None and now >= next_beat:
+                next_beat = now + every
+                with contextlib.suppress(PcqError):  # the server is away: the next beat
+                    self.queue.keep_alive([c.pid for c, _ in running if c.pid is not None])
+            for consumer, row in running:
+                started, task = self._board.task(row)
+                pid = consumer.pid
+                if not consumer.timeout or not started or pid is None or pid in self._killed:
+                    continue
+                if now - started > consumer.timeout + KILL_GRACE and task:
+                    self._killed[pid] = task
+                    log.error("task %s ran %.1f s past its timeout; killing consumer %s",
+                              task, now - started - consumer.timeout, consumer.name)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+
     @property
     def done(self) -> bool:
-        return not self.live and not self._waiting
+        return not self.live and not self._due and not self._waiting
 
     def stop(self, grace: float) -> None:
         """SIGTERM every consumer, SIGKILL those still running after ``grace``."""
+        self._halt.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        self._due.clear()
         for consumer in self.live.values():
             with contextlib.suppress(ProcessLookupError):
                 consumer.terminate()
@@ -591,7 +797,7 @@ class Supervisor:
                 consumer.join()
                 assert consumer.pid is not None
                 with contextlib.suppress(BackendLost):  # gone: its heartbeat expires instead
-                    self.queue.evict(consumer.pid)
+                    self.queue.release(consumer.pid)  # killed on purpose: no death counted
         self.live.clear()
         self._waiting = False
 

@@ -25,6 +25,7 @@ from pcq.backends.base import Counters, PutInterrupted, Queue
 from pcq.envelope import short_repr
 from pcq.errors import BackendLost, PcqError, SerializationError
 from pcq.roles import Consumer, Producer, SetupReport, Supervisor, WorkerTallies, wait
+from pcq.stages import Stage, close_if_finished, finished
 
 #: How long consumers may take to finish their running task after SIGINT/SIGTERM.
 GRACE_SECONDS = 5.0
@@ -57,6 +58,7 @@ class Summary:
     failures: tuple[dict[str, Any], ...] = ()
     failures_more: int = 0
     setup_error: str | None = None  # a consumer's setup raised: the job stopped
+    stages: tuple[Any, ...] = ()  # a pipeline's pcq.pipeline.StageSummary per stage
 
     @property
     def exit_code(self) -> int:
@@ -67,7 +69,10 @@ class Summary:
         return EXIT_FAILED if self.failed or self.producer_errors else EXIT_OK
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "exit_code": self.exit_code}
+        out = {**asdict(self), "exit_code": self.exit_code}
+        if not self.stages:
+            del out["stages"]  # a single-stage job's fields stay as they were
+        return out
 
 
 @dataclass(frozen=True)
@@ -160,12 +165,14 @@ def run(
     grace: float = GRACE_SECONDS,
     on_progress: Callable[[list[Progress]], None] | None = None,
     setup: Callable[[], Any] | None = None,
+    max_deliveries: int = 3,
     **queue_options: Any,
 ) -> Summary:
     """Run ``produce`` in ``producers`` processes and ``handle`` in ``workers``
     consumer processes until every task is done; return the summary.  Each
     consumer runs up to ``concurrency`` tasks at once (threads, or asyncio tasks
-    for an ``async def`` handler).
+    for an ``async def`` handler).  A task in flight in ``max_deliveries``
+    consumers that died is dead-lettered (0: never).
 
     ``setup`` runs once in each consumer process before its first task; if it
     raises, the job stops and the summary's ``setup_error`` says why.
@@ -173,7 +180,10 @@ def run(
     :class:`Progress` line a stage."""
     if workers < 1 or producers < 1 or concurrency < 1:
         raise ValueError("workers, producers and concurrency must be at least 1")
-    q = open_queue(backend, url=url, name=queue, maxsize=maxsize, **queue_options)
+    if max_deliveries < 0:
+        raise ValueError("max_deliveries must be 0 (no limit) or more")
+    q = open_queue(backend, url=url, name=queue, maxsize=maxsize,
+                   max_deliveries=max_deliveries, **queue_options)
     try:
         return _run(q, produce, handle, workers, producers, retries, timeout, grace, on_progress,
                     concurrency, setup)
@@ -210,10 +220,11 @@ def _run(
     # done, however their starts and ends interleave.
     q.attach_producer()
     setup_report = SetupReport()
+    # Burst consumers: this job's run is theirs, they never wait for the next.
     supervisor = Supervisor(
         q,
-        lambda i: Consumer(q, handle, retries=retries, timeout=timeout, name=f"pcq-consumer-{i}",
-                           concurrency=concurrency, setup=setup,
+        lambda i: Consumer(q, handle, retries=retries, timeout=timeout, burst=True,
+                           name=f"pcq-consumer-{i}", concurrency=concurrency, setup=setup,
                            setup_report=setup_report),
         workers,
     )
@@ -231,7 +242,7 @@ def _run(
             closed = False
             next_progress = 0.0
             while (running or not supervisor.done) and not caught and not supervisor.setup_failed:
-                ready = wait(list(running) + supervisor.sentinels(), 0.1)
+                ready = wait(list(running) + supervisor.sentinels(), supervisor.pause(0.1))
                 for fd in ready:
                     if fd in running:
                         producer = running.pop(fd)
@@ -369,32 +380,53 @@ def consume_job(
     retries: int = 0,
     timeout: float | None = None,
     grace: float = GRACE_SECONDS,
+    burst: bool = False,
     concurrency: int = 1,
     setup: Callable[[], Any] | None = None,
+    to: Queue | None = None,
 ) -> Summary:
     """Run ``workers`` supervised consumers until each has taken its sentinel
-    (``pcq consume``).  Counts are what this host's consumers did."""
+    (``pcq consume``).  Counts are what this host's consumers did and the queue
+    accepted.  On an idle queue they wait for the next run, unless ``burst``.
+    With ``to``, they are stages: what ``handle`` gives goes to queue ``to``,
+    which closes once ``q`` is closed and fully acknowledged (see
+    :mod:`pcq.stages`)."""
     started = time.monotonic()
     tallies = WorkerTallies(workers)
     setup_report = SetupReport()
-    supervisor = Supervisor(
-        q,
-        lambda i: Consumer(q, handle, retries=retries, timeout=timeout,
-                           tally=tallies.row(i), name=f"pcq-consumer-{i}",
-                           concurrency=concurrency, setup=setup,
-                           setup_report=setup_report),
-        workers,
-    )
+
+    def make(i: int) -> Consumer:
+        options: dict[str, Any] = {"retries": retries, "timeout": timeout, "burst": burst,
+                                   "tally": tallies.row(i), "name": f"pcq-consumer-{i}",
+                                   "concurrency": concurrency, "setup": setup,
+                                   "setup_report": setup_report}
+        return Consumer(q, handle, **options) if to is None else Stage(q, handle, to=to,
+                                                                          **options)
+
+    if to is not None:
+        q.set_feeds(to.name)
+    supervisor = Supervisor(q, make, workers)
     stopped: int | None = None
     lost = False
     with interruptible() as caught:
         try:
             supervisor.start()
+            running = False  # saw the input's run unfinished while we were here
             while not supervisor.done and not caught and not supervisor.setup_failed:
-                supervisor.poll(wait(supervisor.sentinels(), 0.5))
+                supervisor.poll(wait(supervisor.sentinels(), supervisor.pause(0.5)))
                 # The host's own look at the server: one line when the link goes,
                 # one when it is back, BackendLost when the budget is spent.
                 q.check_backend()
+                if to is None:
+                    continue
+                if not finished(q):
+                    running = True
+                elif running and close_if_finished(q, to):
+                    # The run we served is finished: a consumer still here replaced
+                    # one killed after the last ack, and would wait for a next run.
+                    supervisor.stop(grace)
+            if to is not None and not caught:  # in case the last to finish was killed
+                close_if_finished(q, to)
         except BackendLost:
             lost = True
             raise
@@ -402,6 +434,8 @@ def consume_job(
             stopped = caught[0] if caught else None
             supervisor.stop(LOST_GRACE if lost else grace)
     done, failed, retried = tallies.totals()
+    failed += supervisor.killed_tasks[0]
+    retried += supervisor.killed_tasks[1]
     return Summary(0, done, failed, retried, failed, round(time.monotonic() - started, 6),
                    workers, 0, restarts=supervisor.restarts, interrupted=stopped,
                    setup_error=setup_report.message() if supervisor.setup_failed else None)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
 from typing import Any, Protocol
 
-from pcq.backends.base import TARGET_BATCH_SECONDS, Failure, Lease, Queue
+from pcq.backends.base import TARGET_BATCH_SECONDS, Failure, Lease, Queue, poisoned
 from pcq.envelope import Batch, Envelope
 from pcq.errors import TaskTimeout
 
@@ -287,6 +287,10 @@ class Slots:
     def _add(self, lease: Lease) -> None:
         self._leases += 1
         number = self._leases
+        poison = poisoned(lease, self.queue.max_deliveries)
+        if poison:  # a task that killed its consumers: dead-lettered, never run again
+            self._open[number] = _Open(lease, 0, lease.size, failures=poison)
+            return
         self._open[number] = _Open(lease, lease.size)
         for batch in lease.batches:
             self._backlog.extend((number, batch, i) for i in range(len(batch.bodies)))

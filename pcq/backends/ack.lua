@@ -6,12 +6,16 @@
 -- KEYS[4] dead            list of dead letters
 -- KEYS[5] ready           list; its right end is taken next
 -- KEYS[6] acked           hash consumer id -> "token held code" of its last ack sent with a token
+-- KEYS[7..10] only for a stage's outputs (no > 0): the target queue's ready,
+--          counters, closed and epoch (as in put.lua)
 -- ARGV[1] n   messages in the lease      ARGV[2] nr  retries
 -- ARGV[3] nd  dead letters               ARGV[4] nb  give-backs
 -- ARGV[5] done  ARGV[6] failed           (tasks that leave pending now)
 -- ARGV[7] consumer id   ARGV[8] token: '' for a plain ack; one that take.lua follows
+-- ARGV[9] no  output messages for the target queue   ARGV[10] the tasks they hold
 -- then the n lease messages in take order, nr pairs (delay ms, member),
--- nd dead letters, nb give-backs in RPUSH order (the first to take is last).
+-- nd dead letters, nb give-backs in RPUSH order (the first to take is last),
+-- no outputs in LPUSH order.
 --
 -- Returns {1, inflight_len} when applied, {0, inflight_len} for a stale lease; a
 -- repeat of an ack with a token (nothing done) returns what the first run returned,
@@ -33,9 +37,17 @@
 -- (a put repeated after a lost reply) would pass the check above.  The token
 -- says it was done; take.lua takes nothing unless it finds its token here, and
 -- adopts what lies beyond `held`.  reap.lua deletes the entry with the list.
+--
+-- Outputs (a stage, `--to`): they are pushed onto the target queue and counted
+-- pending there only after the lease check above, in this same script, so a
+-- task's outputs reach the next queue exactly once however often its handler
+-- ran: a consumer whose lease was reaped is stale here and commits nothing.  The
+-- target's keys must live on this server (one Redis Cluster slot: give the
+-- queues of one pipeline one hash tag, e.g. {crawl}.fetch, {crawl}.parse).
 local n, nr, nd, nb = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local me, token = ARGV[7], ARGV[8]
-local lease = 8  -- ARGV[lease + j] is the j-th message taken
+local no, out_tasks = tonumber(ARGV[9]), tonumber(ARGV[10])
+local lease = 10  -- ARGV[lease + j] is the j-th message taken
 
 local function finish(code)
   local held = redis.call('LLEN', KEYS[1])
@@ -104,4 +116,16 @@ end
 push('RPUSH', KEYS[4], ARGV, at + 1, at + nd)
 at = at + nd
 push('RPUSH', KEYS[5], ARGV, at + 1, at + nb)
+at = at + nb
+if no > 0 then
+  if redis.call('EXISTS', KEYS[9]) == 1 then  -- as put.lua: a closed target reopens
+    redis.call('DEL', KEYS[9])
+    redis.call('INCR', KEYS[10])
+  end
+  push('LPUSH', KEYS[7], ARGV, at + 1, at + no)
+  if out_tasks > 0 then
+    redis.call('HINCRBY', KEYS[8], 'pending', out_tasks)
+    redis.call('HINCRBY', KEYS[8], 'produced', out_tasks)
+  end
+end
 return finish(1)

@@ -26,10 +26,23 @@ Contracts every backend keeps (``tests/conformance`` checks them):
   returns a sentinel, so a consumer that attached after close exits too.
 * **Backpressure.**  With ``maxsize`` > 0, ``put`` blocks while about ``maxsize``
   tasks are ready.
+* **Stages.**  ``ack(..., outputs=items, to=other)`` puts the outputs of a
+  lease's handled tasks on queue ``other`` and acknowledges the lease in one
+  atomic step; a stale lease puts nothing and counts nothing.  A backend that
+  cannot do this raises :class:`~pcq.errors.ConfigError` (see ``_ack_out``).
+* **Runs.**  A queue is ``open``, ``closing`` (closed with work left) or ``idle``
+  (closed, every task acknowledged).  Idle is the same as new: a consumer that
+  attaches to an idle queue waits for the next producer and serves that run;
+  one that attaches to a closing queue drains it and stops.
+* **Poison tasks.**  A task in flight in a consumer that died is taken alone
+  (a lease of one, ``Lease.deaths`` > 0) until it is acknowledged; once
+  ``max_deliveries`` consumers died with it (0: no limit), it is dead-lettered
+  instead of handled again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -50,8 +63,11 @@ from pcq.envelope import (
     encode_envelope,
     encode_tasks,
     new_tag,
+    short_repr,
 )
-from pcq.errors import SerializationError
+from pcq.errors import ConfigError, SerializationError
+
+log = logging.getLogger("pcq")
 
 #: Largest number of tasks moved by one put or take.
 MAX_BATCH = 1024
@@ -74,13 +90,15 @@ class Lease:
     ``batches`` hold the tasks in queue order.  ``bad`` holds messages that could
     not be decoded, with the reason; ``ack`` dead-letters them.  ``sentinel`` is
     set when the take ended at this consumer's sentinel: exit after handling
-    the batches.  ``receipt`` is the backend's own bookkeeping.
+    the batches.  ``receipt`` is the backend's own bookkeeping.  ``deaths`` > 0:
+    a lease of one task that was in flight in that many consumers that died.
     """
 
     batches: list[Batch]
     sentinel: Sentinel | None = None
     bad: list[tuple[bytes, str]] = field(default_factory=list)
     receipt: Any = None
+    deaths: int = 0
 
     @property
     def size(self) -> int:
@@ -101,6 +119,19 @@ class Failure:
     retry_in: float | None = None
 
 
+def poisoned(lease: Lease, max_deliveries: int) -> list[Failure]:
+    """The failures that dead-letter every task of ``lease`` when consumers died
+    ``max_deliveries`` times (0: no limit) with it in flight — a poison task,
+    never run again; [] for any other lease."""
+    if not 0 < max_deliveries <= lease.deaths:
+        return []
+    error = f"consumer died {lease.deaths} times while handling it"
+    envs = list(lease.envelopes())
+    for env in envs:
+        log.error("task %s dead-lettered (id %s): %s", short_repr(env.body), env.id, error)
+    return [Failure(env, error) for env in envs]
+
+
 @dataclass(frozen=True, slots=True)
 class Counters:
     """A snapshot of a queue.  ``pending`` = put and not yet done or failed."""
@@ -119,6 +150,13 @@ class Counters:
     closed: bool
 
 
+def state_of(c: Counters) -> str:
+    """The run state a counters snapshot shows (see :meth:`Queue.state`)."""
+    if not c.closed:
+        return "open"
+    return "closing" if c.pending > 0 else "idle"
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What ``ack`` hands a backend, already encoded."""
@@ -128,6 +166,8 @@ class Outcome:
     retry: list[tuple[bytes, float]]  # (message, delay in seconds)
     dead: list[bytes]  # dead letters: failed tasks and undecodable messages
     give_back: list[bytes]  # not started: back to ready, no attempt counted
+    outputs: list[bytes] = field(default_factory=list)  # for the target queue, encoded
+    output_tasks: int = 0  # tasks the outputs hold (a local message holds many)
 
 
 class _Linger:
@@ -218,7 +258,13 @@ class Queue(ABC):
     #: whenever slots are free); False: one lease at a time.
     multiple_leases: ClassVar[bool] = False
 
+    #: False after ``ack`` (or ``ack_and_take``) of a stale lease: nothing was
+    #: applied, so a consumer must not count its tasks as its own work.
+    ack_applied: bool = True
+
     def __init__(self, name: str = "default", *, maxsize: int = 0, max_deliveries: int = 3) -> None:
+        if max_deliveries < 0:
+            raise ConfigError(f"max_deliveries must be 0 (no limit) or more, not {max_deliveries}")
         self.name = name
         self.maxsize = maxsize
         #: Consumer deaths a task may cause before it is dead-lettered (0: no limit).
@@ -294,20 +340,34 @@ class Queue(ABC):
         return MAX_BATCH
 
     def _put_bodies(self, bodies: Sequence[Any]) -> None:
-        if self._tag_pid != os.getpid():  # a forked child must not reuse its parent's ids
-            self._tag_pid, self._tag, self._seq = os.getpid(), new_tag(), 0
-        seq = self._seq
         try:
-            if self.one_message_per_batch:
-                messages = [encode_tasks(self._tag, seq, bodies)]
-            else:
-                messages = encode_each(self._tag, seq, bodies)
+            messages = self._encode_bodies(bodies)
         except SerializationError as exc:
             if exc.index:  # put the good tasks before the bad one: nothing is lost
                 self._put_bodies(bodies[: exc.index])
             raise
-        self._seq += len(bodies)
         self._put(messages, len(bodies))
+
+    def _encode_bodies(self, bodies: Sequence[Any]) -> list[bytes]:
+        """``bodies`` as this queue's messages, with fresh task ids."""
+        if self._tag_pid != os.getpid():  # a forked child must not reuse its parent's ids
+            self._tag_pid, self._tag, self._seq = os.getpid(), new_tag(), 0
+        seq = self._seq
+        if not self.one_message_per_batch:
+            messages = encode_each(self._tag, seq, bodies)
+        else:
+            step = self.output_batch  # a stage's fan-out may exceed one batch
+            messages = [encode_tasks(self._tag, seq + i, bodies[i : i + step])
+                        for i in range(0, len(bodies), step)]
+        self._seq += len(bodies)
+        return messages
+
+    @property
+    def output_batch(self) -> int:
+        """Most tasks in one message of a stage's outputs for this queue (with
+        ``one_message_per_batch``, message ``i`` holds the tasks from
+        ``i * output_batch``)."""
+        return MAX_BATCH
 
     # ------------------------------------------------------------------ consuming
 
@@ -337,19 +397,39 @@ class Queue(ABC):
         lease: Lease,
         failures: Sequence[Failure] = (),
         give_back: Sequence[Envelope] = (),
-    ) -> None:
+        outputs: Sequence[Any] = (),
+        to: Queue | None = None,
+    ) -> bool:
         """Acknowledge a lease: every task in it is done, except ``failures``
         (retried or dead-lettered) and ``give_back`` (returned to ready, unstarted).
 
         This is ``task_done`` for the whole lease.  Acknowledging a lease whose
-        tasks were already reaped and handed to another consumer changes no counter.
+        tasks were already reaped and handed to another consumer changes no counter
+        and returns False (so does :attr:`ack_applied` after it).
+
+        With ``to`` (a queue of the same backend and server), ``outputs`` — what
+        the lease's handled tasks produced — are put on ``to`` in the same atomic
+        step: both happen or neither, and a stale lease puts nothing.
         """
-        self._ack(lease, self._outcome(lease, failures, give_back))
+        self.ack_applied = True
+        outcome = self._outcome(lease, failures, give_back, outputs, to)
+        if to is None:
+            self._ack(lease, outcome)
+        else:
+            self._ack_out(lease, outcome, to)
+        return self.ack_applied
 
     def _outcome(
-        self, lease: Lease, failures: Sequence[Failure], give_back: Sequence[Envelope]
+        self,
+        lease: Lease,
+        failures: Sequence[Failure],
+        give_back: Sequence[Envelope],
+        outputs: Sequence[Any] = (),
+        to: Queue | None = None,
     ) -> Outcome:
         """What acknowledging ``lease`` does, encoded for ``_ack``."""
+        if to is None and outputs:
+            raise ValueError("outputs need a queue to go to (to=)")
         retry: list[tuple[bytes, float]] = []
         dead = [encode_dead(None, reason, raw=raw) for raw, reason in lease.bad]
         failed = 0
@@ -363,7 +443,8 @@ class Queue(ABC):
                 retry.append((encode_envelope(again), f.retry_in))
         back = [encode_envelope(env) for env in give_back]
         done = lease.size - len(failures) - len(back)
-        return Outcome(done, failed, retry, dead, back)
+        out = to._encode_bodies(outputs) if to is not None and outputs else []
+        return Outcome(done, failed, retry, dead, back, out, len(outputs))
 
     def ack_and_take(
         self,
@@ -372,10 +453,13 @@ class Queue(ABC):
         give_back: Sequence[Envelope] = (),
         max_tasks: int = 1,
         timeout: float | None = None,
+        outputs: Sequence[Any] = (),
+        to: Queue | None = None,
     ) -> Lease | None:
-        """:meth:`ack` ``lease``, then :meth:`take` the next one.  A backend with
-        a server overrides this to do both in one round trip."""
-        self.ack(lease, failures, give_back)
+        """:meth:`ack` ``lease`` (with its ``outputs`` for ``to``), then :meth:`take`
+        the next one.  A backend with a server overrides this to do both in one
+        round trip."""
+        self.ack(lease, failures, give_back, outputs, to)
         return self.take(max_tasks, timeout)
 
     # ------------------------------------------------------------------ lifecycle
@@ -418,8 +502,49 @@ class Queue(ABC):
 
     def evict(self, pid: int) -> int:
         """A supervisor saw its consumer process ``pid`` die: return that
-        consumer's in-flight tasks to ready now, not at the next reap."""
+        consumer's in-flight tasks to ready now, not at the next reap.  Counts a
+        death against each of them (see *Poison tasks*)."""
         return self.reap()
+
+    def release(self, pid: int) -> int:
+        """Like :meth:`evict`, for a consumer the supervisor killed for a known
+        reason (a task past its timeout, see :meth:`fail_running`): its other
+        tasks go back to ready with no death counted against them."""
+        return self.evict(pid)
+
+    def fail_running(self, pid: int, task_id: str, failure: Callable[[Envelope], Failure]) -> bool:
+        """The consumer process ``pid`` was killed because task ``task_id`` ran past
+        its timeout: acknowledge that task, in flight for the dead process, with
+        ``failure(envelope)`` (retried or dead-lettered).  False if it was not
+        found in flight (already acknowledged or reaped)."""
+        return False
+
+    #: How often a supervisor calls :meth:`keep_alive` (None: never needed).
+    keep_alive_every: float | None = None
+
+    def keep_alive(self, pids: Sequence[int]) -> None:  # noqa: B027 - optional hook
+        """A supervisor vouches for its live consumer processes ``pids`` on this
+        host: they are not dead, however long a handler holds their GIL."""
+
+    def run_to_serve(self) -> int | None:
+        """The number of the run a consumer attaching now would serve (the next
+        one on an idle queue); None if this backend does not number its runs.  A
+        supervisor reads it once and hands it to every consumer it starts (as
+        ``join_run(run=...)``), so that all of them serve the same run."""
+        return None
+
+    def join_run(self, *, burst: bool = False, run: int | None = None) -> int:
+        """Attach the calling process as a consumer (:meth:`attach_consumer`) of the
+        queue's current run, or of its next run when the queue is idle; returns
+        the number of the run it serves.
+
+        ``burst``: serve only what is there — a take finds a sentinel as soon as
+        there is nothing to take and no producer is attached.  ``run``: the run
+        a consumer that died was serving; its replacement stops, rather than
+        waits for the next run, when it finds that run finished.
+        """
+        self.attach_consumer()
+        return 0
 
     @abstractmethod
     def counters(self) -> Counters: ...
@@ -429,10 +554,7 @@ class Queue(ABC):
         now drains them and stops); or "idle" (closed and every task
         acknowledged: the same as new, a consumer attaching waits for the next
         producer)."""
-        c = self.counters()
-        if not c.closed:
-            return "open"
-        return "closing" if c.pending > 0 else "idle"
+        return state_of(self.counters())
 
     @abstractmethod
     def attach_consumer(self) -> None:
@@ -450,6 +572,36 @@ class Queue(ABC):
     def detach_producer(self, close_if_last: bool = True) -> None:
         """Unregister a producer; the last one out closes the queue."""
 
+    def sibling(self, name: str, *, maxsize: int = 0) -> Queue:
+        """Queue ``name`` on the same backend and server as this one (the next
+        queue of a pipeline: a stage's outputs and acks are one atomic step, so
+        its queues must share a server).  It counts deaths as this one does."""
+        return type(self)(name, maxsize=maxsize, max_deliveries=self.max_deliveries)
+
+    def wait_for_room(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Block while this queue holds ``maxsize`` ready tasks or more (or until
+        ``stop()``): a stage waits here before it puts its outputs, so a slow
+        next stage holds back the one before it, as a full queue holds back a
+        producer."""
+        if self.maxsize <= 0:
+            return
+        pause = 0.001
+        while self._ready_now() >= self.maxsize and not stop():
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _ready_now(self) -> int:
+        """Tasks ready now (a backend may answer more cheaply than counters())."""
+        return self.counters().ready
+
+    def set_feeds(self, to: str) -> None:  # noqa: B027 - optional hook
+        """Record that a stage puts its outputs from this queue on queue ``to``
+        (``pcq status`` follows it).  Backends without a server need not."""
+
+    def feeds(self) -> str | None:
+        """The queue this queue's stage feeds, as recorded by :meth:`set_feeds`."""
+        return None
+
     def registrations(self) -> list[dict[str, Any]]:
         """Live consumers and producers: dicts with role, host, pid, heartbeat
         (a Unix time).  Backends without a registry return []."""
@@ -462,6 +614,10 @@ class Queue(ABC):
 
     def note_task_cost(self, seconds_per_task: float) -> None:  # noqa: B027 - optional hook
         """Consumers report what a task costs, so producers can size batches."""
+
+    def forget(self) -> None:  # noqa: B027 - optional hook
+        """Delete what this queue left on its server, registrations included (a
+        throwaway queue, such as pcq.map's, once nothing uses it)."""
 
     def dispose(self) -> None:  # noqa: B027 - optional hook
         """Free what this queue object holds in this process (files, connections)."""
@@ -509,6 +665,26 @@ class Queue(ABC):
     def _ack(self, lease: Lease, outcome: Outcome) -> None:
         """Remove the lease from in flight and apply ``outcome`` atomically; a stale
         lease (no longer in flight for this consumer) changes nothing."""
+
+    def _ack_out(self, lease: Lease, outcome: Outcome, to: Queue) -> None:
+        """:meth:`_ack`, and put ``outcome.outputs`` (``outcome.output_tasks``
+        tasks) on ``to``, in one atomic step; a stale lease does neither.
+
+        A backend that cannot make the two one step must not fake it (the handoff
+        between stages would no longer be exactly once): it keeps this error."""
+        raise ConfigError(
+            f"the {self.backend} backend cannot put a stage's outputs and acknowledge "
+            "its input in one step, so it cannot run pipelines (--to)"
+        )
+
+    def _check_target(self, to: Queue) -> None:
+        """Raise ConfigError unless ``to`` can receive this queue's outputs (called
+        in the parent process, before any stage consumer starts)."""
+        if type(self)._ack_out is Queue._ack_out:
+            self._ack_out(Lease([]), Outcome(0, 0, [], [], []), to)  # raises its error
+        if type(to) is not type(self):
+            raise ConfigError(f"a stage's queues must share one backend: {self.backend} "
+                              f"cannot put outputs on a {to.backend} queue")
 
     def _sentinel_is_current(self, sentinel: Sentinel) -> bool:
         """False for a sentinel of an earlier close epoch (dropped, not obeyed)."""

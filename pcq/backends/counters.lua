@@ -2,6 +2,7 @@
 --
 -- KEYS[1] ready   KEYS[2] counters (hash)   KEYS[3] dead   KEYS[4] delayed
 -- KEYS[5] consumers:beat   KEYS[6] producers:beat   KEYS[7] closed
+-- KEYS[8] suspects (ready too: tasks of dead consumers, taken one at a time)
 -- ARGV[1] in-flight key prefix ("pcq:{NAME}:inflight:"; same hash slot as KEYS)
 -- ARGV[2] SENTINEL_PREFIX (first bytes of any sentinel)
 --
@@ -31,7 +32,7 @@ while more and at < ready do
 end
 local c = redis.call('HMGET', KEYS[2], 'pending', 'produced', 'done', 'failed', 'retried')
 return {
-  ready - at, in_flight,
+  ready - at + redis.call('LLEN', KEYS[8]), in_flight,
   tonumber(c[1] or '0'), tonumber(c[2] or '0'), tonumber(c[3] or '0'),
   tonumber(c[4] or '0'), tonumber(c[5] or '0'),
   redis.call('LLEN', KEYS[3]), redis.call('ZCARD', KEYS[4]),

@@ -22,7 +22,10 @@ Design points others build on:
 (a) One broker hosts several named queues (:meth:`LocalQueue.sibling`).  The
     broker applies each request whole, in one thread, so a combined request —
     "put these outputs on queue B and acknowledge this lease on queue A" — is
-    atomic by construction: it only has to check B's room before applying both.
+    atomic by construction.  That is what a stage's ack is (``_ack_out``: an ACK
+    or ACK_TAKE request whose tail names B, carries the outputs, and the tasks
+    each holds); a stale lease puts nothing.  B's room is not checked there: the
+    stage waits for room before it sends (``Queue.wait_for_room``).
 (b) A connection may hold several leases at once, acknowledged independently
     (each take returns a lease id; an ack names it).
 (c) The wire protocol lives in ``local_wire``, the broker's loop in
@@ -46,6 +49,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -53,7 +57,10 @@ from pcq.backends import local_wire as wire
 from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Counters, Lease, Outcome, Queue
 from pcq.backends.local_broker import Broker
 from pcq.envelope import decode_dead, encode_sentinel, envelope_from_dead
-from pcq.errors import BackendUnavailable
+from pcq.errors import BackendUnavailable, ConfigError
+
+#: Longest a burst consumer's take waits before it looks for producers again.
+IDLE_PEEK = 0.25
 
 
 class LocalQueue(Queue):
@@ -84,13 +91,14 @@ class LocalQueue(Queue):
         self._owner = os.getpid()
         self._init_process_state()
 
-    def sibling(self, name: str, *, maxsize: int = 0, max_deliveries: int = 3) -> LocalQueue:
+    def sibling(self, name: str, *, maxsize: int = 0, max_deliveries: int | None = None
+                ) -> LocalQueue:
         """Another named queue on this queue's broker (pipeline stages), opened in
         the owner process; dispose it before this one."""
         if self._broker is None or os.getpid() != self._owner:
             raise RuntimeError("open sibling queues in the process that opened this one")
-        return LocalQueue(name, maxsize=maxsize, max_deliveries=max_deliveries,
-                          broker=self._broker)
+        deliveries = self.max_deliveries if max_deliveries is None else max_deliveries
+        return LocalQueue(name, maxsize=maxsize, max_deliveries=deliveries, broker=self._broker)
 
     # Per-process state: never crosses a process boundary.
     def _init_process_state(self) -> None:
@@ -103,6 +111,7 @@ class LocalQueue(Queue):
         self._side_lock = threading.Lock()
         self._cost_ns: int | None = None  # the consumers' cost per task, as last heard
         self._cost_report = 0  # this consumer's, not sent yet
+        self._burst = False  # see join_run
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -224,7 +233,15 @@ class LocalQueue(Queue):
     # ------------------------------------------------------------------ consuming
 
     def attach_consumer(self) -> None:
-        self._call(wire.ATTACH_CONSUMER, self._born_in())
+        self.join_run()
+
+    def join_run(self, *, burst: bool = False, run: int | None = None) -> int:
+        """Attach; the broker decides the run served from ``run`` (the run a dead
+        predecessor served) or else the run this process was forked in.  A burst
+        consumer stops at an empty queue no producer is attached to (see _take)."""
+        self._burst = burst
+        born = -1 if burst else self._born_in() if run is None else run
+        return int(self._call(wire.ATTACH_CONSUMER, born))
 
     def _born_in(self) -> int | None:
         """The run this process was forked in: the queue's epoch if it was open
@@ -241,7 +258,14 @@ class LocalQueue(Queue):
             self._call(wire.DETACH_CONSUMER)
 
     def _take(self, max_tasks: int, timeout: float | None) -> tuple[list[bytes], Any] | None:
-        return self._leased(self._call(wire.TAKE, max_tasks, timeout, take=True))
+        if self._burst:  # never block for long: look for producers in between
+            timeout = IDLE_PEEK if timeout is None else min(timeout, IDLE_PEEK)
+        got = self._leased(self._call(wire.TAKE, max_tasks, timeout, take=True))
+        if got is None and self._burst:
+            c = self.counters()
+            if not (c.producers or c.ready or c.delayed):
+                return [encode_sentinel(0)], 0  # a stop of our own: nothing was leased
+        return got
 
     @staticmethod
     def _leased(reply: Any) -> tuple[list[bytes], Any] | None:
@@ -258,6 +282,31 @@ class LocalQueue(Queue):
         self._call(wire.ACK, *self._ack_args(lease, outcome),
                    point="give-back" if outcome.give_back else "ack")
 
+    def _ack_out(self, lease: Lease, outcome: Outcome, to: Queue) -> None:
+        # The broker applies the ack and the outputs in one request, in its one
+        # thread: atomic by construction, and nothing for a stale lease.
+        if not lease.receipt:
+            return
+        self._call(wire.ACK, *self._ack_args(lease, outcome), *self._output_args(outcome, to),
+                   point="give-back" if outcome.give_back else "ack")
+
+    @staticmethod
+    def _output_args(outcome: Outcome, to: Queue | None) -> list[Any]:
+        """The outputs part of an ack request: target queue, messages, and the
+        tasks each message holds (``to.output_batch`` a message, the last fewer)."""
+        if to is None or not outcome.outputs:
+            return []
+        step, total = to.output_batch, outcome.output_tasks
+        counts = [min(step, total - i * step) for i in range(len(outcome.outputs))]
+        return [to.name, outcome.outputs, counts]
+
+    def _check_target(self, to: Queue) -> None:
+        super()._check_target(to)
+        assert isinstance(to, LocalQueue)
+        if to._address != self._address:
+            raise ConfigError(f"local queues {self.name!r} and {to.name!r} are on different "
+                              "brokers: open a stage's next queue with queue.sibling(name)")
+
     def _ack_args(self, lease: Lease, outcome: Outcome) -> list[Any]:
         cost, self._cost_report = self._cost_report, 0
         return [lease.receipt, outcome.done, outcome.failed, outcome.retry, outcome.dead,
@@ -270,13 +319,19 @@ class LocalQueue(Queue):
         give_back: Any = (),
         max_tasks: int = 1,
         timeout: float | None = None,
+        outputs: Sequence[Any] = (),
+        to: Queue | None = None,
     ) -> Lease | None:
-        """Acknowledge ``lease`` and take the next in one round trip."""
+        """Acknowledge ``lease`` (with its ``outputs`` for ``to``) and take the
+        next in one round trip."""
+        if to is not None:
+            self._check_target(to)
         if not lease.receipt:
             return self.take(max_tasks, timeout)
-        outcome = self._outcome(lease, failures, give_back)
+        outcome = self._outcome(lease, failures, give_back, outputs, to)
         reply = self._call(wire.ACK_TAKE, *self._ack_args(lease, outcome), max(1, max_tasks),
-                           timeout, point="give-back" if outcome.give_back else "ack",
+                           timeout, *self._output_args(outcome, to),
+                           point="give-back" if outcome.give_back else "ack",
                            take=True)
         got = self._leased(reply)
         return None if got is None else self._lease(*got)

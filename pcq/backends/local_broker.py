@@ -249,12 +249,16 @@ class Broker:
         elif op == wire.TAKE:
             self._take(conn, ledger, args[0], args[1])
         elif op == wire.ACK:
-            self._ack(conn, ledger, args)
+            target = self._ack(conn, ledger, args[:7], args[7:])
             self._serve(ledger)
+            if target is not None:
+                self._serve(target)
             self._reply(conn, True)
         elif op == wire.ACK_TAKE:
-            self._ack(conn, ledger, args[:7])
+            target = self._ack(conn, ledger, args[:7], args[9:])
             self._serve(ledger)
+            if target is not None:
+                self._serve(target)
             self._take(conn, ledger, args[7], args[8])
         elif op == wire.COST:
             ledger.note_cost(args[0])
@@ -277,10 +281,13 @@ class Broker:
                 # pending) is new: wait for the next producer — unless this
                 # consumer was forked while this very run was open (it started
                 # late for it): then its run is over, and it stops.
+                # (``born`` may also be the run a dead predecessor served, or -1 for
+                # a burst consumer: any run up to this one is over.)
                 state, born = ledger.state(), args[0]
-                late = state == "idle" and born == ledger.epoch
+                late = state == "idle" and born is not None and born <= ledger.epoch
                 ledger.consumers[conn] = ledger.epoch if state == "closing" or late else -1
-            return True
+            waits = ledger.consumers[conn] == -1 and ledger.state() == "idle"
+            return ledger.epoch + 1 if waits else ledger.epoch  # the run it serves
         if op == wire.DETACH_CONSUMER:
             ledger.consumers.pop(conn, None)
             for lease_id in [k for k, (lg, _) in conn.leases.items() if lg is ledger]:
@@ -372,13 +379,18 @@ class Broker:
             return True
         return False
 
-    def _ack(self, conn: Conn, request_ledger: Ledger, args: list[Any]) -> None:
+    def _ack(
+        self, conn: Conn, request_ledger: Ledger, args: list[Any], outputs: list[Any]
+    ) -> Ledger | None:
+        """Settle a lease; with ``outputs`` (a stage's: target queue name, messages,
+        tasks per message) put them on the target in the same step.  Returns the
+        target ledger when outputs went there."""
         lease_id, done, failed, retry, dead, give_back, cost = args
         if cost:
             request_ledger.note_cost(cost)
         entry = conn.leases.pop(lease_id, None)
         if entry is None:
-            return  # stale: handed back or settled already; counts nothing
+            return None  # stale: handed back or settled already; counts nothing, puts nothing
         ledger, items = entry
         ledger.in_flight -= sum(i.tasks for i in items)
         ledger.done += done
@@ -394,6 +406,18 @@ class Broker:
                 ledger.delay(message, now + delay)
         if give_back:
             ledger.push([Item(m, 1) for m in give_back], front=True)
+        return self._put_outputs(*outputs) if outputs else None
+
+    def _put_outputs(self, name: str, messages: list[bytes], counts: list[int]) -> Ledger:
+        """A stage's outputs onto queue ``name``, as part of the ack of their lease.
+        No room check: the stage waited for room before it sent them."""
+        target = self.ledgers[name]
+        if target.closed:  # a new run of the target, as for a put on Redis
+            target.closed = False
+            target.epoch += 1
+        target.push([Item(m, c) for m, c in zip(messages, counts, strict=True)])
+        target.produced += sum(counts)
+        return target
 
     def _serve(self, ledger: Ledger) -> None:
         """Answer parked puts while there is room and parked takes in order,

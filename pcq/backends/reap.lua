@@ -4,8 +4,11 @@
 -- KEYS[2] consumers:beat   zset consumer id -> heartbeat expiry ms
 -- KEYS[3] ready            list; RPUSH puts tasks at the consumer end (taken next)
 -- KEYS[4] acked            hash consumer id -> its last ack token (see ack.lua)
+-- KEYS[5] suspects         list; tasks of consumers that died, each taken alone
+-- KEYS[6] deaths           hash message -> consumers that died with it in flight
 -- ARGV[1] 'expired' (heartbeat expired), 'prefix' (ids starting with ARGV[2],
---         i.e. "host:pid:" of a process seen dead) or 'id' (exactly ARGV[2]: detach)
+--         i.e. "host:pid:" of a process seen dead), 'id' (exactly ARGV[2]: detach)
+--         or 'killed' (like 'prefix', for a process its supervisor killed on purpose)
 -- ARGV[2] prefix or id ('' for 'expired')
 -- ARGV[3] in-flight key prefix ("pcq:{NAME}:inflight:"; same hash slot as KEYS)
 -- ARGV[4] SENTINEL_PREFIX
@@ -19,14 +22,24 @@
 -- consumers stop; a sentinel the dead consumer held is dropped — a consumer that
 -- finds the queue closed and drained stops anyway.  A reaped consumer that was in
 -- fact alive finds its lease stale at ack (see ack.lua): nothing counts twice.
+--
+-- Poison tasks: when a consumer died ('expired', 'prefix'), its tasks go to
+-- `suspects` instead, and each one's count in `deaths` goes up in the same step.
+-- take.lua hands a suspect out alone, so a task that kills its consumer takes no
+-- innocent task down with it again; at max deliveries the consumer that takes it
+-- dead-letters it.  A detach ('id') or a kill for a known reason ('killed')
+-- counts no death: those tasks go back to ready.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mode, arg, inflight, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local plen = string.len(prefix)
 local victims = {}
+local died = mode == 'expired' or mode == 'prefix'
+local target = KEYS[3]
+if died then target = KEYS[5] end
 if mode == 'expired' then
   victims = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-elseif mode == 'prefix' then
+elseif mode == 'prefix' or mode == 'killed' then
   for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
     if string.sub(id, 1, string.len(arg)) == arg then victims[#victims + 1] = id end
   end
@@ -42,7 +55,10 @@ for _, id in ipairs(victims) do
     for _, m in ipairs(redis.call('LRANGE', key, at, at + 999)) do
       if string.sub(m, 1, plen) ~= prefix then tasks[#tasks + 1] = m end
     end
-    if #tasks > 0 then redis.call('RPUSH', KEYS[3], unpack(tasks)) end
+    if #tasks > 0 then redis.call('RPUSH', target, unpack(tasks)) end
+    if died then
+      for _, m in ipairs(tasks) do redis.call('HINCRBY', KEYS[6], m, 1) end
+    end
     moved = moved + #tasks
   end
   redis.call('DEL', key)

@@ -3,6 +3,9 @@
 Every key is ``pcq:{NAME}:<part>`` (see :class:`Keys`); the ``{NAME}`` hash tag
 keeps a queue in one Redis Cluster slot, which the Lua scripts need because they
 also touch in-flight lists they find by name.  One task is one list element.
+A name that holds a hash tag of its own (``{crawl}.parse``) keeps it instead —
+``pcq:{crawl}.parse:<part>`` — so the queues of one pipeline, whose ack puts a
+stage's outputs on the next queue in the same script, share one slot.
 
 * ``ready`` — list; producers LPUSH, consumers take from the right.
 * ``inflight:<consumer>`` — list per consumer, its newest take at the left.
@@ -14,6 +17,10 @@ also touch in-flight lists they find by name.  One task is one list element.
 * ``closed`` (flag), ``epoch`` (close epoch), ``full`` / ``space`` (backpressure).
 * ``acked`` — hash consumer id -> the token of its last ack sent together with a
   take (``ack_and_take``), so that resending the pair never applies the ack twice.
+* ``feeds`` — the name of the queue a stage puts this queue's outputs on.
+* ``suspects`` — list of tasks that were in flight in a consumer that died, each
+  handed out alone; ``deaths`` — hash message -> how many consumers died with it
+  in flight (poison tasks: see ``reap.lua``).
 * ``run`` — the queue's marker: a random value set by the first connection to
   the queue and checked by every later one (see :mod:`pcq.backends.redis_link`);
   gone or changed means the server lost the queue's data.
@@ -83,12 +90,22 @@ SPACE_WAIT = 0.25
 REQUEUE_CHUNK = 500
 
 # take.lua's statuses
-_TAKEN, _NEW_EPOCH, _DRAINED, _SENTINEL_WAITS, _ACK_MISSING = 0, 1, 2, 3, 4
+_TAKEN, _NEW_EPOCH, _DRAINED, _SENTINEL_WAITS, _ACK_MISSING, _SUSPECT = 0, 1, 2, 3, 4, 5
 
 
 def key(name: str, part: str) -> str:
-    """The Redis key of ``part`` of queue ``name``: ``pcq:{name}:part``."""
-    return f"pcq:{{{name}}}:{part}"
+    """The Redis key of ``part`` of queue ``name``: ``pcq:{name}:part``, or
+    ``pcq:name:part`` when ``name`` holds its own hash tag (``{crawl}.parse``)."""
+    return f"pcq:{name}:{part}" if "{" in name else f"pcq:{{{name}}}:{part}"
+
+
+def _has_good_braces(name: str) -> bool:
+    """No braces, or exactly one non-empty ``{tag}``: a Redis Cluster hash tag."""
+    if "{" not in name and "}" not in name:
+        return True
+    if name.count("{") != 1 or name.count("}") != 1:
+        return False
+    return name.index("}") > name.index("{") + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +125,9 @@ class Keys:
     full: str
     space: str
     acked: str
+    feeds: str
+    suspects: str
+    deaths: str
     run: str
     inflight_prefix: str
 
@@ -130,6 +150,9 @@ class Keys:
             full=k("full"),
             space=k("space"),
             acked=k("acked"),
+            feeds=k("feeds"),
+            suspects=k("suspects"),
+            deaths=k("deaths"),
             run=k("run"),
             inflight_prefix=k("inflight:"),
         )
@@ -144,6 +167,7 @@ class _Receipt:
 
     consumer: str
     messages: list[bytes]
+    deaths: int = 0  # a suspect taken alone: consumers that died with it in flight
 
 
 class _Heartbeat:
@@ -195,16 +219,19 @@ class RedisQueue(Queue):
         client: redis.Redis | None = None,
         heartbeat_ttl: float = 5.0,
         retry_for: float = 60.0,
+        max_deliveries: int = 3,
     ) -> None:
-        if not name or "{" in name or "}" in name:
-            raise ConfigError(f"bad queue name {name!r}: it must be non-empty, without braces")
+        if not name or not _has_good_braces(name):
+            raise ConfigError(f"bad queue name {name!r}: it must be non-empty, with no braces "
+                              "or one hash tag such as {crawl}.parse")
         if maxsize < 0:
             raise ConfigError(f"maxsize must be 0 (unbounded) or more, not {maxsize}")
         if heartbeat_ttl <= 0:
             raise ConfigError(f"heartbeat_ttl must be positive, not {heartbeat_ttl}")
-        super().__init__(name, maxsize=maxsize)
+        super().__init__(name, maxsize=maxsize, max_deliveries=max_deliveries)
         self.url = url
         self.heartbeat_ttl = heartbeat_ttl
+        self.keep_alive_every = heartbeat_ttl / 3
         self.keys = Keys.of(name)
         self._link = Link(url, client, retry_for, marker=self.keys.run, what=f"queue {name}")
         self._producer_ids: list[str] = []
@@ -222,6 +249,8 @@ class RedisQueue(Queue):
         self._acks = 0  # acks sent with a take: the last one's number is its token
         self._epoch = -1
         self._sentinel = b""
+        self._serves = -1  # the run (epoch) this consumer serves; see join_run
+        self._burst = False
         self._beat_ids: list[str] = []  # producers this process attached
         self._beat_lock = threading.Lock()
         self._heartbeat: _Heartbeat | None = None
@@ -245,8 +274,9 @@ class RedisQueue(Queue):
         return max(1, int(self.heartbeat_ttl * 1000))
 
     def _set_epoch(self, epoch: int) -> None:
+        # A consumer waiting for the next run obeys no sentinel of the finished one.
         self._epoch = int(epoch)
-        self._sentinel = encode_sentinel(self._epoch)
+        self._sentinel = encode_sentinel(max(self._epoch, self._serves))
 
     @staticmethod
     def _new_id() -> str:
@@ -330,12 +360,13 @@ class RedisQueue(Queue):
         while True:
             status, wait_ms, messages = taken
             if messages:
-                return messages, _Receipt(me, messages)
-            if status == _DRAINED:  # closed and empty: a consumer that came late stops too,
-                if self.reap():  # unless dead consumers' tasks were waiting to be reaped
-                    taken = self._take_once(me, want)
-                    continue
-                return [self._sentinel], _Receipt(me, [])
+                return messages, _Receipt(me, messages, wait_ms if status == _SUSPECT else 0)
+            if status == _DRAINED and self._epoch >= self._serves and self.reap():
+                # closed and empty, but dead consumers' tasks were waiting to be reaped
+                taken = self._take_once(me, want)
+                continue
+            if self._run_is_over(status, wait_ms):
+                return [self._sentinel], _Receipt(me, [])  # made up: nothing in flight
             left = math.inf if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -351,7 +382,7 @@ class RedisQueue(Queue):
     def _take_keys(self, me: str) -> list[str]:
         k = self.keys
         keys = [k.ready, k.inflight(me), k.delayed, k.closed, k.epoch]
-        return [*keys, k.consumer_beats, k.full, k.space, k.acked]
+        return [*keys, k.consumer_beats, k.full, k.space, k.acked, k.suspects, k.deaths]
 
     def _take_args(self, me: str, want: int, held: int, token: str = "") -> list[Any]:
         return [want, held, self._epoch, self._sentinel, SENTINEL_PREFIX, me, self._ttl_ms, token]
@@ -395,21 +426,44 @@ class RedisQueue(Queue):
             self.reap()
 
     def _sentinel_is_current(self, sentinel: Sentinel) -> bool:
-        return sentinel.epoch == self._epoch
+        return sentinel.epoch == max(self._epoch, self._serves)
 
-    def _ack(self, lease: Lease, outcome: Outcome) -> None:
+    def _lease(self, messages: list[bytes], receipt: Any) -> Lease:
+        lease = super()._lease(messages, receipt)
+        lease.deaths = receipt.deaths
+        return lease
+
+    def _ack(self, lease: Lease, outcome: Outcome, target: Keys | None = None) -> None:
         self._here()
         receipt = self._receipt(lease)
         if not receipt.messages:
             return  # a sentinel made up for a drained queue: nothing is in flight
-        applied, held = self._link.run("ack", *self._ack_call(receipt, outcome, ""))
+        applied, held = self._link.run("ack", *self._ack_call(receipt, outcome, "", target))
         self._note_ack(applied)
         if receipt.consumer == self._consumer_id:
             self._held = int(held)
+        self.ack_applied = int(applied) != 0
+        if receipt.deaths and int(applied) == 1:
+            self._forget_deaths(receipt.messages)
 
     def _note_ack(self, code: int) -> None:
         if int(code) == 0:  # ack.lua: the lease was reaped before this ack came
             self.stale_leases += 1
+
+    def _ack_out(self, lease: Lease, outcome: Outcome, to: Queue) -> None:
+        self._ack(lease, outcome, self._target(to))
+
+    def _target(self, to: Queue | None) -> Keys | None:
+        """The keys of ``to``, a stage's target queue, which ack.lua writes to:
+        it must be on this server (one script runs on one server)."""
+        if to is None:
+            return None
+        self._check_target(to)
+        assert isinstance(to, RedisQueue)
+        if to._link.where != self._link.where:
+            raise ConfigError(f"a stage's queues must be on one Redis server, not "
+                              f"{self._link.where} and {to._link.where}")
+        return to.keys
 
     @staticmethod
     def _receipt(lease: Lease) -> _Receipt:
@@ -418,7 +472,7 @@ class RedisQueue(Queue):
         return lease.receipt
 
     def _ack_call(
-        self, receipt: _Receipt, outcome: Outcome, token: str
+        self, receipt: _Receipt, outcome: Outcome, token: str, target: Keys | None = None
     ) -> tuple[list[str], list[Any]]:
         """ack.lua's keys and arguments; made once, so a retry sends the same."""
         retry: list[Any] = []
@@ -428,8 +482,13 @@ class RedisQueue(Queue):
         keys = [k.inflight(receipt.consumer), k.counters, k.delayed, k.dead, k.ready, k.acked]
         head: list[Any] = [len(receipt.messages), len(outcome.retry), len(outcome.dead)]
         head += [len(outcome.give_back), outcome.done, outcome.failed, receipt.consumer, token]
+        outputs: list[bytes] = []
+        if target is not None and outcome.outputs:
+            keys += [target.ready, target.counters, target.closed, target.epoch]
+            outputs = outcome.outputs
+        head += [len(outputs), outcome.output_tasks if outputs else 0]
         args = [*head, *receipt.messages, *retry, *outcome.dead, *reversed(outcome.give_back)]
-        return keys, args
+        return keys, [*args, *outputs]
 
     def ack_and_take(
         self,
@@ -438,6 +497,8 @@ class RedisQueue(Queue):
         give_back: Sequence[Envelope] = (),
         max_tasks: int = 1,
         timeout: float | None = None,
+        outputs: Sequence[Any] = (),
+        to: Queue | None = None,
     ) -> Lease | None:
         """:meth:`ack`, then :meth:`take`, in one round trip while tasks are ready.
 
@@ -450,19 +511,24 @@ class RedisQueue(Queue):
         """
         me = self._me()
         receipt = self._receipt(lease)
-        outcome = self._outcome(lease, failures, give_back)
-        if not receipt.messages or receipt.consumer != me:
-            # Nothing in flight (a made-up sentinel), or a lease of an earlier
-            # registration: no in-flight list to carry over, take as usual.
-            self._ack(lease, outcome)
+        target = self._target(to)
+        outcome = self._outcome(lease, failures, give_back, outputs, to)
+        if not receipt.messages or receipt.consumer != me or receipt.deaths:
+            # Nothing in flight (a made-up sentinel), a lease of an earlier
+            # registration, or a suspect whose death count the ack must clear:
+            # no in-flight list to carry over, take as usual.
+            self.ack_applied = True
+            self._ack(lease, outcome, target)
             return self.take(max_tasks, timeout)
         want = max(1, min(max_tasks, MAX_BATCH))
         deadline = None if timeout is None else time.monotonic() + timeout
         self._acks += 1
         token = str(self._acks)
-        ack = self._ack_call(receipt, outcome, token)
+        ack = self._ack_call(receipt, outcome, token, target)
         take = self._take_keys(me), self._take_args(me, want, -1, token)  # held: what the ack left
-        taken = self._taken(self._link.call(lambda client: self._ack_then_take(client, ack, take)))
+        acked, reply = self._link.call(lambda client: self._ack_then_take(client, ack, take))
+        self.ack_applied = int(acked[0]) != 0  # 2: a repeat after a lost reply, as the first
+        taken = self._taken(reply)
         if taken is None:  # a new epoch, or a reap removed the ack's token: take again
             taken = self._take_once(me, want)
         got = self._wait_for_tasks(me, want, deadline, taken)
@@ -473,9 +539,9 @@ class RedisQueue(Queue):
         client: redis.Redis,
         ack: tuple[list[str], list[Any]],
         take: tuple[list[str], list[Any]],
-    ) -> list[Any]:
+    ) -> tuple[list[Any], list[Any]]:
         """Run ack.lua then take.lua in one pipeline (not a transaction: each script
-        is atomic, and take.lua checks the ack ran); take.lua's reply.  A script the
+        is atomic, and take.lua checks the ack ran); both replies.  A script the
         server lost (it restarted) is loaded and both are sent again: safe, as a
         retry after a lost reply is."""
         scripts = self._link.script("ack"), self._link.script("take")
@@ -494,7 +560,7 @@ class RedisQueue(Queue):
             if isinstance(reply, Exception):
                 raise reply
         self._note_ack(replies[0][0])
-        return cast("list[Any]", replies[1])
+        return cast("list[Any]", replies[0]), cast("list[Any]", replies[1])
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -506,7 +572,7 @@ class RedisQueue(Queue):
         k = self.keys
         keys = [k.closed, k.epoch, k.ready, k.consumer_beats, k.producers, k.producer_beats]
         while True:
-            args = [self._epoch, self._sentinel, producer, mode]
+            args = [self._epoch, encode_sentinel(self._epoch), producer, mode]
             code, value = self._link.run("close", keys, args)
             if code != -1:
                 return bool(code == 1)
@@ -517,18 +583,49 @@ class RedisQueue(Queue):
 
     def evict(self, pid: int, host: str | None = None) -> int:
         """A supervisor saw its consumer process ``pid`` (on ``host``, default this
-        one) die: return that consumer's in-flight tasks to ready now."""
+        one) die: return that consumer's in-flight tasks now, as suspects."""
         return self._reap("prefix", f"{host or socket.gethostname()}:{pid}:")
+
+    def release(self, pid: int) -> int:
+        return self._reap("killed", f"{socket.gethostname()}:{pid}:")
 
     def _reap(self, mode: str, arg: str) -> int:
         k = self.keys
-        keys = [k.consumers, k.consumer_beats, k.ready, k.acked]
+        keys = [k.consumers, k.consumer_beats, k.ready, k.acked, k.suspects, k.deaths]
         return int(self._link.run("reap", keys, [mode, arg, k.inflight_prefix, SENTINEL_PREFIX]))
+
+    def sibling(self, name: str, *, maxsize: int = 0) -> Queue:
+        return RedisQueue(name, maxsize=maxsize, url=self.url, client=self._link.injected,
+                          heartbeat_ttl=self.heartbeat_ttl, retry_for=self._link.retry_for,
+                          max_deliveries=self.max_deliveries)
+
+    def forget(self) -> None:
+        k = self.keys
+        names = [getattr(k, f) for f in k.__slots__ if f != "inflight_prefix"]
+
+        def op(client: redis.Redis) -> None:
+            consumers = cast("list[bytes]", client.hkeys(k.consumers))
+            client.delete(*names, *(k.inflight(c.decode()) for c in consumers))
+
+        self._link.call(op)
+
+    def _ready_now(self) -> int:
+        ready = self.keys.ready
+        return int(self._link.call(lambda client: client.llen(ready)))
+
+    def set_feeds(self, to: str) -> None:
+        feeds = self.keys.feeds
+        self._link.call(lambda client: client.set(feeds, to))
+
+    def feeds(self) -> str | None:
+        feeds = self.keys.feeds
+        value = cast("bytes | None", self._link.call(lambda client: client.get(feeds)))
+        return None if value is None else value.decode()
 
     def counters(self) -> Counters:
         k = self.keys
         keys = [k.ready, k.counters, k.dead, k.delayed, k.consumer_beats, k.producer_beats]
-        keys.append(k.closed)
+        keys += [k.closed, k.suspects]
         args = [k.inflight_prefix, SENTINEL_PREFIX]
         v = [int(x) for x in self._link.run("counters", keys, args)]
         return Counters(
@@ -547,17 +644,56 @@ class RedisQueue(Queue):
         )
 
     def attach_consumer(self) -> None:
+        self.join_run()
+
+    def join_run(self, *, burst: bool = False, run: int | None = None) -> int:
+        """Register as a consumer, then see where the queue's run stands: open or
+        closing, serve this run; idle, serve the next (and obey no sentinel of
+        this one), unless ``burst``, or unless ``run`` (what a consumer that died
+        served) says this one was ours."""
         self._here()
-        if self._consumer_id is not None:
-            return
-        with self._beat_lock:
-            self._consumer_id, self._consumer_info = self._new_id(), self._info()
-        try:
-            self._beat(retry=True)  # registers; being the first use, it checks the server
-        except BaseException:
-            self._consumer_id = None
-            raise
-        self._start_heartbeat()
+        self._burst = burst
+        if self._consumer_id is None:
+            # Under the beat lock: no heartbeat registers us before run_state does.
+            with self._beat_lock:
+                self._consumer_id, self._consumer_info = self._new_id(), self._info()
+                try:  # being the first use, this also checks the server
+                    epoch, closed, pending, _ = self._run_state(register=True)
+                except BaseException:
+                    self._consumer_id = None
+                    raise
+            self._start_heartbeat()
+        else:
+            epoch, closed, pending, _ = self._run_state()
+        idle = bool(closed) and pending <= 0
+        waits = idle and not burst and (run is None or run > epoch)
+        self._serves = epoch + 1 if waits else epoch
+        self._set_epoch(epoch)
+        return self._serves
+
+    def run_to_serve(self) -> int:
+        epoch, closed, pending, _ = self._run_state()
+        return epoch + 1 if closed and pending <= 0 else epoch
+
+    def _run_state(self, register: bool = False) -> tuple[int, int, int, int]:
+        """(epoch, closed, pending, live producers), read in one step — the step
+        that registers this consumer, with ``register``: a run that ends after it
+        counts this consumer, so the run it reads is the one it serves."""
+        k = self.keys
+        keys = [k.epoch, k.closed, k.counters, k.producer_beats, k.consumers, k.consumer_beats]
+        args = [self._consumer_id, self._consumer_info, self._ttl_ms] if register else ["", "", 0]
+        epoch, closed, pending, producers = self._link.run("run_state", keys, args)
+        return int(epoch), int(closed), int(pending), int(producers)
+
+    def _run_is_over(self, status: int, wait_ms: int) -> bool:
+        """After a take that found nothing: is it time to stop?  Closed and drained,
+        for a consumer of this run (one waiting for the next run waits on); for a
+        burst consumer also an open queue without a producer or a retry due."""
+        if status == _DRAINED:
+            return self._epoch >= self._serves
+        if not self._burst or status != _TAKEN or wait_ms >= 0:
+            return False
+        return self._run_state()[3] == 0
 
     def detach_consumer(self) -> None:
         self._here()
@@ -589,6 +725,40 @@ class RedisQueue(Queue):
                 self._beat_ids.remove(producer)
         self._stop_heartbeat_if_idle()
         self._close(producer, "if_last" if close_if_last else "never")
+
+    def keep_alive(self, pids: Sequence[int]) -> None:
+        if pids:
+            args = [self._ttl_ms, socket.gethostname(), *pids]
+            self._link.run("keep_alive", [self.keys.consumer_beats], args)
+
+    def fail_running(
+        self, pid: int, task_id: str, failure: Callable[[Envelope], Failure]
+    ) -> bool:
+        """Find task ``task_id`` in the in-flight list of the dead process ``pid``
+        and acknowledge it there, as that consumer would have, with
+        ``failure(envelope)``: ack.lua's checks make this safe against a reap."""
+        prefix = f"{socket.gethostname()}:{pid}:".encode()
+        k = self.keys
+
+        def lists(client: redis.Redis) -> list[tuple[str, list[bytes]]]:
+            members = cast("list[bytes]", client.zrange(k.consumer_beats, 0, -1))
+            ids = [m.decode() for m in members if m.startswith(prefix)]
+            return [(i, cast("list[bytes]", client.lrange(k.inflight(i), 0, -1))) for i in ids]
+
+        for consumer, messages in self._link.call(lists):
+            for message in messages:
+                lease = super()._lease([message], _Receipt(consumer, [message]))
+                envs = list(lease.envelopes())
+                if len(envs) == 1 and envs[0].id == task_id:
+                    self.ack_applied = True
+                    self._ack(lease, self._outcome(lease, [failure(envs[0])], ()))
+                    return self.ack_applied
+        return False
+
+    def _forget_deaths(self, messages: list[bytes]) -> None:
+        """A suspect was acknowledged: its death count has served its purpose."""
+        deaths = self.keys.deaths
+        self._link.call(lambda client: client.hdel(deaths, *messages))
 
     def registrations(self) -> list[dict[str, Any]]:
         """Live consumers and producers: role, id, host, pid, started, and heartbeat
@@ -715,5 +885,5 @@ class RedisQueue(Queue):
     def purge(self) -> int:
         k = self.keys
         keys = [k.ready, k.delayed, k.counters, k.closed, k.epoch, k.consumer_beats]
-        keys += [k.full, k.space, k.acked]
+        keys += [k.full, k.space, k.acked, k.suspects, k.deaths]
         return int(self._link.run("purge", keys, [k.inflight_prefix]))

@@ -203,6 +203,11 @@ class Link:
         self._injected = None
         self._reset()
 
+    @property
+    def injected(self) -> redis.Redis | None:
+        """The client given to the constructor (a test's fakeredis), if any."""
+        return self._injected
+
     def client(self) -> redis.Redis:
         """The client, built for this process and pinged once."""
         if self._pid != os.getpid():  # forked: the parent's sockets (and lock) are not ours

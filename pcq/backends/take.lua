@@ -15,12 +15,15 @@
 -- ARGV[5] SENTINEL_PREFIX (first bytes of any sentinel)
 -- ARGV[6] consumer id; ARGV[7] heartbeat ttl ms
 -- ARGV[8] '', or the token of the ack sent just before in the same pipeline
+-- KEYS[10] suspects        list; tasks of consumers that died (see reap.lua)
+-- KEYS[11] deaths          hash message -> consumers that died with it in flight
 --
 -- Returns {status, epoch, wait_ms, inflight_len, message...} with status
 --   0 taken (maybe nothing), 1 the epoch changed (nothing done: call again, with
 --   inflight_len as `held`: the one sent, or after an ack with a token, the ack's),
 --   2 closed and drained (the caller exits), 3 a sentinel waits behind delayed retries,
---   4 the ack with ARGV[8] is not in `acked` (nothing done; see ack.lua).
+--   4 the ack with ARGV[8] is not in `acked` (nothing done; see ack.lua),
+--   5 a suspect, taken alone; in place of wait_ms, its count in `deaths`.
 -- wait_ms: ms until the next delayed retry is due, -1 if none.
 --
 -- Races prevented:
@@ -86,6 +89,15 @@ if llen > held then
   if #back > 0 then redis.call('RPUSH', KEYS[1], unpack(back)) end  -- first back ends rightmost
 end
 
+-- A suspect is taken alone, before anything in ready (it was taken once already),
+-- and only by a consumer that holds nothing else (one with concurrent leases
+-- waits for them): no task in flight beside it can die with it again.
+local suspects = redis.call('LLEN', KEYS[10])
+if n == 0 and not stop and suspects > 0 and redis.call('LLEN', KEYS[2]) == 0 then
+  local m = redis.call('RPOP', KEYS[10])
+  n, reply[5], stop, status = 1, m, true, 5
+end
+
 while not stop and n < max do
   local want = max - n
   local chunk = redis.call('LRANGE', KEYS[1], -want, -1)
@@ -116,7 +128,7 @@ if full and ready < tonumber(full) then
   redis.call('LPUSH', KEYS[8], 1)
   redis.call('PEXPIRE', KEYS[8], 10000)
 end
-if n == 0 and status == 0 and ready == 0 and delayed == 0
+if n == 0 and status == 0 and ready == 0 and delayed == 0 and suspects == 0
     and redis.call('EXISTS', KEYS[4]) == 1 then
   status = 2
 end
@@ -124,5 +136,6 @@ if delayed > 0 then
   local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
   reply[3] = math.max(0, tonumber(first[2]) - now)
 end
+if status == 5 then reply[3] = tonumber(redis.call('HGET', KEYS[11], reply[5]) or '0') end
 reply[1], reply[4] = status, redis.call('LLEN', KEYS[2])
 return reply

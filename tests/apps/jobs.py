@@ -60,3 +60,48 @@ def handled(out):
             with open(os.path.join(out, name)) as f:
                 items.extend(json.loads(line) for line in f)
     return items
+
+
+def _poison():
+    return int(os.environ.get("JOBS_POISON", "-1"))
+
+
+def handle_poison(item):
+    """Task ``JOBS_POISON`` kills the consumer that runs it (as a segfaulting C
+    extension or the OOM killer would); every other task is recorded."""
+    if item == _poison():
+        os._exit(1)
+    _record(item)
+
+
+def _busy_loop_for(seconds):
+    """How many numbers ``sum(range(n))`` adds in about ``seconds``: one call into
+    C that holds the GIL all along (no bytecode runs, no thread switch)."""
+    n = 2_000_000
+    started = time.perf_counter()
+    sum(range(n))
+    return max(n, int(n * seconds / max(time.perf_counter() - started, 1e-6)))
+
+
+def handle_gil(item):
+    """Hold the GIL for about ``JOBS_GIL_SECONDS`` in one C call, then record."""
+    sum(range(_busy_loop_for(float(os.environ.get("JOBS_GIL_SECONDS", "3")))))
+    _record(item)
+
+
+def handle_swallow(item):
+    """Task ``JOBS_POISON`` catches the TaskTimeout and goes on for
+    ``JOBS_AFTER`` seconds (a handler that swallows every exception); others are
+    recorded."""
+    if item == _poison():
+        try:
+            time.sleep(60)
+        except Exception:
+            time.sleep(float(os.environ.get("JOBS_AFTER", "600")))
+        return
+    _record(item)
+
+
+def handle_dies(item):
+    """Every task kills its consumer: a crash loop."""
+    os._exit(1)

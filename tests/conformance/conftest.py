@@ -80,7 +80,6 @@ class FakeRedisBackend(Backend):
 
     name = "redis-fake"
     multiprocess = False
-    idle_is_new = False  # issue #8: the redis half is on its way
 
     def prepare(self, request: pytest.FixtureRequest) -> None:
         self.client = FakeRedis()
@@ -93,7 +92,6 @@ class RealRedisBackend(Backend):
     """The session's real redis-server."""
 
     name = "redis-real"
-    idle_is_new = False  # issue #8: the redis half is on its way
 
     def prepare(self, request: pytest.FixtureRequest) -> None:
         server: RedisServer = request.getfixturevalue("shared_redis")
@@ -124,6 +122,12 @@ class QueueFactory:
         queue = self.backend.open(f"{self._prefix}-{len(self._opened)}", maxsize)
         self._opened.append(queue)
         return queue
+
+    def sibling(self, queue: Queue, maxsize: int = 0) -> Queue:
+        """A fresh queue on ``queue``'s server (a stage's target queue)."""
+        other = queue.sibling(f"{queue.name}-next-{len(self._opened)}", maxsize=maxsize)
+        self._opened.append(other)
+        return other
 
     def handle(self, queue: Queue) -> Queue:
         """Another handle on ``queue`` (a second consumer in this process)."""

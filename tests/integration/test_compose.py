@@ -8,6 +8,8 @@ import re
 import subprocess
 
 import pytest
+import redis
+from helpers import wait_for
 from helpers_cli import ROOT, pcq_env, start_pcq
 
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
@@ -37,6 +39,11 @@ def test_compose_producer_and_scaled_consumers_finish_the_job(redis_url, tmp_pat
         return start_pcq(command[1:], env)  # `pcq` is this interpreter's pcq.cli
 
     consumers = [start(consume_cmd) for _ in range(3)]  # --scale consumer=3
+    # A consumer that attaches after the run has finished waits for the next run
+    # (idle is new): let all of them attach first, as containers started together do
+    # unless the job is very short.
+    key = f"pcq:{{{env['PCQ_QUEUE']}}}:consumers"
+    wait_for(lambda: redis.Redis.from_url(redis_url).hlen(key) == 6, timeout=60)
     producer = start(produce_cmd)
     out, err = producer.communicate(timeout=90)
     assert producer.returncode == 0, err

@@ -39,6 +39,10 @@ def test_two_hosts_one_producer_every_item_once_and_everyone_exits(redis_url, tm
     # Given two consumer hosts with three workers each
     env = pcq_env(redis_url, tmp_path, JOBS_N="300")
     hosts = [consume(env, "--workers", "3") for _ in range(2)]
+    # (both attached before the run: a host that comes after the run has finished
+    # waits for the next one, since idle is new)
+    consumers = f"pcq:{{{env['PCQ_QUEUE']}}}:consumers"
+    wait_for(lambda: redis.Redis.from_url(redis_url).hlen(consumers) == 6, timeout=60)
     # When one producer puts 300 tasks and waits
     code, out, err = finish(produce(env, "--json"))
     # Then it reports every task done and exits 0 ...
@@ -171,12 +175,15 @@ def test_stale_sentinels_never_stop_a_later_run(redis_url, tmp_path):
     host.wait(timeout=10)
     subprocess.run([*PCQ, "close"], env=env, check=True, capture_output=True, timeout=30)
     assert client.llen(ready) == 2
-    # When a second run on the same queue name puts its tasks behind them
+    # When the consumers of a second run on the same queue name start first (the
+    # queue is idle: they wait) and its producer puts its tasks behind them
     (tmp_path / "run2").mkdir()
     env2 = {**env, "JOBS_OUT": str(tmp_path / "run2"), "JOBS_START": "100", "JOBS_N": "40"}
-    producer = produce(env2, "--json")
-    wait_for(lambda: client.llen(ready) > 2, timeout=30)
+    old = set(client.hkeys(f"pcq:{{{env['PCQ_QUEUE']}}}:consumers"))
     hosts = [consume(env2, "--workers", "2") for _ in range(2)]
+    wait_for(lambda: len(set(client.hkeys(f"pcq:{{{env['PCQ_QUEUE']}}}:consumers")) - old) == 4,
+             timeout=60, message="the second run's consumers attached")
+    producer = produce(env2, "--json")
     # Then its consumers skip the stale sentinels and handle every task
     code, out, err = finish(producer)
     assert code == 0, err

@@ -257,15 +257,51 @@ def test_ready_counts_tasks_not_the_sentinels_behind_them(make: Factory) -> None
     assert (c.ready, c.pending, c.closed) == (70, 70, True)
 
 
-def test_a_consumer_started_after_close_on_a_drained_queue_stops(make: Factory) -> None:
+def test_a_burst_consumer_started_on_an_idle_queue_stops(make: Factory) -> None:
     q = make()
     q.close()
-    q.attach_consumer()
+    q.join_run(burst=True)
 
     lease = q.take(1, timeout=None)
 
     assert lease is not None and lease.sentinel is not None and lease.size == 0
     q.ack(lease)
+
+
+def test_a_consumer_started_on_an_idle_queue_waits_for_the_next_run(make: Factory) -> None:
+    # Given a finished run: closed, nothing pending
+    q, producer = make(), make()
+    q.close()
+    assert q.state() == "idle"
+    serves = q.join_run()
+
+    # Then a consumer that attaches waits ...
+    assert q.take(1, timeout=0.3) is None
+    # ... and serves the next run, to its sentinel
+    producer.attach_producer()
+    assert q.state() == "open"
+    producer.put("next")
+    producer.detach_producer()
+    assert drain(q) == ["next"]
+    assert serves == 1  # the run after the finished one (epoch 0)
+
+
+def test_a_replacement_for_a_finished_run_stops(make: Factory) -> None:
+    q = make()
+    q.close()  # run 0 finished while its consumer was being replaced
+    q.join_run(run=0)
+    lease = q.take(1, timeout=1)
+    assert lease is not None and lease.sentinel is not None
+
+
+def test_a_burst_consumer_stops_when_no_producer_is_attached(make: Factory) -> None:
+    q, producer = make(), make()
+    q.join_run(burst=True)
+    producer.attach_producer()
+    assert q.take(1, timeout=0.3) is None  # a producer is attached: it waits
+    producer.detach_producer(close_if_last=False)
+    lease = q.take(1, timeout=1)
+    assert lease is not None and lease.sentinel is not None
 
 
 def test_the_last_sentinel_waits_for_delayed_retries(make: Factory) -> None:
@@ -323,13 +359,19 @@ def test_reap_returns_a_dead_consumers_tasks_to_the_front(make: Factory) -> None
     a.dispose()
     moved = wait_for(lambda: b.reap(), timeout=5, message="the reap")
 
-    # Then A's tasks are back, ahead of the others, and A is unregistered
+    # Then A's tasks are back, ahead of the others, each alone (suspects), and A
+    # is unregistered
     assert moved == 2
-    lease = b.take(10, timeout=1)
-    assert lease is not None and bodies(lease) == ["a1", "a2", "w1", "w2"]
-    b.ack(lease)
+    taken = []
+    for _ in range(3):
+        lease = b.take(10, timeout=1)
+        assert lease is not None
+        taken.append((bodies(lease), lease.deaths))
+        b.ack(lease)
+    assert taken == [(["a1"], 1), (["a2"], 1), (["w1", "w2"], 0)]
     c = b.counters()
     assert (c.consumers, c.done, c.pending) == (1, 4, 0)
+    assert b._link.call(lambda r: r.exists(b.keys.deaths)) == 0  # forgotten once handled
 
 
 def test_evict_returns_a_killed_workers_tasks_at_once(make: Factory) -> None:
@@ -649,9 +691,11 @@ def test_a_bad_url_is_a_config_error(url: str) -> None:
 
 
 def test_bad_names_and_options_are_config_errors(client: FakeRedis) -> None:
-    for name in ("", "a{b}"):
+    for name in ("", "a{}b", "{a", "a}", "}a{", "{a}{b}"):
         with pytest.raises(ConfigError):
             RedisQueue(name, client=client)
+    # One hash tag is a name of its own: the queues of a pipeline share a slot.
+    assert RedisQueue("{crawl}.parse", client=client).keys.ready == "pcq:{crawl}.parse:ready"
     with pytest.raises(ConfigError):
         RedisQueue("x", client=client, heartbeat_ttl=0)
     with pytest.raises(ConfigError, match="decode_responses"):
@@ -1093,6 +1137,61 @@ def test_ack_and_take_of_a_lease_from_an_earlier_registration(make: Factory) -> 
     q.ack(after)
     c = q.counters()
     assert (c.done, c.pending, c.in_flight) == (2, 0, 0)
+
+
+# ---------------------------------------------------------------- issue 8: liveness, deaths
+
+
+def test_keep_alive_keeps_a_consumer_whose_heartbeat_thread_starves(make: Factory) -> None:
+    # Given a consumer whose own heartbeat stopped (a handler holds its GIL)
+    worker, supervisor = make(heartbeat_ttl=0.3), make(heartbeat_ttl=0.3)
+    worker.attach_consumer()
+    assert worker._heartbeat is not None
+    worker._heartbeat.stop()
+    # When its supervisor vouches for its pid, past several TTLs
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        supervisor.keep_alive([os.getpid()])
+        assert supervisor.reap() == 0
+        time.sleep(0.05)
+    # Then it was never reaped; without the supervisor, it is
+    assert supervisor.counters().consumers == 1
+    wait_for(lambda: supervisor.counters().consumers == 0, timeout=5, message="expiry")
+
+
+def test_fail_running_fails_the_timed_out_task_and_release_counts_no_death(
+    make: Factory,
+) -> None:
+    worker, supervisor = make(), make()
+    worker.attach_consumer()
+    supervisor.put_many(["stuck", "next"])
+    lease = worker.take(2, timeout=1)
+    assert lease is not None and bodies(lease) == ["stuck", "next"]
+    stuck = next(iter(lease.envelopes()))
+
+    # When the supervisor killed the worker for a timeout on "stuck"
+    assert supervisor.fail_running(os.getpid(), stuck.id, lambda env: Failure(env, "late"))
+    assert supervisor.release(os.getpid()) == 1
+
+    # Then "stuck" is dead-lettered as failed, "next" is ready again, unsuspected
+    c = supervisor.counters()
+    assert (c.failed, c.dead, c.ready, c.pending) == (1, 1, 1, 1)
+    assert supervisor.dead_letters()[0]["error"] == "late"
+    supervisor.attach_consumer()
+    again = supervisor.take(5, timeout=1)
+    assert again is not None and bodies(again) == ["next"] and again.deaths == 0
+
+
+def test_an_ack_of_a_stale_lease_says_it_was_not_applied(make: Factory) -> None:
+    worker, supervisor = make(), make()
+    worker.attach_consumer()
+    supervisor.put("t")
+    lease = worker.take(1, timeout=1)
+    assert lease is not None
+    supervisor.evict(os.getpid())
+
+    assert worker.ack(lease) is False and worker.ack_applied is False
+    assert supervisor.counters().done == 0
 
 
 def test_an_outage_is_one_line_when_lost_and_one_when_back(

@@ -1,0 +1,172 @@
+"""``pcq.map`` with real worker processes, on the local backend and on a real
+redis-server: every result exactly once under SIGKILLs, input order with
+``ordered=True``, ``TaskFailed``, and an early ``break`` that leaves nothing
+running."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import children_of, wait_for
+
+import pcq
+
+BACKENDS = ["local", "redis"]
+_PIDS = Path(os.environ.get("TMPDIR", "/tmp")) / f"pcq-map-test-{os.getpid()}"
+
+
+def options(backend: str, redis_url: str) -> dict[str, Any]:
+    return {} if backend == "local" else {"url": redis_url}
+
+
+def square_slowly(x: int) -> int:
+    """Note this worker's pid (the test kills noted workers), then work a little."""
+    mark = _PIDS / str(os.getpid())
+    if not mark.exists():
+        _PIDS.mkdir(exist_ok=True)
+        mark.touch()
+    time.sleep(0.0005)
+    return x * x
+
+
+def fails_on_seven(x: int) -> int:
+    if x == 7:
+        raise ValueError("seven is right out")
+    return x
+
+
+def live_children() -> set[int]:
+    return {pid for pid, state in children_of(os.getpid()).items() if state != "Z"}
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs a random live map worker (a child of this process that ran
+    ``square_slowly``) every 150-400 ms until stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.kills = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        rng = random.Random()
+        while not self._done.wait(rng.uniform(0.15, 0.4)):
+            noted = {int(p.name) for p in _PIDS.iterdir()} if _PIDS.exists() else set()
+            victims = sorted(noted & live_children())
+            if victims:
+                try:
+                    os.kill(rng.choice(victims), signal.SIGKILL)
+                    self.kills += 1
+                except ProcessLookupError:
+                    pass
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return self.kills
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered"])
+@pytest.mark.parametrize("chunksize", [1, 40])
+def test_every_result_exactly_once_while_workers_are_killed(
+    backend, ordered, chunksize, redis_url
+):
+    # Given thousands of items and workers SIGKILLed every few hundred ms
+    n = 6000
+    shutil.rmtree(_PIDS, ignore_errors=True)  # pids noted by an earlier test may be reused
+    before = live_children()
+    killer = WorkerKiller()
+    killer.start()
+    try:
+        # When they are mapped
+        results = list(pcq.map(square_slowly, range(n), workers=3, ordered=ordered,
+                               chunksize=chunksize, **options(backend, redis_url)))
+    finally:
+        kills = killer.stop()
+    # Then every result came exactly once (in input order when ordered)
+    assert kills > 0, "the map ended before any worker was killed"
+    if ordered:
+        assert results == [x * x for x in range(n)]
+    else:
+        assert sorted(results) == [x * x for x in range(n)]
+    # ... and nothing it started is left running
+    assert live_children() <= before
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ordered_keeps_input_order_with_an_endless_input_in_a_bounded_window(
+    backend, redis_url
+):
+    # An endless input: only the window's worth is ever in the works
+    counter = iter(range(10**12))
+    got = []
+    for value in pcq.map(abs, counter, workers=2, ordered=True, window=64, maxsize=16,
+                         **options(backend, redis_url)):
+        got.append(value)
+        if len(got) == 2000:
+            break
+    assert got == list(range(2000))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_a_failed_item_raises_task_failed_where_iteration_reaches_it(
+    backend, chunksize, redis_url
+):
+    it = pcq.map(fails_on_seven, range(20), workers=2, ordered=True, retries=1,
+                 chunksize=chunksize, **options(backend, redis_url))
+    got = []
+    with pytest.raises(pcq.TaskFailed) as failed:
+        for value in it:
+            got.append(value)
+    assert got == list(range(7))
+    assert failed.value.index == 7
+    assert "ValueError: seven is right out" in str(failed.value)
+    # Iteration may go on past the failed item, as with Pool.imap
+    assert list(it) == list(range(8, 20))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_breaking_out_early_stops_every_process(backend, redis_url):
+    # Given a map over an endless input
+    before = live_children()
+    results = pcq.map(abs, iter(int, 1), workers=3, **options(backend, redis_url))
+    for seen, _ in enumerate(results):
+        if seen == 500:
+            break
+    assert live_children() - before, "the map's processes should run until it is left"
+    # When the loop is left and the iterator dropped
+    del results
+    # Then no process it started is left
+    wait_for(lambda: live_children() <= before, timeout=30, message="map processes to exit")
+
+
+@pytest.mark.timeout(120)
+def test_map_as_a_context_manager_and_empty_input(redis_url):
+    assert list(pcq.map(abs, [])) == []
+    with pcq.map(abs, [-1, -2, -3], ordered=True, url=redis_url) as results:
+        assert list(results) == [1, 2, 3]
+
+
+@pytest.mark.timeout(120)
+def test_a_map_leaves_no_keys_on_the_server(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    before = set(client.keys("pcq:{pcq-map-*"))
+    assert sorted(pcq.map(abs, range(-50, 0), url=redis_url)) == list(range(1, 51))
+    assert set(client.keys("pcq:{pcq-map-*")) == before
+    client.close()

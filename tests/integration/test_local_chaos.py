@@ -48,14 +48,21 @@ def _kill_storm(job: subprocess.Popen[str], out: Path, rng: random.Random,
     while job.poll() is None:
         time.sleep(rng.uniform(0.1, 0.5))
         if not producer_killed and (victims := _alive(job, local_jobs.producers(out))):
-            os.kill(victims[0], signal.SIGKILL)
             producer_killed = True
-            kills += 1
+            kills += _kill(victims[0])
             continue
         if victims := _alive(job, local_jobs.consumers(out)):
-            os.kill(rng.choice(victims), signal.SIGKILL)
-            kills += 1
+            kills += _kill(rng.choice(victims))
     return kills
+
+
+def _kill(pid: int) -> int:
+    """SIGKILL ``pid``; 0 if it exited (and was reaped) since it was seen alive."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return 0
+    return 1
 
 
 @pytest.mark.timeout(120)

@@ -377,6 +377,12 @@ class Slots:
                 self.queue.ack(entry.lease, entry.failures, entry.give_back)
             else:
                 self._outputs(entry.lease, entry.failures, entry.give_back, entry.outputs)
+            if self._sentinel and any(f.retry_in is not None for f in entry.failures):
+                # The sentinel came while this task was still running here (the
+                # queue hands it out once only our tasks are in flight); its retry
+                # is due later, so stay for it: the queue gives a sentinel again
+                # once the run is over.
+                self._sentinel = False
             if self._count is not None:
                 self._count(entry.handled, entry.failures)
             if entry.handled:

@@ -197,7 +197,11 @@ def run_command(
         callback=_checked(float, 0.001),
         help="Seconds a task may run; longer counts as a failed attempt.  One number "
              "or one per stage (none: no limit).")] = None,
-    concurrency: Concurrency = 1,
+    concurrency: Annotated[str, typer.Option(
+        callback=_checked(int, 1),
+        help="Tasks each consumer process runs at once: threads, or asyncio tasks for an "
+             "async def handler. For handlers that wait (network, disk). One number or one "
+             "per stage (1,50,1).")] = "1",
     as_json: Json = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     heartbeat_ttl: HeartbeatTtl = None,
@@ -221,7 +225,8 @@ def run_command(
                       retries=_per_stage(retries, n, "--retries", int),
                       timeout=_per_stage(timeout or "none", n, "--timeout", float),
                       backend=backend, url=url, queue=queue, names=names,
-                      on_progress=display.update, concurrency=concurrency,
+                      on_progress=display.update,
+                      concurrency=_per_stage(concurrency, n, "--concurrency", int),
                       max_deliveries=max_deliveries, setup=setup_fn, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)

@@ -94,15 +94,15 @@ def run(
     grace: float = GRACE_SECONDS,
     on_progress: Callable[[list[Progress]], None] | None = None,
     names: Sequence[str] | None = None,
-    concurrency: int = 1,
+    concurrency: int | Sequence[int] = 1,
     setup: Callable[[], Any] | None = None,
     **queue_options: Any,
 ) -> Summary:
     """Run ``produce`` into a pipeline of one or more handlers (see the module
     docstring); return the summary.  ``workers``, ``maxsize``, ``retries`` and
-    ``timeout`` take one value for all stages or a list with one per stage.
-    ``concurrency`` (tasks at once in each consumer, see :class:`~pcq.roles.Consumer`)
-    applies to the last stage: a stage that feeds another runs one at a time.
+    ``timeout`` take one value for all stages or a list with one per stage, and
+    so does ``concurrency`` (tasks at once in each consumer, see
+    :class:`~pcq.roles.Consumer`; a stage's outputs still ride on each task's ack).
     The summary's ``stages`` holds a :class:`StageSummary` per stage; its
     ``produced`` is the first stage's, ``done`` the last stage's, ``failed``,
     ``retried`` and ``dead`` add up every stage's."""
@@ -112,13 +112,14 @@ def run(
     sizes = per_stage(maxsize, n, "maxsize")
     tries = per_stage(retries, n, "retries")
     limits = per_stage(timeout, n, "timeout")
+    slots = per_stage(concurrency, n, "concurrency")
     if n == 1:
         return run_one(produce, handle, workers=counts[0], producers=producers,
                        maxsize=sizes[0], retries=tries[0], timeout=limits[0], backend=backend,
                        url=url, queue=queue, grace=grace, on_progress=on_progress,
-                       concurrency=concurrency, setup=setup, **queue_options)
-    if min(counts) < 1 or producers < 1:
-        raise ValueError("workers and producers must be at least 1")
+                       concurrency=slots[0], setup=setup, **queue_options)
+    if min(counts) < 1 or producers < 1 or min(slots) < 1:
+        raise ValueError("workers, producers and concurrency must be at least 1")
     labels = list(names) if names is not None else [stage_name(h) for h in steps]
     first = open_queue(backend, url=url, name=queue, maxsize=sizes[0], **queue_options)
     queues = [first]
@@ -126,7 +127,7 @@ def run(
         queues += [first.sibling(stage_queue(queue, k), maxsize=sizes[k]) for k in range(1, n)]
         for k in range(n - 1):
             queues[k].set_feeds(queues[k + 1].name)
-        job = _Job(queues, steps, counts, tries, limits, labels, concurrency, setup)
+        job = _Job(queues, steps, counts, tries, limits, labels, slots, setup)
         return job.run(produce, producers, grace, on_progress)
     finally:
         for q in reversed(queues):
@@ -144,7 +145,7 @@ class _Job:
         retries: list[int],
         timeouts: list[float | None],
         names: list[str],
-        concurrency: int = 1,
+        concurrency: list[int],
         setup: Callable[[], Any] | None = None,
     ) -> None:
         self.queues = queues
@@ -154,22 +155,24 @@ class _Job:
         self.names = names
         self.workers = workers
         self.supervisors = [
-            Supervisor(q, self._factory(k, handles[k], retries[k], timeouts[k]), workers[k])
+            Supervisor(q, self._factory(k, handles[k], retries[k], timeouts[k], concurrency[k]),
+                       workers[k])
             for k, q in enumerate(queues)
         ]
         self.closed = [False] * len(queues)  # output of stage k closed (k < last)
 
     def _factory(
-        self, k: int, handle: Callable[[Any], Any], retries: int, timeout: float | None
+        self, k: int, handle: Callable[[Any], Any], retries: int, timeout: float | None,
+        slots: int,
     ) -> Callable[[int], Consumer]:
         q = self.queues[k]
         if k == len(self.queues) - 1:
             return lambda i: Consumer(q, handle, retries=retries, timeout=timeout,
-                                      name=f"pcq-{k + 1}-{i}", concurrency=self.concurrency,
+                                      name=f"pcq-{k + 1}-{i}", concurrency=slots,
                                       setup=self.setup, setup_report=self.setup_report)
         to = self.queues[k + 1]
         return lambda i: Stage(q, handle, to=to, retries=retries, timeout=timeout,
-                               name=f"pcq-{k + 1}-{i}", setup=self.setup,
+                               name=f"pcq-{k + 1}-{i}", concurrency=slots, setup=self.setup,
                                setup_report=self.setup_report)
 
     def _finish_stages(self, grace: float) -> None:

@@ -43,7 +43,7 @@ from pcq.backends.base import (
 )
 from pcq.envelope import Batch, Envelope, short_repr
 from pcq.errors import BackendLost, PcqError, SerializationError, TaskTimeout
-from pcq.slots import consume_concurrently, run_coroutine
+from pcq.slots import AckOutputs, consume_concurrently, run_coroutine
 
 log = logging.getLogger("pcq")
 
@@ -371,10 +371,11 @@ class Consumer(_Process):
         the next (one round trip where the backend can); stop at a sentinel."""
         is_async = self._is_async()
         if self.concurrency > 1:
+            call, outputs = self._concurrent_task()
             consume_concurrently(
-                self.queue, self.handle, is_async=is_async, slots=self.concurrency,
+                self.queue, call, is_async=is_async, slots=self.concurrency,
                 timeout=self.timeout, stopping=lambda: self._stopping, failure=self._failure,
-                count=self._count if self._tally is not None else None)
+                count=self._count if self._tally is not None else None, outputs=outputs)
             return
         if not is_async:
             self._call = self._call_with_timeout if self.timeout else self.handle
@@ -416,6 +417,11 @@ class Consumer(_Process):
                 return
             lease = self._ack_and_take(lease, failures, give_back, want)
             self._count(handled, failures)  # after the ack: it may have come too late
+
+    def _concurrent_task(self) -> tuple[Callable[[Any], Any], AckOutputs | None]:
+        """What a slot calls per task, and how a lease is acknowledged with the
+        outputs of its tasks (None: there are none).  A stage overrides this."""
+        return self.handle, None
 
     # A stage (pcq.stages) overrides these three to put what its handler returned.
     def _ack(self, lease: Lease, failures: list[Failure], give_back: list[Envelope]) -> None:

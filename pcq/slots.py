@@ -23,6 +23,9 @@ The loop (:class:`Slots`):
    tasks finish (the supervisor's grace period bounds that), leases are
    acknowledged and the loop returns.  A task is in the queue's in-flight set
    from take to ack, so a process killed at any point loses none.
+6. A stage (``outputs=``) collects what each task returned — a list of outputs —
+   with the lease the task came from, and puts them on the next queue with that
+   lease's ack; a failed or timed-out task contributes none.
 
 The heartbeat (Redis) is a thread of the backend's own, so a handler that blocks
 the event loop never stops it.
@@ -53,8 +56,10 @@ POLL = 0.02
 #: thread counts it failed itself only this much later (a blocked event loop).
 ASYNC_SLACK = 0.25
 
-#: (task key, error or None, seconds the handler ran)
-Finished = tuple[int, BaseException | None, float]
+#: (task key, error or None, seconds the handler ran, what the handler returned)
+Finished = tuple[int, BaseException | None, float, Any]
+#: Acknowledges a lease with the outputs of its tasks (a stage's, see point 6).
+AckOutputs = Callable[[Lease, list[Failure], list[Envelope], list[Any]], None]
 
 
 class Runner(Protocol):
@@ -93,11 +98,12 @@ class ThreadRunner:
             key, body = job
             self.started[key] = began = clock()
             error: BaseException | None = None
+            result: Any = None
             try:
-                call(body)
+                result = call(body)
             except BaseException as exc:  # a thread must report, not die
                 error = exc
-            finished.put((key, error, clock() - began))
+            finished.put((key, error, clock() - began, result))
             if self._excess:
                 with self._lock:
                     if self._excess:
@@ -148,15 +154,16 @@ class AsyncRunner:
     async def _run(self, key: int, body: Any) -> None:
         self.started[key] = began = time.monotonic()
         error: BaseException | None = None
+        result: Any = None
         try:
-            await run_coroutine(self._handle(body), self._timeout)
+            result = await run_coroutine(self._handle(body), self._timeout)
         except asyncio.CancelledError:
             error = TaskTimeout(f"task ran past its timeout of {self._timeout:g} s")
         except BaseException as exc:  # reported to the main thread
             error = exc
         finally:
             self._tasks.pop(key, None)
-        self._finished.put((key, error, time.monotonic() - began))
+        self._finished.put((key, error, time.monotonic() - began, result))
 
     def abandon(self, key: int) -> None:
         def cancel() -> None:
@@ -221,6 +228,7 @@ class _Open:
     busy: float = 0.0  # handler seconds, summed
     failures: list[Failure] = field(default_factory=list)
     give_back: list[Envelope] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)  # a stage's, of its finished tasks
 
 
 class Slots:
@@ -238,8 +246,10 @@ class Slots:
         stopping: Callable[[], bool],
         failure: Callable[[Batch, int, BaseException], Failure],
         count: Callable[[int, list[Failure]], None] | None,
+        outputs: AckOutputs | None = None,
     ) -> None:
         self.queue = queue
+        self._outputs = outputs
         self.runner = runner
         self.slots = slots
         self._finished = finished
@@ -320,12 +330,14 @@ class Slots:
         with contextlib.suppress(Empty):
             while True:
                 done.append(self._finished.get_nowait())
-        for key, error, seconds in done:
-            self._finish(key, error, seconds)
+        for key, error, seconds, result in done:
+            self._finish(key, error, seconds, result)
         if self._timeout is not None:
             self._expire()
 
-    def _finish(self, key: int, error: BaseException | None, seconds: float) -> None:
+    def _finish(
+        self, key: int, error: BaseException | None, seconds: float, result: Any = None
+    ) -> None:
         task = self._running.pop(key, None)
         self.runner.started.pop(key, None)
         if task is None:
@@ -337,6 +349,8 @@ class Slots:
         entry.busy += seconds
         if error is not None:
             entry.failures.append(self._failure(batch, index, error))
+        elif self._outputs is not None:
+            entry.outputs.extend(result)
 
     def _until_overdue(self) -> float:
         if self._timeout is None or not self.runner.started:
@@ -359,7 +373,16 @@ class Slots:
         """Acknowledge every lease whose tasks have all finished."""
         for number in [n for n, entry in self._open.items() if entry.left == 0]:
             entry = self._open.pop(number)
-            self.queue.ack(entry.lease, entry.failures, entry.give_back)
+            if self._outputs is None:
+                self.queue.ack(entry.lease, entry.failures, entry.give_back)
+            else:
+                self._outputs(entry.lease, entry.failures, entry.give_back, entry.outputs)
+            if self._sentinel and any(f.retry_in is not None for f in entry.failures):
+                # The sentinel came while this task was still running here (the
+                # queue hands it out once only our tasks are in flight); its retry
+                # is due later, so stay for it: the queue gives a sentinel again
+                # once the run is over.
+                self._sentinel = False
             if self._count is not None:
                 self._count(entry.handled, entry.failures)
             if entry.handled:
@@ -380,8 +403,10 @@ def consume_concurrently(
     stopping: Callable[[], bool],
     failure: Callable[[Batch, int, BaseException], Failure],
     count: Callable[[int, list[Failure]], None] | None,
+    outputs: AckOutputs | None = None,
 ) -> None:
-    """Consume until a sentinel or a stop, up to ``slots`` tasks at once."""
+    """Consume until a sentinel or a stop, up to ``slots`` tasks at once.  With
+    ``outputs``, ``handle`` returns a list of outputs per task (a stage)."""
     finished: SimpleQueue[Finished] = SimpleQueue()
     runner: Runner
     if is_async:
@@ -391,6 +416,6 @@ def consume_concurrently(
     try:
         Slots(queue, runner, finished, slots=slots, timeout=timeout,
               slack=ASYNC_SLACK if is_async else 0.0, stopping=stopping, failure=failure,
-              count=count).run()
+              count=count, outputs=outputs).run()
     finally:
         runner.close()

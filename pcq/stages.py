@@ -32,6 +32,7 @@ from pcq.backends.base import Failure, Lease, Queue
 from pcq.envelope import Batch, Envelope, check_encodable, pack_value
 from pcq.errors import ConfigError, SerializationError
 from pcq.roles import IDLE_WAIT, Consumer
+from pcq.slots import AckOutputs
 
 
 def finished(q: Queue) -> bool:
@@ -87,9 +88,6 @@ class Stage(Consumer):
         to: Queue,
         **options: Any,
     ) -> None:
-        if options.get("concurrency", 1) > 1:
-            raise ConfigError("a stage that feeds another queue (--to) runs one task at a "
-                              "time in each worker: give it more workers, not --concurrency")
         super().__init__(queue, handle, **options)
         queue._check_target(to)
         self.to = to
@@ -146,6 +144,36 @@ class Stage(Consumer):
         else:
             self._outputs.append(result)
 
+    def _concurrent_task(self) -> tuple[Callable[[Any], Any], AckOutputs | None]:
+        # Many tasks at once (pcq.slots): each task returns its own outputs, as
+        # a list, and the slots keep them with the task's lease until its ack;
+        # nothing is kept on self, which the slot threads share.
+        fn = self.handle if type(self).handle is not Stage.handle else self._handle
+        if fn is None:
+            return super().handle, self._ack_outputs  # raises NotImplementedError
+        handler = fn
+        if self._is_async():
+
+            async def task_async(item: Any) -> list[Any]:
+                return self._as_list(await handler(item))
+
+            return task_async, self._ack_outputs
+
+        def task(item: Any) -> list[Any]:
+            return self._as_list(handler(item))
+
+        return task, self._ack_outputs
+
+    def _as_list(self, result: Any) -> list[Any]:
+        outputs = self._outputs_of(result)
+        return outputs if type(outputs) is _Outputs else [outputs]
+
+    def _ack_outputs(self, lease: Lease, failures: list[Failure], give_back: list[Envelope],
+                     outputs: list[Any]) -> None:
+        if outputs:  # a full next queue holds this stage back, as it would a producer
+            self.to.wait_for_room(lambda: self._stopping)
+        self.queue.ack(lease, failures, give_back, outputs, self.to)
+
     def _take_outputs(self) -> list[Any]:
         outputs, self._outputs = self._outputs, []
         if outputs:  # a full next queue holds this stage back, as it would a producer
@@ -194,7 +222,14 @@ class ResultStage(Stage):
     exactly-once handoff as of a result.  A chunk with a failed item is retried
     whole (at least once, as any task) and after its last attempt gives what
     that attempt got.  A chunk's result is packed once, here, and unpacked once
-    by the caller; the results of one lease travel as one message."""
+    by the caller; the results of one lease travel as one message.  One task at
+    a time per worker (its outputs are kept on the consumer)."""
+
+    def __init__(self, queue: Queue, handle: Callable[[Any], Any] | None = None, *,
+                 to: Queue, **options: Any) -> None:
+        if options.get("concurrency", 1) > 1:
+            raise ConfigError("pcq.map runs one task at a time in each worker")
+        super().__init__(queue, handle, to=to, **options)
 
     def handle(self, item: Any) -> Any:
         start, items = item

@@ -80,3 +80,45 @@ def picky(x):
     if x == 16:
         raise ValueError("sixteen is unlucky")
     return x
+
+
+def _span(stage, began):
+    """Note that a task of ``stage`` ran from ``began`` to now (PIPES_OUT/spans-...)."""
+    path = os.path.join(os.environ["PIPES_OUT"], f"spans-{stage}-{os.getpid()}")
+    with open(path, "a") as f:
+        f.write(f"{began} {time.time()}\n")
+
+
+def slow_spread(x):
+    """``spread`` that first waits PIPES_HOLD seconds (for --concurrency)."""
+    _note("slow_spread")
+    began = time.time()
+    time.sleep(float(os.environ.get("PIPES_HOLD", "0.05")))
+    _span("slow_spread", began)
+    yield from spread(x)
+
+
+async def apass(x):
+    """An async stage that waits PIPES_HOLD seconds and passes ``x`` on."""
+    import asyncio
+
+    _note("apass")
+    began = time.time()
+    await asyncio.sleep(float(os.environ.get("PIPES_HOLD", "0.05")))
+    _span("apass", began)
+    return x
+
+
+def most_at_once(out, stage):
+    """The most tasks of ``stage`` one process ran at the same moment."""
+    best = 0
+    for path in Path(out).glob(f"spans-{stage}-*"):
+        edges = []
+        for line in path.read_text().splitlines():
+            began, ended = map(float, line.split())
+            edges += [(began, 1), (ended, -1)]
+        running = 0
+        for _, step in sorted(edges, key=lambda e: (e[0], e[1])):
+            running += step
+            best = max(best, running)
+    return best

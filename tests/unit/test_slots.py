@@ -187,3 +187,25 @@ def test_an_async_handler_is_recognised_in_every_shape() -> None:
         assert not Consumer(q, print)._is_async()
     finally:
         q.dispose()
+
+
+def test_a_retry_of_a_task_still_running_when_the_sentinel_came_is_run(queue: Queue) -> None:
+    # The queue hands this consumer its sentinel while only its own tasks are in
+    # flight; one of those times out and is retried: the consumer stays for it.
+    queue.put_many(range(8))
+    queue.close()
+    release = threading.Event()
+    calls: Counter[int] = Counter()
+
+    def handle(item: int) -> None:
+        calls[item] += 1
+        if item == 0 and calls[item] == 1:
+            release.wait(30)  # past its timeout, while the others finish
+
+    try:
+        consume(queue, handle, slots=4, timeout=0.3, retries=1)
+    finally:
+        release.set()
+    counters = queue.counters()
+    assert calls[0] == 2
+    assert counters.done == 8 and counters.retried == 1 and counters.pending == 0

@@ -205,10 +205,76 @@ def test_an_async_handler_stage_awaits_and_puts_what_it_returns(
     assert sorted(drain(out)) == ["A", "B"]
 
 
-def test_a_stage_refuses_concurrency(queues: tuple[RedisQueue, RedisQueue]) -> None:
+def test_pcq_map_stage_refuses_concurrency(queues: tuple[RedisQueue, RedisQueue]) -> None:
     q, out = queues
     with pytest.raises(ConfigError, match="one task at a time"):
-        Stage(q, abs, to=out, concurrency=4)
+        ResultStage(q, abs, to=out, concurrency=4)
+
+
+def test_concurrent_stage_outputs_ride_on_their_tasks_acks(
+    queues: tuple[RedisQueue, RedisQueue],
+) -> None:
+    # Given a generator stage with 8 slots; one task fails half way, once
+    q, out = queues
+    calls: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def flaky(x: int) -> Iterator[int]:
+        with lock:
+            calls[x] = calls.get(x, 0) + 1
+            first = calls[x] == 1
+        yield x * 10
+        if x == 7 and first:
+            raise RuntimeError("half way through")  # its first output must not count
+        if x % 3:
+            yield x * 10 + 1
+
+    q.put_many(list(range(40)))
+    q.close()
+    run_stage(Stage(q, flaky, to=out, retries=1, backoff=0.001, concurrency=8))
+    out.attach_consumer()
+    # Then each task's outputs are on the next queue exactly once, and it closed
+    assert sorted(drain(out)) == sorted(
+        [x * 10 for x in range(40)] + [x * 10 + 1 for x in range(40) if x % 3])
+    assert calls[7] == 2
+
+
+def test_a_timed_out_concurrent_task_gives_no_outputs(
+    queues: tuple[RedisQueue, RedisQueue],
+) -> None:
+    # Given a thread stage whose task 3 outlives its timeout on its first attempt
+    q, out = queues
+    release = threading.Event()
+    tries: dict[int, int] = {}
+
+    def slow_once(x: int) -> int:
+        tries[x] = tries.get(x, 0) + 1
+        if x == 3 and tries[x] == 1:
+            release.wait(10)  # returns after its timeout: that result must be ignored
+        return x
+
+    q.put_many(list(range(10)))
+    q.close()
+    try:
+        run_stage(Stage(q, slow_once, to=out, retries=1, backoff=0.001, timeout=0.3,
+                        concurrency=4))
+    finally:
+        release.set()
+    out.attach_consumer()
+    assert sorted(drain(out)) == list(range(10))
+
+
+def test_concurrent_async_stage(queues: tuple[RedisQueue, RedisQueue]) -> None:
+    q, out = queues
+
+    async def shout(word: str) -> str:
+        return word.upper()
+
+    q.put_many(list("abcdef"))
+    q.close()
+    run_stage(Stage(q, shout, to=out, concurrency=4))
+    out.attach_consumer()
+    assert sorted(drain(out)) == list("ABCDEF")
 
 
 def test_with_a_timeout_outputs_are_kept_after_the_task(

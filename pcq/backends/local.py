@@ -299,16 +299,24 @@ class LocalQueue(Queue):
     def _ack(self, lease: Lease, outcome: Outcome) -> None:
         if not lease.receipt:
             return  # a sentinel alone: nothing was leased
-        self._call(wire.ACK, *self._ack_args(lease, outcome),
-                   point="give-back" if outcome.give_back else "ack")
+        self._applied(self._call(wire.ACK, *self._ack_args(lease, outcome),
+                                 point="give-back" if outcome.give_back else "ack"))
 
     def _ack_out(self, lease: Lease, outcome: Outcome, to: Queue) -> None:
         # The broker applies the ack and the outputs in one request, in its one
         # thread: atomic by construction, and nothing for a stale lease.
         if not lease.receipt:
             return
-        self._call(wire.ACK, *self._ack_args(lease, outcome), *self._output_args(outcome, to),
-                   point="give-back" if outcome.give_back else "ack")
+        self._applied(self._call(wire.ACK, *self._ack_args(lease, outcome),
+                                 *self._output_args(outcome, to),
+                                 point="give-back" if outcome.give_back else "ack"))
+
+    def _applied(self, applied: Any) -> None:
+        """A lease the broker no longer held (set aside for a kill, or its
+        connection gone) was acknowledged: nothing was committed."""
+        if not applied:
+            self.ack_applied = False
+            self.stale_leases += 1
 
     @staticmethod
     def _output_args(outcome: Outcome, to: Queue | None) -> list[Any]:

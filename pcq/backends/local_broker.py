@@ -254,11 +254,12 @@ class Broker:
         elif op == wire.TAKE:
             self._take(conn, ledger, args[0], args[1])
         elif op == wire.ACK:
+            applied = args[0] in conn.leases  # else stale: it commits nothing
             target = self._ack(conn, ledger, args[:7], args[7:])
             self._serve(ledger)
             if target is not None:
                 self._serve(target)
-            self._reply(conn, True)
+            self._reply(conn, applied)
         elif op == wire.ACK_TAKE:
             target = self._ack(conn, ledger, args[:7], args[9:])
             self._serve(ledger)

@@ -797,9 +797,11 @@ class Supervisor:
             consumer.join(max(0.0, deadline - time.monotonic()))
         for consumer in self.live.values():
             if consumer.is_alive():
+                assert consumer.pid is not None
+                with contextlib.suppress(PcqError):  # its leases, set aside: no death
+                    self.queue.killing(consumer.pid, "")
                 consumer.kill()
                 consumer.join()
-                assert consumer.pid is not None
                 with contextlib.suppress(BackendLost):  # gone: its heartbeat expires instead
                     self.queue.release(consumer.pid)  # killed on purpose: no death counted
         self.live.clear()

@@ -515,6 +515,7 @@ class Queue(ABC):
     def killing(self, pid: int, task_id: str) -> None:  # noqa: B027 - optional hook
         """The supervisor is about to kill consumer ``pid`` because task ``task_id``
         ran past its timeout (then it calls :meth:`fail_running` and
+        :meth:`release`), or ("") because it outlived its stop grace (then
         :meth:`release`).  A backend whose leases end with the process's
         connection sets them aside here, so the kill counts no death."""
 

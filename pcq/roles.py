@@ -434,6 +434,8 @@ class Consumer(_Process):
         ack came too late (the lease was reaped and went to another consumer,
         which counts it; the backend's ``stale_leases`` grew): a host's summary
         holds only what its acks changed.  Called once after each ack."""
+        if self._board is not None and handled > len(failures):
+            self._board[0].succeeded(self._board[1], handled - len(failures))
         stale, seen = self.queue.stale_leases, self._stale_seen
         self._stale_seen = stale
         if self._tally is None or stale != seen:
@@ -557,12 +559,23 @@ class _Board:
 
     def __init__(self, rows: int) -> None:
         self._numbers = mp.RawArray("d", rows * 2)  # run served, task started (0: none)
+        self._done = mp.RawArray("q", rows)  # tasks handled successfully: progress
         self._ids = mp.RawArray("c", rows * self.ID_BYTES)
         self.rows = rows
 
     def clear(self, row: int) -> None:
         self._numbers[2 * row] = -1
+        self._done[row] = 0
         self.running(row, "")
+
+    def succeeded(self, row: int, tasks: int) -> None:
+        """The consumer of ``row`` handled ``tasks`` tasks successfully: however
+        it dies later, it was not crash-looping (dead-lettering poison tasks,
+        or failing every task, is no such progress)."""
+        self._done[row] += tasks
+
+    def progressed(self, row: int) -> bool:
+        return bool(self._done[row] > 0)
 
     def serving(self, row: int, run: int) -> None:
         self._numbers[2 * row] = run
@@ -674,6 +687,7 @@ class Supervisor:
                 continue
             consumer.join()
             served = self._board.served(row)
+            progressed = self._board.progressed(row)
             self._free_rows.append(row)
             if consumer.exitcode == SETUP_FAILED:
                 self.setup_failed = True  # a replacement would fail the same way
@@ -686,7 +700,7 @@ class Supervisor:
             # Killed for a timeout, even if it exited by itself just before: its
             # task still counts failed and what it held is still to release.
             if consumer.exitcode != 0 or consumer.pid in self._killed:
-                self._died(consumer, served)
+                self._died(consumer, served, progressed)
         now = time.monotonic()
         for when, joins in [d for d in self._due if d[0] <= now]:
             self._due.remove((when, joins))
@@ -717,8 +731,13 @@ class Supervisor:
         elif counters.in_flight:
             self._waiting = True
 
-    def _died(self, consumer: Consumer, served: int | None) -> None:
-        """Give back the tasks of a consumer that died and plan its replacement."""
+    def _died(self, consumer: Consumer, served: int | None, progressed: bool = False) -> None:
+        """Give back the tasks of a consumer that died and plan its replacement.
+
+        Deaths in a row delay the replacement (a crash loop); a consumer that
+        handled tasks successfully before it died breaks the streak: it was
+        killed in the middle of useful work (the OOM killer, an operator), and
+        holding its replacement back would only slow the job."""
         assert consumer.pid is not None
         task = self._killed.pop(consumer.pid, None)
         if task is not None:  # killed by us for a timeout: that task failed, no death
@@ -736,7 +755,8 @@ class Supervisor:
         else:
             self.queue.evict(consumer.pid)
         now = time.monotonic()
-        self._streak = self._streak + 1 if now - self._last_death < RESTART_CALM else 1
+        calm = progressed or now - self._last_death >= RESTART_CALM
+        self._streak = 1 if calm else self._streak + 1
         self._last_death = now
         delay = 0.0 if self._streak == 1 else RESTART_DELAY * 2 ** (self._streak - 2)
         delay = min(delay, RESTART_DELAY_MAX)

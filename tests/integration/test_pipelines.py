@@ -100,7 +100,9 @@ def test_stage_workers_killed_at_random_every_run_finishes_exactly_once(
         out = tmp_path / f"run-{attempt}"
         out.mkdir()
         env = pcq_env(redis_url, out, PIPES_OUT=str(out), PIPES_N=str(n), PIPES_SLEEP="0.0005")
-        proc = run_pipeline(env, "--workers", "2,2,1", *backend_args(backend, redis_url))
+        # Random kills of innocent workers are no poison: no delivery limit
+        proc = run_pipeline(env, "--workers", "2,2,1", "--max-deliveries", "0",
+                            *backend_args(backend, redis_url))
         killer = Killer(out, ["double", "spread"], lambda proc=proc: {proc.pid})
         killer.start()
         try:
@@ -124,11 +126,15 @@ def test_redis_pipeline_over_consume_to_hosts_with_workers_killed(redis_url, tmp
                   PIPES_SLEEP="0.0005")
     first = env["PCQ_QUEUE"]
     second, third = f"{{{first}}}.parse", f"{{{first}}}.save"
+    no_limit = ["--max-deliveries", "0"]  # random kills of innocent workers are no poison
     hosts = [
-        start_pcq(["consume", STAGES[0], "--workers", "2", "--queue", first, "--to", second], env),
-        start_pcq(["consume", STAGES[0], "--workers", "1", "--queue", first, "--to", second], env),
-        start_pcq(["consume", STAGES[1], "--workers", "2", "--queue", second, "--to", third], env),
-        start_pcq(["consume", STAGES[2], "--workers", "1", "--queue", third], env),
+        start_pcq(["consume", STAGES[0], "--workers", "2", *no_limit, "--queue", first,
+                   "--to", second], env),
+        start_pcq(["consume", STAGES[0], "--workers", "1", *no_limit, "--queue", first,
+                   "--to", second], env),
+        start_pcq(["consume", STAGES[1], "--workers", "2", *no_limit, "--queue", second,
+                   "--to", third], env),
+        start_pcq(["consume", STAGES[2], "--workers", "1", *no_limit, "--queue", third], env),
     ]
     killer = Killer(tmp_path, ["double", "spread"], lambda: {h.pid for h in hosts[:3]})
     killer.start()

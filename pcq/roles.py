@@ -703,7 +703,9 @@ class Supervisor:
                 # connections.  Ask the server: this raises BackendLost if the
                 # backend is gone for us too; otherwise replace it as a crash.
                 self.queue.counters()
-            if consumer.exitcode != 0:
+            # Killed for a timeout, even if it exited by itself just before: its
+            # task still counts failed and what it held is still to release.
+            if consumer.exitcode != 0 or consumer.pid in self._killed:
                 self._died(consumer, served, progressed)
         now = time.monotonic()
         for when, joins in [d for d in self._due if d[0] <= now]:
@@ -798,6 +800,8 @@ class Supervisor:
                     self._killed[pid] = task
                     log.error("task %s ran %.1f s past its timeout; killing consumer %s",
                               task, now - started - consumer.timeout, consumer.name)
+                    with contextlib.suppress(PcqError):  # gone: the kill counts a death
+                        self.queue.killing(pid, task)
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
 
@@ -819,9 +823,11 @@ class Supervisor:
             consumer.join(max(0.0, deadline - time.monotonic()))
         for consumer in self.live.values():
             if consumer.is_alive():
+                assert consumer.pid is not None
+                with contextlib.suppress(PcqError):  # its leases, set aside: no death
+                    self.queue.killing(consumer.pid, "")
                 consumer.kill()
                 consumer.join()
-                assert consumer.pid is not None
                 with contextlib.suppress(BackendLost):  # gone: its heartbeat expires instead
                     self.queue.release(consumer.pid)  # killed on purpose: no death counted
         self.live.clear()

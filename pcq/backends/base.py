@@ -512,6 +512,13 @@ class Queue(ABC):
         tasks go back to ready with no death counted against them."""
         return self.evict(pid)
 
+    def killing(self, pid: int, task_id: str) -> None:  # noqa: B027 - optional hook
+        """The supervisor is about to kill consumer ``pid`` because task ``task_id``
+        ran past its timeout (then it calls :meth:`fail_running` and
+        :meth:`release`), or ("") because it outlived its stop grace (then
+        :meth:`release`).  A backend whose leases end with the process's
+        connection sets them aside here, so the kill counts no death."""
+
     def fail_running(self, pid: int, task_id: str, failure: Callable[[Envelope], Failure]) -> bool:
         """The consumer process ``pid`` was killed because task ``task_id`` ran past
         its timeout: acknowledge that task, in flight for the dead process, with

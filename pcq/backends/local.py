@@ -49,14 +49,22 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.context import BaseContext
 from typing import Any
 
 from pcq.backends import local_wire as wire
-from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Counters, Lease, Outcome, Queue
+from pcq.backends.base import (
+    MAX_BATCH,
+    TARGET_BATCH_SECONDS,
+    Counters,
+    Failure,
+    Lease,
+    Outcome,
+    Queue,
+)
 from pcq.backends.local_broker import Broker
-from pcq.envelope import decode_dead, encode_sentinel, envelope_from_dead
+from pcq.envelope import Envelope, decode_dead, encode_sentinel, envelope_from_dead
 from pcq.errors import BackendUnavailable, ConfigError
 
 #: Longest a burst consumer's take waits before it looks for producers again.
@@ -291,16 +299,24 @@ class LocalQueue(Queue):
     def _ack(self, lease: Lease, outcome: Outcome) -> None:
         if not lease.receipt:
             return  # a sentinel alone: nothing was leased
-        self._call(wire.ACK, *self._ack_args(lease, outcome),
-                   point="give-back" if outcome.give_back else "ack")
+        self._applied(self._call(wire.ACK, *self._ack_args(lease, outcome),
+                                 point="give-back" if outcome.give_back else "ack"))
 
     def _ack_out(self, lease: Lease, outcome: Outcome, to: Queue) -> None:
         # The broker applies the ack and the outputs in one request, in its one
         # thread: atomic by construction, and nothing for a stale lease.
         if not lease.receipt:
             return
-        self._call(wire.ACK, *self._ack_args(lease, outcome), *self._output_args(outcome, to),
-                   point="give-back" if outcome.give_back else "ack")
+        self._applied(self._call(wire.ACK, *self._ack_args(lease, outcome),
+                                 *self._output_args(outcome, to),
+                                 point="give-back" if outcome.give_back else "ack"))
+
+    def _applied(self, applied: Any) -> None:
+        """A lease the broker no longer held (set aside for a kill, or its
+        connection gone) was acknowledged: nothing was committed."""
+        if not applied:
+            self.ack_applied = False
+            self.stale_leases += 1
 
     @staticmethod
     def _output_args(outcome: Outcome, to: Queue | None) -> list[Any]:
@@ -359,6 +375,29 @@ class LocalQueue(Queue):
         """Consumer ``pid`` died: settle its connection now if the broker has not
         seen it close yet; how many tasks went back."""
         return int(self._call(wire.EVICT, pid))
+
+    def killing(self, pid: int, task_id: str) -> None:
+        # Asked on the side connection: this process's own may be blocked in a put.
+        self._ask(wire.KILLING, pid)
+
+    def fail_running(self, pid: int, task_id: str, failure: Callable[[Envelope], Failure]) -> bool:
+        """Acknowledge the lease that :meth:`killing` set aside holding task
+        ``task_id``: that task with ``failure(envelope)``, its other tasks given
+        back unstarted."""
+        for index, messages in self._ask(wire.SEIZED, pid):
+            lease = self._lease(messages, index)
+            envs = list(lease.envelopes())
+            hit = [env for env in envs if env.id == task_id]
+            if hit:
+                others = [env for env in envs if env.id != task_id]
+                outcome = self._outcome(lease, [failure(hit[0])], others)
+                return bool(self._ask(wire.SETTLE, pid, *self._ack_args(lease, outcome)))
+        return False
+
+    def release(self, pid: int) -> int:
+        """Return what consumer ``pid`` held to ready with no death counted: it was
+        killed on purpose (see :meth:`killing`)."""
+        return int(self._ask(wire.RELEASE, pid))
 
     def close(self) -> None:
         self._call(wire.CLOSE)

@@ -60,6 +60,9 @@ class Broker:
         self._sel.register(self._listener, selectors.EVENT_READ, "listen")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._conns: set[Conn] = set()
+        #: pid -> leases set aside before its supervisor killed it (see _kill);
+        #: None once settled.
+        self._seized: dict[int, list[tuple[Ledger, list[Item]] | None]] = {}
         self._deadlines: list[tuple[float, int, Taker]] = []
         self._tiebreak = itertools.count()
         self._stopping = False
@@ -213,6 +216,7 @@ class Broker:
         if conn.closed:
             return
         conn.closed = True
+        died = died and not conn.killed
         self._sel.unregister(conn.sock)
         conn.sock.close()
         self._conns.discard(conn)
@@ -250,11 +254,12 @@ class Broker:
         elif op == wire.TAKE:
             self._take(conn, ledger, args[0], args[1])
         elif op == wire.ACK:
+            applied = args[0] in conn.leases  # else stale: it commits nothing
             target = self._ack(conn, ledger, args[:7], args[7:])
             self._serve(ledger)
             if target is not None:
                 self._serve(target)
-            self._reply(conn, True)
+            self._reply(conn, applied)
         elif op == wire.ACK_TAKE:
             target = self._ack(conn, ledger, args[:7], args[9:])
             self._serve(ledger)
@@ -316,11 +321,58 @@ class Broker:
             moved = sum(ledger.unreported.values())
             ledger.unreported.clear()
             return moved
+        if op in (wire.KILLING, wire.SEIZED, wire.SETTLE, wire.RELEASE):
+            return self._kill(conn, op, args)
         if op == wire.EVICT:
             for other in [c for c in self._conns if c.pid == args[0] and c is not conn]:
                 self._drop(other, died=True)
             return ledger.unreported.pop(args[0], 0)
         return self._letters(ledger, op, args)
+
+    def _kill(self, conn: Conn, op: int, args: list[Any]) -> Any:
+        """A supervisor kills consumer ``args[0]`` for a task past its timeout.
+
+        KILLING, sent before the kill, sets every lease of that process aside
+        (its tasks stay in flight) and marks its connections killed: a late ack
+        from the still-running handler finds no lease and commits nothing, and
+        the kill closing them counts no death.  SEIZED lists the leases set
+        aside; SETTLE acknowledges one of them with the supervisor's outcome
+        (the timed-out task failed, the others given back); RELEASE returns
+        what is left to ready, with no death counted.
+        """
+        pid = args[0]
+        seized = self._seized.setdefault(pid, [])
+        if op == wire.KILLING:
+            for other in self._conns:
+                if other.pid == pid:
+                    other.killed = True
+                    seized.extend(other.leases.values())
+                    other.leases.clear()
+            return len(seized)
+        if op == wire.SEIZED:
+            return [[i, [it.message for it in e[1]]] for i, e in enumerate(seized) if e]
+        if op == wire.SETTLE:
+            entry = seized[args[1]] if args[1] < len(seized) else None
+            if entry is None:
+                return False
+            seized[args[1]] = None
+            # Settled as an ack on the asking connection, under a lease id that
+            # take never hands out (they count from 1): the same books as any ack.
+            conn.leases[-1] = entry
+            target = self._ack(conn, entry[0], [-1, *args[2:]], [])
+            self._serve(entry[0])
+            if target is not None:
+                self._serve(target)
+            return True
+        moved = 0
+        for entry in self._seized.pop(pid):
+            if entry is not None:
+                moved += entry[0].returned(entry[1], died=False)
+                self._serve(entry[0])
+        for other in [c for c in self._conns if c.pid == pid and c is not conn]:
+            other.killed = True
+            self._drop(other, died=False)
+        return moved
 
     def _letters(self, ledger: Ledger, op: int, args: list[Any]) -> Any:
         if op == wire.DEAD_LETTERS:

@@ -38,6 +38,7 @@ class Conn:
     leases: dict[int, tuple[Ledger, list[Item]]] = field(default_factory=dict)
     lease_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     closed: bool = False
+    killed: bool = False  # by its supervisor, on purpose: closing it is no death
 
     def holding(self, ledger: Ledger) -> int:
         return sum(i.tasks for lg, items in self.leases.values() if lg is ledger for i in items)

@@ -7,6 +7,7 @@ task is appended, one JSON line, to ``OUT/<pid>.log``), ``JOBS_SLEEP`` (seconds
 each handle sleeps), ``JOBS_START`` (first task number).
 """
 
+import hashlib
 import json
 import os
 import time
@@ -98,6 +99,16 @@ def handle_swallow(item):
             time.sleep(60)
         except Exception:
             time.sleep(float(os.environ.get("JOBS_AFTER", "600")))
+        return
+    _record(item)
+
+
+def handle_in_c(item):
+    """Task ``JOBS_POISON`` sits for minutes in one C call that never checks for
+    signals (a billion PBKDF2 rounds), so no TaskTimeout can reach it; others
+    are recorded."""
+    if item == _poison():
+        hashlib.pbkdf2_hmac("sha256", b"pcq", b"salt", 10**9)
         return
     _record(item)
 

@@ -36,13 +36,27 @@ def test_a_handler_that_swallows_its_timeout_and_returns_still_fails(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_a_handler_that_swallows_its_timeout_and_hangs_is_killed_and_the_job_ends(tmp_path):
-    # The local broker sees the killed consumer's channel close and counts a
-    # death, so the task is dead-lettered after max_deliveries kills.
-    summary = run_local(tmp_path, "handle_swallow", "--timeout", "0.3", "--max-deliveries", "2",
-                        JOBS_N="10", JOBS_POISON="3", JOBS_AFTER="600")
-    assert (summary["done"], summary["failed"]) == (9, 1)
-    assert 1 <= summary["restarts"] <= 3  # a death splits a lease before it counts
+def test_a_handler_that_swallows_its_timeout_and_hangs_is_killed_and_the_task_fails(tmp_path):
+    # Killed past timeout + grace, twice (one retry): each kill is a failed
+    # attempt, not a death — at --max-deliveries 1 a death would dead-letter it
+    # at the first kill as "consumer died".  The other tasks are all handled.
+    summary = run_local(tmp_path, "handle_swallow", "--timeout", "0.5", "--retries", "1",
+                        "--max-deliveries", "1", JOBS_N="20", JOBS_POISON="5", JOBS_AFTER="600")
+    assert (summary["done"], summary["failed"], summary["retried"]) == (19, 1, 1)
+    assert summary["restarts"] == 2
+    (letter,) = summary["failures"]
+    assert letter["item"] == "5" and "TaskTimeout" in letter["error"], letter
+    assert set(handled(tmp_path)) == set(range(20)) - {5}
+
+
+@pytest.mark.timeout(240)
+def test_a_handler_stuck_in_c_code_past_its_timeout_is_killed_and_the_task_fails(tmp_path):
+    # No TaskTimeout can be raised inside that C call: only the kill ends it.
+    summary = run_local(tmp_path, "handle_in_c", "--timeout", "0.5", "--max-deliveries", "1",
+                        JOBS_N="10", JOBS_POISON="3")
+    assert (summary["done"], summary["failed"], summary["restarts"]) == (9, 1, 1)
+    (letter,) = summary["failures"]
+    assert letter["item"] == "3" and "TaskTimeout" in letter["error"], letter
     assert set(handled(tmp_path)) == set(range(10)) - {3}
 
 

@@ -235,6 +235,94 @@ def test_a_task_whose_consumers_keep_dying_is_dead_lettered(make_local: Any) -> 
     assert letter["error"] == "consumer died 2 times while handling it"
 
 
+# ---------------------------------------------------------------- a kill for a timeout
+
+
+def _take_then_ack_late(queue: Queue, conn: Connection) -> None:
+    """Take a batch, report its ids, and on the parent's word acknowledge it all
+    done (a handler that swallowed its timeout), report whether that applied."""
+    queue.attach_consumer()
+    lease = queue.take(10, timeout=10)
+    assert lease is not None
+    conn.send([(env.body, env.id) for env in lease.envelopes()])
+    conn.recv()
+    conn.send(queue.ack(lease))
+    signal.pause()
+
+
+@pytest.mark.parametrize("retry", [False, True])
+def test_a_consumer_killed_for_a_timeout_fails_that_task_and_counts_no_death(
+    make_local: Any, retry: bool
+) -> None:
+    # Given a consumer holding one batch of three tasks, the first past its
+    # timeout, on a queue where a single death dead-letters a task
+    q = make_local(max_deliveries=1)
+    q.note_task_cost(1e-7)
+    q._put_bodies(["slow", "b", "c"])
+    mine, theirs = fork.Pipe()
+    child = fork.Process(target=_take_then_ack_late, args=(q, theirs), daemon=True)
+    child.start()
+    assert mine.poll(10), "the child took nothing"
+    taken = dict(mine.recv())
+    assert list(taken) == ["slow", "b", "c"]
+
+    # When its supervisor says it will kill it, and the handler's ack comes late
+    q.killing(child.pid, taken["slow"])
+    mine.send("ack now")
+    assert mine.poll(10) and mine.recv() is False  # the lease is gone: commits nothing
+    assert q.counters().done == 0
+    _kill(child)
+    assert q.counters().in_flight == 3  # set aside, not returned by the close
+
+    # Then the supervisor fails that task and the others come back, no death
+    def failure(env: Any) -> Failure:
+        assert env.body == "slow"
+        return Failure(env, "TaskTimeout: too slow", retry_in=0.01 if retry else None)
+
+    assert q.fail_running(child.pid, taken["slow"], failure) is True
+    assert q.fail_running(child.pid, taken["slow"], failure) is False  # once only
+    assert q.release(child.pid) == 0  # the settle gave the others back already
+    q.attach_consumer()
+    wanted = ["b", "c", "slow"] if retry else ["b", "c"]
+    got: list[Any] = []
+    while len(got) < len(wanted):
+        lease = q.take(10, timeout=5)
+        assert lease is not None and lease.deaths == 0
+        got += [e.body for e in lease.envelopes()]
+        assert all(e.attempts == (e.body == "slow") for e in lease.envelopes())
+        q.ack(lease)
+    assert got == wanted
+    c = q.counters()
+    assert (c.pending, c.done, c.retried) == (0, len(wanted), int(retry))
+    assert (c.failed, c.dead) == (0, 0) if retry else (1, 1)
+    if not retry:
+        (letter,) = q.dead_letters()
+        assert (letter["body"], letter["error"]) == ("slow", "TaskTimeout: too slow")
+
+
+def test_release_after_a_kill_on_purpose_returns_every_task_with_no_death(
+    make_local: Any,
+) -> None:
+    # Given a consumer killed on purpose, whose task was not found to fail
+    q = make_local(max_deliveries=1)
+    q.note_task_cost(1e-7)
+    q._put_bodies(["a", "b"])
+    child, taken = _hanging_consumer(q, max_tasks=10)
+    q.killing(child.pid, "no such task")
+    _kill(child)
+    assert q.fail_running(child.pid, "no such task", lambda env: Failure(env, "x")) is False
+
+    # Then release gives its whole lease back, unsplit and with no death
+    assert q.release(child.pid) == 2
+    q.attach_consumer()
+    lease = q.take(10, timeout=5)
+    assert lease is not None and lease.deaths == 0
+    assert [e.body for e in lease.envelopes()] == taken == ["a", "b"]
+    q.ack(lease)
+    c = q.counters()
+    assert (c.pending, c.done, c.failed, q.reap()) == (0, 2, 0, 0)
+
+
 def test_a_consumer_may_hold_several_leases_and_ack_them_in_any_order(
     make_local: Any,
 ) -> None:

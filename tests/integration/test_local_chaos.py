@@ -27,7 +27,7 @@ from pcq.roles import Consumer, Producer, Supervisor, wait
 
 JOBS = "tests/integration/local_jobs.py"
 fork = mp.get_context("fork")
-RUNS = 6  # kill-storm runs in one session: ~15-30 s on 2 busy cores
+RUNS = 4  # kill-storm runs in one session: ~10-20 s on 2 busy cores
 
 
 def start(*args: str, out: Path, **settings: str) -> subprocess.Popen[str]:

@@ -178,8 +178,10 @@ def test_a_host_cut_off_past_its_ttl_loses_its_tasks_and_rejoins_without_double_
         reader.join(30)
         err = "".join(far_err)
         assert "Traceback" not in err
-        # one line when the link went, one when it came back
-        assert (err.count("pcq: lost the link"), err.count("is back after")) == (1, 1), err
+        # one line when the link went, one when it came back (a loaded machine may
+        # also time out a read before the cut: then that is a pair of its own)
+        lost, back = err.count("pcq: lost the link"), err.count("is back after")
+        assert 1 <= lost <= 3 and lost == back, err
         results[far.pid] = json.loads(out)
         assert results[near.pid]["done"] + results[far.pid]["done"] == 40
         # nothing was lost, and the far host's late acks changed no counter

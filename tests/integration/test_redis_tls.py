@@ -31,11 +31,22 @@ def make_certificates(where: Path) -> None:
     """ca.crt, and server.crt/server.key for 127.0.0.1 signed by it."""
     if shutil.which("openssl") is None:
         raise RuntimeError("the TLS tests need the openssl command (apt-get install openssl)")
+    # The extensions Python 3.13's strict X.509 checks ask for: a CA with key
+    # usage, a leaf with an authority key identifier.
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-            "ca.crt", "-days", "1", "-subj", "/CN=pcq test CA", cwd=where)
+            "ca.crt", "-days", "1", "-subj", "/CN=pcq test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext", "subjectKeyIdentifier=hash", cwd=where)
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
             "server.csr", "-subj", "/CN=127.0.0.1", cwd=where)
-    (where / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (where / "san.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid,issuer\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "san.ext",
             cwd=where)

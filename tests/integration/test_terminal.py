@@ -9,7 +9,6 @@ import json
 import os
 import pty
 import re
-import select
 import struct
 import subprocess
 import sys
@@ -21,12 +20,11 @@ from typing import Any
 
 import pytest
 from helpers import finish, session_members
-from helpers_cli import ROOT, start_pcq
+from helpers_cli import ROOT, read_terminal, start_pcq
 
 import pcq
 
 JOBS = "tests/integration/terminal_jobs.py"
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def pcq_cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
@@ -42,23 +40,9 @@ def on_a_terminal(args: list[str], timeout: float = 90, **env: str) -> tuple[int
                             stdout=slave, stderr=slave, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     os.close(slave)
-    output = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if select.select([master], [], [], 0.1)[0]:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:  # every writer closed the terminal
-                    break
-                output += chunk
-            elif proc.poll() is not None:
-                break
-        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        os.close(master)
+    code, text = read_terminal(master, proc, timeout)
     assert session_members(proc.pid) == {}
-    return code, ANSI.sub("", output.decode(errors="replace"))
+    return code, text
 
 
 def screen_lines(output: str) -> list[str]:

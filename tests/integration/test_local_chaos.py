@@ -242,7 +242,9 @@ def test_pcq_run_dead_letters_a_poison_task_and_handles_every_innocent_one(
     summary = json.loads(result.stdout)
     assert (summary["produced"], summary["done"], summary["failed"], summary["dead"]) == (
         n, n - 1, 1, 1), (summary, result.stderr[-3000:])
-    assert summary["restarts"] == 3  # the default max_deliveries
+    # Three deaths (the default max_deliveries); the run may end before the
+    # supervisor has noticed the third, which it then counts as no restart.
+    assert summary["restarts"] in (2, 3)
     assert set(local_jobs.handled(tmp_path)) == set(range(n)) - {137}
 
 

@@ -33,6 +33,7 @@ from pcq.run import (
     GRACE_SECONDS,
     Progress,
     Summary,
+    end_producers,
     interruptible,
     job_failures,
     progress,
@@ -238,14 +239,7 @@ class _Job:
                     handles = list(running) + [fd for s in self.supervisors
                                                for fd in s.sentinels()]
                     ready = wait(handles, 0.1)
-                    for fd in ready:
-                        if fd in running:
-                            producer = running.pop(fd)
-                            producer.join()
-                            producer_errors += producer.exitcode != 0
-                            if producer.exitcode is not None and producer.exitcode < 0:
-                                first.detach_producer(close_if_last=False)  # killed: see run
-                            producer.close()
+                    producer_errors += end_producers(first, running, ready)
                     for supervisor in self.supervisors:
                         supervisor.poll(ready)
                     if not running and opened:

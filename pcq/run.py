@@ -243,16 +243,7 @@ def _run(
             next_progress = 0.0
             while (running or not supervisor.done) and not caught and not supervisor.setup_failed:
                 ready = wait(list(running) + supervisor.sentinels(), supervisor.pause(0.1))
-                for fd in ready:
-                    if fd in running:
-                        producer = running.pop(fd)
-                        producer.join()
-                        producer_errors += producer.exitcode != 0
-                        if producer.exitcode is not None and producer.exitcode < 0:
-                            # Killed by a signal, it could not detach: without this
-                            # the queue would never close and the job never end.
-                            q.detach_producer(close_if_last=False)
-                        producer.close()
+                producer_errors += end_producers(q, running, ready)
                 supervisor.poll([fd for fd in ready if fd not in running])
                 if not running and not closed:
                     q.detach_producer(close_if_last=True)
@@ -282,6 +273,24 @@ def _run(
         setup_error=setup_report.message() if supervisor.setup_failed else None,
         **job_failures(q, before, after),
     )
+
+
+def end_producers(q: Queue, running: dict[int, Producer], ready: Iterable[int]) -> int:
+    """Join the producers of ``running`` whose sentinels are in ``ready`` (and
+    forget them); how many of them failed."""
+    failed = 0
+    for fd in ready:
+        producer = running.pop(fd, None)
+        if producer is None:
+            continue
+        producer.join()
+        failed += producer.exitcode != 0
+        if producer.exitcode is not None and producer.exitcode < 0:
+            # Killed by a signal, it could not detach: without this the queue
+            # would never close and the job never end.
+            q.detach_producer(close_if_last=False)
+        producer.close()
+    return failed
 
 
 def produce_job(

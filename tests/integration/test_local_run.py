@@ -22,7 +22,7 @@ from helpers import children_of, open_fds, wait_for
 import pcq
 from pcq.backends.base import Lease
 
-run_module = sys.modules["pcq.run"]
+job_module = sys.modules["pcq.job"]
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_every_shape_handles_every_item_once(
 ) -> None:
     # Given P producers making 25 tasks each, and a consumer that records its sentinels
     monkeypatch.setenv("LJ_N", "25")
-    monkeypatch.setattr(run_module, "Consumer", SentinelRecordingConsumer)
+    monkeypatch.setattr(job_module, "Consumer", SentinelRecordingConsumer)
 
     # When the job runs
     summary = pcq.run(

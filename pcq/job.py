@@ -12,8 +12,8 @@ Every whole-job entry point drives a :class:`Job`:
   and ticks the job while it waits for results (:mod:`pcq.mapping`).
 
 The caller calls :meth:`Job.start`, :meth:`Job.tick` until it returns False,
-:meth:`Job.stop` and :meth:`Job.summary` (:meth:`Job.run` does all four with
-SIGINT/SIGTERM caught).  Each decision of a job's life is made here, once:
+:meth:`Job.stop` and :meth:`Job.summary` (:func:`pcq.run.drive` does all four
+with SIGINT/SIGTERM caught).  Each decision of a job's life is made here, once:
 
 * **A producer's exit** (:meth:`Job._ended`): it is joined; a non-zero exit is
   a producer error; one killed by a signal could not detach itself, so the job
@@ -45,12 +45,10 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 from pcq.backends.base import Counters, PutInterrupted, Queue
@@ -58,7 +56,7 @@ from pcq.errors import BackendLost, PcqError, SerializationError
 from pcq.roles import Consumer, Producer, SetupReport, Supervisor, WorkerTallies, wait
 from pcq.settings import GRACE_SECONDS, StageSettings
 from pcq.stages import Stage, close_if_finished, finished
-from pcq.summary import FAILURES_LISTED, Progress, Summary, counted, job_failures, progress
+from pcq.summary import Progress, Summary, counted, from_stages, progress
 
 #: How often a job reports its progress and looks after its processes, in seconds.
 PROGRESS_EVERY = 0.1
@@ -83,28 +81,6 @@ class StagePlan:
     settings: StageSettings
     to: Queue | None = None
     kind: type[Consumer] | None = None
-
-
-@contextlib.contextmanager
-def interruptible(on_signal: Callable[[], None] | None = None) -> Iterator[list[int]]:
-    """Catch SIGINT/SIGTERM for the duration; the list receives their numbers, and
-    ``on_signal`` (if given) runs at each."""
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught  # signals can only be handled in the main thread
-        return
-
-    def note(signum: int, frame: FrameType | None) -> None:
-        caught.append(signum)
-        if on_signal is not None:
-            on_signal()
-
-    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield caught
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 class Job:
@@ -329,22 +305,6 @@ class Job:
                 q.detach_producer(registration, close_if_last=False)
         self._opened = []
 
-    def run(self, items: Iterable[Any] | None = None, *, close: bool = True) -> Summary:
-        """The whole job: start, tick until it is over or a signal comes, stop,
-        summary.  With ``items``, this process puts them first (see
-        :meth:`put_here`)."""
-        with interruptible(None if items is None else self.first.interrupt) as caught:
-            try:
-                self.start()
-                if items is not None:
-                    self.put_here(items, close=close, caught=caught)
-                while not caught and self.tick():
-                    pass
-            finally:
-                self.interrupted = caught[0] if caught else None
-                self.stop()
-        return self.summary()
-
     # ------------------------------------------------------------------ this process produces
 
     def put_here(self, items: Iterable[Any], *, close: bool, caught: list[int]) -> None:
@@ -358,7 +318,7 @@ class Job:
         closing = close
         try:
             with self._reporting():
-                self.first.put_many(_until(items, caught))
+                self.first.put_many(until_caught(items, caught))
         except PutInterrupted:
             closing = False
         except SerializationError as exc:
@@ -422,38 +382,26 @@ class Job:
         """What the job did (see the module docstring)."""
         elapsed = round(time.monotonic() - self._started, 6)
         self._report(False)
-        setup_error = self._setup_report.message() if self.setup_failed else None
-        workers = sum(p.settings.workers for p in self.plans)
-        restarts = sum(s.restarts for s in self.supervisors)
+        fields: dict[str, Any] = {
+            "elapsed_s": elapsed, "workers": sum(p.settings.workers for p in self.plans),
+            "interrupted": self.interrupted,
+            "setup_error": self._setup_report.message() if self.setup_failed else None}
         if not self._produces:
-            return self._tallied(elapsed, workers, restarts, setup_error)
+            return self._tallied(fields)
         after = [q.counters() for q in self.queues]
-        stages = [counted(self.plans[k].name if self.plans else "tasks", q,
-                          self.plans[k].settings.workers if self.plans else 0, b, a,
-                          self.supervisors[k].restarts if self.supervisors else 0)
-                  for k, (q, b, a) in enumerate(zip(self.queues, self._before, after,
-                                                    strict=True))]
-        failures: list[dict[str, Any]] = []
-        more = 0
-        for q, b, a in zip(self.queues, self._before, after, strict=True):
-            listed, beyond = job_failures(q, b, a)
-            room = FAILURES_LISTED - len(failures)
-            failures += listed[:room]
-            more += beyond + max(0, len(listed) - room)
-        waited = bool(self.supervisors) or self._wait
-        return Summary(
-            # Nothing waited for consumers elsewhere: only what was put is this job's.
-            produced=stages[0].produced, done=stages[-1].done if waited else 0,
-            failed=sum(s.failed for s in stages) if waited else 0,
-            retried=sum(s.retried for s in stages) if waited else 0,
-            dead=sum(s.dead for s in stages) if waited else 0,
-            elapsed_s=elapsed, workers=workers, producers=self.producers, restarts=restarts,
-            producer_errors=self.producer_errors, interrupted=self.interrupted,
-            failures=tuple(failures) if waited else (), failures_more=more if waited else 0,
-            setup_error=setup_error, stages=tuple(stages) if len(stages) > 1 else ())
+        rows = [counted(plan.name, q, plan.settings.workers, b, a, supervisor.restarts)
+                for plan, supervisor, q, b, a in zip(self.plans, self.supervisors, self.queues,
+                                                     self._before, after, strict=True)]
+        if not rows:  # this process produced, the consumers are elsewhere
+            rows = [counted("tasks", self.first, 0, self._before[0], after[0], 0)]
+            if not self._wait:  # nothing waited for them: only the put is this job's
+                return Summary(rows[0].produced, 0, 0, 0, 0, elapsed, 0, self.producers,
+                               producer_errors=self.producer_errors,
+                               interrupted=self.interrupted)
+        return from_stages(rows, self.queues, self._before, after, producers=self.producers,
+                           producer_errors=self.producer_errors, **fields)
 
-    def _tallied(self, elapsed: float, workers: int, restarts: int,
-                 setup_error: str | None) -> Summary:
+    def _tallied(self, fields: dict[str, Any]) -> Summary:
         """The summary of consumers of a queue others produce into: what this
         host's consumers did and the queue accepted."""
         done = failed = retried = 0
@@ -463,12 +411,12 @@ class Job:
             done += d
             failed += f + supervisor.killed_tasks[0]
             retried += r + supervisor.killed_tasks[1]
-        return Summary(0, done, failed, retried, failed, elapsed, workers, 0,
-                       restarts=restarts, interrupted=self.interrupted,
-                       setup_error=setup_error)
+        return Summary(0, done, failed, retried, failed, producers=0,
+                       restarts=sum(s.restarts for s in self.supervisors), **fields)
 
 
-def _until(items: Iterable[Any], caught: list[int]) -> Iterator[Any]:
+def until_caught(items: Iterable[Any], caught: list[int]) -> Iterator[Any]:
+    """``items``, until a signal is noted in ``caught``."""
     for item in items:
         if caught:
             return

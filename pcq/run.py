@@ -9,13 +9,19 @@ that dies is replaced and its tasks handled by another; SIGINT/SIGTERM stop the
 job gracefully; nothing is left running when ``run`` returns.
 
 :func:`consume_job` and :func:`produce_job` are the two halves on many hosts.
-All three only open queues and describe the job: what happens while it runs is
+All three only open queues and describe the job (one
+:class:`~pcq.settings.StageSettings` a stage, validated once), then
+:func:`drive` it with SIGINT/SIGTERM caught: what happens while it runs is
 decided by the job engine, :class:`pcq.job.Job`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import FrameType
 from typing import Any
 
 from pcq.backends.base import Queue
@@ -50,16 +56,13 @@ def run(
     return the summary.
 
     ``workers``, ``maxsize``, ``retries``, ``timeout`` and ``concurrency`` take
-    one value for all stages or a list with one per stage.  Each consumer runs
-    up to ``concurrency`` tasks at once (threads, or asyncio tasks for an
-    ``async def`` handler).  A task in flight in ``max_deliveries`` consumers
-    that died is dead-lettered (0: never).  ``setup`` runs once in each consumer
-    process before its first task; if it raises, the job stops and the
-    summary's ``setup_error`` says why.  ``on_progress`` is called in this
-    process about every 0.1 s with one :class:`~pcq.summary.Progress` line a
-    stage.  A pipeline's summary holds a :class:`~pcq.summary.StageSummary` per
-    stage in ``stages``; its ``produced`` is the first stage's, ``done`` the
-    last stage's, ``failed``, ``retried`` and ``dead`` add up every stage's."""
+    one value for all stages or one per stage; the stage settings are
+    :class:`~pcq.settings.StageSettings`'s.  ``setup`` runs once in each
+    consumer process; if it raises, the job stops and the summary's
+    ``setup_error`` says why.  ``on_progress`` is called in this process about
+    every 0.1 s with one :class:`~pcq.summary.Progress` line a stage.  A
+    pipeline's summary holds a :class:`~pcq.summary.StageSummary` per stage in
+    ``stages``; see :func:`pcq.summary.from_stages` for the totals."""
     steps = [handle, *handles]
     n = len(steps)
     if producers < 1:
@@ -81,10 +84,50 @@ def run(
                  for k, q in enumerate(queues)]
         job = Job(plans, produce=produce, producers=producers, grace=grace,
                   on_progress=on_progress)
-        return job.run()
+        return drive(job)
     finally:
         for q in reversed(queues):
             q.dispose()
+
+
+def drive(job: Job, items: Iterable[Any] | None = None, *, close: bool = True) -> Summary:
+    """Run ``job`` whole: start, tick until it is over or SIGINT/SIGTERM comes,
+    stop, summary.  With ``items``, this process puts them first (see
+    :meth:`~pcq.job.Job.put_here`); a signal also interrupts a put that waits for
+    room (maxsize), at once, putting nothing more."""
+    with interruptible(None if items is None else job.first.interrupt) as caught:
+        try:
+            job.start()
+            if items is not None:
+                job.put_here(items, close=close, caught=caught)
+            while not caught and job.tick():
+                pass
+        finally:
+            job.interrupted = caught[0] if caught else None
+            job.stop()
+    return job.summary()
+
+
+@contextlib.contextmanager
+def interruptible(on_signal: Callable[[], None] | None = None) -> Iterator[list[int]]:
+    """Catch SIGINT/SIGTERM for the duration; the list receives their numbers, and
+    ``on_signal`` (if given) runs at each."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught  # signals can only be handled in the main thread
+        return
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+        if on_signal is not None:
+            on_signal()
+
+    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def produce_job(
@@ -99,8 +142,8 @@ def produce_job(
     """Put ``items`` from this process (``pcq produce``); close the queue if this
     was the last producer and ``close``; wait until every task is acknowledged,
     if ``wait_done``."""
-    return Job([], first=q, wait=wait_done, grace=grace, on_progress=on_progress).run(
-        items, close=close)
+    return drive(Job([], first=q, wait=wait_done, grace=grace, on_progress=on_progress),
+                 items, close=close)
 
 
 def consume_job(
@@ -119,4 +162,4 @@ def consume_job(
     queue ``to``, which closes once ``q`` is closed and fully acknowledged (see
     :mod:`pcq.stages`)."""
     plan = StagePlan(stage_name(handle), q, handle, settings, to=to)
-    return Job([plan], produces=False, burst=burst, grace=grace).run()
+    return drive(Job([plan], produces=False, burst=burst, grace=grace))

@@ -4,7 +4,7 @@ while it runs.
 Every count is the job's own, even on a long-lived queue that served other runs
 before: the job reads the queue's counters when it starts and reports the
 difference (:func:`counted`), and lists only the dead letters that came after
-its start (:func:`job_failures`).  The job engine (:mod:`pcq.job`) is the only
+its start (:func:`from_stages`).  The job engine (:mod:`pcq.job`) is the only
 writer of these; the CLI and the progress display only read them.
 """
 
@@ -105,7 +105,27 @@ def counted(name: str, q: Queue, workers: int, before: Counters, after: Counters
                         after.retried - before.retried, after.dead - before.dead, restarts)
 
 
-def job_failures(q: Queue, before: Counters, after: Counters) -> tuple[list[dict[str, Any]], int]:
+def from_stages(rows: list[StageSummary], queues: list[Queue], before: list[Counters],
+                after: list[Counters], **fields: Any) -> Summary:
+    """A job's summary from one row a stage: ``produced`` is the first stage's,
+    ``done`` the last stage's; ``failed``, ``retried``, ``dead`` and the
+    failures listed add up every stage's.  A pipeline keeps its rows in
+    ``stages``."""
+    failures: list[dict[str, Any]] = []
+    more = 0
+    for q, b, a in zip(queues, before, after, strict=True):
+        listed, beyond = _failures(q, b, a)
+        room = FAILURES_LISTED - len(failures)
+        failures += listed[:room]
+        more += beyond + max(0, len(listed) - room)
+    return Summary(
+        produced=rows[0].produced, done=rows[-1].done, failed=sum(r.failed for r in rows),
+        retried=sum(r.retried for r in rows), dead=sum(r.dead for r in rows),
+        restarts=sum(r.restarts for r in rows), failures=tuple(failures), failures_more=more,
+        stages=tuple(rows) if len(rows) > 1 else (), **fields)
+
+
+def _failures(q: Queue, before: Counters, after: Counters) -> tuple[list[dict[str, Any]], int]:
     """This job's dead letters on ``q`` (they follow those the queue had before
     it), the first FAILURES_LISTED of them, and how many more there are."""
     new = after.dead - before.dead

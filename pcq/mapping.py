@@ -42,9 +42,11 @@ from pcq.backends.base import MAX_BATCH
 from pcq.envelope import unpack_value
 from pcq.errors import PcqError, TaskFailed
 from pcq.pipeline import stage_queue
-from pcq.roles import Producer, Supervisor, wait
+from pcq.roles import Producer
 from pcq.run import GRACE_SECONDS
+from pcq.settings import StageSettings
 from pcq.stages import ResultStage, close_if_finished
+from pcq.supervisor import Supervisor, wait
 
 #: How long the caller waits for results before it looks after its processes.
 POLL = 0.05
@@ -86,9 +88,11 @@ class MapIterator(Iterator[Any]):
         self._yielded = mp.get_context("fork" if sys.platform.startswith("linux") else None
                                        ).RawValue("q", 0)
         inq, out = self._in, self._out
+        settings = StageSettings(workers=workers, retries=retries, timeout=timeout,
+                                 max_deliveries=inq.max_deliveries)
         self._supervisor = Supervisor(
-            inq, lambda i: ResultStage(inq, func, to=out, retries=retries, timeout=timeout,
-                                       name=f"pcq-map-{i}"), workers)
+            inq, lambda i: ResultStage(inq, func, to=out, settings=settings,
+                                       name=f"pcq-map-{i}"), settings)
         yielded, window = self._yielded, self.window
 
         def produce() -> Iterator[list[Any]]:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from pcq.backends import open_queue
 from pcq.backends.base import Counters, Queue
 from pcq.errors import ConfigError
-from pcq.roles import Consumer, Producer, SetupReport, Supervisor, wait
+from pcq.roles import Consumer, Producer, SetupReport
 from pcq.run import (
     FAILURES_LISTED,
     GRACE_SECONDS,
@@ -39,7 +39,9 @@ from pcq.run import (
     progress,
 )
 from pcq.run import run as run_one
+from pcq.settings import StageSettings
 from pcq.stages import Stage, close_if_finished, finished
+from pcq.supervisor import Supervisor, wait
 
 T = TypeVar("T")
 
@@ -155,25 +157,23 @@ class _Job:
         self.setup_report = SetupReport()
         self.names = names
         self.workers = workers
-        self.supervisors = [
-            Supervisor(q, self._factory(k, handles[k], retries[k], timeouts[k], concurrency[k]),
-                       workers[k])
-            for k, q in enumerate(queues)
-        ]
+        settings = [StageSettings(workers=workers[k], concurrency=concurrency[k],
+                                  retries=retries[k], timeout=timeouts[k],
+                                  max_deliveries=q.max_deliveries, setup=setup)
+                    for k, q in enumerate(queues)]
+        self.supervisors = [Supervisor(q, self._factory(k, handles[k], settings[k]), settings[k])
+                            for k, q in enumerate(queues)]
         self.closed = [False] * len(queues)  # output of stage k closed (k < last)
 
     def _factory(
-        self, k: int, handle: Callable[[Any], Any], retries: int, timeout: float | None,
-        slots: int,
+        self, k: int, handle: Callable[[Any], Any], settings: StageSettings
     ) -> Callable[[int], Consumer]:
         q = self.queues[k]
         if k == len(self.queues) - 1:
-            return lambda i: Consumer(q, handle, retries=retries, timeout=timeout,
-                                      name=f"pcq-{k + 1}-{i}", concurrency=slots,
-                                      setup=self.setup, setup_report=self.setup_report)
+            return lambda i: Consumer(q, handle, settings=settings, name=f"pcq-{k + 1}-{i}",
+                                      setup_report=self.setup_report)
         to = self.queues[k + 1]
-        return lambda i: Stage(q, handle, to=to, retries=retries, timeout=timeout,
-                               name=f"pcq-{k + 1}-{i}", concurrency=slots, setup=self.setup,
+        return lambda i: Stage(q, handle, to=to, settings=settings, name=f"pcq-{k + 1}-{i}",
                                setup_report=self.setup_report)
 
     def _finish_stages(self, grace: float) -> None:

@@ -24,8 +24,10 @@ from pcq.backends import open_queue
 from pcq.backends.base import Counters, PutInterrupted, Queue
 from pcq.envelope import short_repr
 from pcq.errors import BackendLost, PcqError, SerializationError
-from pcq.roles import Consumer, Producer, SetupReport, Supervisor, WorkerTallies, wait
+from pcq.roles import Consumer, Producer, SetupReport
+from pcq.settings import StageSettings
 from pcq.stages import Stage, close_if_finished, finished
+from pcq.supervisor import Supervisor, WorkerTallies, wait
 
 #: How long consumers may take to finish their running task after SIGINT/SIGTERM.
 GRACE_SECONDS = 5.0
@@ -221,12 +223,13 @@ def _run(
     q.attach_producer()
     setup_report = SetupReport()
     # Burst consumers: this job's run is theirs, they never wait for the next.
+    settings = StageSettings(workers=workers, concurrency=concurrency, retries=retries,
+                             timeout=timeout, max_deliveries=q.max_deliveries, setup=setup)
     supervisor = Supervisor(
         q,
-        lambda i: Consumer(q, handle, retries=retries, timeout=timeout, burst=True,
-                           name=f"pcq-consumer-{i}", concurrency=concurrency, setup=setup,
-                           setup_report=setup_report),
-        workers,
+        lambda i: Consumer(q, handle, settings=settings, burst=True,
+                           name=f"pcq-consumer-{i}", setup_report=setup_report),
+        settings,
     )
     running: dict[int, Producer] = {}
     producer_errors = 0
@@ -404,17 +407,19 @@ def consume_job(
     tallies = WorkerTallies(workers)
     setup_report = SetupReport()
 
+    settings = StageSettings(workers=workers, concurrency=concurrency, retries=retries,
+                             timeout=timeout, max_deliveries=q.max_deliveries, setup=setup)
+
     def make(i: int) -> Consumer:
-        options: dict[str, Any] = {"retries": retries, "timeout": timeout, "burst": burst,
+        options: dict[str, Any] = {"settings": settings, "burst": burst,
                                    "tally": tallies.row(i), "name": f"pcq-consumer-{i}",
-                                   "concurrency": concurrency, "setup": setup,
                                    "setup_report": setup_report}
         return Consumer(q, handle, **options) if to is None else Stage(q, handle, to=to,
                                                                           **options)
 
     if to is not None:
         q.set_feeds(to.name)
-    supervisor = Supervisor(q, make, workers)
+    supervisor = Supervisor(q, make, settings)
     stopped: int | None = None
     lost = False
     with interruptible() as caught:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from pcq.backends import open_queue
 from pcq.backends.base import Counters, Queue
 from pcq.errors import ConfigError
-from pcq.roles import Consumer, Producer, SetupReport
+from pcq.roles import Consumer, Producer
 from pcq.run import (
     FAILURES_LISTED,
     GRACE_SECONDS,
@@ -41,7 +41,7 @@ from pcq.run import (
 from pcq.run import run as run_one
 from pcq.settings import StageSettings
 from pcq.stages import Stage, close_if_finished, finished
-from pcq.supervisor import Supervisor, wait
+from pcq.supervisor import SetupReport, Supervisor, wait
 
 T = TypeVar("T")
 
@@ -161,7 +161,8 @@ class _Job:
                                   retries=retries[k], timeout=timeouts[k],
                                   max_deliveries=q.max_deliveries, setup=setup)
                     for k, q in enumerate(queues)]
-        self.supervisors = [Supervisor(q, self._factory(k, handles[k], settings[k]), settings[k])
+        self.supervisors = [Supervisor(q, self._factory(k, handles[k], settings[k]), settings[k],
+                                       self.setup_report)
                             for k, q in enumerate(queues)]
         self.closed = [False] * len(queues)  # output of stage k closed (k < last)
 
@@ -170,11 +171,9 @@ class _Job:
     ) -> Callable[[int], Consumer]:
         q = self.queues[k]
         if k == len(self.queues) - 1:
-            return lambda i: Consumer(q, handle, settings=settings, name=f"pcq-{k + 1}-{i}",
-                                      setup_report=self.setup_report)
+            return lambda i: Consumer(q, handle, settings=settings, name=f"pcq-{k + 1}-{i}")
         to = self.queues[k + 1]
-        return lambda i: Stage(q, handle, to=to, settings=settings, name=f"pcq-{k + 1}-{i}",
-                               setup_report=self.setup_report)
+        return lambda i: Stage(q, handle, to=to, settings=settings, name=f"pcq-{k + 1}-{i}")
 
     def _finish_stages(self, grace: float) -> None:
         """Close the output of every stage whose input is finished (closed, all

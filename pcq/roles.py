@@ -156,42 +156,12 @@ class Producer(_Process):
 
     def run(self) -> None:
         _die_with_parent(self._parent_pid)
-        # A stop interrupts produce() at once, but never the queue's own code: an
-        # exception raised there by a signal handler could tear a request.
-        # There the stop waits for the next item, for STOP_GRACE at most.  The
-        # handler tells the two apart by the stack it interrupted, so the items
-        # cost nothing per item but one flag check.
-        stopping = False
-        watchdog: threading.Timer | None = None
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            nonlocal stopping, watchdog
-            stopping = True
-            if _producing(frame, items.__code__):
-                raise _Stop
-            self.queue.interrupt()  # a put waiting for room gives up, putting no more
-            if watchdog is None:
-                watchdog = _kill_self_after(STOP_GRACE)
-
-        def items() -> Iterator[Any]:
-            if stopping:
-                raise _Stop
-            produced = self.produce()
-            if self._length is not None and isinstance(produced, Sized):
-                array, at = self._length
-                array[at] = len(produced)  # the job's total, for a progress display
-            for item in produced:
-                yield item
-                if stopping:
-                    raise _Stop
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        stop = _ProducerStop(self.queue)
         queue = self.queue
         queue.attach_producer(self.producer_id)
         code = 0
         try:
-            queue.put_many(items())
+            queue.put_many(stop.items(self._produced))
         except (_Stop, PutInterrupted):
             code = 143
         except PcqError as exc:
@@ -204,24 +174,78 @@ class Producer(_Process):
             traceback.print_exc()
             code = PRODUCER_FAILED
         finally:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            if watchdog is not None:
-                watchdog.cancel()
+            stop.disarm()
             queue.detach_producer(self.producer_id,
                                   close_if_last=self.close_when_done and code == 0)
             queue.dispose()
         if code:
             sys.exit(code)
 
+    def _produced(self) -> Iterable[Any]:
+        produced = self.produce()
+        if self._length is not None and isinstance(produced, Sized):
+            array, at = self._length
+            array[at] = len(produced)  # the job's total, for a progress display
+        return produced
+
+
+class _ProducerStop:
+    """SIGTERM and SIGINT in a producer.
+
+    A stop interrupts produce() at once, but never the queue's own code: an
+    exception raised there by a signal handler could tear a request.  There the
+    stop waits for the next item, for STOP_GRACE at most.  The handler tells the
+    two apart by the stack it interrupted, so the items cost nothing per item
+    but one flag check."""
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+        self.stopping = False
+        self._watchdog: threading.Timer | None = None
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+        if _producing(frame, self.items.__code__):
+            raise _Stop
+        self._queue.interrupt()  # a put waiting for room gives up, putting no more
+        if self._watchdog is None:
+            self._watchdog = _kill_self_after(STOP_GRACE)
+
+    def items(self, produce: Callable[[], Iterable[Any]]) -> Iterator[Any]:
+        if self.stopping:
+            raise _Stop
+        for item in produce():
+            yield item
+            if self.stopping:
+                raise _Stop
+
+    def disarm(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
 
 class Seat(Protocol):
-    """Where a consumer tells its supervisor how it is doing (a row of the
-    supervisor's shared scoreboard, :class:`pcq.supervisor.Seat`)."""
+    """Where a consumer tells its supervisor how it is doing, in memory they
+    share (:class:`pcq.supervisor.Seat`): a consumer writes, its supervisor reads."""
 
-    def serving(self, run: int) -> None: ...
-    def succeeded(self, tasks: int) -> None: ...
-    def running(self, task_id: str) -> None: ...
+    def serving(self, run: int) -> None:
+        """It serves run number ``run`` (a replacement serves the same)."""
+
+    def succeeded(self, tasks: int) -> None:
+        """It handled ``tasks`` more tasks successfully (it is not crash-looping)."""
+
+    def running(self, task_id: str) -> None:
+        """It starts task ``task_id`` inline under a timeout ('' : it ended)."""
+
+    def counted(self, done: int, failed: int, retried: int) -> None:
+        """Its acknowledged work, for the host's summary."""
+
+    def setup_failed(self, line: str) -> None:
+        """Its setup() raised: one line saying why (the first of a job is shown)."""
 
 
 class Consumer(_Process):
@@ -257,10 +281,8 @@ class Consumer(_Process):
         handle: Callable[[Any], Any] | None = None,
         *,
         settings: StageSettings | None = None,
-        tally: tuple[Any, int] | None = None,
         name: str | None = None,
         burst: bool = False,
-        setup_report: SetupReport | None = None,
         **options: Any,
     ) -> None:
         super().__init__(name=name)
@@ -272,8 +294,6 @@ class Consumer(_Process):
         self.settings = settings
         self.queue = queue
         self._handle = handle
-        self._setup_report = setup_report
-        self._tally = tally  # optional (shared int64 array, offset): done, failed, retried
         self.burst = burst
         #: The run a replacement's predecessor served (see :meth:`supervise`).
         self.joins: int | None = None
@@ -343,10 +363,10 @@ class Consumer(_Process):
         them) and exit SETUP_FAILED, before the queue was touched."""
         where = f"{type(exc).__name__}: {exc}"
         line = f"setup failed in consumer {self.name} (pid {os.getpid()}): {where}"
-        if self._setup_report is None:
+        if self._seat is None:
             print(f"pcq: error: {line}", file=sys.stderr, flush=True)
         else:
-            self._setup_report.record(line)
+            self._seat.setup_failed(line)
         log.debug("setup traceback:\n%s", traceback.format_exc())
         sys.exit(SETUP_FAILED)
 
@@ -391,17 +411,16 @@ class Consumer(_Process):
         ack came too late (the lease was reaped and went to another consumer,
         which counts it; the backend's ``stale_leases`` grew): a host's summary
         holds only what its acks changed.  Called once after each ack."""
-        if self._seat is not None and handled > len(failures):
-            self._seat.succeeded(handled - len(failures))
+        seat = self._seat
+        if seat is None:
+            return
+        if handled > len(failures):
+            seat.succeeded(handled - len(failures))
         stale, seen = self.queue.stale_leases, self._stale_seen
         self._stale_seen = stale
-        if self._tally is None or stale != seen:
-            return
-        array, at = self._tally
-        dead = sum(1 for f in failures if f.retry_in is None)
-        array[at] += handled - len(failures)
-        array[at + 1] += dead
-        array[at + 2] += len(failures) - dead
+        if stale == seen:
+            dead = sum(1 for f in failures if f.retry_in is None)
+            seat.counted(handled - len(failures), dead, len(failures) - dead)
 
     def _failed(self, batch: Batch, index: int, exc: BaseException) -> tuple[Failure, list[Any]]:
         """A failed attempt at ``batch``'s task ``index``, and the outputs it
@@ -431,23 +450,3 @@ class Consumer(_Process):
         log.error("%s; dead-lettered (id %s)", what, env.id)
         log.debug("task %s (id %s) traceback:\n%s", short_repr(env.body), env.id, tb.rstrip())
         return Failure(env, error, tb)
-
-
-class SetupReport:
-    """The first consumer setup failure of a job, in shared memory, so that a
-    job whose 16 consumers all fail says so once."""
-
-    SIZE = 1000
-
-    def __init__(self) -> None:
-        self._text: Any = mp.Array("c", self.SIZE)
-
-    def record(self, line: str) -> None:
-        with self._text.get_lock():
-            if not self._text.value:
-                self._text.value = line.encode(errors="replace")[: self.SIZE - 1]
-
-    def message(self) -> str | None:
-        return self._text.value.decode(errors="replace") or None
-
-

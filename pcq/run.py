@@ -24,10 +24,10 @@ from pcq.backends import open_queue
 from pcq.backends.base import Counters, PutInterrupted, Queue
 from pcq.envelope import short_repr
 from pcq.errors import BackendLost, PcqError, SerializationError
-from pcq.roles import Consumer, Producer, SetupReport
+from pcq.roles import Consumer, Producer
 from pcq.settings import StageSettings
 from pcq.stages import Stage, close_if_finished, finished
-from pcq.supervisor import Supervisor, WorkerTallies, wait
+from pcq.supervisor import Supervisor, wait
 
 #: How long consumers may take to finish their running task after SIGINT/SIGTERM.
 GRACE_SECONDS = 5.0
@@ -221,14 +221,13 @@ def _run(
     # Our own registration keeps the queue open until every producer process is
     # done, however their starts and ends interleave.
     q.attach_producer()
-    setup_report = SetupReport()
     # Burst consumers: this job's run is theirs, they never wait for the next.
     settings = StageSettings(workers=workers, concurrency=concurrency, retries=retries,
                              timeout=timeout, max_deliveries=q.max_deliveries, setup=setup)
     supervisor = Supervisor(
         q,
         lambda i: Consumer(q, handle, settings=settings, burst=True,
-                           name=f"pcq-consumer-{i}", setup_report=setup_report),
+                           name=f"pcq-consumer-{i}"),
         settings,
     )
     running: dict[int, Producer] = {}
@@ -273,7 +272,7 @@ def _run(
         restarts=supervisor.restarts,
         producer_errors=producer_errors,
         interrupted=stopped,
-        setup_error=setup_report.message() if supervisor.setup_failed else None,
+        setup_error=supervisor.setup_report.message() if supervisor.setup_failed else None,
         **job_failures(q, before, after),
     )
 
@@ -404,16 +403,12 @@ def consume_job(
     which closes once ``q`` is closed and fully acknowledged (see
     :mod:`pcq.stages`)."""
     started = time.monotonic()
-    tallies = WorkerTallies(workers)
-    setup_report = SetupReport()
-
     settings = StageSettings(workers=workers, concurrency=concurrency, retries=retries,
                              timeout=timeout, max_deliveries=q.max_deliveries, setup=setup)
 
     def make(i: int) -> Consumer:
         options: dict[str, Any] = {"settings": settings, "burst": burst,
-                                   "tally": tallies.row(i), "name": f"pcq-consumer-{i}",
-                                   "setup_report": setup_report}
+                                   "name": f"pcq-consumer-{i}"}
         return Consumer(q, handle, **options) if to is None else Stage(q, handle, to=to,
                                                                           **options)
 
@@ -447,12 +442,11 @@ def consume_job(
         finally:
             stopped = caught[0] if caught else None
             supervisor.stop(LOST_GRACE if lost else grace)
-    done, failed, retried = tallies.totals()
-    failed += supervisor.killed_tasks[0]
-    retried += supervisor.killed_tasks[1]
+    done, failed, retried = supervisor.totals()
     return Summary(0, done, failed, retried, failed, round(time.monotonic() - started, 6),
                    workers, 0, restarts=supervisor.restarts, interrupted=stopped,
-                   setup_error=setup_report.message() if supervisor.setup_failed else None)
+                   setup_error=supervisor.setup_report.message() if supervisor.setup_failed
+                   else None)
 
 
 def _stop_all(producers: Iterable[Producer], supervisor: Supervisor, grace: float) -> None:

@@ -58,6 +58,24 @@ RESTART_DELAY_MAX = 5.0
 RESTART_CALM = 10.0
 
 
+class SetupReport:
+    """The first consumer setup failure of a job, in shared memory, so that a
+    job whose 16 consumers all fail says so once."""
+
+    SIZE = 1000
+
+    def __init__(self) -> None:
+        self._text: Any = mp.Array("c", self.SIZE)
+
+    def record(self, line: str) -> None:
+        with self._text.get_lock():
+            if not self._text.value:
+                self._text.value = line.encode(errors="replace")[: self.SIZE - 1]
+
+    def message(self) -> str | None:
+        return self._text.value.decode(errors="replace") or None
+
+
 class WorkerTallies:
     """What each consumer of one supervisor did (done, failed, retried), in
     shared memory each consumer writes only its own row of."""
@@ -121,9 +139,6 @@ class Scoreboard:
         self._ids[at : at + len(raw) + 1] = raw + b"\0"
         self._numbers[2 * row + 1] = time.monotonic()
 
-    def seat(self, row: int) -> Seat:
-        return Seat(self, row)
-
     def task(self, row: int) -> tuple[float, str]:
         """(when the running task started, its id); (0, '') when none runs."""
         started = self._numbers[2 * row + 1]
@@ -133,11 +148,24 @@ class Scoreboard:
 
 
 class Seat:
-    """One consumer's row of a :class:`Scoreboard` (see
-    :class:`pcq.roles.Consumer`'s ``supervise``)."""
+    """What one consumer writes for its supervisor (:class:`pcq.roles.Seat`):
+    its row of the :class:`Scoreboard`, its row of the :class:`WorkerTallies`,
+    and the job's :class:`SetupReport`."""
 
-    def __init__(self, board: Scoreboard, row: int) -> None:
+    def __init__(self, board: Scoreboard, row: int, tally: tuple[Any, int],
+                 report: SetupReport) -> None:
         self._board, self._row = board, row
+        self._tally = tally
+        self._report = report
+
+    def counted(self, done: int, failed: int, retried: int) -> None:
+        array, at = self._tally
+        array[at] += done
+        array[at + 1] += failed
+        array[at + 2] += retried
+
+    def setup_failed(self, line: str) -> None:
+        self._report.record(line)
 
     def serving(self, run: int) -> None:
         self._board.serving(self._row, run)
@@ -177,7 +205,7 @@ class Supervisor:
     """
 
     def __init__(self, queue: Queue, make: Callable[[int], Consumer],
-                 settings: StageSettings) -> None:
+                 settings: StageSettings, setup_report: SetupReport | None = None) -> None:
         self.queue = queue
         self._make = make
         self.settings = settings
@@ -188,6 +216,11 @@ class Supervisor:
         #: consumer's own tally cannot count them.
         self.killed_tasks = [0, 0]
         self.setup_failed = False  # a consumer's setup raised: stop the job
+        #: What this supervisor's consumers did (done, failed, retried): totals().
+        self.tallies = WorkerTallies(self.workers)
+        #: The first setup failure of its consumers (shared with other
+        #: supervisors of one job, when given, so that a job says it once).
+        self.setup_report = setup_report or SetupReport()
         self._started = 0
         self._board = Scoreboard(self.workers + 2)  # room for the extra consumer of poll()
         self._free_rows = list(range(self._board.rows))
@@ -210,16 +243,24 @@ class Supervisor:
         self._watcher.start()
 
     def _spawn(self, joins: int | None = None) -> None:
-        consumer = self._make(self._started)
+        index = self._started
+        consumer = self._make(index)
         self._started += 1
         row = self._free_rows.pop() if self._free_rows else self._started % self._board.rows
         self._board.clear(row)
-        consumer.supervise(self._board.seat(row), self._run if joins is None else joins)
+        seat = Seat(self._board, row, self.tallies.row(index), self.setup_report)
+        consumer.supervise(seat, self._run if joins is None else joins)
         consumer.start()
         assert consumer.sentinel is not None
         with self._lock:
             self.live[consumer.sentinel] = consumer
             self._rows[consumer.sentinel] = row
+
+    def totals(self) -> tuple[int, int, int]:
+        """(done, failed, retried) by this supervisor's consumers, the tasks of
+        those it killed past their timeout included."""
+        done, failed, retried = self.tallies.totals()
+        return done, failed + self.killed_tasks[0], retried + self.killed_tasks[1]
 
     def sentinels(self) -> list[int]:
         return list(self.live)

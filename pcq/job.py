@@ -53,10 +53,11 @@ from typing import Any
 
 from pcq.backends.base import Counters, PutInterrupted, Queue
 from pcq.errors import BackendLost, PcqError, SerializationError
-from pcq.roles import Consumer, Producer, SetupReport, Supervisor, WorkerTallies, wait
+from pcq.roles import Consumer, Producer
 from pcq.settings import GRACE_SECONDS, StageSettings
 from pcq.stages import Stage, close_if_finished, finished
 from pcq.summary import Progress, Summary, counted, from_stages, progress
+from pcq.supervisor import SetupReport, Supervisor, wait
 
 #: How often a job reports its progress and looks after its processes, in seconds.
 PROGRESS_EVERY = 0.1
@@ -117,10 +118,9 @@ class Job:
         self._wait = wait
         self.grace = grace
         self._on_progress = on_progress
-        self._setup_report = SetupReport()
-        self._tallies = [None if produces else WorkerTallies(p.settings.workers)
-                         for p in self.plans]
-        self.supervisors = [Supervisor(p.queue, self._factory(k, p), p.settings.workers)
+        self._setup_report = SetupReport()  # one for the job: a failing setup is said once
+        self.supervisors = [Supervisor(p.queue, self._factory(k, p), p.settings,
+                                       self._setup_report)
                             for k, p in enumerate(self.plans)]
         # Each producer notes len() of what it returned, when it has one: the total.
         self._lengths = mp.RawArray("q", [-1] * max(1, producers))
@@ -142,17 +142,12 @@ class Job:
         consumers are built."""
         kind = plan.kind or (Stage if plan.to is not None else Consumer)
         prefix = "pcq-consumer" if len(self.plans) == 1 else f"pcq-{k + 1}"
-        s, tallies = plan.settings, self._tallies[k]
-        options: dict[str, Any] = {
-            "retries": s.retries, "timeout": s.timeout, "backoff": s.backoff,
-            "concurrency": s.concurrency, "setup": s.setup, "burst": self._burst,
-            "setup_report": self._setup_report}
+        options: dict[str, Any] = {"settings": plan.settings, "burst": self._burst}
         if plan.to is not None:
             options["to"] = plan.to
 
         def make(i: int) -> Consumer:
-            tally = None if tallies is None else tallies.row(i)
-            return kind(plan.queue, plan.handle, name=f"{prefix}-{i}", tally=tally, **options)
+            return kind(plan.queue, plan.handle, name=f"{prefix}-{i}", **options)
 
         return make
 
@@ -405,12 +400,9 @@ class Job:
         """The summary of consumers of a queue others produce into: what this
         host's consumers did and the queue accepted."""
         done = failed = retried = 0
-        for tallies, supervisor in zip(self._tallies, self.supervisors, strict=True):
-            assert tallies is not None
-            d, f, r = tallies.totals()
-            done += d
-            failed += f + supervisor.killed_tasks[0]
-            retried += r + supervisor.killed_tasks[1]
+        for supervisor in self.supervisors:
+            d, f, r = supervisor.totals()
+            done, failed, retried = done + d, failed + f, retried + r
         return Summary(0, done, failed, retried, failed, producers=0,
                        restarts=sum(s.restarts for s in self.supervisors), **fields)
 

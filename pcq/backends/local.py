@@ -408,7 +408,6 @@ class LocalQueue(Queue):
         return producer_id or uuid.uuid4().hex
 
     def detach_producer(self, producer_id: str | None = None, close_if_last: bool = True) -> None:
-        # The broker counts producers: one detach per attach, from whichever process.
         self._call(wire.DETACH_PRODUCER, close_if_last)
 
     def counters(self) -> Counters:

@@ -722,7 +722,7 @@ class RedisQueue(Queue):
         self._here()
         if producer_id is None:
             producer = self._producer_ids.pop() if self._producer_ids else ""
-        else:  # maybe another process's: a producer that was killed
+        else:
             producer = producer_id
             if producer in self._producer_ids:
                 self._producer_ids.remove(producer)

@@ -43,10 +43,10 @@ def no_child_left() -> Any:
 class SentinelRecordingConsumer(pcq.Consumer):
     """A Consumer that records, in ``sentinel-<pid>.log``, each sentinel it takes."""
 
-    def _handle_lease(self, lease: Lease) -> Any:
+    def _settle(self, lease: Lease, *args: Any) -> Any:
         if lease.sentinel is not None:
             local_jobs._append(f"sentinel-{os.getpid()}.log", time.monotonic())
-        return super()._handle_lease(lease)
+        return super()._settle(lease, *args)
 
 
 def _times(out: Path, prefix: str) -> dict[int, list[float]]:

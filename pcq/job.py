@@ -384,9 +384,9 @@ class Job:
         if not self._produces:
             return self._tallied(fields)
         after = [q.counters() for q in self.queues]
-        rows = [counted(plan.name, q, plan.settings.workers, b, a, supervisor.restarts)
-                for plan, supervisor, q, b, a in zip(self.plans, self.supervisors, self.queues,
-                                                     self._before, after, strict=True)]
+        rows = [counted(plan.name, plan.queue, plan.settings.workers, b, a, supervisor.restarts)
+                for plan, supervisor, b, a in zip(self.plans, self.supervisors, self._before,
+                                                  after, strict=False)]
         if not rows:  # this process produced, the consumers are elsewhere
             rows = [counted("tasks", self.first, 0, self._before[0], after[0], 0)]
             if not self._wait:  # nothing waited for them: only the put is this job's

@@ -232,6 +232,7 @@ class Job:
         ``stopped`` it), detach it if it could not detach itself."""
         producer.join()
         code = producer.exitcode
+        producer.close()
         if code and not stopped:
             self.producer_errors += 1
         if code is not None and code < 0:
@@ -239,7 +240,6 @@ class Job:
             # By its own id, at once: without this, its registration would hold
             # the queue open until its heartbeat expired, or forever.
             self.first.detach_producer(producer.producer_id, close_if_last=False)
-        producer.close()
 
     def _release(self, close: bool) -> None:
         """Let go of our registration on the first queue: the queue closes now
@@ -289,12 +289,12 @@ class Job:
                 process.terminate()
         for supervisor in self.supervisors:
             supervisor.stop(max(0.0, deadline - time.monotonic()))
-        for producer in left:
-            producer.join(max(0.0, deadline - time.monotonic()))
-            if producer.is_alive():
-                producer.kill()
-            self._ended(producer, stopped=True)
         with contextlib.suppress(PcqError):  # a lost backend: the registrations expire
+            for producer in left:
+                producer.join(max(0.0, deadline - time.monotonic()))
+                if producer.is_alive():
+                    producer.kill()
+                self._ended(producer, stopped=True)
             self._release(close=False)
             for q, registration in self._opened:
                 q.detach_producer(registration, close_if_last=False)

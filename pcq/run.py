@@ -25,7 +25,7 @@ from types import FrameType
 from typing import Any
 
 from pcq.backends.base import Queue
-from pcq.job import Job, OnProgress, StagePlan
+from pcq.job import CHECK_EVERY, PROGRESS_EVERY, Job, OnProgress, StagePlan
 from pcq.pipeline import open_stages, stage_name
 from pcq.settings import GRACE_SECONDS, StageSettings, per_stage
 from pcq.summary import Summary
@@ -90,9 +90,11 @@ def run(
             q.dispose()
 
 
-def drive(job: Job, items: Iterable[Any] | None = None, *, close: bool = True) -> Summary:
-    """Run ``job`` whole: start, tick until it is over or SIGINT/SIGTERM comes,
-    stop, summary.  With ``items``, this process puts them first (see
+def drive(job: Job, items: Iterable[Any] | None = None, *, close: bool = True,
+          every: float = PROGRESS_EVERY) -> Summary:
+    """Run ``job`` whole: start, tick (every ``every`` seconds at most) until it
+    is over or SIGINT/SIGTERM comes, stop, summary.  With ``items``, this
+    process puts them first (see
     :meth:`~pcq.job.Job.put_here`); a signal also interrupts a put that waits for
     room (maxsize), at once, putting nothing more."""
     with interruptible(None if items is None else job.first.interrupt) as caught:
@@ -100,7 +102,7 @@ def drive(job: Job, items: Iterable[Any] | None = None, *, close: bool = True) -
             job.start()
             if items is not None:
                 job.put_here(items, close=close, caught=caught)
-            while not caught and job.tick():
+            while not caught and job.tick(every):
                 pass
         finally:
             job.interrupted = caught[0] if caught else None
@@ -162,4 +164,5 @@ def consume_job(
     queue ``to``, which closes once ``q`` is closed and fully acknowledged (see
     :mod:`pcq.stages`)."""
     plan = StagePlan(stage_name(handle), q, handle, settings, to=to)
-    return drive(Job([plan], produces=False, burst=burst, grace=grace))
+    # A host of a long-lived queue: it looks at the shared server less often.
+    return drive(Job([plan], produces=False, burst=burst, grace=grace), every=CHECK_EVERY)

@@ -25,10 +25,10 @@ from pcq.errors import (
     TaskTimeout,
 )
 from pcq.mapping import map
-from pcq.pipeline import run
 from pcq.roles import Consumer, Producer
-from pcq.run import Summary
+from pcq.run import run
 from pcq.stages import Stage
+from pcq.summary import Summary
 
 try:
     __version__ = version("pcq")

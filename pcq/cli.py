@@ -29,9 +29,10 @@ from pcq.backends.base import Queue, state_of
 from pcq.envelope import short_repr
 from pcq.errors import BackendLost, ConfigError, PcqError
 from pcq.loader import load_callable
-from pcq.pipeline import run
 from pcq.progress import Display, line_buffered
-from pcq.run import EXIT_BACKEND_LOST, EXIT_USAGE, Summary, consume_job, produce_job
+from pcq.run import consume_job, produce_job, run
+from pcq.settings import ExitCode, StageSettings
+from pcq.summary import Summary
 
 app = typer.Typer(
     name="pcq",
@@ -311,8 +312,9 @@ def consume_command(
         if not burst and q.state() == "idle":
             err.print(f"pcq consume: queue {queue!r} is idle; waiting for a producer",
                       highlight=False, soft_wrap=True)
-        summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
-                              burst=burst, concurrency=concurrency, setup=setup_fn, to=target)
+        settings = StageSettings(workers=workers, concurrency=concurrency, retries=retries,
+                                 timeout=timeout, max_deliveries=max_deliveries, setup=setup_fn)
+        summary = consume_job(q, handle, settings, burst=burst, to=target)
     finally:
         if target is not None:
             target.dispose()
@@ -545,18 +547,18 @@ def main(args: list[str] | None = None) -> None:
         code = command().main(args, prog_name="pcq", standalone_mode=False)
     except BackendLost as exc:
         err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True, markup=False)
-        sys.exit(EXIT_BACKEND_LOST)
+        sys.exit(ExitCode.BACKEND_LOST)
     except PcqError as exc:
         err.print(f"pcq: error: {exc}", highlight=False, soft_wrap=True, markup=False)
-        sys.exit(EXIT_USAGE)
+        sys.exit(ExitCode.USAGE)
     except UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `pcq`, `pcq dead`: the help
             print(exc.ctx.get_help(), file=sys.stderr)  # type: ignore[attr-defined]
         else:
             _usage_error(exc)
-        sys.exit(EXIT_USAGE)
+        sys.exit(ExitCode.USAGE)
     except (KeyboardInterrupt, typer.Abort):
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     sys.exit(code if isinstance(code, int) else 0)
 
 

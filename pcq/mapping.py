@@ -18,103 +18,135 @@ before item ``i`` while ``i - yielded >= window``.  So at most ``window`` items
 flight, in OUT or waiting in the reorder buffer of ``ordered=True`` — and IN's
 ``maxsize`` holds the producer back on top of that.
 
-The end: the producer process puts everything and exits; the caller then
-closes IN; OUT closes once IN is fully acknowledged (:mod:`pcq.stages`), and
-the caller's take on OUT returns its sentinel.  Leaving early (``break``, an
-exception, ``close()``) stops the producer and every worker, purges both queues
-and leaves no process behind.
+The producer process and the workers are a :class:`~pcq.job.Job` that the
+caller ticks while it waits for results: the job closes IN when the producer
+ends (a killed one is detached by its own id), and OUT once IN is fully
+acknowledged; the caller's take on OUT then returns its sentinel.
+
+Nothing is left running however the caller leaves.  A ``for`` loop iterates
+over a generator of its own (:meth:`MapIterator.__iter__`): leaving the loop
+early (``break``, an exception in its body) drops that generator, whose close
+stops the job, purges both queues and removes the local broker's directory.
+So do :meth:`MapIterator.close`, ``with``, the iterator's garbage collection,
+and interpreter exit — also after an uncaught :class:`~pcq.errors.TaskFailed`,
+which leaves the iterator alive in its traceback: a hook registered after
+``multiprocessing``'s own exit hook (so it runs first) stops every map still
+open, before ``multiprocessing`` joins the children.  A caller that catches
+``TaskFailed`` can go on iterating past it: an exception raised by the map
+itself stops nothing.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
-import multiprocessing as mp
-import sys
+import multiprocessing.util
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from pcq.backends import open_queue
-from pcq.backends.base import MAX_BATCH
+from pcq.backends.base import MAX_BATCH, Queue
 from pcq.envelope import unpack_value
 from pcq.errors import PcqError, TaskFailed
-from pcq.pipeline import stage_queue
-from pcq.roles import Producer, Supervisor, wait
-from pcq.run import GRACE_SECONDS
-from pcq.stages import ResultStage, close_if_finished
+from pcq.job import Job, StagePlan
+from pcq.pipeline import open_stages
+from pcq.settings import GRACE_SECONDS, StageSettings, fork_context
+from pcq.stages import ResultStage
 
 #: How long the caller waits for results before it looks after its processes.
 POLL = 0.05
 
 
+class _Running:
+    """What a map started, apart from the iterator (so that stopping it at
+    garbage collection or at exit needs no reference to the iterator)."""
+
+    def __init__(self, job: Job, inq: Queue, out: Queue, own_queues: bool) -> None:
+        self.job, self.inq, self.out, self.own_queues = job, inq, out, own_queues
+        self.stopped = False
+
+    def stop(self) -> None:
+        """Stop the producer and the workers, drop what the queues still hold.
+        Idempotent; nothing is left running when it returns."""
+        if self.stopped:
+            return
+        self.stopped = True
+        _OPEN.discard(self)
+        self.job.stop()
+        with contextlib.suppress(PcqError):
+            self.out.detach_consumer()
+            for q in (self.inq, self.out):
+                q.purge()
+                q.purge_dead()
+                if self.own_queues:
+                    q.forget()  # throwaway queues: nothing is left on a server
+        self.out.dispose()
+        self.inq.dispose()
+
+
+#: Maps still running, stopped at interpreter exit (see the module docstring).
+_OPEN: set[_Running] = set()
+
+
+def _stop_open_maps() -> None:
+    for running in list(_OPEN):
+        with contextlib.suppress(Exception):
+            running.stop()
+
+
+# Registered after multiprocessing.util's own exit hook (imported above), so it
+# runs first: atexit runs hooks last-registered first.
+assert multiprocessing.util is not None
+atexit.register(_stop_open_maps)
+
+
 class MapIterator(Iterator[Any]):
     """The iterator :func:`map` returns.  Use it in a ``for`` loop or ``with``
-    block; :meth:`close` (also called when it is garbage-collected) stops
+    block; :meth:`close` (also called when it is garbage-collected, when a
+    ``for`` loop over it is left early, and at interpreter exit) stops
     everything it started."""
 
     def __init__(
         self,
         func: Callable[[Any], Any],
         iterable: Iterable[Any],
+        settings: StageSettings,
         *,
-        workers: int,
         chunksize: int,
         ordered: bool,
         window: int | None,
         maxsize: int,
-        retries: int,
-        timeout: float | None,
         backend: str | None,
         url: str | None,
         queue: str | None,
         grace: float,
         **queue_options: Any,
     ) -> None:
-        if workers < 1 or chunksize < 1:
-            raise ValueError("workers and chunksize must be at least 1")
-        self._closed = True  # until everything below exists
+        if chunksize < 1:
+            raise ValueError("chunksize must be at least 1")
         self.ordered = ordered
+        workers = settings.workers
         self.window = window or max(4 * maxsize, 4096 * workers, 128 * workers * chunksize)
-        self._grace = grace
         name = queue or f"pcq-map-{uuid.uuid4().hex[:12]}"
-        self._own_queues = queue is None  # throwaway queues: nothing is left on a server
-        self._in = open_queue(backend, url=url, name=name, maxsize=maxsize, **queue_options)
-        self._out = self._in.sibling(stage_queue(name, 1))
-        self._yielded = mp.get_context("fork" if sys.platform.startswith("linux") else None
-                                       ).RawValue("q", 0)
-        inq, out = self._in, self._out
-        self._supervisor = Supervisor(
-            inq, lambda i: ResultStage(inq, func, to=out, retries=retries, timeout=timeout,
-                                       name=f"pcq-map-{i}"), workers)
-        yielded, window = self._yielded, self.window
-
-        def produce() -> Iterator[list[Any]]:
-            items = iter(iterable)
-            index = 0
-            while True:
-                if index - yielded.value >= window:  # a full window: wait for the caller
-                    pause = 0.0001
-                    while index - yielded.value >= window:
-                        time.sleep(pause)
-                        pause = min(pause * 2, 0.01)
-                chunk = list(itertools.islice(items, chunksize))
-                if not chunk:
-                    return
-                yield [index, chunk]
-                index += len(chunk)
-
-        self._in.set_feeds(self._out.name)
-        self._in.attach_producer()  # keeps IN open until the producer process is done
-        self._out.attach_consumer()
-        self._closed = False
-        self._supervisor.start()
-        self._producer: Producer | None = Producer(inq, produce, name="pcq-map-producer")
-        self._producer.start()
-        self._producer_failed = False
-        self._in_closed = False
+        inq, out = open_stages(backend, url, name, [maxsize, 0],
+                               max_deliveries=settings.max_deliveries, **queue_options)
+        self._out = out
+        self._yielded = fork_context().RawValue("q", 0)
+        plan = StagePlan("map", inq, func, settings, to=out, kind=ResultStage)
+        job = Job([plan], produce=_windowed(iterable, chunksize, self._yielded, self.window),
+                  producers=1, grace=grace)
+        self._running = _Running(job, inq, out, own_queues=queue is None)
+        _OPEN.add(self._running)
+        self._job = job
+        try:
+            out.attach_consumer()
+            job.start()
+        except BaseException:
+            self._running.stop()
+            raise
         self._drained = False
         # Results come a chunk at a time, [start, values, errors or None] (see
         # ResultStage): the one being yielded, and those received after it — in
@@ -130,8 +162,26 @@ class MapIterator(Iterator[Any]):
         self._count = 0  # results yielded (published to the producer before each take)
         self._next_check = 0.0
 
-    def __iter__(self) -> MapIterator:
-        return self
+    def __iter__(self) -> Iterator[Any]:
+        """A generator of its own for each loop: when a loop is left early, the
+        generator is dropped and closed, and that stops the map."""
+        return self._loop()
+
+    def _loop(self) -> Iterator[Any]:
+        try:
+            while True:
+                current, pos = self._current, self._pos
+                if pos < len(current):
+                    self._pos = pos + 1
+                    if self._errors is None or pos not in self._errors:
+                        yield current[pos]
+                        continue
+                    raise TaskFailed(self._start + pos, self._errors[pos])
+                if not self._advance():
+                    return
+        except GeneratorExit:  # the loop was left early: nothing goes on for it
+            self.close()
+            raise
 
     def __enter__(self) -> MapIterator:
         return self
@@ -155,6 +205,8 @@ class MapIterator(Iterator[Any]):
         self._count += len(self._current)
         self._current, self._pos = [], 0
         while True:
+            if self._running.stopped:
+                return False
             if self.ordered:
                 found = self._chunks.pop(self._next, None)
             else:
@@ -163,23 +215,21 @@ class MapIterator(Iterator[Any]):
                 self._start, self._current, self._errors = found
                 self._next = self._start + len(self._current)
                 return True
-            if self._closed:
-                return False
             if self._drained and self._chunks:  # ordered, and a chunk has no result
                 index = self._next
                 self._next += self._chunksize
                 raise TaskFailed(index, "no result: its chunk was dead-lettered unhandled")
             if self._drained:
                 self.close()
-                if self._producer_failed:
+                if self._job.producer_errors:
                     raise PcqError("pcq.map: the input iterable raised (see the "
                                    "traceback above); the items before it were mapped")
                 return False
             self._receive()
 
     def _receive(self) -> None:
-        """Take what OUT holds (waiting a moment if nothing), and look after the
-        producer and the workers now and then."""
+        """Take what OUT holds (waiting a moment if nothing), and tick the job
+        (producer, workers, the close of both queues) now and then."""
         self._yielded.value = self._count  # the producer may go on this far
         lease = self._out.take(MAX_BATCH, timeout=POLL)
         if lease is not None:
@@ -196,55 +246,42 @@ class MapIterator(Iterator[Any]):
                 self._drained = True
         now = time.monotonic()
         if lease is None or now >= self._next_check:
-            self._tend()
+            self._job.tick(0)
             self._next_check = now + POLL
 
-    def _tend(self) -> None:
-        supervisor = self._supervisor
-        supervisor.poll(wait(supervisor.sentinels(), 0) if supervisor.sentinels() else [])
-        producer = self._producer
-        if producer is not None and producer.exitcode is not None:
-            producer.join()
-            self._producer_failed = producer.exitcode != 0
-            if producer.exitcode < 0:  # killed: it could not detach itself
-                self._in.detach_producer(close_if_last=False)
-            producer.close()
-            self._producer = None
-            self._in.detach_producer(close_if_last=True)
-            self._in_closed = True
-        if self._in_closed:  # in case the last worker to finish was killed
-            close_if_finished(self._in, self._out)
-
     def close(self) -> None:
-        """Stop the producer and the workers, drop what the queues still hold.
-        Idempotent; nothing is left running when it returns."""
-        if self._closed:
-            return
-        self._closed = True
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            with contextlib.suppress(ProcessLookupError):
-                producer.terminate()
-        self._supervisor.stop(self._grace)
-        if producer is not None:
-            producer.join(self._grace)
-            if producer.is_alive():
-                producer.kill()
-                producer.join()
-            producer.close()
-        with contextlib.suppress(PcqError):
-            self._out.detach_consumer()
-            for q in (self._in, self._out):
-                q.purge()
-                q.purge_dead()
-                if self._own_queues:
-                    q.forget()
-        self._out.dispose()
-        self._in.dispose()
+        """Stop the producer and the workers, drop what the queues still hold
+        and the results not yet yielded.  Idempotent; nothing is left running
+        when it returns."""
+        self._arrived.clear()
+        self._chunks.clear()
+        self._running.stop()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self.close()
+            self._running.stop()
+
+
+def _windowed(iterable: Iterable[Any], chunksize: int, yielded: Any,
+              window: int) -> Callable[[], Iterator[list[Any]]]:
+    """The producer's function: ``iterable`` in chunks ``[start, items]``, never
+    more than ``window`` items ahead of the results the caller has yielded."""
+    def produce() -> Iterator[list[Any]]:
+        items = iter(iterable)
+        index = 0
+        while True:
+            if index - yielded.value >= window:  # a full window: wait for the caller
+                pause = 0.0001
+                while index - yielded.value >= window:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.01)
+            chunk = list(itertools.islice(items, chunksize))
+            if not chunk:
+                return
+            yield [index, chunk]
+            index += len(chunk)
+
+    return produce
 
 
 def map(
@@ -258,6 +295,7 @@ def map(
     maxsize: int = 1000,
     retries: int = 0,
     timeout: float | None = None,
+    max_deliveries: int = 3,
     backend: str | None = None,
     url: str | None = None,
     queue: str | None = None,
@@ -280,9 +318,11 @@ def map(
     endless input is fine.
     ``backend="redis"`` (or a redis ``url``) sends items and results through
     that server; ``queue`` names the queues (default: a fresh name).  Leaving
-    the loop early stops every process it started.
+    a ``for`` loop over it early, an uncaught exception, or the end of the
+    program stops every process it started.
     """
-    return MapIterator(func, iterable, workers=workers, chunksize=chunksize, ordered=ordered,
-                       window=window,
-                       maxsize=maxsize, retries=retries, timeout=timeout, backend=backend,
-                       url=url, queue=queue, grace=grace, **queue_options)
+    settings = StageSettings(workers=workers, retries=retries, timeout=timeout,
+                             max_deliveries=max_deliveries)
+    return MapIterator(func, iterable, settings, chunksize=chunksize, ordered=ordered,
+                       window=window, maxsize=maxsize, backend=backend, url=url,
+                       queue=queue, grace=grace, **queue_options)

@@ -35,7 +35,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from pcq.run import Progress
+from pcq.summary import Progress
 
 #: Rates are measured over this many seconds of recent progress.
 RATE_WINDOW = 5.0

@@ -1,221 +1,87 @@
-"""Many tasks at once in one consumer process (``--concurrency C``).
+"""The consume loop: where a task's life in a consumer is decided, at every
+concurrency.
 
-A consumer with C > 1 slots keeps up to C tasks running: a plain handler in a
-pool of threads (:class:`ThreadRunner`), an ``async def`` handler as asyncio
-tasks on one event loop in a thread of its own (:class:`AsyncRunner`).  The
-consumer's main thread alone talks to the queue (take, ack, reap), so a backend
-never sees two calls at once, and it alone decides when a task failed.
+A consumer (:class:`pcq.roles.Consumer`) keeps up to C = ``concurrency`` tasks
+running.  At C == 1 they run one after another in its main thread
+(:class:`~pcq.runners.InlineRunner`); at C > 1 a plain handler runs in C threads,
+an ``async def`` one as asyncio tasks (see :mod:`pcq.runners`, which also says
+how each runner enforces a timeout).  The main thread alone talks to the queue
+(take, ack, reap), so a backend never sees two calls at once, and it alone
+decides what became of a task.
 
-The loop (:class:`Slots`):
+One task's life, step by step, and where each step is decided:
 
-1. While slots are free, take a lease sized to them (a backend may hand out
-   more: those tasks wait in a backlog, unstarted).  A backend whose
-   ``multiple_leases`` is False holds one lease at a time: the next is taken
-   once every task of the current one has finished.
-2. Start backlog tasks while slots are free.
-3. Wait for tasks to finish; a lease is acknowledged, with its failures, once
-   all its tasks have finished (Redis's ack accepts leases out of order).
-4. A task still running ``timeout`` seconds after it started counts as a failed
-   attempt.  An asyncio task is cancelled; a thread cannot be interrupted, so it
-   runs on in the background, its result is ignored, and a new thread takes its
-   slot.
-5. On a stop request, the backlog goes back to the queue unstarted, the running
-   tasks finish (the supervisor's grace period bounds that), leases are
-   acknowledged and the loop returns.  A task is in the queue's in-flight set
-   from take to ack, so a process killed at any point loses none.
-6. A stage (``outputs=``) collects what each task returned — a list of outputs —
-   with the lease the task came from, and puts them on the next queue with that
-   lease's ack; a failed or timed-out task contributes none.
-
-The heartbeat (Redis) is a thread of the backend's own, so a handler that blocks
-the event loop never stops it.
+1. **Take** (:meth:`Slots.run`): while slots are free, take a lease sized to
+   them (at C == 1, as many tasks as fit ``TARGET_BATCH_SECONDS`` of handler
+   work, growing from 1: slow start).  A backend may hand out more; those wait
+   in a backlog, unstarted.  A backend whose ``multiple_leases`` is False holds
+   one lease at a time.  A lease of a *suspect* (``Lease.deaths`` > 0: it was in
+   flight in a consumer that died) runs where no other task runs: it starts once
+   nothing else runs here, and nothing else is taken until it is acknowledged,
+   so a task that kills its process takes no innocent task with it.
+2. **Poison** (:meth:`Slots._add`): a lease whose consumers died
+   ``max_deliveries`` times is dead-lettered unrun (:func:`~pcq.backends.base.poisoned`).
+3. **Run** (:meth:`Slots._start_backlog`): backlog tasks start while slots are
+   free.  A task that raises, or runs past its timeout (:mod:`pcq.runners`),
+   is a failed attempt: the consumer's ``failed`` decides retry (with backoff)
+   or dead letter (:meth:`pcq.roles.Consumer.failure`).
+4. **Ack** (:meth:`Slots._settle`): a lease is acknowledged, with its failures
+   and a stage's outputs, once all its tasks have finished (Redis's ack accepts
+   leases out of order).  When it is the only lease open and the consumer goes
+   on, the ack takes the next lease in the same round trip (``ack_and_take``).
+5. **Stay for a retry** (:meth:`Slots._settle`): a sentinel that came while a
+   task here was still running is not obeyed if that task's retry is pending:
+   the consumer stays, and the queue hands it a sentinel again once the run is
+   over.
+6. **Give back** (:meth:`Slots._hand_back`): on a stop request the backlog goes
+   back to the queue unstarted, the running tasks finish (the supervisor's grace
+   period bounds that), leases are acknowledged and the loop returns.  A task is
+   in the queue's in-flight set from take to ack, so a process killed at any
+   point loses none.
+7. **Outputs** (a stage): what a task returned — a list of outputs — is kept
+   with its lease and put on the next queue by that lease's ack; a failed task
+   contributes only what its consumer's ``failed`` gives (pcq.map's results).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
-from typing import Any, Protocol
+from typing import Any
 
-from pcq.backends.base import TARGET_BATCH_SECONDS, Failure, Lease, Queue, poisoned
+from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Failure, Lease, Queue, poisoned
 from pcq.envelope import Batch, Envelope
-from pcq.errors import TaskTimeout
+from pcq.runners import AsyncRunner, Finished, InlineRunner, Runner, ThreadRunner, expired
+from pcq.settings import IDLE_WAIT, StageSettings
 
-#: How long an idle consumer waits for a task before looking around (reap, stop).
-IDLE_WAIT = 0.25
 #: Longest the main thread waits for a task to finish before it looks again for
 #: new tasks (when slots are free), stop requests and timeouts.
 POLL = 0.02
-#: An async task past its timeout is cancelled by ``asyncio.wait_for``; the main
-#: thread counts it failed itself only this much later (a blocked event loop).
-ASYNC_SLACK = 0.25
-
-#: (task key, error or None, seconds the handler ran, what the handler returned)
-Finished = tuple[int, BaseException | None, float, Any]
-#: Acknowledges a lease with the outputs of its tasks (a stage's, see point 6).
-AckOutputs = Callable[[Lease, list[Failure], list[Envelope], list[Any]], None]
 
 
-class Runner(Protocol):
-    """Runs handler calls; each outcome goes to ``finished`` as a :data:`Finished`."""
+@dataclass(frozen=True)
+class Handling:
+    """What the loop asks of its consumer (:meth:`pcq.roles.Consumer.handling`)."""
 
-    started: dict[int, float]  # task key -> time.monotonic() when it started
-
-    def submit(self, key: int, body: Any) -> None: ...
-    def abandon(self, key: int) -> None: ...
-    def close(self) -> None: ...
-
-
-class ThreadRunner:
-    """``slots`` threads calling ``call(body)``.  A timed-out call cannot be
-    interrupted: :meth:`abandon` starts one more thread so the slot is free
-    again, and the next thread to finish a call exits, so the pool shrinks back."""
-
-    def __init__(self, call: Callable[[Any], Any], slots: int, finished: SimpleQueue[Finished]):
-        self.started: dict[int, float] = {}
-        self._call = call
-        self._finished = finished
-        self._jobs: SimpleQueue[tuple[int, Any] | None] = SimpleQueue()
-        self._lock = threading.Lock()
-        self._excess = 0  # threads to retire: one per abandoned call
-        self._threads = 0
-        for _ in range(slots):
-            self._add_thread()
-
-    def _add_thread(self) -> None:
-        self._threads += 1
-        threading.Thread(target=self._work, name="pcq-slot", daemon=True).start()
-
-    def _work(self) -> None:
-        clock, call, jobs, finished = time.monotonic, self._call, self._jobs, self._finished
-        while (job := jobs.get()) is not None:
-            key, body = job
-            self.started[key] = began = clock()
-            error: BaseException | None = None
-            result: Any = None
-            try:
-                result = call(body)
-            except BaseException as exc:  # a thread must report, not die
-                error = exc
-            finished.put((key, error, clock() - began, result))
-            if self._excess:
-                with self._lock:
-                    if self._excess:
-                        self._excess -= 1
-                        self._threads -= 1
-                        return
-
-    def submit(self, key: int, body: Any) -> None:
-        self._jobs.put((key, body))
-
-    def abandon(self, key: int) -> None:
-        with self._lock:
-            self._excess += 1
-            self._add_thread()
-
-    def close(self) -> None:
-        """Let every thread end once its current call returns (never waits)."""
-        with self._lock:
-            for _ in range(self._threads):
-                self._jobs.put(None)
-
-
-class AsyncRunner:
-    """Coroutines of ``handle`` on one event loop, run by a thread of its own."""
-
-    def __init__(
-        self,
-        handle: Callable[[Any], Awaitable[Any]],
-        timeout: float | None,
-        finished: SimpleQueue[Finished],
-    ) -> None:
-        self.started: dict[int, float] = {}
-        self._handle = handle
-        self._timeout = timeout
-        self._finished = finished
-        self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="pcq-loop",
-                                        daemon=True)
-        self._thread.start()
-
-    def submit(self, key: int, body: Any) -> None:
-        self._loop.call_soon_threadsafe(self._start, key, body)
-
-    def _start(self, key: int, body: Any) -> None:
-        self._tasks[key] = self._loop.create_task(self._run(key, body))
-
-    async def _run(self, key: int, body: Any) -> None:
-        self.started[key] = began = time.monotonic()
-        error: BaseException | None = None
-        result: Any = None
-        try:
-            result = await run_coroutine(self._handle(body), self._timeout)
-        except asyncio.CancelledError:
-            error = TaskTimeout(f"task ran past its timeout of {self._timeout:g} s")
-        except BaseException as exc:  # reported to the main thread
-            error = exc
-        finally:
-            self._tasks.pop(key, None)
-        self._finished.put((key, error, time.monotonic() - began, result))
-
-    def abandon(self, key: int) -> None:
-        def cancel() -> None:
-            task = self._tasks.get(key)
-            if task is not None:
-                task.cancel()
-
-        self._loop.call_soon_threadsafe(cancel)
-
-    def close(self) -> None:
-        """Cancel what still runs and stop the loop; wait a little for it (a
-        handler that blocks the loop may keep it: the thread is a daemon)."""
-
-        def shutdown() -> None:
-            for task in self._tasks.values():
-                task.cancel()
-            self._loop.call_soon(self._loop.stop)
-
-        with contextlib.suppress(RuntimeError):  # the loop is closed already
-            self._loop.call_soon_threadsafe(shutdown)
-        self._thread.join(timeout=1.0)
-        if not self._thread.is_alive():
-            self._loop.close()
-
-
-async def run_coroutine(coroutine: Awaitable[Any], timeout: float | None) -> Any:
-    """Await ``coroutine`` in the calling task; ``timeout`` seconds after it
-    started, cancel it and raise :class:`TaskTimeout`.
-
-    The clock starts when this task starts running, not when it was scheduled,
-    so a task queued behind a handler that blocks the loop is not charged for
-    that wait.  A handler that blocks the loop itself cannot be cancelled: when
-    it returns after its time, the attempt still counts as timed out.
-    """
-    if timeout is None:
-        return await coroutine
-    task = asyncio.current_task()
-    assert task is not None
-    began = time.monotonic()
-    timer = asyncio.get_running_loop().call_later(timeout, task.cancel)
-    expired = f"task ran past its timeout of {timeout:g} s"
-    try:
-        result = await coroutine
-    except asyncio.CancelledError:
-        if time.monotonic() - began < timeout:
-            raise  # cancelled for another reason (shutdown)
-        raise TaskTimeout(expired) from None
-    finally:
-        timer.cancel()
-    if time.monotonic() - began > timeout:
-        raise TaskTimeout(expired)
-    return result
+    #: Runs one task's body; for a stage (``outputs``) it returns a list of outputs.
+    call: Callable[[Any], Any]
+    is_async: bool
+    #: A failed attempt at ``batch``'s task ``index``: its Failure (retry or dead
+    #: letter) and the outputs it still gives (pcq.map's results of a dead chunk).
+    failed: Callable[[Batch, int, BaseException], tuple[Failure, list[Any]]]
+    #: Acknowledge a lease (failures, give_back, outputs); with ``take`` > 0, take
+    #: the next lease of up to ``take`` tasks in the same round trip and return it.
+    settle: Callable[[Lease, list[Failure], list[Envelope], list[Any], int], Lease | None]
+    #: The consumer's tally of an acknowledged lease: (handled, failures).
+    count: Callable[[int, list[Failure]], None]
+    stopping: Callable[[], bool]
+    outputs: bool = False
+    #: Told which task runs inline ('' : none), for a supervisor's timeout kill.
+    mark: Callable[[str], None] | None = None
 
 
 @dataclass(slots=True)
@@ -229,99 +95,143 @@ class _Open:
     failures: list[Failure] = field(default_factory=list)
     give_back: list[Envelope] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)  # a stage's, of its finished tasks
+    poison: bool = False
 
 
 class Slots:
-    """The consume loop of a consumer with ``slots`` > 1 (see the module docstring)."""
+    """The consume loop of one consumer (see the module docstring)."""
 
-    def __init__(
-        self,
-        queue: Queue,
-        runner: Runner,
-        finished: SimpleQueue[Finished],
-        *,
-        slots: int,
-        timeout: float | None,
-        slack: float,
-        stopping: Callable[[], bool],
-        failure: Callable[[Batch, int, BaseException], Failure],
-        count: Callable[[int, list[Failure]], None] | None,
-        outputs: AckOutputs | None = None,
-    ) -> None:
+    def __init__(self, queue: Queue, handling: Handling, settings: StageSettings,
+                 runner: InlineRunner | Runner, finished: SimpleQueue[Finished]) -> None:
         self.queue = queue
-        self._outputs = outputs
-        self.runner = runner
-        self.slots = slots
+        self.slots = settings.concurrency
+        self._h = handling
+        self._timeout = settings.timeout
+        self._max_deliveries = settings.max_deliveries
+        self._inline = runner if isinstance(runner, InlineRunner) else None
+        self._runner = None if isinstance(runner, InlineRunner) else runner
         self._finished = finished
-        self._timeout = timeout
-        self._slack = slack
-        self._stopping = stopping
-        self._failure = failure
-        self._count = count
         self._open: dict[int, _Open] = {}  # lease number -> lease
-        self._backlog: deque[tuple[int, Batch, int]] = deque()  # taken, not started
+        self._backlog: deque[tuple[int, Batch, int]] = deque()  # (lease, batch, next task)
+        self._queued = 0  # tasks in the backlog
         self._running: dict[int, tuple[int, Batch, int]] = {}  # key -> (lease, batch, index)
         self._leases = 0
         self._keys = 0
+        self._batch = 1  # tasks per take at concurrency 1 (slow start)
         self._sentinel = False
+        self._suspect: int | None = None  # the open lease of a suspect task
 
     def run(self) -> None:
-        queue, slots = self.queue, self.slots
+        queue = self.queue
         next_reap = time.monotonic() + queue.reap_interval
         while True:
-            stopping = self._stopping()
+            self._start_backlog()
+            stopping = self._h.stopping()
             if stopping and self._backlog:
                 self._hand_back()
-            while self._backlog and len(self._running) < slots:
-                self._start(*self._backlog.popleft())
-            self._settle()
+            lease = self._settle()
+            if lease is not None:
+                self._add(lease)
+                continue
             if (self._sentinel or stopping) and not self._running and not self._open:
                 return
-            free = slots - len(self._running) - len(self._backlog)
-            if (free > 0 and not self._sentinel and not stopping
-                    and (queue.multiple_leases or not self._open)):
-                lease = queue.take(free, timeout=POLL if self._running else IDLE_WAIT)
-                if lease is not None:
-                    self._add(lease)
-                    self._collect(0.0)
-                    continue
-                if not self._running:
-                    if time.monotonic() >= next_reap:
-                        queue.reap()
-                        next_reap = time.monotonic() + queue.reap_interval
-                    continue
-                self._collect(0.0)
-            else:
+            if not self._may_take(stopping):
                 self._collect(POLL if self._running else 0.0)
+                continue
+            lease = queue.take(self._want(), timeout=POLL if self._running else IDLE_WAIT)
+            if lease is not None:
+                self._add(lease)
+            elif not self._running and time.monotonic() >= next_reap:
+                queue.reap()
+                next_reap = time.monotonic() + queue.reap_interval
+            self._collect(0.0)
+
+    def _may_take(self, stopping: bool) -> bool:
+        free = self.slots - len(self._running) - self._queued
+        return (free > 0 and not self._sentinel and not stopping and self._suspect is None
+                and (self.queue.multiple_leases or not self._open))
+
+    def _want(self) -> int:
+        if self.slots == 1:
+            return self._batch
+        return self.slots - len(self._running) - self._queued
 
     def _add(self, lease: Lease) -> None:
         self._leases += 1
         number = self._leases
-        poison = poisoned(lease, self.queue.max_deliveries)
-        if poison:  # a task that killed its consumers: dead-lettered, never run again
-            self._open[number] = _Open(lease, 0, lease.size, failures=poison)
-            return
-        self._open[number] = _Open(lease, lease.size)
-        for batch in lease.batches:
-            self._backlog.extend((number, batch, i) for i in range(len(batch.bodies)))
         if lease.sentinel is not None:
             self._sentinel = True
+        poison = poisoned(lease, self._max_deliveries)
+        if poison:  # a task that killed its consumers: dead-lettered, never run again
+            self._open[number] = _Open(lease, 0, lease.size, failures=poison, poison=True)
+            return
+        if lease.deaths:
+            self._suspect = number
+        self._open[number] = _Open(lease, lease.size)
+        for batch in lease.batches:
+            self._backlog.append((number, batch, 0))
+            self._queued += len(batch.bodies)
 
-    def _start(self, number: int, batch: Batch, index: int) -> None:
-        self._keys += 1
-        self._running[self._keys] = (number, batch, index)
-        self.runner.submit(self._keys, batch.bodies[index])
+    def _start_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog and len(self._running) < self.slots:
+            number, batch, index = backlog[0]
+            if number == self._suspect and self._running:
+                return  # a suspect starts once nothing else runs here
+            if self._inline is not None:
+                if not self._run_inline(number, batch, index):
+                    return  # a stop came before the first task
+                continue
+            if index + 1 < len(batch.bodies):
+                backlog[0] = (number, batch, index + 1)
+            else:
+                backlog.popleft()
+            self._queued -= 1
+            self._keys += 1
+            self._running[self._keys] = (number, batch, index)
+            assert self._runner is not None
+            self._runner.submit(self._keys, batch.bodies[index])
+
+    def _run_inline(self, number: int, batch: Batch, index: int) -> bool:
+        """Run ``batch``'s tasks from ``index`` in this thread, until a stop;
+        False if none ran."""
+        assert self._inline is not None
+        entry = self._open[number]
+        keep = entry.outputs.extend if self._h.outputs else None
+        began = time.perf_counter()
+        reached, failures = self._inline.run_batch(batch, index, self._h.stopping, keep)
+        entry.busy += time.perf_counter() - began
+        ran = reached - index
+        entry.left -= ran
+        entry.handled += ran
+        self._queued -= ran
+        for at, error in failures:
+            self._fail(entry, batch, at, error)
+        if reached < len(batch.bodies):
+            self._backlog[0] = (number, batch, reached)
+        else:
+            self._backlog.popleft()
+        return ran > 0
+
+    def _fail(self, entry: _Open, batch: Batch, index: int, error: BaseException) -> None:
+        failure, outputs = self._h.failed(batch, index, error)
+        entry.failures.append(failure)
+        entry.outputs.extend(outputs)
 
     def _hand_back(self) -> None:
         while self._backlog:
             number, batch, index = self._backlog.popleft()
             entry = self._open[number]
-            entry.give_back.append(batch.envelope(index))
-            entry.left -= 1
+            for i in range(index, len(batch.bodies)):
+                entry.give_back.append(batch.envelope(i))
+            entry.left -= len(batch.bodies) - index
+        self._queued = 0
 
     def _collect(self, wait: float) -> None:
         """Record the tasks that finish within ``wait`` seconds (those already
         finished at least), then count the overdue ones failed."""
+        if self._runner is None:
+            return  # inline: every task has finished when its batch returns
         wait = min(wait, self._until_overdue())
         try:
             done = [self._finished.get(timeout=wait) if wait > 0 else self._finished.get_nowait()]
@@ -338,8 +248,9 @@ class Slots:
     def _finish(
         self, key: int, error: BaseException | None, seconds: float, result: Any = None
     ) -> None:
+        assert self._runner is not None
         task = self._running.pop(key, None)
-        self.runner.started.pop(key, None)
+        self._runner.started.pop(key, None)
         if task is None:
             return  # abandoned after its timeout: already counted
         number, batch, index = task
@@ -348,74 +259,78 @@ class Slots:
         entry.handled += 1
         entry.busy += seconds
         if error is not None:
-            entry.failures.append(self._failure(batch, index, error))
-        elif self._outputs is not None:
+            self._fail(entry, batch, index, error)
+        elif self._h.outputs:
             entry.outputs.extend(result)
 
     def _until_overdue(self) -> float:
-        if self._timeout is None or not self.runner.started:
+        assert self._runner is not None
+        if self._timeout is None or not self._runner.started:
             return IDLE_WAIT
-        limit = self._timeout + self._slack
-        first = min(self.runner.started.get(key, time.monotonic()) for key in self._running)
+        limit = self._timeout + self._runner.slack
+        started = self._runner.started
+        first = min(started.get(key, time.monotonic()) for key in self._running)
         return max(0.0, first + limit - time.monotonic())
 
     def _expire(self) -> None:
-        assert self._timeout is not None
-        limit = self._timeout + self._slack
+        assert self._timeout is not None and self._runner is not None
+        limit = self._timeout + self._runner.slack
         now = time.monotonic()
-        started = self.runner.started
+        started = self._runner.started
         for key in [k for k in self._running if now - started.get(k, now) >= limit]:
-            self.runner.abandon(key)
-            self._finish(key, TaskTimeout(f"task ran past its timeout of {self._timeout:g} s"),
-                         now - started[key])
+            self._runner.abandon(key)
+            self._finish(key, expired(self._timeout), now - started[key])
 
-    def _settle(self) -> None:
-        """Acknowledge every lease whose tasks have all finished."""
+    def _settle(self) -> Lease | None:
+        """Acknowledge every lease whose tasks have all finished; the next lease
+        when the last ack took it in the same round trip."""
         for number in [n for n, entry in self._open.items() if entry.left == 0]:
             entry = self._open.pop(number)
-            if self._outputs is None:
-                self.queue.ack(entry.lease, entry.failures, entry.give_back)
-            else:
-                self._outputs(entry.lease, entry.failures, entry.give_back, entry.outputs)
+            if number == self._suspect:
+                self._suspect = None
             if self._sentinel and any(f.retry_in is not None for f in entry.failures):
                 # The sentinel came while this task was still running here (the
                 # queue hands it out once only our tasks are in flight); its retry
                 # is due later, so stay for it: the queue gives a sentinel again
                 # once the run is over.
                 self._sentinel = False
-            if self._count is not None:
-                self._count(entry.handled, entry.failures)
-            if entry.handled:
-                # What a task costs this consumer, its slots shared out; never more
-                # than a batch's worth per slot: a batch of up to ``slots`` tasks
-                # runs at once here, so it spreads work as well as single tasks do.
-                busy = min(entry.busy / entry.handled, TARGET_BATCH_SECONDS)
-                self.queue.note_task_cost(busy / self.slots)
+            self._note_cost(entry)
+            alone = not (self._open or self._running or self._backlog or self._sentinel)
+            take = self._want() if alone and not self._h.stopping() else 0
+            lease = self._h.settle(entry.lease, entry.failures, entry.give_back,
+                                   entry.outputs, take)
+            self._h.count(entry.handled, entry.failures)  # after the ack: it may be stale
+            if lease is not None:
+                return lease
+        return None
+
+    def _note_cost(self, entry: _Open) -> None:
+        """Report what a task costs here (producers size batches by it) and, at
+        concurrency 1, size the next take to about TARGET_BATCH_SECONDS of work."""
+        if not entry.handled or entry.poison:
+            return
+        # Never more than a batch's worth per slot: a batch of up to ``slots``
+        # tasks runs at once here, so it spreads work as well as single tasks do.
+        cost = entry.busy / entry.handled
+        self.queue.note_task_cost(min(cost, TARGET_BATCH_SECONDS) / self.slots)
+        if self.slots == 1:
+            fit = int(TARGET_BATCH_SECONDS / cost) if cost > 0 else MAX_BATCH
+            self._batch = max(1, min(MAX_BATCH, self._batch * 2, fit))
 
 
-def consume_concurrently(
-    queue: Queue,
-    handle: Callable[[Any], Any],
-    *,
-    is_async: bool,
-    slots: int,
-    timeout: float | None,
-    stopping: Callable[[], bool],
-    failure: Callable[[Batch, int, BaseException], Failure],
-    count: Callable[[int, list[Failure]], None] | None,
-    outputs: AckOutputs | None = None,
-) -> None:
-    """Consume until a sentinel or a stop, up to ``slots`` tasks at once.  With
-    ``outputs``, ``handle`` returns a list of outputs per task (a stage)."""
+def consume(queue: Queue, handling: Handling, settings: StageSettings) -> None:
+    """Consume until a sentinel or a stop, up to ``settings.concurrency`` tasks at
+    once, with the runner that concurrency and handler need."""
     finished: SimpleQueue[Finished] = SimpleQueue()
-    runner: Runner
-    if is_async:
-        runner = AsyncRunner(handle, timeout, finished)
+    runner: InlineRunner | Runner
+    if settings.concurrency == 1:
+        runner = InlineRunner(handling.call, is_async=handling.is_async,
+                              timeout=settings.timeout, mark=handling.mark)
+    elif handling.is_async:
+        runner = AsyncRunner(handling.call, settings.timeout, finished)
     else:
-        runner = ThreadRunner(handle, slots, finished)
+        runner = ThreadRunner(handling.call, settings.concurrency, finished)
     try:
-        Slots(queue, runner, finished, slots=slots, timeout=timeout,
-              slack=ASYNC_SLACK if is_async else 0.0, stopping=stopping, failure=failure,
-              count=count, outputs=outputs).run()
+        Slots(queue, handling, settings, runner, finished).run()
     finally:
         runner.close()

@@ -23,16 +23,15 @@ supervisor starts, and the last of those to finish closes it.
 
 from __future__ import annotations
 
-import inspect
 import types
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from pcq.backends.base import Failure, Lease, Queue
 from pcq.envelope import Batch, Envelope, check_encodable, pack_value
 from pcq.errors import ConfigError, SerializationError
-from pcq.roles import IDLE_WAIT, Consumer
-from pcq.slots import AckOutputs
+from pcq.roles import Consumer
+from pcq.settings import IDLE_WAIT, is_async_handler
 
 
 def finished(q: Queue) -> bool:
@@ -72,13 +71,15 @@ def _check(outputs: list[Any]) -> None:
         return
 
 
-class _Outputs(list[Any]):
-    """A generator's yields: zero or more outputs (any other value is one)."""
-
-
 class Stage(Consumer):
     """A consumer that puts what ``handle`` gives on queue ``to`` (see the module
-    docstring); the other arguments are :class:`~pcq.roles.Consumer`'s."""
+    docstring); the other arguments are :class:`~pcq.roles.Consumer`'s.
+
+    Each task returns its outputs as a list — a generator is run to its end
+    inside the task (and its timeout), and every output is checked to travel:
+    either failure is the task's.  The consume loop keeps a task's list with
+    its lease and hands them to :meth:`_settle`, which puts them with the
+    lease's ack: one mechanism at every concurrency."""
 
     def __init__(
         self,
@@ -91,104 +92,30 @@ class Stage(Consumer):
         super().__init__(queue, handle, **options)
         queue._check_target(to)
         self.to = to
-        self._outputs: list[Any] = []
-        # handle() keeps a task's outputs itself, but with a timeout they are
-        # kept only once the task's timer has stopped (a late timeout would
-        # otherwise fail a task whose outputs were kept): through _handled.
-        if self.timeout:
-            self._handled = self._keep  # type: ignore[method-assign]
 
-    def handle(self, item: Any) -> Any:
-        # Run a generator to its end inside the task (and its timeout), and make
-        # sure every output can be encoded: either failure is the task's.
-        result = self._handle(item) if self._handle is not None else super().handle(item)
-        kind = type(result)
-        if kind in _PLAIN or (kind is int and -(2**63) <= result < 2**64):  # the common case
-            if not self.timeout:
-                self._outputs.append(result)
-            return result
-        if kind is types.CoroutineType:  # an async def handler: the loop awaits this
-            return self._after(result)
-        outputs = self._outputs_of(result)
-        if not self.timeout:
-            self._keep(outputs)
-        return outputs
-
-    def _is_async(self) -> bool:
-        # Consumer asks handle(); this handle() is plain, what it calls may not be.
-        fn = self._handle
-        return fn is not None and (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)))  # noqa: B004 - the method, not callable()
-
-    async def _after(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
-        outputs = self._outputs_of(await coroutine)
-        if not self.timeout:
-            self._keep(outputs)
-        return outputs
-
-    @staticmethod
-    def _outputs_of(result: Any) -> Any:
-        """``result``, checked it can travel; a generator's yields as _Outputs."""
-        if isinstance(result, types.GeneratorType):
-            outputs = _Outputs(result)
-            _check(outputs)
-            return outputs
-        kind = type(result)
-        if kind not in _PLAIN and (kind is not int or not -(2**63) <= result < 2**64):
-            check_encodable([result])
-        return result
-
-    def _keep(self, result: Any) -> None:
-        if type(result) is _Outputs:
-            self._outputs.extend(result)
-        else:
-            self._outputs.append(result)
-
-    def _concurrent_task(self) -> tuple[Callable[[Any], Any], AckOutputs | None]:
-        # Many tasks at once (pcq.slots): each task returns its own outputs, as
-        # a list, and the slots keep them with the task's lease until its ack;
-        # nothing is kept on self, which the slot threads share.
-        fn = self.handle if type(self).handle is not Stage.handle else self._handle
-        if fn is None:
-            return super().handle, self._ack_outputs  # raises NotImplementedError
-        handler = fn
-        if self._is_async():
+    def _task(self) -> tuple[Callable[[Any], Any], bool]:
+        handler = self._handler()
+        if is_async_handler(handler):
 
             async def task_async(item: Any) -> list[Any]:
-                return self._as_list(await handler(item))
+                return as_outputs(await handler(item))
 
-            return task_async, self._ack_outputs
+            return task_async, True
 
         def task(item: Any) -> list[Any]:
-            return self._as_list(handler(item))
+            return as_outputs(handler(item))
 
-        return task, self._ack_outputs
+        return task, True
 
-    def _as_list(self, result: Any) -> list[Any]:
-        outputs = self._outputs_of(result)
-        return outputs if type(outputs) is _Outputs else [outputs]
-
-    def _ack_outputs(self, lease: Lease, failures: list[Failure], give_back: list[Envelope],
-                     outputs: list[Any]) -> None:
+    def _settle(self, lease: Lease, failures: list[Failure], give_back: list[Envelope],
+                outputs: list[Any], take: int) -> Lease | None:
         if outputs:  # a full next queue holds this stage back, as it would a producer
             self.to.wait_for_room(lambda: self._stopping)
+        if take:
+            return self.queue.ack_and_take(lease, failures, give_back, take, IDLE_WAIT,
+                                           outputs, self.to)
         self.queue.ack(lease, failures, give_back, outputs, self.to)
-
-    def _take_outputs(self) -> list[Any]:
-        outputs, self._outputs = self._outputs, []
-        if outputs:  # a full next queue holds this stage back, as it would a producer
-            self.to.wait_for_room(lambda: self._stopping)
-        return outputs
-
-    def _ack(self, lease: Lease, failures: list[Failure], give_back: list[Envelope]) -> None:
-        self.queue.ack(lease, failures, give_back, self._take_outputs(), self.to)
-
-    def _ack_and_take(
-        self, lease: Lease, failures: list[Failure], give_back: list[Envelope], want: int
-    ) -> Lease | None:
-        outputs = self._take_outputs()
-        return self.queue.ack_and_take(lease, failures, give_back, want, IDLE_WAIT,
-                                       outputs, self.to)
+        return None
 
     def consume(self) -> None:
         # A consumer that replaces one killed between its last ack and this
@@ -203,6 +130,18 @@ class Stage(Consumer):
             super().run()
         finally:
             self.to.dispose()
+
+
+def as_outputs(result: Any) -> list[Any]:
+    """A handler's result as the list of outputs it gives: a generator's yields,
+    else the value itself (``None`` included); SerializationError unless every
+    output can travel."""
+    kind = type(result)
+    if kind in _PLAIN or (kind is int and -(2**63) <= result < 2**64):  # the common case
+        return [result]
+    outputs = list(result) if kind is types.GeneratorType else [result]
+    _check(outputs)
+    return outputs
 
 
 class ChunkFailed(Exception):
@@ -223,17 +162,18 @@ class ResultStage(Stage):
     whole (at least once, as any task) and after its last attempt gives what
     that attempt got.  A chunk's result is packed once, here, and unpacked once
     by the caller; the results of one lease travel as one message.  One task at
-    a time per worker (its outputs are kept on the consumer)."""
+    a time per worker: pcq.map's chunks are its unit of parallelism."""
 
     def __init__(self, queue: Queue, handle: Callable[[Any], Any] | None = None, *,
                  to: Queue, **options: Any) -> None:
-        if options.get("concurrency", 1) > 1:
+        settings = options.get("settings")
+        if (settings.concurrency if settings else options.get("concurrency", 1)) > 1:
             raise ConfigError("pcq.map runs one task at a time in each worker")
         super().__init__(queue, handle, to=to, **options)
 
     def handle(self, item: Any) -> Any:
         start, items = item
-        func = self._handle or super(Stage, self).handle  # no generator unrolling here
+        func = self._handle or super().handle
         values: list[Any] = []
         keep = values.append
         errors: dict[int, str] = {}
@@ -257,21 +197,24 @@ class ResultStage(Stage):
             packed = pack_value([start, values, errors])
         if first is not None:
             raise ChunkFailed(f"{type(first).__name__}: {first}", packed) from first
-        if not self.timeout:
-            self._keep(packed)
         return packed  # one output
 
-    def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:
-        failure = super()._failure(batch, index, exc)
-        if failure.retry_in is None:
-            if isinstance(exc, ChunkFailed):
-                self._outputs.append(exc.packed)
-            else:  # the chunk as a whole failed (its timeout, a malformed task)
-                start, items = batch.bodies[index]
-                errors = dict.fromkeys(range(len(items)), failure.error)
-                self._outputs.append(pack_value([start, [None] * len(items), errors]))
-        return failure
+    def _task(self) -> tuple[Callable[[Any], Any], bool]:
+        handle = self.handle  # no generator unrolling: a chunk gives one packed result
+        return (lambda item: [handle(item)]), True
 
-    def _take_outputs(self) -> list[Any]:
-        results = super()._take_outputs()
-        return [results] if results else []
+    def _failed(self, batch: Batch, index: int, exc: BaseException) -> tuple[Failure, list[Any]]:
+        failure = self._failure(batch, index, exc)
+        if failure.retry_in is not None:
+            return failure, []
+        if isinstance(exc, ChunkFailed):  # its last attempt: the caller gets what it got
+            return failure, [exc.packed]
+        # The chunk as a whole failed (its timeout, a malformed task).
+        start, items = batch.bodies[index]
+        errors = dict.fromkeys(range(len(items)), failure.error)
+        return failure, [pack_value([start, [None] * len(items), errors])]
+
+    def _settle(self, lease: Lease, failures: list[Failure], give_back: list[Envelope],
+                outputs: list[Any], take: int) -> Lease | None:
+        # The results of one lease travel as one message (one output).
+        return super()._settle(lease, failures, give_back, [outputs] if outputs else [], take)

@@ -3,7 +3,9 @@
 A :class:`Queue` is one named, bounded, multi-producer multi-consumer queue with
 task-done counting.  Public methods keep the books — encoding, batching,
 decoding, sentinel and failure handling — and call a small set of ``_underscored``
-primitives that move opaque ``bytes``.  A backend implements only those.
+primitives that move opaque ``bytes``.  A backend implements those primitives
+and the abstract methods of the queue's life (close, reap, counters, attach and
+detach, dead letters, dispose); every other method is a hook with a default.
 
 Life of a task::
 
@@ -11,6 +13,11 @@ Life of a task::
                          ▲                 │  └─ack(failure)─► delayed ─► ready (retry)
                          │                 │                └─► dead (no retries left)
                          └──reap / give back (consumer died or is shutting down)
+
+What a supervisor calls on a queue (evict, release, killing, fail_running,
+keep_alive, run_to_serve) is grouped in :mod:`pcq.backends.hooks`; producer
+batching is :mod:`pcq.backends.batching`; the values passed (Lease, Failure,
+Outcome, Counters) are :mod:`pcq.backends.records`.
 
 Contracts every backend keeps (``tests/conformance`` checks them):
 
@@ -42,205 +49,46 @@ Contracts every backend keeps (``tests/conformance`` checks them):
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
 import time
-from abc import ABC, abstractmethod
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from itertools import islice
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
+from pcq.backends.batching import (
+    LINGER_SECONDS,
+    MAX_BATCH,
+    TARGET_BATCH_SECONDS,
+    PutInterrupted,
+    put_batched,
+)
+from pcq.backends.hooks import SupervisorHooks
+from pcq.backends.records import (
+    Counters,
+    Failure,
+    Lease,
+    Outcome,
+    encode_outcome,
+    poisoned,
+    state_of,
+)
 from pcq.envelope import (
-    Batch,
     Envelope,
     Sentinel,
     decode_many,
-    encode_dead,
     encode_each,
-    encode_envelope,
     encode_tasks,
     new_tag,
-    short_repr,
 )
 from pcq.errors import ConfigError, SerializationError
 
-log = logging.getLogger("pcq")
-
-#: Largest number of tasks moved by one put or take.
-MAX_BATCH = 1024
-#: A batch should hold about this much handler work, so that the tasks of a slow
-#: handler spread over all consumers and a killed consumer loses little.
-TARGET_BATCH_SECONDS = 0.005
-#: Longest a partial batch waits for more items before it is sent anyway.
-LINGER_SECONDS = 0.001
+# What the queue interface passes lives in records and batching; importing it
+# from here keeps working (``from pcq.backends.base import Lease``).
+__all__ = ["LINGER_SECONDS", "MAX_BATCH", "TARGET_BATCH_SECONDS", "Counters", "Failure",
+           "Lease", "Outcome", "PutInterrupted", "Queue", "poisoned", "state_of"]
 
 
-class PutInterrupted(BaseException):
-    """A put that waited for room was interrupted (see :meth:`Queue.interrupt`).
-    A BaseException, so that ``put_many`` stops at once instead of flushing."""
-
-
-@dataclass(slots=True)
-class Lease:
-    """Tasks taken by one consumer in one ``take``; acknowledged together.
-
-    ``batches`` hold the tasks in queue order.  ``bad`` holds messages that could
-    not be decoded, with the reason; ``ack`` dead-letters them.  ``sentinel`` is
-    set when the take ended at this consumer's sentinel: exit after handling
-    the batches.  ``receipt`` is the backend's own bookkeeping.  ``deaths`` > 0:
-    a lease of one task that was in flight in that many consumers that died.
-    """
-
-    batches: list[Batch]
-    sentinel: Sentinel | None = None
-    bad: list[tuple[bytes, str]] = field(default_factory=list)
-    receipt: Any = None
-    deaths: int = 0
-
-    @property
-    def size(self) -> int:
-        return sum(len(b.bodies) for b in self.batches)
-
-    def envelopes(self) -> Iterator[Envelope]:
-        for batch in self.batches:
-            yield from batch.envelopes()
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """A task whose handler failed.  ``retry_in`` is None when it goes to dead letters."""
-
-    envelope: Envelope
-    error: str
-    traceback: str = ""
-    retry_in: float | None = None
-
-
-def poisoned(lease: Lease, max_deliveries: int) -> list[Failure]:
-    """The failures that dead-letter every task of ``lease`` when consumers died
-    ``max_deliveries`` times (0: no limit) with it in flight — a poison task,
-    never run again; [] for any other lease."""
-    if not 0 < max_deliveries <= lease.deaths:
-        return []
-    error = f"consumer died {lease.deaths} times while handling it"
-    envs = list(lease.envelopes())
-    for env in envs:
-        log.error("task %s dead-lettered (id %s): %s", short_repr(env.body), env.id, error)
-    return [Failure(env, error) for env in envs]
-
-
-@dataclass(frozen=True, slots=True)
-class Counters:
-    """A snapshot of a queue.  ``pending`` = put and not yet done or failed."""
-
-    ready: int
-    in_flight: int
-    pending: int
-    produced: int
-    done: int
-    failed: int
-    retried: int
-    dead: int
-    delayed: int
-    consumers: int
-    producers: int
-    closed: bool
-
-
-def state_of(c: Counters) -> str:
-    """The run state a counters snapshot shows (see :meth:`Queue.state`)."""
-    if not c.closed:
-        return "open"
-    return "closing" if c.pending > 0 else "idle"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What ``ack`` hands a backend, already encoded."""
-
-    done: int  # tasks handled successfully
-    failed: int  # tasks that go to dead letters now
-    retry: list[tuple[bytes, float]]  # (message, delay in seconds)
-    dead: list[bytes]  # dead letters: failed tasks and undecodable messages
-    give_back: list[bytes]  # not started: back to ready, no attempt counted
-    outputs: list[bytes] = field(default_factory=list)  # for the target queue, encoded
-    output_tasks: int = 0  # tasks the outputs hold (a local message holds many)
-
-
-class _Linger:
-    """The items ``put_many`` has not sent yet, and a thread that sends them once
-    they have waited ``LINGER_SECONDS`` (the iterable is slow).
-
-    The caller appends to ``pending`` (a deque: appends and pops are atomic, so
-    the hot loop takes no lock); whoever sends — the caller when a batch is full,
-    or the thread — pops and sends under ``_send_lock``, so tasks go out in
-    order and each exactly once.  An error in the thread's send is raised again
-    in the caller's thread.
-    """
-
-    def __init__(self, send: Callable[[list[Any]], None]) -> None:
-        self.pending: deque[Any] = deque()
-        self.count = 0  # items sent
-        self.sent_at = time.monotonic()  # when the last send returned
-        self._send_fn = send
-        self._send_lock = threading.Lock()
-        self._sends = 0
-        self._error: BaseException | None = None
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="pcq-linger", daemon=True)
-        self._thread.start()
-
-    def send(self, limit: int) -> None:
-        """Send up to ``limit`` pending items (all of them when ``limit`` is 0)."""
-        with self._send_lock:
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
-            self._send_locked(limit)
-
-    def _send_locked(self, limit: int, caller: bool = True) -> None:
-        pending = self.pending
-        n = len(pending) if not limit else min(limit, len(pending))
-        if caller and n == len(pending):
-            # In the caller's thread nothing is appended meanwhile: take all at once.
-            batch = list(pending)
-            pending.clear()
-        else:
-            batch = [pending.popleft() for _ in range(n)]
-        self._sends += 1
-        if batch:
-            self._send_fn(batch)
-            self.count += len(batch)
-        self.sent_at = time.monotonic()
-
-    def _watch(self) -> None:
-        seen = -1
-        while not self._done.wait(LINGER_SECONDS):
-            # While batches keep going out the producer is fast: leave it alone.
-            if self._sends != seen or not self.pending:
-                seen = self._sends
-                continue
-            with self._send_lock:
-                if self._sends == seen and self._error is None:
-                    try:
-                        self._send_locked(0, caller=False)
-                    except BaseException as exc:  # handed to the caller's thread
-                        self._error = exc
-                seen = self._sends
-
-    def stop(self, flush: bool) -> None:
-        """Stop the thread; then, with ``flush``, send what is left."""
-        self._done.set()
-        self._thread.join()
-        if flush:
-            while self.pending or self._error is not None:
-                self.send(MAX_BATCH)
-
-
-class Queue(ABC):
+class Queue(SupervisorHooks):
     """One named queue on one backend.  See the module docstring for the contract.
 
     A queue object may be handed to child processes (as a ``Process`` argument);
@@ -285,54 +133,11 @@ class Queue(ABC):
         Batches are as large as :meth:`batch_limit` allows (large for cheap
         handlers, single tasks for expensive ones, so that tasks spread over all
         consumers).  A partial batch is never held back while the iterable is
-        slow: a helper thread sends it once it has waited ``LINGER_SECONDS``.
-        What the iterable yielded before it raised is put, not lost.
+        slow: a helper thread sends it once it has waited ``LINGER_SECONDS``
+        (:mod:`pcq.backends.batching`).  What the iterable yielded before it
+        raised is put, not lost.
         """
-        linger = _Linger(self._put_bodies)
-        clock = time.monotonic
-        append = linger.pending.append
-        pending = linger.pending
-        extend = pending.extend
-        iterator = iter(items)
-        try:
-            limit = self.batch_limit()
-            # The quiet spell is counted from here, not from before the linger
-            # thread started: starting it can take longer than LINGER_SECONDS.
-            linger.sent_at = clock()
-            for item in iterator:
-                append(item)
-                n = len(pending)
-                # The first item after a quiet spell goes at once: a trickle
-                # never waits for the linger thread.
-                if n >= limit or (n == 1 and clock() - linger.sent_at > LINGER_SECONDS):
-                    linger.send(limit)
-                    limit = self.batch_limit()
-                    continue
-                # The rest of the batch at C speed: deque.extend appends each item
-                # as islice yields it, so the linger thread still sees a slow
-                # iterable's items as they come.
-                extend(islice(iterator, limit - n))
-                if len(pending) >= limit:
-                    linger.send(limit)
-                    limit = self.batch_limit()
-        except SerializationError as exc:
-            # The producer stops at the bad item: what it yielded after it is not
-            # put, so "the N before it were put" stays exact.
-            linger.stop(flush=False)
-            exc.put = linger.count + exc.index
-            raise
-        except Exception:
-            linger.stop(flush=True)  # the items yielded before the error are put
-            raise
-        except BaseException:
-            linger.stop(flush=False)  # interrupted: stop at once, never block
-            raise
-        try:
-            linger.stop(flush=True)
-        except SerializationError as exc:
-            exc.put = linger.count + exc.index
-            raise
-        return linger.count
+        return put_batched(items, self._put_bodies, self.batch_limit)
 
     def batch_limit(self) -> int:
         """How many tasks one put may carry now (backends refine it from what
@@ -430,21 +235,8 @@ class Queue(ABC):
         """What acknowledging ``lease`` does, encoded for ``_ack``."""
         if to is None and outputs:
             raise ValueError("outputs need a queue to go to (to=)")
-        retry: list[tuple[bytes, float]] = []
-        dead = [encode_dead(None, reason, raw=raw) for raw, reason in lease.bad]
-        failed = 0
-        for f in failures:
-            if f.retry_in is None:
-                dead.append(encode_dead(f.envelope, f.error, f.traceback))
-                failed += 1
-            else:
-                env = f.envelope
-                again = Envelope(env.tag, env.seq, env.body, env.attempts + 1, env.enqueued_at)
-                retry.append((encode_envelope(again), f.retry_in))
-        back = [encode_envelope(env) for env in give_back]
-        done = lease.size - len(failures) - len(back)
         out = to._encode_bodies(outputs) if to is not None and outputs else []
-        return Outcome(done, failed, retry, dead, back, out, len(outputs))
+        return encode_outcome(lease, failures, give_back, out, len(outputs))
 
     def ack_and_take(
         self,
@@ -500,46 +292,6 @@ class Queue(ABC):
     def reap(self) -> int:
         """Return the in-flight tasks of dead consumers to ready; how many."""
 
-    def evict(self, pid: int) -> int:
-        """A supervisor saw its consumer process ``pid`` die: return that
-        consumer's in-flight tasks to ready now, not at the next reap.  Counts a
-        death against each of them (see *Poison tasks*)."""
-        return self.reap()
-
-    def release(self, pid: int) -> int:
-        """Like :meth:`evict`, for a consumer the supervisor killed for a known
-        reason (a task past its timeout, see :meth:`fail_running`): its other
-        tasks go back to ready with no death counted against them."""
-        return self.evict(pid)
-
-    def killing(self, pid: int, task_id: str) -> None:  # noqa: B027 - optional hook
-        """The supervisor is about to kill consumer ``pid`` because task ``task_id``
-        ran past its timeout (then it calls :meth:`fail_running` and
-        :meth:`release`), or ("") because it outlived its stop grace (then
-        :meth:`release`).  A backend whose leases end with the process's
-        connection sets them aside here, so the kill counts no death."""
-
-    def fail_running(self, pid: int, task_id: str, failure: Callable[[Envelope], Failure]) -> bool:
-        """The consumer process ``pid`` was killed because task ``task_id`` ran past
-        its timeout: acknowledge that task, in flight for the dead process, with
-        ``failure(envelope)`` (retried or dead-lettered).  False if it was not
-        found in flight (already acknowledged or reaped)."""
-        return False
-
-    #: How often a supervisor calls :meth:`keep_alive` (None: never needed).
-    keep_alive_every: float | None = None
-
-    def keep_alive(self, pids: Sequence[int]) -> None:  # noqa: B027 - optional hook
-        """A supervisor vouches for its live consumer processes ``pids`` on this
-        host: they are not dead, however long a handler holds their GIL."""
-
-    def run_to_serve(self) -> int | None:
-        """The number of the run a consumer attaching now would serve (the next
-        one on an idle queue); None if this backend does not number its runs.  A
-        supervisor reads it once and hands it to every consumer it starts (as
-        ``join_run(run=...)``), so that all of them serve the same run."""
-        return None
-
     def join_run(self, *, burst: bool = False, run: int | None = None) -> int:
         """Attach the calling process as a consumer (:meth:`attach_consumer`) of the
         queue's current run, or of its next run when the queue is idle; returns
@@ -572,12 +324,15 @@ class Queue(ABC):
         """Unregister; anything still in flight for it goes back to ready."""
 
     @abstractmethod
-    def attach_producer(self) -> None:
-        """Register a producer; while any is attached, the queue stays open."""
+    def attach_producer(self, producer_id: str | None = None) -> str:
+        """Register a producer under ``producer_id`` (a new id when None) and
+        return its id; while any producer is attached, the queue stays open."""
 
     @abstractmethod
-    def detach_producer(self, close_if_last: bool = True) -> None:
-        """Unregister a producer; the last one out closes the queue."""
+    def detach_producer(self, producer_id: str | None = None, close_if_last: bool = True) -> None:
+        """Unregister producer ``producer_id`` (None: the last id this process
+        attached); the last one out closes the queue, unless ``close_if_last``
+        is False.  A parent detaches a producer process that died by its id."""
 
     def sibling(self, name: str, *, maxsize: int = 0) -> Queue:
         """Queue ``name`` on the same backend and server as this one (the next
@@ -601,7 +356,7 @@ class Queue(ABC):
         """Tasks ready now (a backend may answer more cheaply than counters())."""
         return self.counters().ready
 
-    def set_feeds(self, to: str) -> None:  # noqa: B027 - optional hook
+    def set_feeds(self, to: str) -> None:
         """Record that a stage puts its outputs from this queue on queue ``to``
         (``pcq status`` follows it).  Backends without a server need not."""
 
@@ -619,14 +374,15 @@ class Queue(ABC):
         Backends without a server say True: their queue is whatever is open."""
         return True
 
-    def note_task_cost(self, seconds_per_task: float) -> None:  # noqa: B027 - optional hook
+    def note_task_cost(self, seconds_per_task: float) -> None:
         """Consumers report what a task costs, so producers can size batches."""
 
-    def forget(self) -> None:  # noqa: B027 - optional hook
+    def forget(self) -> None:
         """Delete what this queue left on its server, registrations included (a
         throwaway queue, such as pcq.map's, once nothing uses it)."""
 
-    def dispose(self) -> None:  # noqa: B027 - optional hook
+    @abstractmethod
+    def dispose(self) -> None:
         """Free what this queue object holds in this process (files, connections)."""
 
     def check_backend(self) -> bool:
@@ -636,7 +392,7 @@ class Queue(ABC):
         queue's data.  A backend without a server is always there."""
         return True
 
-    def interrupt(self) -> None:  # noqa: B027 - optional hook
+    def interrupt(self) -> None:
         """Called from a signal handler: a put that waits for room gives up at its
         next look (raising :class:`PutInterrupted`), putting nothing more."""
 

@@ -10,6 +10,7 @@ each handle sleeps), ``JOBS_START`` (first task number).
 import hashlib
 import json
 import os
+import signal
 import time
 
 
@@ -72,6 +73,16 @@ def handle_poison(item):
     extension or the OOM killer would); every other task is recorded."""
     if item == _poison():
         os._exit(1)
+    _record(item)
+
+
+def handle_kills_self(item):
+    """Each task listed in ``JOBS_KILLERS`` (comma-separated) SIGKILLs the
+    consumer that runs it; every other task takes ``JOBS_SLEEP`` seconds (so
+    tasks run side by side in a consumer's slots) and is recorded."""
+    if str(item) in os.environ.get("JOBS_KILLERS", "").split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(float(os.environ.get("JOBS_SLEEP", "0.2")))
     _record(item)
 
 

@@ -89,6 +89,31 @@ def handle_failing(item: int) -> None:
     handle(item)
 
 
+def handle_gated_last_fails_once(item: int) -> None:
+    """Task 0 waits for the file ``go`` (so a test can close the queue while
+    this consumer is attached and the other tasks are still ready); the last
+    task (``LJ_N - 1``) fails the first time; every task is recorded."""
+    if item == 0:
+        deadline = time.monotonic() + 30
+        while not (_out() / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    if item == _n() - 1:
+        handle_fails_once(item)
+    else:
+        _append(f"handled-{os.getpid()}.log", item)
+
+
+def handle_fails_once(item: Any) -> None:
+    """Raises the first time a task is handled (a marker file per task), then
+    records it."""
+    try:
+        os.close(os.open(_out() / f"failed-{item}", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        _append(f"handled-{os.getpid()}.log", item)
+        return
+    raise RuntimeError(f"task {item} fails once")
+
+
 def handle_stuck_once(item: int) -> None:
     """Task 0 hangs the first time it is handled (recording the pid of its
     consumer in ``victim``), so that a test can kill that consumer."""

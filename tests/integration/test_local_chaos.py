@@ -23,7 +23,9 @@ from helpers_cli import start_pcq
 
 from pcq.backends import open_queue
 from pcq.backends.base import Queue
-from pcq.roles import Consumer, Producer, Supervisor, wait
+from pcq.roles import Consumer, Producer
+from pcq.settings import StageSettings
+from pcq.supervisor import Supervisor, wait
 
 JOBS = "tests/integration/local_jobs.py"
 fork = mp.get_context("fork")
@@ -257,7 +259,7 @@ def test_the_poison_tasks_dead_letter_says_why(tmp_path: Path) -> None:
     q: Queue = open_queue("local", max_deliveries=2)
     try:
         q.attach_producer()
-        supervisor = Supervisor(q, lambda i: Consumer(q, _poison_handler), 2)
+        supervisor = Supervisor(q, lambda i: Consumer(q, _poison_handler), StageSettings(workers=2))
         supervisor.start()
         q.put_many(range(300))
         q.detach_producer()

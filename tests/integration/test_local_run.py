@@ -22,7 +22,7 @@ from helpers import children_of, open_fds, wait_for
 import pcq
 from pcq.backends.base import Lease
 
-run_module = sys.modules["pcq.run"]
+job_module = sys.modules["pcq.job"]
 
 
 @pytest.fixture
@@ -43,10 +43,10 @@ def no_child_left() -> Any:
 class SentinelRecordingConsumer(pcq.Consumer):
     """A Consumer that records, in ``sentinel-<pid>.log``, each sentinel it takes."""
 
-    def _handle_lease(self, lease: Lease) -> Any:
+    def _settle(self, lease: Lease, *args: Any) -> Any:
         if lease.sentinel is not None:
             local_jobs._append(f"sentinel-{os.getpid()}.log", time.monotonic())
-        return super()._handle_lease(lease)
+        return super()._settle(lease, *args)
 
 
 def _times(out: Path, prefix: str) -> dict[int, list[float]]:
@@ -66,7 +66,7 @@ def test_every_shape_handles_every_item_once(
 ) -> None:
     # Given P producers making 25 tasks each, and a consumer that records its sentinels
     monkeypatch.setenv("LJ_N", "25")
-    monkeypatch.setattr(run_module, "Consumer", SentinelRecordingConsumer)
+    monkeypatch.setattr(job_module, "Consumer", SentinelRecordingConsumer)
 
     # When the job runs
     summary = pcq.run(

@@ -9,6 +9,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 from helpers import children_of, wait_for
+from helpers_cli import ROOT, session_pids
 
 import pcq
 
@@ -144,17 +147,77 @@ def test_a_failed_item_raises_task_failed_where_iteration_reaches_it(
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_breaking_out_early_stops_every_process(backend, redis_url):
-    # Given a map over an endless input
+    # Given a map over an endless input, kept in a name
     before = live_children()
     results = pcq.map(abs, iter(int, 1), workers=3, **options(backend, redis_url))
     for seen, _ in enumerate(results):
         if seen == 500:
+            assert live_children() - before, "the map's processes should run in the loop"
             break
-    assert live_children() - before, "the map's processes should run until it is left"
-    # When the loop is left and the iterator dropped
-    del results
+    # When the loop is left (the iterator still named: nothing collects it)
     # Then no process it started is left
     wait_for(lambda: live_children() <= before, timeout=30, message="map processes to exit")
+    assert list(results) == []  # a map that was left yields nothing more
+    del results
+
+
+@pytest.mark.timeout(120)
+def test_next_keeps_a_map_running_until_it_is_closed():
+    # Given a map read with next(), no loop
+    before = live_children()
+    results = pcq.map(abs, iter(int, 1), workers=2)
+    assert [next(results) for _ in range(100)] == [0] * 100
+    # Then it runs until closed
+    assert live_children() - before
+    results.close()
+    assert live_children() <= before
+
+
+SCRIPTS = {
+    # an item fails and nothing catches TaskFailed: the traceback, then exit 1
+    "uncaught-task-failed": (
+        "for r in pcq.map(fails_on_seven, range(20), workers=2, **OPTIONS):\n"
+        "    pass\n", 1),
+    # a map still running when the program ends
+    "left-running-at-exit": (
+        "results = pcq.map(abs, iter(int, 1), workers=2, **OPTIONS)\n"
+        "assert next(results) == 0\n", 0),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_a_script_ends_and_leaves_nothing_behind(script, backend, redis_url, tmp_path):
+    # Given a script that leaves a map without closing it
+    body, code = SCRIPTS[script]
+    path = tmp_path / "script.py"
+    path.write_text(
+        "import pcq\n"
+        f"OPTIONS = {options(backend, redis_url)!r}\n"
+        "def fails_on_seven(x):\n"
+        "    if x == 7:\n"
+        "        raise ValueError('seven is right out')\n"
+        "    return x\n" + body)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": str(ROOT)}
+    # When it runs
+    proc = subprocess.Popen([sys.executable, str(path)], env=env, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        left = session_pids(proc.pid)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    # Then it exits by itself, with no process and no broker directory left
+    assert proc.returncode == code, err
+    assert not left
+    assert not list(scratch.glob("pcq-local-*"))
+    if code:
+        assert "TaskFailed" in err and "seven is right out" in err
 
 
 @pytest.mark.timeout(120)

@@ -14,12 +14,15 @@ import fakeredis
 import pytest
 from fake_redis import FakeRedis
 
-from pcq.backends.base import Failure, Queue
+from pcq.backends.base import Failure, Lease, Queue
 from pcq.backends.local import LocalQueue
 from pcq.backends.redis import RedisQueue
-from pcq.envelope import Batch
+from pcq.envelope import Batch, Envelope
 from pcq.errors import TaskTimeout
-from pcq.slots import consume_concurrently, run_coroutine
+from pcq.runners import run_coroutine
+from pcq.settings import StageSettings
+from pcq.slots import Handling
+from pcq.slots import consume as consume_loop
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -53,18 +56,27 @@ class Tracker:
             self.running -= 1
 
 
-def failure(retries: int) -> Callable[[Batch, int, BaseException], Failure]:
-    def make(batch: Batch, index: int, exc: BaseException) -> Failure:
+def failure(retries: int) -> Callable[[Batch, int, BaseException], tuple[Failure, list[Any]]]:
+    def make(batch: Batch, index: int, exc: BaseException) -> tuple[Failure, list[Any]]:
         env = batch.envelope(index)
-        return Failure(env, repr(exc), retry_in=0.01 if env.attempts < retries else None)
+        return Failure(env, repr(exc), retry_in=0.01 if env.attempts < retries else None), []
 
     return make
 
 
 def consume(queue: Queue, handle: Callable[[Any], Any], *, is_async: bool = False,
             slots: int = 4, timeout: float | None = None, retries: int = 0) -> None:
-    consume_concurrently(queue, handle, is_async=is_async, slots=slots, timeout=timeout,
-                         stopping=lambda: False, failure=failure(retries), count=None)
+    def settle(lease: Lease, failures: list[Failure], give_back: list[Envelope],
+               outputs: list[Any], take: int) -> Lease | None:
+        if take:
+            return queue.ack_and_take(lease, failures, give_back, take, 0.25)
+        queue.ack(lease, failures, give_back)
+        return None
+
+    handling = Handling(call=handle, is_async=is_async, failed=failure(retries), settle=settle,
+                        count=lambda handled, failures: None, stopping=lambda: False)
+    consume_loop(queue, handling, StageSettings(concurrency=slots, timeout=timeout,
+                                                retries=retries))
 
 
 def test_threads_run_tasks_at_once_and_every_task_is_done(queue: Queue) -> None:

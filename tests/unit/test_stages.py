@@ -15,7 +15,8 @@ from pcq.backends.redis import RedisQueue
 from pcq.cli import _per_stage
 from pcq.envelope import unpack_value
 from pcq.errors import ConfigError
-from pcq.pipeline import per_stage, stage_queue
+from pcq.pipeline import stage_queue
+from pcq.settings import per_stage
 from pcq.stages import ResultStage, Stage, close_if_finished, outputs_of
 
 

@@ -230,22 +230,18 @@ class _ProducerStop:
 
 class Seat(Protocol):
     """Where a consumer tells its supervisor how it is doing, in memory they
-    share (:class:`pcq.supervisor.Seat`): a consumer writes, its supervisor reads."""
+    share (:class:`pcq.supervisor.Seat`): a consumer writes, its supervisor
+    reads.  ``serving``: the run it serves; ``succeeded``: tasks handled
+    successfully (it is not crash-looping); ``running``: the task it runs inline
+    under a timeout ('' : none); ``counted``: its acknowledged work (done,
+    failed, retried) for the host's summary; ``setup_failed``: why its setup()
+    raised, in one line."""
 
-    def serving(self, run: int) -> None:
-        """It serves run number ``run`` (a replacement serves the same)."""
-
-    def succeeded(self, tasks: int) -> None:
-        """It handled ``tasks`` more tasks successfully (it is not crash-looping)."""
-
-    def running(self, task_id: str) -> None:
-        """It starts task ``task_id`` inline under a timeout ('' : it ended)."""
-
-    def counted(self, done: int, failed: int, retried: int) -> None:
-        """Its acknowledged work, for the host's summary."""
-
-    def setup_failed(self, line: str) -> None:
-        """Its setup() raised: one line saying why (the first of a job is shown)."""
+    def serving(self, run: int) -> None: ...
+    def succeeded(self, tasks: int) -> None: ...
+    def running(self, task_id: str) -> None: ...
+    def counted(self, done: int, failed: int, retried: int) -> None: ...
+    def setup_failed(self, line: str) -> None: ...
 
 
 class Consumer(_Process):

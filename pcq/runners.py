@@ -85,13 +85,14 @@ class InlineRunner:
         self._timeout = timeout
         self._expired = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: Any = None  # the SIGALRM handler before ours
         self.mark = mark if timeout else None  # only a timeout needs the watch
         self.call: Callable[[Any], Any] = handle
         if is_async:  # one event loop for the process: each task awaited in turn
             loop = self._loop = asyncio.new_event_loop()
             self.call = lambda body: loop.run_until_complete(run_coroutine(handle(body), timeout))
         elif timeout:
-            signal.signal(signal.SIGALRM, self._expire)
+            self._previous = signal.signal(signal.SIGALRM, self._expire)
             self.call = self._call_with_alarm
 
     def _expire(self, signum: int, frame: FrameType | None) -> None:
@@ -111,33 +112,47 @@ class InlineRunner:
             raise expired(self._timeout)
         return result
 
-    def run_batch(self, batch: Batch, start: int, stopping: Callable[[], bool],
-                  keep: Callable[[Any], Any] | None) -> tuple[int, list[tuple[int, Exception]]]:
-        """Run ``batch``'s tasks from ``start`` on, one by one, until ``stopping()``.
-        ``keep(result)`` gets what each successful call returned (None: nothing
-        is kept).  Returns (the index not started, failures as (index, error))."""
-        call, mark, bodies = self.call, self.mark, batch.bodies
-        failures: list[tuple[int, Exception]] = []
-        index, end = start, len(bodies)
-        while index < end and not stopping():
-            try:
-                if mark is not None:
-                    mark(f"{batch.tag}-{batch.seq + index}")
-                result = call(bodies[index])
-            except Exception as exc:  # the task's failure; a BaseException stops the consumer
-                failures.append((index, exc))
-            else:
-                if keep is not None:
-                    keep(result)
-            finally:
-                if mark is not None:
-                    mark("")
-            index += 1
-        return index, failures
+    def run_lease(
+        self, batches: list[Batch], batch: int, index: int, stopping: Callable[[], bool],
+        keep: Callable[[Any], Any] | None,
+    ) -> tuple[int, int, int, list[tuple[Batch, int, Exception]]]:
+        """Run a lease's tasks one by one from ``batches[batch].bodies[index]``
+        on, until ``stopping()``.  ``keep(result)`` gets what each successful
+        call returned (None: nothing is kept).  Returns the position of the first
+        task not started (batch, index), how many ran, and the failures as
+        (batch, index, error)."""
+        call, mark = self.call, self.mark
+        failures: list[tuple[Batch, int, Exception]] = []
+        ran = 0
+        while batch < len(batches):
+            current = batches[batch]
+            bodies = current.bodies
+            end = len(bodies)
+            while index < end:
+                if stopping():
+                    return batch, index, ran, failures
+                try:
+                    if mark is not None:
+                        mark(f"{current.tag}-{current.seq + index}")
+                    result = call(bodies[index])
+                except Exception as exc:  # the task's failure; a BaseException stops us
+                    failures.append((current, index, exc))
+                else:
+                    if keep is not None:
+                        keep(result)
+                finally:
+                    if mark is not None:
+                        mark("")
+                index += 1
+                ran += 1
+            batch, index = batch + 1, 0
+        return batch, index, ran, failures
 
     def close(self) -> None:
         if self._loop is not None:
             self._loop.close()
+        if self._previous is not None:
+            signal.signal(signal.SIGALRM, self._previous)
 
 
 class ThreadRunner:

@@ -96,6 +96,8 @@ class _Open:
     give_back: list[Envelope] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)  # a stage's, of its finished tasks
     poison: bool = False
+    batch: int = 0  # the next task to start: lease.batches[batch].bodies[index]
+    index: int = 0
 
 
 class Slots:
@@ -112,8 +114,8 @@ class Slots:
         self._runner = None if isinstance(runner, InlineRunner) else runner
         self._finished = finished
         self._open: dict[int, _Open] = {}  # lease number -> lease
-        self._backlog: deque[tuple[int, Batch, int]] = deque()  # (lease, batch, next task)
-        self._queued = 0  # tasks in the backlog
+        self._backlog: deque[int] = deque()  # leases with tasks not started yet
+        self._queued = 0  # tasks not started yet
         self._running: dict[int, tuple[int, Batch, int]] = {}  # key -> (lease, batch, index)
         self._leases = 0
         self._keys = 0
@@ -161,55 +163,57 @@ class Slots:
         number = self._leases
         if lease.sentinel is not None:
             self._sentinel = True
+        size = lease.size
         poison = poisoned(lease, self._max_deliveries)
         if poison:  # a task that killed its consumers: dead-lettered, never run again
-            self._open[number] = _Open(lease, 0, lease.size, failures=poison, poison=True)
+            self._open[number] = _Open(lease, 0, size, failures=poison, poison=True)
             return
         if lease.deaths:
             self._suspect = number
-        self._open[number] = _Open(lease, lease.size)
-        for batch in lease.batches:
-            self._backlog.append((number, batch, 0))
-            self._queued += len(batch.bodies)
+        self._open[number] = _Open(lease, size)
+        if size:
+            self._backlog.append(number)
+            self._queued += size
 
     def _start_backlog(self) -> None:
         backlog = self._backlog
         while backlog and len(self._running) < self.slots:
-            number, batch, index = backlog[0]
+            number = backlog[0]
             if number == self._suspect and self._running:
                 return  # a suspect starts once nothing else runs here
+            entry = self._open[number]
             if self._inline is not None:
-                if not self._run_inline(number, batch, index):
+                if not self._run_inline(entry):
                     return  # a stop came before the first task
                 continue
-            if index + 1 < len(batch.bodies):
-                backlog[0] = (number, batch, index + 1)
-            else:
-                backlog.popleft()
+            batches = entry.lease.batches
+            batch, index = batches[entry.batch], entry.index
+            entry.index += 1
+            if entry.index == len(batch.bodies):
+                entry.batch, entry.index = entry.batch + 1, 0
+                if entry.batch == len(batches):
+                    backlog.popleft()
             self._queued -= 1
             self._keys += 1
             self._running[self._keys] = (number, batch, index)
             assert self._runner is not None
             self._runner.submit(self._keys, batch.bodies[index])
 
-    def _run_inline(self, number: int, batch: Batch, index: int) -> bool:
-        """Run ``batch``'s tasks from ``index`` in this thread, until a stop;
+    def _run_inline(self, entry: _Open) -> bool:
+        """Run the lease's tasks not started yet in this thread, until a stop;
         False if none ran."""
         assert self._inline is not None
-        entry = self._open[number]
         keep = entry.outputs.extend if self._h.outputs else None
         began = time.perf_counter()
-        reached, failures = self._inline.run_batch(batch, index, self._h.stopping, keep)
+        entry.batch, entry.index, ran, failures = self._inline.run_lease(
+            entry.lease.batches, entry.batch, entry.index, self._h.stopping, keep)
         entry.busy += time.perf_counter() - began
-        ran = reached - index
         entry.left -= ran
         entry.handled += ran
         self._queued -= ran
-        for at, error in failures:
-            self._fail(entry, batch, at, error)
-        if reached < len(batch.bodies):
-            self._backlog[0] = (number, batch, reached)
-        else:
+        for batch, index, error in failures:
+            self._fail(entry, batch, index, error)
+        if entry.batch == len(entry.lease.batches):
             self._backlog.popleft()
         return ran > 0
 
@@ -220,11 +224,13 @@ class Slots:
 
     def _hand_back(self) -> None:
         while self._backlog:
-            number, batch, index = self._backlog.popleft()
-            entry = self._open[number]
-            for i in range(index, len(batch.bodies)):
-                entry.give_back.append(batch.envelope(i))
-            entry.left -= len(batch.bodies) - index
+            entry = self._open[self._backlog.popleft()]
+            batches = entry.lease.batches
+            for k in range(entry.batch, len(batches)):
+                batch = batches[k]
+                start = entry.index if k == entry.batch else 0
+                entry.give_back.extend(batch.envelope(i) for i in range(start, len(batch.bodies)))
+                entry.left -= len(batch.bodies) - start
         self._queued = 0
 
     def _collect(self, wait: float) -> None:

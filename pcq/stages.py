@@ -3,10 +3,14 @@
 A :class:`Stage` is a :class:`~pcq.roles.Consumer` with a target queue ``to``.
 What its handler gives for a task becomes tasks of ``to``: a plain function's
 return value is one output (``None`` included), a generator's yields are zero or
-more (so a stage can filter and fan out).  A lease's outputs are put on ``to``
-by the same atomic step that acknowledges the lease (``Queue.ack(...,
-outputs=, to=)``), so each task's outputs reach the next queue exactly once,
-while the handler itself still runs at least once.
+more (so a stage can filter and fan out).  One mechanism carries them, at every
+concurrency: each task returns its outputs as a list (:meth:`Stage._task`), the
+consume loop (:mod:`pcq.slots`) keeps that list with the task's lease — only for
+a task that succeeded, within its timeout — and the lease's ack
+(:meth:`Stage._settle`) puts them on ``to`` by the same atomic step that
+acknowledges the lease (``Queue.ack(..., outputs=, to=)``).  So each task's
+outputs reach the next queue exactly once, while the handler itself still runs
+at least once.
 
 Close propagation, counted by acknowledged work: the output queue of a stage
 closes when its input queue is closed and nothing of it is pending (every task

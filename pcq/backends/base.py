@@ -15,7 +15,9 @@ Life of a task::
                          └──reap / give back (consumer died or is shutting down)
 
 What a supervisor calls on a queue (evict, release, killing, fail_running,
-keep_alive, run_to_serve) is grouped in :mod:`pcq.backends.hooks`; producer
+keep_alive, run_to_serve) and what ``pcq status`` and a job's loop ask
+(feeds, registrations, exists, check_backend) are grouped in
+:mod:`pcq.backends.hooks`; producer
 batching is :mod:`pcq.backends.batching`; the values passed (Lease, Failure,
 Outcome, Counters) are :mod:`pcq.backends.records`.
 
@@ -62,7 +64,7 @@ from pcq.backends.batching import (
     PutInterrupted,
     put_batched,
 )
-from pcq.backends.hooks import SupervisorHooks
+from pcq.backends.hooks import StatusHooks, SupervisorHooks
 from pcq.backends.records import (
     Counters,
     Failure,
@@ -82,13 +84,12 @@ from pcq.envelope import (
 )
 from pcq.errors import ConfigError, SerializationError
 
-# What the queue interface passes lives in records and batching; importing it
-# from here keeps working (``from pcq.backends.base import Lease``).
+# Importing these from here keeps working (``from pcq.backends.base import Lease``).
 __all__ = ["LINGER_SECONDS", "MAX_BATCH", "TARGET_BATCH_SECONDS", "Counters", "Failure",
            "Lease", "Outcome", "PutInterrupted", "Queue", "poisoned", "state_of"]
 
 
-class Queue(SupervisorHooks):
+class Queue(SupervisorHooks, StatusHooks):
     """One named queue on one backend.  See the module docstring for the contract.
 
     A queue object may be handed to child processes (as a ``Process`` argument);
@@ -356,28 +357,10 @@ class Queue(SupervisorHooks):
         """Tasks ready now (a backend may answer more cheaply than counters())."""
         return self.counters().ready
 
-    def set_feeds(self, to: str) -> None:
-        """Record that a stage puts its outputs from this queue on queue ``to``
-        (``pcq status`` follows it).  Backends without a server need not."""
-
-    def feeds(self) -> str | None:
-        """The queue this queue's stage feeds, as recorded by :meth:`set_feeds`."""
-        return None
-
-    def registrations(self) -> list[dict[str, Any]]:
-        """Live consumers and producers: dicts with role, host, pid, heartbeat
-        (a Unix time).  Backends without a registry return []."""
-        return []
-
-    def exists(self) -> bool:
-        """Whether this queue was ever used (a server keeps something of it).
-        Backends without a server say True: their queue is whatever is open."""
-        return True
-
-    def note_task_cost(self, seconds_per_task: float) -> None:
+    def note_task_cost(self, seconds_per_task: float) -> None:  # optional hook: no-op by default
         """Consumers report what a task costs, so producers can size batches."""
 
-    def forget(self) -> None:
+    def forget(self) -> None:  # optional hook: no-op by default
         """Delete what this queue left on its server, registrations included (a
         throwaway queue, such as pcq.map's, once nothing uses it)."""
 
@@ -385,14 +368,7 @@ class Queue(SupervisorHooks):
     def dispose(self) -> None:
         """Free what this queue object holds in this process (files, connections)."""
 
-    def check_backend(self) -> bool:
-        """One quick look at the backend's server, for a supervisor's loop: False
-        while it is away (within its reconnect budget); raises
-        :class:`~pcq.errors.BackendLost` once it is gone for good or lost the
-        queue's data.  A backend without a server is always there."""
-        return True
-
-    def interrupt(self) -> None:
+    def interrupt(self) -> None:  # optional hook: no-op by default
         """Called from a signal handler: a put that waits for room gives up at its
         next look (raising :class:`PutInterrupted`), putting nothing more."""
 

@@ -1,5 +1,6 @@
-"""The hooks a supervisor calls on a queue (:mod:`pcq.supervisor`), grouped
-apart from what producers and consumers call.  :class:`~pcq.backends.base.Queue`
+"""The hooks a supervisor calls on a queue (:mod:`pcq.supervisor`), and those
+``pcq status`` reads (:class:`StatusHooks`), grouped apart from what producers
+and consumers call.  :class:`~pcq.backends.base.Queue`
 inherits them; a backend overrides those its server needs.
 
 A supervisor calls these, never a consumer, in this order:
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pcq.backends.records import Failure
 from pcq.envelope import Envelope
@@ -47,7 +48,7 @@ class SupervisorHooks(ABC):
         tasks go back to ready with no death counted against them."""
         return self.evict(pid)
 
-    def killing(self, pid: int, task_id: str) -> None:  # noqa: B027 - optional hook
+    def killing(self, pid: int, task_id: str) -> None:  # noqa: B027 - optional hook: no-op by default
         """The supervisor is about to kill consumer ``pid`` because task ``task_id``
         ran past its timeout (then it calls :meth:`fail_running` and
         :meth:`release`), or ("") because it outlived its stop grace (then
@@ -77,3 +78,33 @@ class SupervisorHooks(ABC):
         supervisor reads it once and hands it to every consumer it starts (as
         ``join_run(run=...)``), so that all of them serve the same run."""
         return None
+
+
+class StatusHooks:
+    """What ``pcq status`` and a job's loop ask of a queue beyond its counters;
+    a backend without a server keeps these defaults."""
+
+    def set_feeds(self, to: str) -> None:  # optional hook: no-op by default
+        """Record that a stage puts its outputs from this queue on queue ``to``
+        (``pcq status`` follows it).  Backends without a server need not."""
+
+    def feeds(self) -> str | None:
+        """The queue this queue's stage feeds, as recorded by :meth:`set_feeds`."""
+        return None
+
+    def registrations(self) -> list[dict[str, Any]]:
+        """Live consumers and producers: dicts with role, host, pid, heartbeat
+        (a Unix time).  Backends without a registry return []."""
+        return []
+
+    def exists(self) -> bool:
+        """Whether this queue was ever used (a server keeps something of it).
+        Backends without a server say True: their queue is whatever is open."""
+        return True
+
+    def check_backend(self) -> bool:
+        """One quick look at the backend's server, for a supervisor's loop: False
+        while it is away (within its reconnect budget); raises
+        :class:`~pcq.errors.BackendLost` once it is gone for good or lost the
+        queue's data.  A backend without a server is always there."""
+        return True

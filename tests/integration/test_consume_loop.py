@@ -7,7 +7,6 @@ that kills its consumer takes no innocent task to the dead letters with it
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import local_jobs
 import pytest
 from apps.jobs import handled
 from helpers import wait_for
-from helpers_cli import ROOT, start_pcq
+from helpers_cli import pcq_env, start_pcq
 
 import pcq
 from pcq.backends.base import Queue
@@ -69,12 +68,16 @@ def test_a_class_style_consumer_stays_for_a_retry_pending_at_its_sentinel(
 
 
 @pytest.mark.timeout(120)
-def test_only_the_tasks_that_kill_their_consumer_are_dead_lettered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_only_the_tasks_that_kill_their_consumer_are_dead_lettered(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     # Given 12 tasks of 0.2 s, two of which SIGKILL the consumer that runs them,
     # run by 2 consumers of 4 slots each with the default --max-deliveries 3
-    env = dict(os.environ, JOBS_OUT=str(tmp_path), PYTHONPATH=str(ROOT), JOBS_N="12",
-               JOBS_KILLERS="0,5", JOBS_SLEEP="0.2")
-    env.pop("PCQ_URL", None)
+    url = request.getfixturevalue("redis_url") if backend == "redis" else ""
+    env = pcq_env(url, tmp_path, JOBS_N="12", JOBS_KILLERS="0,5", JOBS_SLEEP="0.2")
+    if not url:
+        del env["PCQ_URL"]
     app = "tests/apps/jobs.py"
     proc = start_pcq(["run", f"{app}:produce", f"{app}:handle_kills_self", "--workers", "2",
                       "--concurrency", "4", "--json", "--no-progress"], env)

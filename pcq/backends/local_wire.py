@@ -1,10 +1,16 @@
-"""The local backend's wire: frames, operation codes, and test-only fault points.
+"""The local backend's wire: frames, operations, request shapes, fault points.
 
 Every process talks to the broker over a Unix stream socket of its own.  A
-frame is a 4-byte little-endian length and a msgpack array ``[op, queue, *args]``;
+frame is a 4-byte little-endian length and a msgpack array ``[op, queue, *fields]``;
 the broker answers every request with one frame (a parked ``take`` or a ``put``
-on a full queue answers later).  Task messages travel as opaque ``bytes``: the
-broker never decodes them, except to split a dead consumer's batch.
+on a full queue answers later; ``HELLO`` and ``COST`` are never answered).  Task
+messages travel as opaque ``bytes``: the broker decodes them only to split a
+batch (a take that asks for fewer tasks, a dead consumer's batch).
+
+Each operation (:class:`Op`) has one request shape, a named tuple whose fields
+are checked by :func:`parse` before the broker applies anything: a malformed
+request (garbage bytes, an unknown operation, a field of the wrong type) is a
+:class:`BadRequest`, and the broker drops that one connection.
 
 Fault points (tests only).  ``PCQ_TEST_PAUSE_AT=<point>`` — read once, at
 import — makes a process stop itself (SIGSTOP) in the middle of that step of
@@ -13,7 +19,8 @@ the protocol, so a test can SIGKILL it exactly there:
 ``take``       the take request sent, the reply half read (the broker leased it);
 ``ack``        an acknowledgement half written;
 ``give-back``  an acknowledgement that hands tasks back, half written;
-``put``        a put half written.
+``put``        a put half written;
+``requeue``    a dead-letter requeue half written.
 
 With ``PCQ_TEST_PAUSE_FILE=<path>`` only the process that creates that file
 (it writes its pid there) stops, once.  The broker's own process never stops.
@@ -21,24 +28,248 @@ With ``PCQ_TEST_PAUSE_FILE=<path>`` only the process that creates that file
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import socket
 import struct
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import msgpack
 
 HEADER = struct.Struct("<I")
 
-# Operations.  Requests are [op, queue name, *args]; see Broker._handle for each.
-(
-    HELLO, PUT, TAKE, ACK, ACK_TAKE, ATTACH_CONSUMER, DETACH_CONSUMER, ATTACH_PRODUCER,
-    DETACH_PRODUCER, CLOSE, COUNTERS, COST, DEAD_LETTERS, TAKE_DEAD, PURGE_DEAD, PURGE,
-    EVICT, OPEN, COST_NOW, REAP, KILLING, SEIZED, SETTLE, RELEASE,
-) = range(24)
 
-FAULT_POINTS = ("take", "ack", "give-back", "put")
+class Op(enum.IntEnum):
+    """The broker's operations; each takes the request shape :data:`SHAPES` names."""
+
+    HELLO = 0
+    PUT = 1
+    TAKE = 2
+    ACK = 3
+    ACK_TAKE = 4
+    ATTACH_CONSUMER = 5
+    DETACH_CONSUMER = 6
+    ATTACH_PRODUCER = 7
+    DETACH_PRODUCER = 8
+    CLOSE = 9
+    COUNTERS = 10
+    COST = 11
+    COST_NOW = 12
+    REAP = 13
+    EVICT = 14
+    KILLING = 15
+    SEIZED = 16
+    SETTLE = 17
+    RELEASE = 18
+    DEAD_LETTERS = 19
+    REQUEUE_DEAD = 20
+    PURGE_DEAD = 21
+    PURGE = 22
+
+
+class BadRequest(Exception):
+    """A frame the broker cannot apply: it drops the connection that sent it."""
+
+
+# ---------------------------------------------------------------- request shapes
+
+
+class Nothing(NamedTuple):
+    """A request with no fields."""
+
+
+class Hello(NamedTuple):
+    pid: int
+
+
+class Put(NamedTuple):
+    messages: list[bytes]  # one message holding a batch, or one message a task
+    tasks: int
+
+
+class Take(NamedTuple):
+    max_tasks: int
+    timeout: float | None
+
+
+class Ack(NamedTuple):
+    """Settle lease ``lease_id``; with ``to``, put ``outputs`` (holding ``counts``
+    tasks each) on queue ``to`` in the same step."""
+
+    lease_id: int
+    done: int
+    failed: int
+    retry: list[list[Any]]  # [message, delay in seconds]
+    dead: list[bytes]
+    give_back: list[bytes]
+    cost: int  # ns per task, 0: no report
+    to: str | None
+    outputs: list[bytes]
+    counts: list[int]
+
+
+class AckTake(NamedTuple):
+    """An :class:`Ack`, then a :class:`Take`, in one round trip."""
+
+    lease_id: int
+    done: int
+    failed: int
+    retry: list[list[Any]]
+    dead: list[bytes]
+    give_back: list[bytes]
+    cost: int
+    to: str | None
+    outputs: list[bytes]
+    counts: list[int]
+    max_tasks: int
+    timeout: float | None
+
+
+class AttachConsumer(NamedTuple):
+    born: int | None  # the run it was forked in (or a dead predecessor served), -1: burst
+    closes: int | None  # close() calls seen when it was forked
+
+
+class Producer(NamedTuple):
+    producer_id: str | None
+
+
+class DetachProducer(NamedTuple):
+    producer_id: str | None
+    close_if_last: bool
+
+
+class Cost(NamedTuple):
+    ns: int
+
+
+class Pid(NamedTuple):
+    pid: int
+
+
+class Settle(NamedTuple):
+    """Acknowledge the ``seized``-th lease set aside when ``pid`` was killed."""
+
+    pid: int
+    seized: int
+    done: int
+    failed: int
+    retry: list[list[Any]]
+    dead: list[bytes]
+    give_back: list[bytes]
+    cost: int
+
+
+class Limit(NamedTuple):
+    limit: int
+
+
+Check = Callable[[Any], bool]
+
+
+def _int(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _opt_int(v: Any) -> bool:
+    return v is None or type(v) is int
+
+
+def _opt_num(v: Any) -> bool:
+    return v is None or type(v) in (int, float)
+
+
+def _opt_str(v: Any) -> bool:
+    return v is None or type(v) is str
+
+
+def _bool(v: Any) -> bool:
+    return type(v) is bool
+
+
+def _blobs(v: Any) -> bool:
+    return type(v) is list and all(type(x) is bytes for x in v)
+
+
+def _ints(v: Any) -> bool:
+    return type(v) is list and all(type(x) is int and x >= 0 for x in v)
+
+
+def _retries(v: Any) -> bool:
+    return type(v) is list and all(
+        type(r) is list and len(r) == 2 and type(r[0]) is bytes and type(r[1]) in (int, float)
+        for r in v)
+
+
+_ACK: tuple[Check, ...] = (_int, _int, _int, _retries, _blobs, _blobs, _int,
+                           _opt_str, _blobs, _ints)
+_SETTLE_FIELDS: tuple[Check, ...] = (_int, _int, _int, _int, _retries, _blobs, _blobs, _int)
+
+#: Each operation's request shape and a check for each of its fields.
+SHAPES: dict[int, tuple[Op, Any, tuple[Check, ...]]] = {
+    op: (op, shape, checks)
+    for op, shape, checks in (
+        (Op.HELLO, Hello, (_int,)),
+        (Op.PUT, Put, (_blobs, _int)),
+        (Op.TAKE, Take, (_int, _opt_num)),
+        (Op.ACK, Ack, _ACK),
+        (Op.ACK_TAKE, AckTake, (*_ACK, _int, _opt_num)),
+        (Op.ATTACH_CONSUMER, AttachConsumer, (_opt_int, _opt_int)),
+        (Op.DETACH_CONSUMER, Nothing, ()),
+        (Op.ATTACH_PRODUCER, Producer, (_opt_str,)),
+        (Op.DETACH_PRODUCER, DetachProducer, (_opt_str, _bool)),
+        (Op.CLOSE, Nothing, ()),
+        (Op.COUNTERS, Nothing, ()),
+        (Op.COST, Cost, (_int,)),
+        (Op.COST_NOW, Nothing, ()),
+        (Op.REAP, Nothing, ()),
+        (Op.EVICT, Pid, (_int,)),
+        (Op.KILLING, Pid, (_int,)),
+        (Op.SEIZED, Pid, (_int,)),
+        (Op.SETTLE, Settle, _SETTLE_FIELDS),
+        (Op.RELEASE, Pid, (_int,)),
+        (Op.DEAD_LETTERS, Limit, (_int,)),
+        (Op.REQUEUE_DEAD, Nothing, ()),
+        (Op.PURGE_DEAD, Nothing, ()),
+        (Op.PURGE, Nothing, ()),
+    )
+}
+
+
+def request(op: Op, queue: str, *fields: Any) -> bytes:
+    """The frame of a request: ``fields`` in the order of ``op``'s shape."""
+    return frame([op, queue, *fields])
+
+
+def parse(raw: bytes | memoryview) -> tuple[Op, str, Any]:
+    """A request frame's payload as (operation, queue name, request shape);
+    BadRequest for anything else."""
+    try:
+        decoded = unpack(raw)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise BadRequest(f"not a msgpack frame ({type(exc).__name__})") from None
+    if type(decoded) is not list or len(decoded) < 2 or type(decoded[0]) is not int:
+        raise BadRequest("not a request")
+    op, name, *fields = decoded
+    spec = SHAPES.get(op)
+    if spec is None:
+        raise BadRequest(f"unknown operation {op}")
+    known, shape, checks = spec
+    if type(name) is not str or len(fields) != len(checks) or not all(
+            map(_passes, checks, fields)):
+        raise BadRequest(f"malformed {known.name} request")
+    return known, name, shape._make(fields)
+
+
+def _passes(check: Check, value: Any) -> bool:
+    return check(value)
+
+
+# ---------------------------------------------------------------- fault points
+
+FAULT_POINTS = ("take", "ack", "give-back", "put", "requeue")
 PAUSE_AT = os.environ.get("PCQ_TEST_PAUSE_AT", "")
 PAUSE_FILE = os.environ.get("PCQ_TEST_PAUSE_FILE", "")
 _paused = False
@@ -60,8 +291,11 @@ def pause_here(point: str) -> None:
     os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def frame(request: list[Any]) -> bytes:
-    data: bytes = msgpack.packb(request, use_bin_type=True)
+# ---------------------------------------------------------------- frames
+
+
+def frame(value: Any) -> bytes:
+    data: bytes = msgpack.packb(value, use_bin_type=True)
     return HEADER.pack(len(data)) + data
 
 
@@ -76,7 +310,7 @@ def send(sock: socket.socket, data: bytes, point: str = "") -> None:
     sock.sendall(data)
 
 
-def unpack(data: bytes) -> Any:
+def unpack(data: bytes | memoryview) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 

@@ -137,13 +137,13 @@ def test_backpressure_counts_tasks_and_overshoots_by_one_batch_at_most(
     thread.start()
     assert not finished.wait(0.3)
     q.attach_consumer()
-    lease = q.take(3, timeout=5)  # the first batch: 5 ready left
-    assert lease is not None and lease.size == 5
+    lease = q.take(3, timeout=5)  # 3 of the first batch (split): 7 ready left
+    assert lease is not None and lease.size == 3
     assert finished.wait(5)
     thread.join(5)
     q.ack(lease)
     producer.dispose()
-    assert q.counters().ready == 6
+    assert q.counters().ready == 8
 
 
 # ---------------------------------------------------------------- a closed connection
@@ -513,3 +513,61 @@ def test_the_classic_close_stops_a_consumer_forked_after_the_others_finished_the
     assert mine.poll(15) and mine.recv() is True
     child.join(10)
     assert child.exitcode == 0
+
+
+# ---------------------------------------------------------------- malformed frames
+
+GARBAGE: dict[str, Callable[[str], bytes]] = {
+    "garbage bytes": lambda name: b"\x05\x00\x00\x00hello",
+    "not a request": lambda name: local_wire.frame("hello"),
+    "unknown operation": lambda name: local_wire.frame([99, name]),
+    "unknown queue": lambda name: local_wire.frame([10, "no-such-queue"]),  # counters
+    "bad ack": lambda name: local_wire.frame([3, name, "lease", 1]),
+    "wrong arg shapes": lambda name: local_wire.frame([2, name, "many", "soon"]),  # take
+    "outputs for no queue": lambda name: local_wire.frame(
+        [3, name, 1, 1, 0, [], [], [], 0, "no-such-queue", [b"x"], [1]]),
+}
+
+
+def _answers(call: Callable[[], Any], within: float = 5.0) -> Any:
+    """``call()``'s result, or fail if it has not returned ``within`` seconds (a
+    broker that died never answers)."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(within)
+    assert result, "no answer: the broker is gone"
+    return result[0]
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+def test_a_malformed_frame_drops_only_that_connection(
+    make_local: Any, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a client that holds a lease (one death dead-letters a task), and
+    # another consumer
+    q = make_local(max_deliveries=1)
+    q.put_many(["held", "other"])
+    bad = copy.copy(q)
+    bad.attach_consumer()
+    held = take_lease(bad)
+    assert [env.body for env in held.envelopes()] == ["held"]
+    # When that client's socket sends a malformed frame
+    assert bad._sock is not None
+    bad._sock.sendall(GARBAGE[kind](q.name))
+    # Then the broker closes that connection: the client reads the end of it
+    bad._sock.settimeout(5)
+    assert bad._sock.recv(64) == b""
+    # ... its lease is settled as for a death, and one line says why
+    c = _answers(q.counters)
+    assert (c.ready, c.in_flight, c.dead, c.failed, c.consumers) == (1, 0, 1, 1, 0)
+    assert q.dead_letters()[0]["body"] == "held"
+    lines = [r.getMessage() for r in caplog.records if "dropped the connection" in r.getMessage()]
+    assert len(lines) == 1 and str(os.getpid()) in lines[0], lines
+    # ... and every other client goes on
+    good = copy.copy(q)
+    good.attach_consumer()
+    assert take_bodies(good, 1) == ["other"]
+    assert _answers(lambda: q.join(timeout=5))
+    bad.dispose()
+    good.dispose()

@@ -10,6 +10,7 @@ each handle sleeps), ``JOBS_START`` (first task number).
 import hashlib
 import json
 import os
+import signal
 import time
 
 
@@ -116,3 +117,12 @@ def handle_in_c(item):
 def handle_dies(item):
     """Every task kills its consumer: a crash loop."""
     os._exit(1)
+
+
+def handle_kills(item):
+    """The tasks listed in ``JOBS_KILL`` ("3,7") SIGKILL the consumer process
+    that runs them (all its slots with it); the others sleep ``JOBS_SLEEP`` and
+    are recorded."""
+    if str(item) in os.environ.get("JOBS_KILL", "").split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
+    handle(item)

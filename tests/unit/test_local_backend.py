@@ -212,6 +212,43 @@ def test_after_a_death_each_task_comes_back_alone_with_the_death_counted(
     assert q.counters().pending == 0
 
 
+def _bodies(lease: Any) -> list[Any]:
+    assert lease is not None
+    return [env.body for env in lease.envelopes()]
+
+
+def test_a_suspect_runs_where_no_other_lease_runs(make_local: Any) -> None:
+    # Given a suspect (a consumer died holding it), then three fresh tasks
+    q = make_local()
+    q.put("s1")
+    child, _ = _hanging_consumer(q)
+    _kill(child)
+    q.put_many(["f1", "f2", "f3"])
+    one, two = copy.copy(q), copy.copy(q)
+    one.attach_consumer()
+    two.attach_consumer()
+    # When a consumer holds a suspect, it is handed nothing more until it settles it
+    suspect = one.take(4, timeout=5)
+    assert _bodies(suspect) == ["s1"]
+    assert one.take(4, timeout=0.2) is None
+    fresh = two.take(1, timeout=5)
+    assert _bodies(fresh) == ["f1"]
+    # ... a consumer holding any lease is handed no suspect, nor a fresh task
+    # while a suspect waits (it drains, and an idle one takes the suspect)
+    child, taken = _hanging_consumer(q)
+    assert taken == ["f2"]
+    _kill(child)
+    assert two.take(4, timeout=0.2) is None
+    assert suspect is not None and fresh is not None
+    one.ack(suspect)
+    assert _bodies(one.take(4, timeout=5)) == ["f2"]
+    assert one.take(4, timeout=0.2) is None
+    two.ack(fresh)
+    assert _bodies(two.take(4, timeout=5)) == ["f3"]
+    for consumer in (one, two):
+        consumer.dispose()
+
+
 def test_a_task_whose_consumers_keep_dying_is_dead_lettered(make_local: Any) -> None:
     # Given max_deliveries 2 and a poison task among innocent ones
     q = make_local(max_deliveries=2)

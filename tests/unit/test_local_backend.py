@@ -414,6 +414,34 @@ def test_a_producer_killed_mid_put_puts_nothing_and_leaves_the_queue_whole(
     assert q.counters().produced == 1
 
 
+def _requeue_then_stop_midway(q: LocalQueue, point: str) -> None:
+    local_wire.PAUSE_AT = point  # the fault hook, armed in this child only
+    q.requeue_dead()
+
+
+@pytest.mark.parametrize("point", ["requeue", "put"])
+def test_a_dead_requeue_killed_midway_loses_nothing(make_local: Any, point: str) -> None:
+    # Given one dead letter
+    q = make_local()
+    q.attach_consumer()
+    q.put("letter")
+    lease = take_lease(q)
+    q.ack(lease, [Failure(env, "E", "tb") for env in lease.envelopes()])
+    assert q.counters().dead == 1
+    # When a process requeueing it is killed wherever it stops (mid-request,
+    # or, were the requeue two steps, between taking the letters and the put)
+    child = fork.Process(target=_requeue_then_stop_midway, args=(q, point), daemon=True)
+    child.start()
+    wait_for(lambda: _state(child.pid) in ("T", "Z", ""), message="the requeue stopped or ended")
+    _kill(child)
+    # Then the task is a dead letter still, or requeued: never nowhere
+    c = q.counters()
+    assert (c.dead + c.ready, c.in_flight, c.pending) == (1, 0, c.ready), c
+    q.requeue_dead()
+    assert take_bodies(q, 1) == ["letter"]
+    assert q.join(timeout=5)
+
+
 def _state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from apps.jobs import handled
+from apps.jobs import handled, timed
 from helpers_cli import ROOT, start_pcq
 
 APP = "tests/apps/jobs.py"
@@ -42,3 +43,29 @@ def test_at_concurrency_4_only_the_tasks_that_kill_their_consumer_are_dead_lette
     assert all("consumer died 3 times" in f["error"] for f in failures), failures
     assert (summary["done"], summary["failed"]) == (38, 2)
     assert set(handled(tmp_path)) == set(range(40)) - {5, 17}
+
+
+def _spread(rows: list[list[Any]]) -> tuple[list[int], float]:
+    """Tasks per worker pid (most first) and the stage's time, first start to last end."""
+    per_pid = sorted(Counter(row[1] for row in rows).values(), reverse=True)
+    return per_pid, max(row[3] for row in rows) - min(row[2] for row in rows)
+
+
+@pytest.mark.timeout(120)
+def test_a_later_stage_spreads_its_tasks_over_its_workers(tmp_path: Path) -> None:
+    # Given the same 0.05 s handler, alone and behind a cheap first stage whose
+    # outputs travel as a few large batches
+    alone, piped = tmp_path / "alone", tmp_path / "piped"
+    alone.mkdir()
+    piped.mkdir()
+    settings = {"JOBS_N": "60", "JOBS_SLEEP": "0.05"}
+    pcq_run(alone, [f"{APP}:produce", f"{APP}:handle_timed", "--workers", "2"], 0, **settings)
+    pcq_run(piped, [f"{APP}:produce", f"{APP}:passthrough", f"{APP}:handle_timed",
+                    "--workers", "2,2"], 0, **settings)
+    # Then each worker of the later stage runs at least 30 % of its tasks, and
+    # the stage takes about as long as the handler alone
+    single, single_time = _spread(timed(alone))
+    later, later_time = _spread(timed(piped))
+    assert sum(later) == sum(single) == 60
+    assert len(later) == 2 and later[1] >= 0.3 * 60, later
+    assert later_time <= 1.4 * single_time, (later_time, single_time)

@@ -106,6 +106,26 @@ def test_put_many_ships_batches_and_in_flight_counts_tasks(make_local: Any) -> N
     assert max(sizes) > 16 and len(sizes) <= 8, sizes
 
 
+def test_a_take_of_fewer_tasks_than_a_stored_batch_splits_it(make_local: Any) -> None:
+    # Given one stored batch of 8 tasks
+    q = make_local()
+    q.note_task_cost(1e-7)
+    q._put_bodies(list(range(8)))
+    q.attach_consumer()
+    # When takes ask for fewer, each gets what it asked for, ids kept
+    sizes, ids = [], []
+    for want in (3, 1, 8):
+        lease = q.take(want, timeout=5)
+        assert lease is not None
+        sizes.append(lease.size)
+        ids += [env.id for env in lease.envelopes()]
+        q.ack(lease)
+    assert sizes == [3, 1, 4]
+    tag = ids[0].rsplit("-", 1)[0]
+    assert ids == [f"{tag}-{i}" for i in range(8)]
+    assert q.counters().pending == 0
+
+
 def test_a_trickle_is_sent_as_it_comes(make_local: Any) -> None:
     q = make_local()
     q.note_task_cost(1e-7)  # batches could be large

@@ -28,8 +28,9 @@ Design points others build on:
     stage waits for room before it sends (``Queue.wait_for_room``).
 (b) A connection may hold several leases at once, acknowledged independently
     (each take returns a lease id; an ack names it).
-(c) The wire protocol lives in ``local_wire``, the broker's loop in
-    ``local_broker``, the per-queue books in ``local_ledger``.
+(c) The wire (operations, request shapes) lives in ``local_wire``, the
+    broker's loop and dispatch in ``local_broker``, its connections in
+    ``local_conn``, the per-queue books in ``local_ledger``.
 
 Backpressure counts tasks: a put is admitted while fewer than ``maxsize`` tasks
 are ready, so ready may exceed ``maxsize`` by at most one batch.  A batch holds
@@ -37,11 +38,11 @@ about ``TARGET_BATCH_SECONDS`` of handler work (one task for slow handlers, up
 to ``MAX_BATCH`` cheap ones), whatever ``maxsize``: a small ``maxsize`` never
 forces tiny batches on the wire, and the overshoot is a few ms of work.
 
-Poison tasks: after a consumer dies, each task it held comes back as a lease of
-its own, with the death counted; at ``max_deliveries`` deaths (0: never) the
-task is dead-lettered ("consumer died N times while handling it") and counted
-failed.  A queue whose run finished (closed, nothing pending) is idle, and idle
-is new: a consumer attaching then waits for the next producer.
+Poison tasks: after a consumer dies, each task it held is a suspect that runs
+alone, with the death counted; at ``max_deliveries`` deaths (0: never) it is
+dead-lettered ("consumer died N times while handling it").  A queue whose run
+finished (closed, nothing pending) is idle, and idle is new: a consumer
+attaching then waits for the next producer.
 """
 
 from __future__ import annotations
@@ -176,8 +177,9 @@ class LocalQueue(Queue):
                     raise BackendUnavailable(f"local queue {self.name!r}: {exc}") from exc
                 raise
 
-    def _ask(self, op: Op, *args: Any) -> Any:
-        """A question on the side connection (never blocks in the broker)."""
+    def _ask(self, op: Op, *args: Any, reply: bool = True) -> Any:
+        """A question on the side connection (never blocks in the broker);
+        ``reply=False``: a report that has no answer."""
         self._here()
         with self._side_lock:
             if self._side is None:
@@ -185,25 +187,12 @@ class LocalQueue(Queue):
             sock = self._side
             try:
                 sock.sendall(wire.request(op, self.name, *args))
-                return wire.receive(sock)
+                return wire.receive(sock) if reply else None
             except BaseException as exc:
                 self._side = None
                 sock.close()
                 if isinstance(exc, OSError):
                     raise BackendUnavailable(f"local queue {self.name!r}: {exc}") from exc
-                raise
-
-    def _tell(self, op: Op, *args: Any) -> None:
-        """A report that has no reply."""
-        self._here()
-        with self._side_lock:
-            if self._side is None:
-                self._side = self._connect()
-            try:
-                self._side.sendall(wire.request(op, self.name, *args))
-            except BaseException:
-                self._side.close()
-                self._side = None
                 raise
 
     # ------------------------------------------------------------------ producing
@@ -235,7 +224,7 @@ class LocalQueue(Queue):
 
     def _flush_cost(self) -> None:
         if self._cost_report:
-            self._tell(Op.COST, self._cost_report)
+            self._ask(Op.COST, self._cost_report, reply=False)
             self._cost_report = 0
 
     # ------------------------------------------------------------------ consuming
@@ -248,12 +237,13 @@ class LocalQueue(Queue):
         predecessor served) or else the run this process was forked in.  A burst
         consumer stops at an empty queue no producer is attached to (see _take)."""
         self._burst = burst
-        born = -1 if burst else self._born_in() if run is None else run
-        closes = self._fork_closes() if run is None and not burst else None
-        return int(self._call(Op.ATTACH_CONSUMER, born, closes))
+        born, closes = (None, None) if burst or run is not None else self._forked_in()
+        return int(self._call(Op.ATTACH_CONSUMER, -1 if burst else born if run is None else run,
+                              closes))
 
-    def _born_in(self) -> int | None:
-        """The run this process was forked for (None: not forked from the owner).
+    def _forked_in(self) -> tuple[int | None, int | None]:
+        """The run this process was forked for, and the close() calls the queue
+        had seen then (None, None: not forked from the owner).
 
         Forked while a run was open or closing, it is that run.  Forked while the
         queue was idle, it is the next run: a consumer started before its
@@ -261,15 +251,9 @@ class LocalQueue(Queue):
         went by before it attached — the other consumers were quicker — it
         finds its run over and stops, instead of waiting for one more."""
         if self._broker is None or os.getpid() == self._owner:
-            return None
-        epoch, idle, _ = self._broker.forked_in.get(self.name, (0, False, 0))
-        return epoch + 1 if idle else epoch
-
-    def _fork_closes(self) -> int | None:
-        """How many close() calls the queue had seen when this process was forked."""
-        if self._broker is None or os.getpid() == self._owner:
-            return None
-        return self._broker.forked_in.get(self.name, (0, False, 0))[2]
+            return None, None
+        epoch, idle, closes = self._broker.forked_in.get(self.name, (0, False, 0))
+        return (epoch + 1 if idle else epoch), closes
 
     def detach_consumer(self) -> None:
         """Hand back every lease this process holds and unregister."""

@@ -3,15 +3,16 @@
 The process that opens a local queue runs a :class:`Broker` thread.  Each
 producer or consumer process connects to it over a Unix socket of its own (in a
 private temp dir), so a process killed at any instant can tear only its own
-channel.  The broker reads requests (``local_wire``), applies each one whole to
-a :class:`Ledger` — no request is ever half applied, since one thread applies
-them all — and keeps, per connection, the leases it handed out.
+channel.  The broker reads requests (``local_wire``), dispatches each by its
+operation to a handler that applies it whole to a :class:`Ledger` — no request
+is ever half applied, since one thread applies them all — and keeps, per
+connection (``local_conn``), the leases it handed out.  A malformed request
+drops its connection only.
 
 A connection that closes without detaching is a death: the broker returns that
-connection's leases to the front of ready at once (no files, no reap interval),
-each task as a lease of its own with one more death counted against it; a task
-with ``max_deliveries`` deaths goes to dead letters instead.  So the culprit of a
-crash ends up alone, and the innocent tasks of its lease are handled.
+connection's leases at once (no files, no reap interval), each task a suspect
+with one more death counted (see ``local_ledger``), or dead-lettered at
+``max_deliveries`` deaths, and detaches the producers registered on it.
 
 Why a thread, not a process: the owner's death must end the queue anyway (its
 children die with it through PDEATHSIG), a thread dies with it for free, and
@@ -42,7 +43,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pcq.backends import local_wire as wire
-from pcq.backends.local_ledger import Conn, Item, Ledger, Taker
+from pcq.backends.local_conn import Conn, Taker
+from pcq.backends.local_ledger import Ledger, Seizures
 from pcq.backends.local_wire import Op
 
 log = logging.getLogger("pcq")
@@ -70,9 +72,7 @@ class Broker:
         self._sel.register(self._listener, selectors.EVENT_READ, "listen")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._conns: set[Conn] = set()
-        #: pid -> leases set aside before its supervisor killed it (see _kill);
-        #: None once settled.
-        self._seized: dict[int, list[tuple[Ledger, list[Item]] | None]] = {}
+        self._seized = Seizures()
         self._deadlines: list[tuple[float, int, Taker]] = []
         self._tiebreak = itertools.count()
         self._stopping = False
@@ -169,31 +169,15 @@ class Broker:
         self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _read(self, conn: Conn) -> None:
-        try:
-            data = conn.sock.recv(1 << 18)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
+        requests = conn.requests()
+        if requests is None:
             self._drop(conn, died=True)
             return
-        buf = conn.inbuf
-        buf += data
-        pos, size = 0, wire.HEADER.size
-        while len(buf) - pos >= size:
-            (length,) = wire.HEADER.unpack_from(buf, pos)
-            if len(buf) - pos - size < length:
-                break
-            payload = bytes(buf[pos + size : pos + size + length])
-            pos += size + length
+        for payload in requests:
             try:
                 self._handle(conn, payload)
             except Exception as exc:  # one client's frame never stops the broker
                 self._refuse(conn, exc)
-            if conn.closed:
-                return
-        del buf[:pos]
 
     def _refuse(self, conn: Conn, exc: Exception) -> None:
         """A request that could not be applied: drop its connection (its leases
@@ -206,31 +190,21 @@ class Broker:
     def _reply(self, conn: Conn, value: Any) -> None:
         if conn.closed:
             return
-        data = wire.frame(value)
-        if conn.out:
-            conn.out += data
-            return
         try:
-            sent = conn.sock.send(data)
-        except BlockingIOError:
-            sent = 0
+            waits = conn.write(wire.frame(value))
         except OSError:
             self._drop(conn, died=True)
             return
-        if sent < len(data):  # a process that stopped reading must not stop the broker
-            conn.out += data[sent:]
+        if waits:
             self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
 
     def _flush(self, conn: Conn) -> None:
         try:
-            sent = conn.sock.send(conn.out)
-        except BlockingIOError:
-            return
+            flushed = conn.flush()
         except OSError:
             self._drop(conn, died=True)
             return
-        del conn.out[:sent]
-        if not conn.out:
+        if flushed:
             self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
 
     def _drop(self, conn: Conn, died: bool) -> None:
@@ -281,11 +255,11 @@ class Broker:
             Op.COUNTERS: lambda c, lg, r: lg.counters(),
             Op.COST_NOW: lambda c, lg, r: lg.cost_ns,
             Op.ATTACH_CONSUMER: lambda c, lg, r: lg.attach_consumer(c, r.born, r.closes),
-            Op.DETACH_CONSUMER: self._detach_consumer,
+            Op.DETACH_CONSUMER: lambda c, lg, r: lg.detach_consumer(c),
             Op.ATTACH_PRODUCER: self._attach_producer,
             Op.DETACH_PRODUCER: self._detach_producer,
             Op.CLOSE: lambda c, lg, r: lg.close(),
-            Op.REAP: self._reap, Op.EVICT: self._evict,
+            Op.REAP: lambda c, lg, r: lg.reap(), Op.EVICT: self._evict,
             Op.KILLING: self._killing, Op.SEIZED: self._seized_leases,
             Op.SETTLE: self._settle, Op.RELEASE: self._release,
             Op.DEAD_LETTERS: lambda c, lg, r: lg.letters[: r.limit],
@@ -302,12 +276,6 @@ class Broker:
         ledger.note_cost(req.ns)
         return NO_REPLY
 
-    def _detach_consumer(self, conn: Conn, ledger: Ledger, req: wire.Nothing) -> Any:
-        ledger.consumers.pop(conn, None)
-        for lease_id in [k for k, (lg, _) in conn.leases.items() if lg is ledger]:
-            ledger.returned(conn.leases.pop(lease_id)[1], died=False)
-        return True
-
     def _attach_producer(self, conn: Conn, ledger: Ledger, req: wire.Producer) -> Any:
         producer_id = ledger.attach_producer(req.producer_id)
         conn.producers.append((ledger, producer_id))
@@ -319,45 +287,23 @@ class Broker:
                           if lg is not ledger or p != req.producer_id]
         return True
 
-    def _reap(self, conn: Conn, ledger: Ledger, req: wire.Nothing) -> Any:
-        moved = sum(ledger.unreported.values())
-        ledger.unreported.clear()
-        return moved
-
     def _evict(self, conn: Conn, ledger: Ledger, req: wire.Pid) -> Any:
         for other in [c for c in self._conns if c.pid == req.pid and c is not conn]:
             self._drop(other, died=True)
         return ledger.unreported.pop(req.pid, 0)
 
-    # A supervisor kills consumer ``pid`` for a task past its timeout.
-    #
-    # KILLING, sent before the kill, sets every lease of that process aside (its
-    # tasks stay in flight) and marks its connections killed: a late ack from
-    # the still-running handler finds no lease and commits nothing, and the kill
-    # closing them counts no death.  SEIZED lists the leases set aside; SETTLE
-    # acknowledges one of them with the supervisor's outcome (the timed-out task
-    # failed, the others given back); RELEASE returns what is left to ready,
-    # with no death counted.
+    # A supervisor kills consumer ``pid`` on purpose: see Seizures.
 
     def _killing(self, conn: Conn, ledger: Ledger, req: wire.Pid) -> Any:
-        seized = self._seized.setdefault(req.pid, [])
-        for other in self._conns:
-            if other.pid == req.pid:
-                other.killed = True
-                seized.extend(other.leases.values())
-                other.leases.clear()
-        return len(seized)
+        return self._seized.seize(req.pid, self._conns)
 
     def _seized_leases(self, conn: Conn, ledger: Ledger, req: wire.Pid) -> Any:
-        seized = self._seized.get(req.pid, [])
-        return [[i, [it.message for it in e[1]]] for i, e in enumerate(seized) if e]
+        return self._seized.listed(req.pid)
 
     def _settle(self, conn: Conn, ledger: Ledger, req: wire.Settle) -> Any:
-        seized = self._seized.get(req.pid, [])
-        entry = seized[req.seized] if req.seized < len(seized) else None
+        entry = self._seized.take(req.pid, req.seized)
         if entry is None:
             return False
-        seized[req.seized] = None
         target, items = entry
         if req.cost:
             ledger.note_cost(req.cost)
@@ -367,10 +313,9 @@ class Broker:
 
     def _release(self, conn: Conn, ledger: Ledger, req: wire.Pid) -> Any:
         moved = 0
-        for entry in self._seized.pop(req.pid, []):
-            if entry is not None:
-                moved += entry[0].returned(entry[1], died=False)
-                self._serve(entry[0])
+        for target, items in self._seized.release(req.pid):
+            moved += target.returned(items, died=False)
+            self._serve(target)
         for other in [c for c in self._conns if c.pid == req.pid and c is not conn]:
             other.killed = True
             self._drop(other, died=False)

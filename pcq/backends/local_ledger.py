@@ -4,9 +4,9 @@ Plain data, no I/O: :class:`~pcq.backends.local_broker.Broker` applies every
 request to a :class:`Ledger` in its one thread, so each request is applied
 whole.  The ledger keeps every book of its queue — what is ready, delayed, in
 flight, the counters, dead letters, producers and consumers — and the broker
-only routes requests and replies.  A lease lives on its :class:`Conn` (the
-connection it was handed out on), so a closed connection names exactly the
-tasks that go back.
+only routes requests and replies.  A lease lives on its
+:class:`~pcq.backends.local_conn.Conn` (the connection it was handed out on),
+so a closed connection names exactly the tasks that go back.
 
 Suspects.  A task that a dead consumer held comes back alone, with the death
 counted (:meth:`Ledger.returned`), into ``suspects``.  A suspect runs where
@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import socket
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, NamedTuple, Protocol
 
+from pcq.backends.local_conn import Conn, Taker
 from pcq.envelope import (
     Batch,
     decode,
@@ -53,36 +53,6 @@ class Item(NamedTuple):
     message: bytes
     tasks: int
     deaths: int = 0
-
-
-@dataclass(eq=False)
-class Conn:
-    """One process's connection, and the leases handed out on it."""
-
-    sock: socket.socket
-    pid: int = 0
-    inbuf: bytearray = field(default_factory=bytearray)
-    out: bytearray = field(default_factory=bytearray)
-    leases: dict[int, tuple[Ledger, list[Item]]] = field(default_factory=dict)
-    lease_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    #: Producers registered on this connection: detached when it dies.
-    producers: list[tuple[Ledger, str]] = field(default_factory=list)
-    closed: bool = False
-    killed: bool = False  # by its supervisor, on purpose: closing it is no death
-
-    def holding(self, ledger: Ledger) -> int:
-        return sum(i.tasks for lg, items in self.leases.values() if lg is ledger for i in items)
-
-    def holds_suspect(self) -> bool:
-        return any(items and items[0].deaths for _, items in self.leases.values())
-
-
-@dataclass(eq=False)
-class Taker:
-    conn: Conn
-    max_tasks: int
-    deadline: float | None
-    done: bool = False
 
 
 class Settlement(Protocol):
@@ -165,15 +135,21 @@ class Ledger:
     # ------------------------------------------------------------------ tasks in
 
     def push(self, items: list[Item], front: bool = False) -> None:
-        """Items into ready (suspects into their own line, always in front)."""
-        fresh = [i for i in items if not i.deaths]
-        if len(fresh) < len(items):
-            self.suspects.extendleft(reversed([i for i in items if i.deaths]))
+        """Fresh items (no death counted) into ready."""
         if front:
-            self.ready.extendleft(reversed(fresh))
+            self.ready.extendleft(reversed(items))
         else:
-            self.ready.extend(fresh)
+            self.ready.extend(items)
         self.ready_tasks += sum(i.tasks for i in items)
+
+    def push_back(self, items: list[Item]) -> None:
+        """A lease's items back in front: suspects into their own line."""
+        suspects = [i for i in items if i.deaths]
+        if suspects:
+            self.suspects.extendleft(reversed(suspects))
+            self.ready_tasks += len(suspects)
+            items = [i for i in items if not i.deaths]
+        self.push(items, front=True)
 
     def admit(self, messages: list[bytes], tasks: int) -> None:
         """A put: one message carries a whole batch; several carry one task each."""
@@ -276,7 +252,7 @@ class Ledger:
         tasks = sum(i.tasks for i in items)
         self.in_flight -= tasks
         if not died:
-            self.push(items, front=True)
+            self.push_back(items)
             return tasks
         back: list[Item] = []
         for item in items:
@@ -288,7 +264,7 @@ class Ledger:
                 back.append(item)
             elif isinstance(batch, Batch):
                 back += self._suspects_of(batch, item)
-        self.push(back, front=True)
+        self.push_back(back)
         return tasks
 
     def _suspects_of(self, batch: Batch, item: Item) -> list[Item]:
@@ -351,6 +327,19 @@ class Ledger:
         waits = self.consumers[conn] == -1 and self.state() == "idle"
         return self.epoch + 1 if waits else self.epoch
 
+    def detach_consumer(self, conn: Conn) -> bool:
+        """Unregister ``conn``; what it holds of this queue goes back to ready."""
+        self.consumers.pop(conn, None)
+        for lease_id in [k for k, (lg, _) in conn.leases.items() if lg is self]:
+            self.returned(conn.leases.pop(lease_id)[1], died=False)
+        return True
+
+    def reap(self) -> int:
+        """How many tasks dead consumers' connections returned since last asked."""
+        moved = sum(self.unreported.values())
+        self.unreported.clear()
+        return moved
+
     def attach_producer(self, producer_id: str | None) -> str:
         """Register a producer (``producer_id`` or a new id); the id."""
         if self.closed:  # a new run: sentinels of the last close go stale
@@ -405,3 +394,44 @@ class Ledger:
         self.ready_tasks = self.delayed_tasks = 0
         self.failed += dropped
         return dropped
+
+
+class Seizures:
+    """Leases set aside because a supervisor kills their process on purpose
+    (a task past its timeout, or a consumer past its stop grace).
+
+    ``seize``, before the kill, takes every lease of that process off its
+    connections (the tasks stay in flight) and marks them killed: a late ack
+    from the still-running handler finds no lease and commits nothing, and the
+    kill closing them counts no death.  ``listed`` shows what was set aside;
+    ``take`` hands one entry to the supervisor's acknowledgement (the timed-out
+    task failed, the others given back); ``release`` returns the rest, to go
+    back to ready with no death counted.
+    """
+
+    def __init__(self) -> None:
+        self._by_pid: dict[int, list[tuple[Ledger, list[Item]] | None]] = {}
+
+    def seize(self, pid: int, conns: Iterable[Conn]) -> int:
+        seized = self._by_pid.setdefault(pid, [])
+        for conn in conns:
+            if conn.pid == pid:
+                conn.killed = True
+                seized.extend(conn.leases.values())
+                conn.leases.clear()
+        return len(seized)
+
+    def listed(self, pid: int) -> list[list[Any]]:
+        """[index, messages] of each entry not settled yet."""
+        return [[i, [item.message for item in entry[1]]]
+                for i, entry in enumerate(self._by_pid.get(pid, [])) if entry]
+
+    def take(self, pid: int, index: int) -> tuple[Ledger, list[Item]] | None:
+        seized = self._by_pid.get(pid, [])
+        entry = seized[index] if index < len(seized) else None
+        if entry is not None:
+            seized[index] = None
+        return entry
+
+    def release(self, pid: int) -> list[tuple[Ledger, list[Item]]]:
+        return [entry for entry in self._by_pid.pop(pid, []) if entry is not None]

@@ -656,3 +656,55 @@ def test_a_malformed_frame_drops_only_that_connection(
     assert _answers(lambda: q.join(timeout=5))
     bad.dispose()
     good.dispose()
+
+
+# ---------------------------------------------------------------- producer ids
+
+
+def test_producers_are_registered_and_detached_by_id(make_local: Any) -> None:
+    q = make_local()
+    # attach: the id given, or a new one
+    mine = q.attach_producer()
+    assert isinstance(mine, str) and mine
+    assert q.attach_producer("p1") == "p1"
+    assert q.counters().producers == 2
+    # detach by id; an unknown id detaches nobody, and closes nothing while
+    # a producer is left
+    q.detach_producer("p1", close_if_last=False)
+    q.detach_producer("gone", close_if_last=True)
+    c = q.counters()
+    assert (c.producers, c.closed) == (1, False)
+    # None: the last id this process attached; the last one out closes
+    q.detach_producer()
+    c = q.counters()
+    assert (c.producers, c.closed) == (0, True)
+    # with nothing attached, only the close-if-last check: a new run closes
+    q.attach_producer("p2")
+    q.detach_producer("p2", close_if_last=False)
+    assert not q.counters().closed
+    q.detach_producer()
+    assert q.counters().closed
+
+
+def _attach_producer_and_hang(q: LocalQueue, report: Connection) -> None:
+    report.send(q.attach_producer())
+    signal.pause()
+
+
+def test_a_killed_producer_is_detached_at_once_and_closes_nothing(make_local: Any) -> None:
+    q = make_local()
+    q.attach_producer("parent")
+    mine, theirs = fork.Pipe(duplex=False)
+    child = fork.Process(target=_attach_producer_and_hang, args=(q, theirs), daemon=True)
+    child.start()
+    assert mine.poll(10)
+    theirs_id = mine.recv()
+    wait_for(lambda: q.counters().producers == 2, message="the child attached")
+    _kill(child)
+    # the broker saw its connection close: detached by its own id, not the parent's
+    wait_for(lambda: q.counters().producers == 1, message="the dead producer detached")
+    assert not q.counters().closed
+    q.detach_producer(theirs_id)  # the engine's call for it: already gone, a no-op
+    assert (q.counters().producers, q.counters().closed) == (1, False)
+    q.detach_producer("parent")
+    assert q.counters().closed

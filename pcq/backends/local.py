@@ -28,8 +28,9 @@ Design points others build on:
     stage waits for room before it sends (``Queue.wait_for_room``).
 (b) A connection may hold several leases at once, acknowledged independently
     (each take returns a lease id; an ack names it).
-(c) The wire protocol lives in ``local_wire``, the broker's loop in
-    ``local_broker``, the per-queue books in ``local_ledger``.
+(c) The wire (operations, request shapes) lives in ``local_wire``, the
+    broker's loop and dispatch in ``local_broker``, its connections in
+    ``local_conn``, the per-queue books in ``local_ledger``.
 
 Backpressure counts tasks: a put is admitted while fewer than ``maxsize`` tasks
 are ready, so ready may exceed ``maxsize`` by at most one batch.  A batch holds
@@ -37,11 +38,11 @@ about ``TARGET_BATCH_SECONDS`` of handler work (one task for slow handlers, up
 to ``MAX_BATCH`` cheap ones), whatever ``maxsize``: a small ``maxsize`` never
 forces tiny batches on the wire, and the overshoot is a few ms of work.
 
-Poison tasks: after a consumer dies, each task it held comes back as a lease of
-its own, with the death counted; at ``max_deliveries`` deaths (0: never) the
-task is dead-lettered ("consumer died N times while handling it") and counted
-failed.  A queue whose run finished (closed, nothing pending) is idle, and idle
-is new: a consumer attaching then waits for the next producer.
+Poison tasks: after a consumer dies, each task it held is a suspect that runs
+alone, with the death counted; at ``max_deliveries`` deaths (0: never) it is
+dead-lettered ("consumer died N times while handling it").  A queue whose run
+finished (closed, nothing pending) is idle, and idle is new: a consumer
+attaching then waits for the next producer.
 """
 
 from __future__ import annotations
@@ -49,9 +50,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import uuid
 from collections.abc import Callable, Sequence
-from multiprocessing.context import BaseContext
 from typing import Any
 
 from pcq.backends import local_wire as wire
@@ -65,7 +64,8 @@ from pcq.backends.base import (
     Queue,
 )
 from pcq.backends.local_broker import Broker
-from pcq.envelope import Envelope, decode_dead, encode_sentinel, envelope_from_dead
+from pcq.backends.local_wire import Op
+from pcq.envelope import Envelope, decode_dead, encode_sentinel
 from pcq.errors import BackendUnavailable, ConfigError
 
 #: Longest a burst consumer's take waits before it looks for producers again.
@@ -87,7 +87,6 @@ class LocalQueue(Queue):
         *,
         maxsize: int = 0,
         max_deliveries: int = 3,
-        context: BaseContext | None = None,  # accepted for compatibility; unused
         broker: Broker | None = None,
     ) -> None:
         super().__init__(name, maxsize=maxsize, max_deliveries=max_deliveries)
@@ -121,6 +120,7 @@ class LocalQueue(Queue):
         self._cost_ns: int | None = None  # the consumers' cost per task, as last heard
         self._cost_report = 0  # this consumer's, not sent yet
         self._burst = False  # see join_run
+        self._producer_ids: list[str] = []  # attached by this process, in order
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -154,10 +154,10 @@ class LocalQueue(Queue):
                 f"local queue {self.name!r} is gone: the process that opened it "
                 f"has exited or disposed of it ({exc})"
             ) from exc
-        sock.sendall(wire.frame([wire.HELLO, self.name, os.getpid()]))
+        sock.sendall(wire.request(Op.HELLO, self.name, os.getpid()))
         return sock
 
-    def _call(self, op: int, *args: Any, point: str = "", take: bool = False) -> Any:
+    def _call(self, op: Op, *args: Any, point: str = "", take: bool = False) -> Any:
         """One request and its reply on this process's connection.  Anything that
         interrupts it (a signal's exception, a dead broker) closes the
         connection, so the next call starts clean; the broker settles what the
@@ -168,7 +168,7 @@ class LocalQueue(Queue):
                 self._sock = self._connect()
             sock = self._sock
             try:
-                wire.send(sock, wire.frame([op, self.name, *args]), point)
+                wire.send(sock, wire.request(op, self.name, *args), point)
                 return wire.receive(sock, "take" if take else "")
             except BaseException as exc:
                 self._sock = None
@@ -177,34 +177,22 @@ class LocalQueue(Queue):
                     raise BackendUnavailable(f"local queue {self.name!r}: {exc}") from exc
                 raise
 
-    def _ask(self, op: int, *args: Any) -> Any:
-        """A question on the side connection (never blocks in the broker)."""
+    def _ask(self, op: Op, *args: Any, reply: bool = True) -> Any:
+        """A question on the side connection (never blocks in the broker);
+        ``reply=False``: a report that has no answer."""
         self._here()
         with self._side_lock:
             if self._side is None:
                 self._side = self._connect()
             sock = self._side
             try:
-                sock.sendall(wire.frame([op, self.name, *args]))
-                return wire.receive(sock)
+                sock.sendall(wire.request(op, self.name, *args))
+                return wire.receive(sock) if reply else None
             except BaseException as exc:
                 self._side = None
                 sock.close()
                 if isinstance(exc, OSError):
                     raise BackendUnavailable(f"local queue {self.name!r}: {exc}") from exc
-                raise
-
-    def _tell(self, op: int, *args: Any) -> None:
-        """A report that has no reply."""
-        self._here()
-        with self._side_lock:
-            if self._side is None:
-                self._side = self._connect()
-            try:
-                self._side.sendall(wire.frame([op, self.name, *args]))
-            except BaseException:
-                self._side.close()
-                self._side = None
                 raise
 
     # ------------------------------------------------------------------ producing
@@ -213,7 +201,7 @@ class LocalQueue(Queue):
         self._here()
         if self._cost_ns is None:
             self._flush_cost()
-            self._cost_ns = int(self._ask(wire.COST_NOW))
+            self._cost_ns = int(self._ask(Op.COST_NOW))
         if self._cost_ns <= 0:
             return 1  # no consumer has reported yet: the handler may be slow
         # maxsize does not cap a batch: a batch holds about TARGET_BATCH_SECONDS
@@ -225,7 +213,7 @@ class LocalQueue(Queue):
     def _put(self, messages: list[bytes], tasks: int) -> None:
         # The reply comes once the broker admitted the batch (backpressure),
         # with the consumers' latest cost per task for sizing the next one.
-        self._cost_ns = int(self._call(wire.PUT, messages, tasks, point="put"))
+        self._cost_ns = int(self._call(Op.PUT, messages, tasks, point="put"))
 
     def note_task_cost(self, seconds_per_task: float) -> None:
         # Travels with the next acknowledgement: no message of its own.
@@ -236,7 +224,7 @@ class LocalQueue(Queue):
 
     def _flush_cost(self) -> None:
         if self._cost_report:
-            self._tell(wire.COST, self._cost_report)
+            self._ask(Op.COST, self._cost_report, reply=False)
             self._cost_report = 0
 
     # ------------------------------------------------------------------ consuming
@@ -249,12 +237,13 @@ class LocalQueue(Queue):
         predecessor served) or else the run this process was forked in.  A burst
         consumer stops at an empty queue no producer is attached to (see _take)."""
         self._burst = burst
-        born = -1 if burst else self._born_in() if run is None else run
-        closes = self._fork_closes() if run is None and not burst else None
-        return int(self._call(wire.ATTACH_CONSUMER, born, closes))
+        born, closes = (None, None) if burst or run is not None else self._forked_in()
+        return int(self._call(Op.ATTACH_CONSUMER, -1 if burst else born if run is None else run,
+                              closes))
 
-    def _born_in(self) -> int | None:
-        """The run this process was forked for (None: not forked from the owner).
+    def _forked_in(self) -> tuple[int | None, int | None]:
+        """The run this process was forked for, and the close() calls the queue
+        had seen then (None, None: not forked from the owner).
 
         Forked while a run was open or closing, it is that run.  Forked while the
         queue was idle, it is the next run: a consumer started before its
@@ -262,26 +251,20 @@ class LocalQueue(Queue):
         went by before it attached — the other consumers were quicker — it
         finds its run over and stops, instead of waiting for one more."""
         if self._broker is None or os.getpid() == self._owner:
-            return None
-        epoch, idle, _ = self._broker.forked_in.get(self.name, (0, False, 0))
-        return epoch + 1 if idle else epoch
-
-    def _fork_closes(self) -> int | None:
-        """How many close() calls the queue had seen when this process was forked."""
-        if self._broker is None or os.getpid() == self._owner:
-            return None
-        return self._broker.forked_in.get(self.name, (0, False, 0))[2]
+            return None, None
+        epoch, idle, closes = self._broker.forked_in.get(self.name, (0, False, 0))
+        return (epoch + 1 if idle else epoch), closes
 
     def detach_consumer(self) -> None:
         """Hand back every lease this process holds and unregister."""
         self._here()
         if self._sock is not None:
-            self._call(wire.DETACH_CONSUMER)
+            self._call(Op.DETACH_CONSUMER)
 
     def _take(self, max_tasks: int, timeout: float | None) -> tuple[list[bytes], Any] | None:
         if self._burst:  # never block for long: look for producers in between
             timeout = IDLE_PEEK if timeout is None else min(timeout, IDLE_PEEK)
-        got = self._leased(self._call(wire.TAKE, max_tasks, timeout, take=True))
+        got = self._leased(self._call(Op.TAKE, max_tasks, timeout, take=True))
         if got is None and self._burst:
             c = self.counters()
             if not (c.producers or c.ready or c.delayed):
@@ -300,7 +283,7 @@ class LocalQueue(Queue):
     def _ack(self, lease: Lease, outcome: Outcome) -> None:
         if not lease.receipt:
             return  # a sentinel alone: nothing was leased
-        self._applied(self._call(wire.ACK, *self._ack_args(lease, outcome),
+        self._applied(self._call(Op.ACK, *self._ack_fields(lease, outcome, None),
                                  point="give-back" if outcome.give_back else "ack"))
 
     def _ack_out(self, lease: Lease, outcome: Outcome, to: Queue) -> None:
@@ -308,8 +291,7 @@ class LocalQueue(Queue):
         # thread: atomic by construction, and nothing for a stale lease.
         if not lease.receipt:
             return
-        self._applied(self._call(wire.ACK, *self._ack_args(lease, outcome),
-                                 *self._output_args(outcome, to),
+        self._applied(self._call(Op.ACK, *self._ack_fields(lease, outcome, to),
                                  point="give-back" if outcome.give_back else "ack"))
 
     def _applied(self, applied: Any) -> None:
@@ -320,11 +302,12 @@ class LocalQueue(Queue):
             self.stale_leases += 1
 
     @staticmethod
-    def _output_args(outcome: Outcome, to: Queue | None) -> list[Any]:
-        """The outputs part of an ack request: target queue, messages, and the
-        tasks each message holds (``to.output_batch`` a message, the last fewer)."""
+    def _output_fields(outcome: Outcome, to: Queue | None) -> list[Any]:
+        """The outputs part of an ack request (``local_wire.Ack``): target queue,
+        messages, and the tasks each message holds (``to.output_batch`` a
+        message, the last fewer)."""
         if to is None or not outcome.outputs:
-            return []
+            return [None, [], []]
         step, total = to.output_batch, outcome.output_tasks
         counts = [min(step, total - i * step) for i in range(len(outcome.outputs))]
         return [to.name, outcome.outputs, counts]
@@ -336,10 +319,15 @@ class LocalQueue(Queue):
             raise ConfigError(f"local queues {self.name!r} and {to.name!r} are on different "
                               "brokers: open a stage's next queue with queue.sibling(name)")
 
-    def _ack_args(self, lease: Lease, outcome: Outcome) -> list[Any]:
+    def _settlement(self, outcome: Outcome) -> list[Any]:
+        """What an ack settles, with this consumer's cost report riding on it."""
         cost, self._cost_report = self._cost_report, 0
-        return [lease.receipt, outcome.done, outcome.failed, outcome.retry, outcome.dead,
-                outcome.give_back, cost]
+        return [outcome.done, outcome.failed, outcome.retry, outcome.dead, outcome.give_back,
+                cost]
+
+    def _ack_fields(self, lease: Lease, outcome: Outcome, to: Queue | None) -> list[Any]:
+        """The fields of a ``local_wire.Ack`` request."""
+        return [lease.receipt, *self._settlement(outcome), *self._output_fields(outcome, to)]
 
     def ack_and_take(
         self,
@@ -358,8 +346,8 @@ class LocalQueue(Queue):
         if not lease.receipt:
             return self.take(max_tasks, timeout)
         outcome = self._outcome(lease, failures, give_back, outputs, to)
-        reply = self._call(wire.ACK_TAKE, *self._ack_args(lease, outcome), max(1, max_tasks),
-                           timeout, *self._output_args(outcome, to),
+        reply = self._call(Op.ACK_TAKE, *self._ack_fields(lease, outcome, to),
+                           max(1, max_tasks), timeout,
                            point="give-back" if outcome.give_back else "ack",
                            take=True)
         got = self._leased(reply)
@@ -370,70 +358,83 @@ class LocalQueue(Queue):
     def reap(self) -> int:
         """How many tasks of dead consumers the broker returned since last asked
         (it returns them itself, the moment a connection closes)."""
-        return int(self._ask(wire.REAP))
+        return int(self._ask(Op.REAP))
 
     def evict(self, pid: int) -> int:
         """Consumer ``pid`` died: settle its connection now if the broker has not
         seen it close yet; how many tasks went back."""
-        return int(self._call(wire.EVICT, pid))
+        return int(self._call(Op.EVICT, pid))
 
     def killing(self, pid: int, task_id: str) -> None:
         # Asked on the side connection: this process's own may be blocked in a put.
-        self._ask(wire.KILLING, pid)
+        self._ask(Op.KILLING, pid)
 
     def fail_running(self, pid: int, task_id: str, failure: Callable[[Envelope], Failure]) -> bool:
         """Acknowledge the lease that :meth:`killing` set aside holding task
         ``task_id``: that task with ``failure(envelope)``, its other tasks given
         back unstarted."""
-        for index, messages in self._ask(wire.SEIZED, pid):
+        for index, messages in self._ask(Op.SEIZED, pid):
             lease = self._lease(messages, index)
             envs = list(lease.envelopes())
             hit = [env for env in envs if env.id == task_id]
             if hit:
                 others = [env for env in envs if env.id != task_id]
                 outcome = self._outcome(lease, [failure(hit[0])], others)
-                return bool(self._ask(wire.SETTLE, pid, *self._ack_args(lease, outcome)))
+                return bool(self._ask(Op.SETTLE, pid, index, *self._settlement(outcome)))
         return False
 
     def release(self, pid: int) -> int:
         """Return what consumer ``pid`` held to ready with no death counted: it was
         killed on purpose (see :meth:`killing`)."""
-        return int(self._ask(wire.RELEASE, pid))
+        return int(self._ask(Op.RELEASE, pid))
 
     def close(self) -> None:
-        self._call(wire.CLOSE)
+        self._call(Op.CLOSE)
 
     def attach_producer(self, producer_id: str | None = None) -> str:
-        self._call(wire.ATTACH_PRODUCER)
-        return producer_id or uuid.uuid4().hex
+        """Register producer ``producer_id`` (None: a new id); its id.  A
+        producer whose process dies is detached by the broker at once (its
+        connection closed), with no close."""
+        self._here()
+        registered = str(self._call(Op.ATTACH_PRODUCER, producer_id))
+        self._producer_ids.append(registered)
+        return registered
 
-    def detach_producer(self, producer_id: str | None = None, close_if_last: bool = True) -> None:
-        self._call(wire.DETACH_PRODUCER, close_if_last)
+    def detach_producer(
+        self, producer_id: str | None = None, close_if_last: bool = True
+    ) -> None:
+        """Unregister ``producer_id`` (None: the last one this process attached;
+        an unknown or gone id: nobody); with ``close_if_last``, close the
+        queue if no producer is left."""
+        self._here()
+        if producer_id is None and self._producer_ids:
+            producer_id = self._producer_ids.pop()
+        elif producer_id in self._producer_ids:
+            self._producer_ids.remove(producer_id)
+        self._call(Op.DETACH_PRODUCER, producer_id, close_if_last)
 
     def counters(self) -> Counters:
-        return Counters(*self._ask(wire.COUNTERS)[:12])
+        return Counters(*self._ask(Op.COUNTERS)[:12])
 
     def state(self) -> str:
-        return str(self._ask(wire.COUNTERS)[12])
+        return str(self._ask(Op.COUNTERS)[12])
 
     # ------------------------------------------------------------------ dead letters
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        return [decode_dead(x) for x in self._ask(wire.DEAD_LETTERS, limit)]
+        return [decode_dead(x) for x in self._ask(Op.DEAD_LETTERS, limit)]
 
     def requeue_dead(self) -> int:
-        letters = [decode_dead(x) for x in self._call(wire.TAKE_DEAD)]
-        bodies = [env.body for env in map(envelope_from_dead, letters) if env is not None]
-        if bodies:
-            self._put_bodies(bodies)
-        return len(bodies)
+        """One broker step (``Ledger.requeue_dead``): a process killed at any
+        instant of it requeued every letter or none."""
+        return int(self._call(Op.REQUEUE_DEAD, point="requeue"))
 
     def purge_dead(self) -> int:
-        return int(self._call(wire.PURGE_DEAD))
+        return int(self._call(Op.PURGE_DEAD))
 
     def purge(self) -> int:
         """Drop the ready and delayed tasks (counted failed, so ``join`` returns)."""
-        return int(self._call(wire.PURGE))
+        return int(self._call(Op.PURGE))
 
     def dispose(self) -> None:
         """Close this process's connection; the owner also stops the broker."""

@@ -3,15 +3,16 @@
 The process that opens a local queue runs a :class:`Broker` thread.  Each
 producer or consumer process connects to it over a Unix socket of its own (in a
 private temp dir), so a process killed at any instant can tear only its own
-channel.  The broker reads requests (``local_wire``), applies each one whole to
-a :class:`Ledger` — no request is ever half applied, since one thread applies
-them all — and keeps, per connection, the leases it handed out.
+channel.  The broker reads requests (``local_wire``), dispatches each by its
+operation to a handler that applies it whole to a :class:`Ledger` — no request
+is ever half applied, since one thread applies them all — and keeps, per
+connection (``local_conn``), the leases it handed out.  A malformed request
+drops its connection only.
 
 A connection that closes without detaching is a death: the broker returns that
-connection's leases to the front of ready at once (no files, no reap interval),
-each task as a lease of its own with one more death counted against it; a task
-with ``max_deliveries`` deaths goes to dead letters instead.  So the culprit of a
-crash ends up alone, and the innocent tasks of its lease are handled.
+connection's leases at once (no files, no reap interval), each task a suspect
+with one more death counted (see ``local_ledger``), or dead-lettered at
+``max_deliveries`` deaths, and detaches the producers registered on it.
 
 Why a thread, not a process: the owner's death must end the queue anyway (its
 children die with it through PDEATHSIG), a thread dies with it for free, and
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
 import os
 import selectors
 import socket
@@ -37,10 +39,20 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from pcq.backends import local_wire as wire
-from pcq.backends.local_ledger import Conn, Item, Ledger, Taker
+from pcq.backends.local_conn import Conn, Taker
+from pcq.backends.local_ledger import Ledger, Seizures
+from pcq.backends.local_wire import Op
+
+log = logging.getLogger("pcq")
+
+#: What an operation's handler returns when it answers later, or never.
+NO_REPLY: Any = object()
+#: An operation's handler: (connection, its queue's ledger, the request) -> reply.
+Handler = Callable[[Conn, Ledger, Any], Any]
 
 
 class Broker:
@@ -60,9 +72,7 @@ class Broker:
         self._sel.register(self._listener, selectors.EVENT_READ, "listen")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._conns: set[Conn] = set()
-        #: pid -> leases set aside before its supervisor killed it (see _kill);
-        #: None once settled.
-        self._seized: dict[int, list[tuple[Ledger, list[Item]] | None]] = {}
+        self._seized = Seizures()
         self._deadlines: list[tuple[float, int, Taker]] = []
         self._tiebreak = itertools.count()
         self._stopping = False
@@ -70,6 +80,7 @@ class Broker:
         #: In a forked child: each queue's epoch at the fork, whether it was idle,
         #: and how many close() calls it had seen.
         self.forked_in: dict[str, tuple[int, bool, int]] = {}
+        self._ops = self._table()
         self._thread = threading.Thread(target=self._run, name="pcq-broker", daemon=True)
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _close_in_child(ref))
@@ -158,61 +169,47 @@ class Broker:
         self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _read(self, conn: Conn) -> None:
-        try:
-            data = conn.sock.recv(1 << 18)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
+        requests = conn.requests()
+        if requests is None:
             self._drop(conn, died=True)
             return
-        buf = conn.inbuf
-        buf += data
-        pos, size = 0, wire.HEADER.size
-        while len(buf) - pos >= size:
-            (length,) = wire.HEADER.unpack_from(buf, pos)
-            if len(buf) - pos - size < length:
-                break
-            request = wire.unpack(bytes(buf[pos + size : pos + size + length]))
-            pos += size + length
-            self._handle(conn, request)
-            if conn.closed:
-                return
-        del buf[:pos]
+        for payload in requests:
+            try:
+                self._handle(conn, payload)
+            except Exception as exc:  # one client's frame never stops the broker
+                self._refuse(conn, exc)
+
+    def _refuse(self, conn: Conn, exc: Exception) -> None:
+        """A request that could not be applied: drop its connection (its leases
+        go back as for a death), log one line, serve everyone else."""
+        why = str(exc) if isinstance(exc, wire.BadRequest) else f"{type(exc).__name__}: {exc}"
+        log.warning("pcq: warning: local broker dropped the connection of process %s: %s",
+                    conn.pid or "?", why)
+        self._drop(conn, died=True)
 
     def _reply(self, conn: Conn, value: Any) -> None:
         if conn.closed:
             return
-        data = wire.frame(value)
-        if conn.out:
-            conn.out += data
-            return
         try:
-            sent = conn.sock.send(data)
-        except BlockingIOError:
-            sent = 0
+            waits = conn.write(wire.frame(value))
         except OSError:
             self._drop(conn, died=True)
             return
-        if sent < len(data):  # a process that stopped reading must not stop the broker
-            conn.out += data[sent:]
+        if waits:
             self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
 
     def _flush(self, conn: Conn) -> None:
         try:
-            sent = conn.sock.send(conn.out)
-        except BlockingIOError:
-            return
+            flushed = conn.flush()
         except OSError:
             self._drop(conn, died=True)
             return
-        del conn.out[:sent]
-        if not conn.out:
+        if flushed:
             self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
 
     def _drop(self, conn: Conn, died: bool) -> None:
-        """A connection ended: without a detach, its process died holding its leases."""
+        """A connection ended: without a detach, its process died holding its
+        leases and its producer registrations."""
         if conn.closed:
             return
         conn.closed = True
@@ -227,6 +224,8 @@ class Broker:
                 ledger.unreported[conn.pid] = ledger.unreported.get(conn.pid, 0) + moved
             touched.add(ledger)
         conn.leases.clear()
+        for ledger, producer_id in conn.producers:
+            ledger.detach_producer(producer_id, close_if_last=False)
         for ledger in self.ledgers.values():
             if ledger.consumers.pop(conn, None) is not None:
                 touched.add(ledger)
@@ -239,194 +238,127 @@ class Broker:
 
     # ------------------------------------------------------------------ requests
 
-    def _handle(self, conn: Conn, request: list[Any]) -> None:
-        op, name, *args = request
-        if op == wire.HELLO:
-            conn.pid = args[0]
-            return
-        if op == wire.OPEN:
-            self.open(name, args[0], args[1])
-            self._reply(conn, True)
-            return
-        ledger = self.ledgers[name]
-        if op == wire.PUT:
-            self._put(conn, ledger, args[0], args[1])
-        elif op == wire.TAKE:
-            self._take(conn, ledger, args[0], args[1])
-        elif op == wire.ACK:
-            applied = args[0] in conn.leases  # else stale: it commits nothing
-            target = self._ack(conn, ledger, args[:7], args[7:])
-            self._serve(ledger)
-            if target is not None:
-                self._serve(target)
-            self._reply(conn, applied)
-        elif op == wire.ACK_TAKE:
-            target = self._ack(conn, ledger, args[:7], args[9:])
-            self._serve(ledger)
-            if target is not None:
-                self._serve(target)
-            self._take(conn, ledger, args[7], args[8])
-        elif op == wire.COST:
-            ledger.note_cost(args[0])
-        else:
-            self._reply(conn, self._admin(conn, ledger, op, args))
+    def _handle(self, conn: Conn, payload: bytes) -> None:
+        op, name, request = wire.parse(payload)
+        ledger = self.ledgers.get(name)
+        if ledger is None:
+            raise wire.BadRequest(f"no queue named {name!r} on this broker")
+        reply = self._ops[op](conn, ledger, request)
+        if reply is not NO_REPLY:
+            self._reply(conn, reply)
             self._serve(ledger)
 
-    def _admin(self, conn: Conn, ledger: Ledger, op: int, args: list[Any]) -> Any:
-        if op == wire.COUNTERS:
-            return [
-                ledger.ready_tasks, ledger.in_flight, ledger.pending, ledger.produced,
-                ledger.done, ledger.failed, ledger.retried, ledger.dead, ledger.delayed_tasks,
-                len(ledger.consumers), ledger.producers, ledger.closed, ledger.state(),
-            ]
-        if op == wire.COST_NOW:
-            return ledger.cost_ns
-        if op == wire.ATTACH_CONSUMER:
-            if conn not in ledger.consumers:
-                # Attached while closing: drain, then stop.  Idle (closed, nothing
-                # pending) is new: wait for the next producer — unless this
-                # consumer was forked while this very run was open (it started
-                # late for it): then its run is over, and it stops.
-                # (``born`` may also be the run a dead predecessor served, or -1 for
-                # a burst consumer: any run up to this one is over.)
-                # A close() called after this consumer was forked (the classic
-                # pattern's producer.join(); queue.close()) is its stop too, even
-                # if the others finished the run before it attached.
-                state, born, closes = ledger.state(), args[0], args[1]
-                late = state == "idle" and born is not None and (
-                    born <= ledger.epoch or (closes is not None and ledger.closes > closes))
-                ledger.consumers[conn] = ledger.epoch if state == "closing" or late else -1
-            waits = ledger.consumers[conn] == -1 and ledger.state() == "idle"
-            return ledger.epoch + 1 if waits else ledger.epoch  # the run it serves
-        if op == wire.DETACH_CONSUMER:
-            ledger.consumers.pop(conn, None)
-            for lease_id in [k for k, (lg, _) in conn.leases.items() if lg is ledger]:
-                ledger.returned(conn.leases.pop(lease_id)[1], died=False)
-            return True
-        if op == wire.ATTACH_PRODUCER:
-            if ledger.closed:  # a new run: sentinels of the last close go stale
-                ledger.closed = False
-                ledger.epoch += 1
-            ledger.producers += 1
-            return True
-        if op == wire.DETACH_PRODUCER:
-            ledger.producers = max(0, ledger.producers - 1)
-            if ledger.producers == 0 and args[0]:
-                ledger.close()
-            return True
-        if op == wire.CLOSE:
-            ledger.close()
-            return True
-        if op == wire.REAP:
-            moved = sum(ledger.unreported.values())
-            ledger.unreported.clear()
-            return moved
-        if op in (wire.KILLING, wire.SEIZED, wire.SETTLE, wire.RELEASE):
-            return self._kill(conn, op, args)
-        if op == wire.EVICT:
-            for other in [c for c in self._conns if c.pid == args[0] and c is not conn]:
-                self._drop(other, died=True)
-            return ledger.unreported.pop(args[0], 0)
-        return self._letters(ledger, op, args)
+    def _table(self) -> dict[Op, Handler]:
+        return {
+            Op.HELLO: self._hello, Op.PUT: self._put, Op.TAKE: self._take, Op.ACK: self._ack,
+            Op.ACK_TAKE: self._ack_take, Op.COST: self._cost,
+            Op.COUNTERS: lambda c, lg, r: lg.counters(),
+            Op.COST_NOW: lambda c, lg, r: lg.cost_ns,
+            Op.ATTACH_CONSUMER: lambda c, lg, r: lg.attach_consumer(c, r.born, r.closes),
+            Op.DETACH_CONSUMER: lambda c, lg, r: lg.detach_consumer(c),
+            Op.ATTACH_PRODUCER: self._attach_producer,
+            Op.DETACH_PRODUCER: self._detach_producer,
+            Op.CLOSE: lambda c, lg, r: lg.close(),
+            Op.REAP: lambda c, lg, r: lg.reap(), Op.EVICT: self._evict,
+            Op.KILLING: self._killing, Op.SEIZED: self._seized_leases,
+            Op.SETTLE: self._settle, Op.RELEASE: self._release,
+            Op.DEAD_LETTERS: lambda c, lg, r: lg.letters[: r.limit],
+            Op.REQUEUE_DEAD: lambda c, lg, r: lg.requeue_dead(),
+            Op.PURGE_DEAD: lambda c, lg, r: lg.purge_dead(),
+            Op.PURGE: lambda c, lg, r: lg.purge(),
+        }
 
-    def _kill(self, conn: Conn, op: int, args: list[Any]) -> Any:
-        """A supervisor kills consumer ``args[0]`` for a task past its timeout.
+    def _hello(self, conn: Conn, ledger: Ledger, req: wire.Hello) -> Any:
+        conn.pid = req.pid
+        return NO_REPLY
 
-        KILLING, sent before the kill, sets every lease of that process aside
-        (its tasks stay in flight) and marks its connections killed: a late ack
-        from the still-running handler finds no lease and commits nothing, and
-        the kill closing them counts no death.  SEIZED lists the leases set
-        aside; SETTLE acknowledges one of them with the supervisor's outcome
-        (the timed-out task failed, the others given back); RELEASE returns
-        what is left to ready, with no death counted.
-        """
-        pid = args[0]
-        seized = self._seized.setdefault(pid, [])
-        if op == wire.KILLING:
-            for other in self._conns:
-                if other.pid == pid:
-                    other.killed = True
-                    seized.extend(other.leases.values())
-                    other.leases.clear()
-            return len(seized)
-        if op == wire.SEIZED:
-            return [[i, [it.message for it in e[1]]] for i, e in enumerate(seized) if e]
-        if op == wire.SETTLE:
-            entry = seized[args[1]] if args[1] < len(seized) else None
-            if entry is None:
-                return False
-            seized[args[1]] = None
-            # Settled as an ack on the asking connection, under a lease id that
-            # take never hands out (they count from 1): the same books as any ack.
-            conn.leases[-1] = entry
-            target = self._ack(conn, entry[0], [-1, *args[2:]], [])
-            self._serve(entry[0])
-            if target is not None:
-                self._serve(target)
-            return True
+    def _cost(self, conn: Conn, ledger: Ledger, req: wire.Cost) -> Any:
+        ledger.note_cost(req.ns)
+        return NO_REPLY
+
+    def _attach_producer(self, conn: Conn, ledger: Ledger, req: wire.Producer) -> Any:
+        producer_id = ledger.attach_producer(req.producer_id)
+        conn.producers.append((ledger, producer_id))
+        return producer_id
+
+    def _detach_producer(self, conn: Conn, ledger: Ledger, req: wire.DetachProducer) -> Any:
+        ledger.detach_producer(req.producer_id, req.close_if_last)
+        conn.producers = [(lg, p) for lg, p in conn.producers
+                          if lg is not ledger or p != req.producer_id]
+        return True
+
+    def _evict(self, conn: Conn, ledger: Ledger, req: wire.Pid) -> Any:
+        for other in [c for c in self._conns if c.pid == req.pid and c is not conn]:
+            self._drop(other, died=True)
+        return ledger.unreported.pop(req.pid, 0)
+
+    # A supervisor kills consumer ``pid`` on purpose: see Seizures.
+
+    def _killing(self, conn: Conn, ledger: Ledger, req: wire.Pid) -> Any:
+        return self._seized.seize(req.pid, self._conns)
+
+    def _seized_leases(self, conn: Conn, ledger: Ledger, req: wire.Pid) -> Any:
+        return self._seized.listed(req.pid)
+
+    def _settle(self, conn: Conn, ledger: Ledger, req: wire.Settle) -> Any:
+        entry = self._seized.take(req.pid, req.seized)
+        if entry is None:
+            return False
+        target, items = entry
+        if req.cost:
+            ledger.note_cost(req.cost)
+        target.settle(items, req)
+        self._serve(target)
+        return True
+
+    def _release(self, conn: Conn, ledger: Ledger, req: wire.Pid) -> Any:
         moved = 0
-        for entry in self._seized.pop(pid):
-            if entry is not None:
-                moved += entry[0].returned(entry[1], died=False)
-                self._serve(entry[0])
-        for other in [c for c in self._conns if c.pid == pid and c is not conn]:
+        for target, items in self._seized.release(req.pid):
+            moved += target.returned(items, died=False)
+            self._serve(target)
+        for other in [c for c in self._conns if c.pid == req.pid and c is not conn]:
             other.killed = True
             self._drop(other, died=False)
         return moved
 
-    def _letters(self, ledger: Ledger, op: int, args: list[Any]) -> Any:
-        if op == wire.DEAD_LETTERS:
-            return ledger.letters[: args[0]]
-        if op in (wire.TAKE_DEAD, wire.PURGE_DEAD):
-            letters, ledger.letters = ledger.letters, []
-            ledger.dead -= len(letters)
-            return letters if op == wire.TAKE_DEAD else len(letters)
-        if op == wire.PURGE:
-            dropped = ledger.ready_tasks + ledger.delayed_tasks
-            ledger.ready.clear()
-            ledger.delayed.clear()
-            ledger.ready_tasks = ledger.delayed_tasks = 0
-            ledger.failed += dropped  # so that pending reaches 0 and join returns
-            return dropped
-        raise ValueError(f"unknown local queue operation {op}")
+    # ------------------------------------------------------------------ the hot path
 
-    def _put(self, conn: Conn, ledger: Ledger, messages: list[bytes], tasks: int) -> None:
+    def _put(self, conn: Conn, ledger: Ledger, req: wire.Put) -> Any:
         if ledger.room() and not ledger.putters:
-            self._admit(conn, ledger, messages, tasks)
+            self._admit(conn, ledger, req.messages, req.tasks)
         else:
-            ledger.putters.append((conn, messages, tasks))
+            ledger.putters.append((conn, req.messages, req.tasks))
         self._serve(ledger)
+        return NO_REPLY
 
     def _admit(self, conn: Conn, ledger: Ledger, messages: list[bytes], tasks: int) -> None:
-        # One message carries a whole batch; several carry one task each.
-        if len(messages) == 1:
-            ledger.push([Item(messages[0], tasks)])
-        else:
-            ledger.push([Item(m, 1 if tasks else 0) for m in messages])
-        ledger.produced += tasks
+        ledger.admit(messages, tasks)
         if ledger.takers:  # a waiting consumer first: the producer's reply can wait
             self._serve_takers(ledger)
         self._reply(conn, ledger.cost_ns)
 
-    def _take(self, conn: Conn, ledger: Ledger, max_tasks: int, timeout: float | None) -> None:
+    def _take(self, conn: Conn, ledger: Ledger, req: wire.Take | wire.AckTake) -> Any:
+        max_tasks, timeout = req.max_tasks, req.timeout
         if not ledger.takers and self._give(conn, ledger, max_tasks):
             if ledger.putters:
                 self._serve(ledger)
-        else:
-            if timeout is not None and timeout <= 0 and not ledger.takers:
-                self._reply(conn, None)
-                return
-            deadline = None if timeout is None else time.monotonic() + timeout
-            taker = Taker(conn, max_tasks, deadline)
-            ledger.takers.append(taker)
-            if deadline is not None:
-                heapq.heappush(self._deadlines, (deadline, next(self._tiebreak), taker))
-            self._serve(ledger)
+            return NO_REPLY
+        if timeout is not None and timeout <= 0 and not ledger.takers:
+            return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        taker = Taker(conn, max_tasks, deadline)
+        ledger.takers.append(taker)
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, next(self._tiebreak), taker))
+        self._serve(ledger)
+        return NO_REPLY
 
     def _give(self, conn: Conn, ledger: Ledger, max_tasks: int) -> bool:
         """Reply with a lease (or this consumer's sentinel) if there is one."""
-        if ledger.ready:
-            items = ledger.lease(max_tasks)
+        if ledger.has_ready():
+            items = ledger.lease(max_tasks, conn)
+            if not items:
+                return False
             lease_id = next(conn.lease_ids)
             conn.leases[lease_id] = (ledger, items)
             self._reply(conn, [lease_id, [i.message for i in items], None])
@@ -436,45 +368,35 @@ class Broker:
             return True
         return False
 
-    def _ack(
-        self, conn: Conn, request_ledger: Ledger, args: list[Any], outputs: list[Any]
-    ) -> Ledger | None:
-        """Settle a lease; with ``outputs`` (a stage's: target queue name, messages,
-        tasks per message) put them on the target in the same step.  Returns the
-        target ledger when outputs went there."""
-        lease_id, done, failed, retry, dead, give_back, cost = args
-        if cost:
-            request_ledger.note_cost(cost)
-        entry = conn.leases.pop(lease_id, None)
-        if entry is None:
-            return None  # stale: handed back or settled already; counts nothing, puts nothing
-        ledger, items = entry
-        ledger.in_flight -= sum(i.tasks for i in items)
-        ledger.done += done
-        ledger.failed += failed
-        ledger.retried += len(retry)
-        ledger.dead += len(dead)
-        ledger.letters.extend(dead)
-        now = time.monotonic()
-        for message, delay in retry:
-            if delay <= 0:
-                ledger.push([Item(message, 1)])
-            else:
-                ledger.delay(message, now + delay)
-        if give_back:
-            ledger.push([Item(m, 1) for m in give_back], front=True)
-        return self._put_outputs(*outputs) if outputs else None
+    def _ack(self, conn: Conn, ledger: Ledger, req: wire.Ack) -> Any:
+        applied = req.lease_id in conn.leases  # else stale: it commits nothing
+        self._settle_lease(conn, ledger, req)
+        return applied
 
-    def _put_outputs(self, name: str, messages: list[bytes], counts: list[int]) -> Ledger:
-        """A stage's outputs onto queue ``name``, as part of the ack of their lease.
-        No room check: the stage waited for room before it sent them."""
-        target = self.ledgers[name]
-        if target.closed:  # a new run of the target, as for a put on Redis
-            target.closed = False
-            target.epoch += 1
-        target.push([Item(m, c) for m, c in zip(messages, counts, strict=True)])
-        target.produced += sum(counts)
-        return target
+    def _ack_take(self, conn: Conn, ledger: Ledger, req: wire.AckTake) -> Any:
+        self._settle_lease(conn, ledger, req)
+        return self._take(conn, ledger, req)
+
+    def _settle_lease(self, conn: Conn, ledger: Ledger, req: wire.Ack | wire.AckTake) -> None:
+        """Settle a lease; with outputs (a stage's), put them on their queue in
+        the same step.  A stale lease (handed back or settled already) counts
+        nothing and puts nothing."""
+        target = None
+        if req.to is not None:
+            target = self.ledgers.get(req.to)
+            if target is None or len(req.counts) != len(req.outputs):
+                raise wire.BadRequest(f"outputs for no queue named {req.to!r}")
+        if req.cost:
+            ledger.note_cost(req.cost)
+        entry = conn.leases.pop(req.lease_id, None)
+        if entry is None:
+            return
+        owner, items = entry
+        owner.settle(items, req)
+        self._serve(owner)
+        if target is not None and req.outputs:
+            target.receive_outputs(req.outputs, req.counts)
+            self._serve(target)
 
     def _serve(self, ledger: Ledger) -> None:
         """Answer parked puts while there is room and parked takes in order,
@@ -485,7 +407,7 @@ class Broker:
                 conn, messages, tasks = ledger.putters.popleft()
                 self._admit(conn, ledger, messages, tasks)
                 moved = True
-            if ledger.takers and (ledger.ready or ledger.closed):
+            if ledger.takers and (ledger.has_ready() or ledger.closed):
                 moved = self._serve_takers(ledger) or moved
             if not moved or not (ledger.putters and ledger.room()):
                 return
@@ -495,9 +417,10 @@ class Broker:
         for taker in ledger.takers:
             if taker.done:
                 continue
-            if not ledger.ready and not ledger.closed:
+            if not ledger.has_ready() and not ledger.closed:
                 break
-            # With nothing ready, a later taker may still be due its sentinel.
+            # With nothing ready, a later taker may still be due its sentinel;
+            # a taker that may not take what is ready lets the next one try.
             if self._give(taker.conn, ledger, taker.max_tasks):
                 taker.done = served = True
         if served:

@@ -127,3 +127,36 @@ def handle_in_c(item):
 def handle_dies(item):
     """Every task kills its consumer: a crash loop."""
     os._exit(1)
+
+
+def handle_kills(item):
+    """The tasks listed in ``JOBS_KILL`` ("3,7") SIGKILL the consumer process
+    that runs them (all its slots with it); the others sleep ``JOBS_SLEEP`` and
+    are recorded."""
+    if str(item) in os.environ.get("JOBS_KILL", "").split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
+    handle(item)
+
+
+def passthrough(item):
+    """A cheap stage: hands its item on."""
+    return item
+
+
+def handle_timed(item):
+    """Sleep ``JOBS_SLEEP``, then append [item, pid, started, ended] to
+    ``OUT/<pid>.timed``: who ran each task, and when."""
+    started = time.time()
+    time.sleep(float(os.environ.get("JOBS_SLEEP", "0")))
+    with open(os.path.join(os.environ["JOBS_OUT"], f"{os.getpid()}.timed"), "a") as f:
+        f.write(json.dumps([item, os.getpid(), started, time.time()]) + "\n")
+
+
+def timed(out):
+    """Every [item, pid, started, ended] that handle_timed recorded under ``out``."""
+    rows = []
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".timed"):
+            with open(os.path.join(out, name)) as f:
+                rows.extend(json.loads(line) for line in f)
+    return rows

@@ -106,6 +106,26 @@ def test_put_many_ships_batches_and_in_flight_counts_tasks(make_local: Any) -> N
     assert max(sizes) > 16 and len(sizes) <= 8, sizes
 
 
+def test_a_take_of_fewer_tasks_than_a_stored_batch_splits_it(make_local: Any) -> None:
+    # Given one stored batch of 8 tasks
+    q = make_local()
+    q.note_task_cost(1e-7)
+    q._put_bodies(list(range(8)))
+    q.attach_consumer()
+    # When takes ask for fewer, each gets what it asked for, ids kept
+    sizes, ids = [], []
+    for want in (3, 1, 8):
+        lease = q.take(want, timeout=5)
+        assert lease is not None
+        sizes.append(lease.size)
+        ids += [env.id for env in lease.envelopes()]
+        q.ack(lease)
+    assert sizes == [3, 1, 4]
+    tag = ids[0].rsplit("-", 1)[0]
+    assert ids == [f"{tag}-{i}" for i in range(8)]
+    assert q.counters().pending == 0
+
+
 def test_a_trickle_is_sent_as_it_comes(make_local: Any) -> None:
     q = make_local()
     q.note_task_cost(1e-7)  # batches could be large
@@ -137,13 +157,13 @@ def test_backpressure_counts_tasks_and_overshoots_by_one_batch_at_most(
     thread.start()
     assert not finished.wait(0.3)
     q.attach_consumer()
-    lease = q.take(3, timeout=5)  # the first batch: 5 ready left
-    assert lease is not None and lease.size == 5
+    lease = q.take(3, timeout=5)  # 3 of the first batch (split): 7 ready left
+    assert lease is not None and lease.size == 3
     assert finished.wait(5)
     thread.join(5)
     q.ack(lease)
     producer.dispose()
-    assert q.counters().ready == 6
+    assert q.counters().ready == 8
 
 
 # ---------------------------------------------------------------- a closed connection
@@ -210,6 +230,43 @@ def test_after_a_death_each_task_comes_back_alone_with_the_death_counted(
         q.ack(lease)
     assert got == taken
     assert q.counters().pending == 0
+
+
+def _bodies(lease: Any) -> list[Any]:
+    assert lease is not None
+    return [env.body for env in lease.envelopes()]
+
+
+def test_a_suspect_runs_where_no_other_lease_runs(make_local: Any) -> None:
+    # Given a suspect (a consumer died holding it), then three fresh tasks
+    q = make_local()
+    q.put("s1")
+    child, _ = _hanging_consumer(q)
+    _kill(child)
+    q.put_many(["f1", "f2", "f3"])
+    one, two = copy.copy(q), copy.copy(q)
+    one.attach_consumer()
+    two.attach_consumer()
+    # When a consumer holds a suspect, it is handed nothing more until it settles it
+    suspect = one.take(4, timeout=5)
+    assert _bodies(suspect) == ["s1"]
+    assert one.take(4, timeout=0.2) is None
+    fresh = two.take(1, timeout=5)
+    assert _bodies(fresh) == ["f1"]
+    # ... a consumer holding any lease is handed no suspect, nor a fresh task
+    # while a suspect waits (it drains, and an idle one takes the suspect)
+    child, taken = _hanging_consumer(q)
+    assert taken == ["f2"]
+    _kill(child)
+    assert two.take(4, timeout=0.2) is None
+    assert suspect is not None and fresh is not None
+    one.ack(suspect)
+    assert _bodies(one.take(4, timeout=5)) == ["f2"]
+    assert one.take(4, timeout=0.2) is None
+    two.ack(fresh)
+    assert _bodies(two.take(4, timeout=5)) == ["f3"]
+    for consumer in (one, two):
+        consumer.dispose()
 
 
 def test_a_task_whose_consumers_keep_dying_is_dead_lettered(make_local: Any) -> None:
@@ -377,6 +434,34 @@ def test_a_producer_killed_mid_put_puts_nothing_and_leaves_the_queue_whole(
     assert q.counters().produced == 1
 
 
+def _requeue_then_stop_midway(q: LocalQueue, point: str) -> None:
+    local_wire.PAUSE_AT = point  # the fault hook, armed in this child only
+    q.requeue_dead()
+
+
+@pytest.mark.parametrize("point", ["requeue", "put"])
+def test_a_dead_requeue_killed_midway_loses_nothing(make_local: Any, point: str) -> None:
+    # Given one dead letter
+    q = make_local()
+    q.attach_consumer()
+    q.put("letter")
+    lease = take_lease(q)
+    q.ack(lease, [Failure(env, "E", "tb") for env in lease.envelopes()])
+    assert q.counters().dead == 1
+    # When a process requeueing it is killed wherever it stops (mid-request,
+    # or, were the requeue two steps, between taking the letters and the put)
+    child = fork.Process(target=_requeue_then_stop_midway, args=(q, point), daemon=True)
+    child.start()
+    wait_for(lambda: _state(child.pid) in ("T", "Z", ""), message="the requeue stopped or ended")
+    _kill(child)
+    # Then the task is a dead letter still, or requeued: never nowhere
+    c = q.counters()
+    assert (c.dead + c.ready, c.in_flight, c.pending) == (1, 0, c.ready), c
+    q.requeue_dead()
+    assert take_bodies(q, 1) == ["letter"]
+    assert q.join(timeout=5)
+
+
 def _state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -513,3 +598,113 @@ def test_the_classic_close_stops_a_consumer_forked_after_the_others_finished_the
     assert mine.poll(15) and mine.recv() is True
     child.join(10)
     assert child.exitcode == 0
+
+
+# ---------------------------------------------------------------- malformed frames
+
+GARBAGE: dict[str, Callable[[str], bytes]] = {
+    "garbage bytes": lambda name: b"\x05\x00\x00\x00hello",
+    "not a request": lambda name: local_wire.frame("hello"),
+    "unknown operation": lambda name: local_wire.frame([99, name]),
+    "unknown queue": lambda name: local_wire.frame([10, "no-such-queue"]),  # counters
+    "bad ack": lambda name: local_wire.frame([3, name, "lease", 1]),
+    "wrong arg shapes": lambda name: local_wire.frame([2, name, "many", "soon"]),  # take
+    "outputs for no queue": lambda name: local_wire.frame(
+        [3, name, 1, 1, 0, [], [], [], 0, "no-such-queue", [b"x"], [1]]),
+}
+
+
+def _answers(call: Callable[[], Any], within: float = 5.0) -> Any:
+    """``call()``'s result, or fail if it has not returned ``within`` seconds (a
+    broker that died never answers)."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(within)
+    assert result, "no answer: the broker is gone"
+    return result[0]
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+def test_a_malformed_frame_drops_only_that_connection(
+    make_local: Any, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a client that holds a lease (one death dead-letters a task), and
+    # another consumer
+    q = make_local(max_deliveries=1)
+    q.put_many(["held", "other"])
+    bad = copy.copy(q)
+    bad.attach_consumer()
+    held = take_lease(bad)
+    assert [env.body for env in held.envelopes()] == ["held"]
+    # When that client's socket sends a malformed frame
+    assert bad._sock is not None
+    bad._sock.sendall(GARBAGE[kind](q.name))
+    # Then the broker closes that connection: the client reads the end of it
+    bad._sock.settimeout(5)
+    assert bad._sock.recv(64) == b""
+    # ... its lease is settled as for a death, and one line says why
+    c = _answers(q.counters)
+    assert (c.ready, c.in_flight, c.dead, c.failed, c.consumers) == (1, 0, 1, 1, 0)
+    assert q.dead_letters()[0]["body"] == "held"
+    lines = [r.getMessage() for r in caplog.records if "dropped the connection" in r.getMessage()]
+    assert len(lines) == 1 and str(os.getpid()) in lines[0], lines
+    # ... and every other client goes on
+    good = copy.copy(q)
+    good.attach_consumer()
+    assert take_bodies(good, 1) == ["other"]
+    assert _answers(lambda: q.join(timeout=5))
+    bad.dispose()
+    good.dispose()
+
+
+# ---------------------------------------------------------------- producer ids
+
+
+def test_producers_are_registered_and_detached_by_id(make_local: Any) -> None:
+    q = make_local()
+    # attach: the id given, or a new one
+    mine = q.attach_producer()
+    assert isinstance(mine, str) and mine
+    assert q.attach_producer("p1") == "p1"
+    assert q.counters().producers == 2
+    # detach by id; an unknown id detaches nobody, and closes nothing while
+    # a producer is left
+    q.detach_producer("p1", close_if_last=False)
+    q.detach_producer("gone", close_if_last=True)
+    c = q.counters()
+    assert (c.producers, c.closed) == (1, False)
+    # None: the last id this process attached; the last one out closes
+    q.detach_producer()
+    c = q.counters()
+    assert (c.producers, c.closed) == (0, True)
+    # with nothing attached, only the close-if-last check: a new run closes
+    q.attach_producer("p2")
+    q.detach_producer("p2", close_if_last=False)
+    assert not q.counters().closed
+    q.detach_producer()
+    assert q.counters().closed
+
+
+def _attach_producer_and_hang(q: LocalQueue, report: Connection) -> None:
+    report.send(q.attach_producer())
+    signal.pause()
+
+
+def test_a_killed_producer_is_detached_at_once_and_closes_nothing(make_local: Any) -> None:
+    q = make_local()
+    q.attach_producer("parent")
+    mine, theirs = fork.Pipe(duplex=False)
+    child = fork.Process(target=_attach_producer_and_hang, args=(q, theirs), daemon=True)
+    child.start()
+    assert mine.poll(10)
+    theirs_id = mine.recv()
+    wait_for(lambda: q.counters().producers == 2, message="the child attached")
+    _kill(child)
+    # the broker saw its connection close: detached by its own id, not the parent's
+    wait_for(lambda: q.counters().producers == 1, message="the dead producer detached")
+    assert not q.counters().closed
+    q.detach_producer(theirs_id)  # the engine's call for it: already gone, a no-op
+    assert (q.counters().producers, q.counters().closed) == (1, False)
+    q.detach_producer("parent")
+    assert q.counters().closed

@@ -16,9 +16,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import pytest
 
 import pcq
+from pcq import joinable_items
 
 Make = Callable[..., pcq.JoinableQueue]
 
@@ -229,3 +231,27 @@ def test_a_queue_pickles_as_what_it_needs_to_reconnect(make: Make) -> None:
     assert repr(copy) == repr(q)
     state: Any = q.__getstate__()
     assert set(state) == {"maxsize", "queue", "codec"}
+
+
+def test_what_others_put_on_a_redis_queue(redis_url: str) -> None:
+    # Given a JoinableQueue on Redis and pcq's own tools on the same name: a
+    # plain msgpack value (as `pcq produce` puts), a body that claims to hold
+    # tuples but is garbage, and a `pcq close`
+    name = f"jq-{uuid.uuid4().hex[:12]}"
+    q = pcq.JoinableQueue(url=redis_url, name=name)
+    other = pcq.open_queue(url=redis_url, name=name)
+    other.put({"plain": [1, 2]})
+    other.put(msgpack.ExtType(joinable_items.WITH_TUPLES, b"\xc1"))
+    # Then the plain value is an item, the garbage is dead-lettered with the reason
+    assert q.get(timeout=5) == {"plain": [1, 2]}
+    q.task_done()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.5)
+    [letter] = other.dead_letters()
+    assert "not a JoinableQueue item" in letter["error"]
+    # And a closed queue is only empty to get(); the next put opens it again
+    other.close()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.5)
+    q.put(("after", "close"))
+    assert q.get(timeout=5) == ("after", "close")

@@ -46,8 +46,7 @@ from multiprocessing import util
 from typing import Any
 
 from pcq import joinable_items
-from pcq.backends import open_queue
-from pcq.backends.base import Failure, Lease, Queue
+from pcq.backends import Failure, Lease, Queue, open_queue
 from pcq.errors import ConfigError, PcqError
 from pcq.settings import IDLE_WAIT
 

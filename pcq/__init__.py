@@ -24,6 +24,7 @@ from pcq.errors import (
     TaskFailed,
     TaskTimeout,
 )
+from pcq.joinable import JoinableQueue
 from pcq.mapping import map
 from pcq.roles import Consumer, Producer
 from pcq.run import run
@@ -42,6 +43,7 @@ __all__ = [
     "Consumer",
     "DecodeError",
     "ImportSpecError",
+    "JoinableQueue",
     "PcqError",
     "Producer",
     "Queue",

@@ -58,6 +58,10 @@ from pcq.envelope import Batch, Envelope
 from pcq.runners import AsyncRunner, Finished, InlineRunner, Runner, ThreadRunner, expired
 from pcq.settings import IDLE_WAIT, StageSettings
 
+#: At concurrency 1, the longest a lease may run (measured) for the next one to
+#: be taken while it runs (``Queue.read_ahead``).
+READ_AHEAD_SECONDS = 0.1
+
 #: Longest the main thread waits for a task to finish before it looks again for
 #: new tasks (when slots are free), stop requests and timeouts.
 POLL = 0.02
@@ -322,6 +326,9 @@ class Slots:
         if self.slots == 1:
             fit = int(TARGET_BATCH_SECONDS / cost) if cost > 0 else MAX_BATCH
             self._batch = max(1, min(MAX_BATCH, self._batch * 2, fit))
+            # One lease ahead saves the round trip between leases; it can cost a
+            # run's tail the work of one lease another consumer could have done.
+            self.queue.read_ahead(cost * self._batch <= READ_AHEAD_SECONDS)
 
 
 def consume(queue: Queue, handling: Handling, settings: StageSettings) -> None:

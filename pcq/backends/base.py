@@ -360,6 +360,10 @@ class Queue(SupervisorHooks, StatusHooks):
     def note_task_cost(self, seconds_per_task: float) -> None:  # optional hook: no-op by default
         """Consumers report what a task costs, so producers can size batches."""
 
+    def read_ahead(self, on: bool) -> None:  # optional hook: no-op by default
+        """A consumer that runs its leases one after another (concurrency 1) says
+        whether a backend may take its next lease while the current one runs."""
+
     def forget(self) -> None:  # optional hook: no-op by default
         """Delete what this queue left on its server, registrations included (a
         throwaway queue, such as pcq.map's, once nothing uses it)."""

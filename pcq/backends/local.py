@@ -118,6 +118,9 @@ class LocalQueue(Queue):
         self._side: socket.socket | None = None
         self._side_lock = threading.Lock()
         self._cost_ns: int | None = None  # the consumers' cost per task, as last heard
+        self._read_ahead = False  # see read_ahead
+        self._ahead_sent = False  # a take-ahead request whose reply is not read yet
+        self._ahead: Any = None  # its reply, read: the lease taken ahead, or None
         self._cost_report = 0  # this consumer's, not sent yet
         self._burst = False  # see join_run
         self._producer_ids: list[str] = []  # attached by this process, in order
@@ -125,7 +128,7 @@ class LocalQueue(Queue):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         for key in ("_sock", "_pid", "_cost_ns", "_cost_report", "_broker", "_lock", "_side",
-                    "_side_lock"):
+                    "_side_lock", "_read_ahead", "_ahead_sent", "_ahead"):
             state.pop(key, None)
         state["_owns_broker"] = False  # a copy or a child never stops the broker
         return state
@@ -157,8 +160,10 @@ class LocalQueue(Queue):
         sock.sendall(wire.request(Op.HELLO, self.name, os.getpid()))
         return sock
 
-    def _call(self, op: Op, *args: Any, point: str = "", take: bool = False) -> Any:
-        """One request and its reply on this process's connection.  Anything that
+    def _call(self, op: Op | None, *args: Any, point: str = "", take: bool = False,
+              reply: bool = True) -> Any:
+        """One request and its reply on this process's connection (``reply=False``:
+        a take-ahead, whose reply the next call reads; ``op`` None: only that).  Anything that
         interrupts it (a signal's exception, a dead broker) closes the
         connection, so the next call starts clean; the broker settles what the
         closed connection held."""
@@ -168,10 +173,18 @@ class LocalQueue(Queue):
                 self._sock = self._connect()
             sock = self._sock
             try:
+                if self._ahead_sent:  # the broker answers in order: that reply first
+                    self._ahead_sent = False
+                    self._ahead = wire.receive(sock, "take")
+                if op is None:
+                    return None
                 wire.send(sock, wire.request(op, self.name, *args), point)
+                if not reply:
+                    self._ahead_sent = True
+                    return None
                 return wire.receive(sock, "take" if take else "")
             except BaseException as exc:
-                self._sock = None
+                self._sock, self._ahead_sent, self._ahead = None, False, None
                 sock.close()
                 if isinstance(exc, OSError):
                     raise BackendUnavailable(f"local queue {self.name!r}: {exc}") from exc
@@ -259,12 +272,40 @@ class LocalQueue(Queue):
         """Hand back every lease this process holds and unregister."""
         self._here()
         if self._sock is not None:
-            self._call(Op.DETACH_CONSUMER)
+            self._call(Op.DETACH_CONSUMER)  # the lease taken ahead goes back too
+            self._ahead = None
+
+    def read_ahead(self, on: bool) -> None:
+        """With ``on``, each take also asks for the lease after it (``local_wire.Take``'s
+        ``ahead``), read when the consumer wants its next lease: it never waits
+        between leases.  The broker counts no death against a lease taken ahead
+        (never started), gives it no suspect and no sentinel, and takes it back
+        when the consumer detaches."""
+        self._here()
+        self._read_ahead = on
+
+    def _taken_ahead(self) -> Any:
+        """The reply of the take-ahead request, if one was sent (None: none, or
+        nothing was ready then)."""
+        if self._ahead_sent:
+            self._call(None)
+        reply, self._ahead = self._ahead, None
+        return reply
+
+    def _then_ahead(self, reply: Any, max_tasks: int) -> Any:
+        """After a take's ``reply``: take the next lease ahead if the broker said
+        more tasks were ready (an idle queue's consumer sends nothing more)."""
+        if self._read_ahead and reply is not None and reply[3]:
+            self._call(Op.TAKE, max_tasks, 0, True, reply=False)
+        return reply
 
     def _take(self, max_tasks: int, timeout: float | None) -> tuple[list[bytes], Any] | None:
         if self._burst:  # never block for long: look for producers in between
             timeout = IDLE_PEEK if timeout is None else min(timeout, IDLE_PEEK)
-        got = self._leased(self._call(Op.TAKE, max_tasks, timeout, take=True))
+        reply = self._taken_ahead()
+        if reply is None:
+            reply = self._call(Op.TAKE, max_tasks, timeout, False, take=True)
+        got = self._leased(self._then_ahead(reply, max_tasks))
         if got is None and self._burst:
             c = self.counters()
             if not (c.producers or c.ready or c.delayed):
@@ -275,7 +316,7 @@ class LocalQueue(Queue):
     def _leased(reply: Any) -> tuple[list[bytes], Any] | None:
         if reply is None:
             return None
-        lease_id, messages, stop = reply
+        lease_id, messages, stop, _ = reply
         if stop is not None:
             messages.append(encode_sentinel(stop))
         return messages, lease_id
@@ -346,10 +387,14 @@ class LocalQueue(Queue):
         if not lease.receipt:
             return self.take(max_tasks, timeout)
         outcome = self._outcome(lease, failures, give_back, outputs, to)
-        reply = self._call(Op.ACK_TAKE, *self._ack_fields(lease, outcome, to),
-                           max(1, max_tasks), timeout,
-                           point="give-back" if outcome.give_back else "ack",
-                           take=True)
+        fields = [*self._ack_fields(lease, outcome, to), max(1, max_tasks)]
+        point = "give-back" if outcome.give_back else "ack"
+        reply = self._taken_ahead()
+        if reply is not None:  # run it now; the next one comes while it runs
+            self._call(Op.ACK_TAKE, *fields, 0, True, point=point, reply=False)
+        else:
+            reply = self._then_ahead(self._call(Op.ACK_TAKE, *fields, timeout, False,
+                                                point=point, take=True), max_tasks)
         got = self._leased(reply)
         return None if got is None else self._lease(*got)
 

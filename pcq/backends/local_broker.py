@@ -218,8 +218,8 @@ class Broker:
         conn.sock.close()
         self._conns.discard(conn)
         touched: set[Ledger] = set()
-        for ledger, items in conn.leases.values():
-            moved = ledger.returned(items, died)
+        for lease_id, (ledger, items) in conn.leases.items():
+            moved = ledger.returned(items, died and lease_id != conn.ahead)  # never started
             if died and moved:
                 ledger.unreported[conn.pid] = ledger.unreported.get(conn.pid, 0) + moved
             touched.add(ledger)
@@ -339,6 +339,8 @@ class Broker:
 
     def _take(self, conn: Conn, ledger: Ledger, req: wire.Take | wire.AckTake) -> Any:
         max_tasks, timeout = req.max_tasks, req.timeout
+        if req.ahead and conn.leases:
+            return self._take_ahead(conn, ledger, max_tasks)
         if not ledger.takers and self._give(conn, ledger, max_tasks):
             if ledger.putters:
                 self._serve(ledger)
@@ -353,6 +355,19 @@ class Broker:
         self._serve(ledger)
         return NO_REPLY
 
+    def _take_ahead(self, conn: Conn, ledger: Ledger, max_tasks: int) -> Any:
+        """A lease for after the ones ``conn`` holds, or None now: never parked
+        (an idle consumer goes first), never a sentinel (a retry of the running
+        lease may be due), never a suspect (``Ledger.lease``)."""
+        if conn.ahead or ledger.takers or not ledger.has_ready():
+            return None
+        items = ledger.lease(max_tasks, conn)
+        if not items:
+            return None
+        lease_id = conn.ahead = next(conn.lease_ids)
+        conn.leases[lease_id] = (ledger, items)
+        return [lease_id, [i.message for i in items], None, bool(ledger.ready)]
+
     def _give(self, conn: Conn, ledger: Ledger, max_tasks: int) -> bool:
         """Reply with a lease (or this consumer's sentinel) if there is one."""
         if ledger.has_ready():
@@ -361,10 +376,11 @@ class Broker:
                 return False
             lease_id = next(conn.lease_ids)
             conn.leases[lease_id] = (ledger, items)
-            self._reply(conn, [lease_id, [i.message for i in items], None])
+            # The last field: whether fresh tasks are still ready (worth a take-ahead).
+            self._reply(conn, [lease_id, [i.message for i in items], None, bool(ledger.ready)])
             return True
         if ledger.stop_due(conn):
-            self._reply(conn, [0, [], ledger.epoch])
+            self._reply(conn, [0, [], ledger.epoch, False])
             return True
         return False
 
@@ -391,6 +407,7 @@ class Broker:
         entry = conn.leases.pop(req.lease_id, None)
         if entry is None:
             return
+        conn.settled(req.lease_id)
         owner, items = entry
         owner.settle(items, req)
         self._serve(owner)

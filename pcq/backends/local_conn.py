@@ -36,6 +36,15 @@ class Conn:
     producers: list[tuple[Ledger, str]] = field(default_factory=list)
     closed: bool = False
     killed: bool = False  # by its supervisor, on purpose: closing it is no death
+    #: The lease taken ahead (read-ahead, ``local_wire.Take``), not started
+    #: while another lease is held here: a death counts none against it.  0: none.
+    ahead: int = 0
+
+    def settled(self, lease_id: int) -> None:
+        """Lease ``lease_id`` left this connection: a lease taken ahead starts
+        (the consumer runs it as soon as it sent that ack) once it is the last."""
+        if self.ahead == lease_id or (self.ahead and len(self.leases) == 1):
+            self.ahead = 0
 
     def holding(self, ledger: Ledger) -> int:
         return sum(i.tasks for lg, items in self.leases.values() if lg is ledger for i in items)

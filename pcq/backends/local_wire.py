@@ -16,7 +16,8 @@ Fault points (tests only).  ``PCQ_TEST_PAUSE_AT=<point>`` — read once, at
 import — makes a process stop itself (SIGSTOP) in the middle of that step of
 the protocol, so a test can SIGKILL it exactly there:
 
-``take``       the take request sent, the reply half read (the broker leased it);
+``take``       the take request sent, the reply half read (the broker leased it;
+               with read-ahead, the lease taken ahead);
 ``ack``        an acknowledgement half written;
 ``give-back``  an acknowledgement that hands tasks back, half written;
 ``put``        a put half written;
@@ -92,6 +93,10 @@ class Put(NamedTuple):
 class Take(NamedTuple):
     max_tasks: int
     timeout: float | None
+    #: Read-ahead: a lease for later, started only once every other lease this
+    #: connection holds is settled; never parked, never a sentinel nor a suspect,
+    #: and handed back with no death counted if the connection dies first.
+    ahead: bool
 
 
 class Ack(NamedTuple):
@@ -125,6 +130,7 @@ class AckTake(NamedTuple):
     counts: list[int]
     max_tasks: int
     timeout: float | None
+    ahead: bool  # as in Take
 
 
 class AttachConsumer(NamedTuple):
@@ -219,9 +225,9 @@ _PID = ((INT, None),)
 SPECS: dict[int, Spec] = {spec.op: spec for spec in (
     _spec(Op.HELLO, Hello, *_PID),
     _spec(Op.PUT, Put, (LIST, _blobs), (INT, None)),
-    _spec(Op.TAKE, Take, (INT, None), (OPT_NUM, None)),
+    _spec(Op.TAKE, Take, (INT, None), (OPT_NUM, None), (BOOL, None)),
     _spec(Op.ACK, Ack, *_ACK),
-    _spec(Op.ACK_TAKE, AckTake, *_ACK, (INT, None), (OPT_NUM, None)),
+    _spec(Op.ACK_TAKE, AckTake, *_ACK, (INT, None), (OPT_NUM, None), (BOOL, None)),
     _spec(Op.ATTACH_CONSUMER, AttachConsumer, (OPT_INT, None), (OPT_INT, None)),
     _spec(Op.DETACH_CONSUMER, Nothing),
     _spec(Op.ATTACH_PRODUCER, Producer, (OPT_STR, None)),

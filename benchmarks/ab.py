@@ -1,0 +1,66 @@
+"""This tree against a baseline tree, trial by trial: noop, cpu and latency of
+one system (default ``pcq-local-1000``) from each tree alternately, in fresh
+interpreters, the order flipped every repetition, so both meet the same machine
+load.  Prints per-repetition ratios (this / baseline) and their median.
+
+    git archive integ | tar -x -C /tmp/pcq-base
+    python -m benchmarks.ab --baseline-tree /tmp/pcq-base --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from benchmarks import tasks, workloads
+from benchmarks.io_bound import ROOT, in_fresh_interpreter
+
+#: workload -> the figures compared, and whether more is better.
+FIGURES = {"noop": [("rate", True)], "cpu": [("efficiency", True), ("busy", True)],
+           "latency": [("latency_median_ms", False)]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__)
+    p.add_argument("--baseline-tree", type=Path, required=True)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--system", default="pcq-local-1000")
+    p.add_argument("--only", default="noop,cpu,latency")
+    args = p.parse_args(argv)
+    spin_k = tasks.calibrate_spin(workloads.CPU_TASK_SECONDS)
+    chosen = args.only.split(",")
+    values: dict[tuple[str, str, str], list[float]] = {}
+    for rep in range(args.repeat):
+        for workload in chosen:
+            n = workloads.sizes(workload, args.system, False)[0]
+            trees = [("this", ROOT), ("baseline", args.baseline_tree)]
+            for label, tree in trees if rep % 2 == 0 else trees[::-1]:
+                spec = {"rep": rep, "workload": workload, "system": args.system, "n": n,
+                        "workers": workloads.WORKERS, "spin_k": spin_k, "url": None}
+                r = in_fresh_interpreter(["benchmarks.trial", json.dumps(spec)], tree, 300)
+                if not r.get("ok", True):
+                    raise SystemExit(f"{workload} ({label}) failed: {r}")
+                shown = []
+                for key, _ in FIGURES[workload]:
+                    values.setdefault((workload, key, label), []).append(r[key])
+                    shown.append(f"{key} {r[key]:,.3f}")
+                print(f"  [{rep + 1}/{args.repeat}] {workload:7} {label:8} {', '.join(shown)}",
+                      file=sys.stderr)
+    print(f"{args.system}, {args.repeat} repetitions; ratio = this / baseline per repetition\n")
+    print("| workload | figure | this (median) | baseline (median) | ratios | median ratio |")
+    print("|---|---|---|---|---|---|")
+    for workload in chosen:
+        for key, _ in FIGURES[workload]:
+            mine, base = values[(workload, key, "this")], values[(workload, key, "baseline")]
+            ratios = [a / b for a, b in zip(mine, base, strict=True) if b]
+            print(f"| {workload} | {key} | {statistics.median(mine):,.3f} | "
+                  f"{statistics.median(base):,.3f} | {' '.join(f'{x:.2f}' for x in ratios)} | "
+                  f"{statistics.median(ratios):.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

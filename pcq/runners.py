@@ -121,32 +121,53 @@ class InlineRunner:
         call returned (None: nothing is kept).  Returns the position of the first
         task not started (batch, index), how many ran, and the failures as
         (batch, index, error)."""
-        call, mark = self.call, self.mark
         failures: list[tuple[Batch, int, Exception]] = []
         ran = 0
         while batch < len(batches):
             current = batches[batch]
-            bodies = current.bodies
-            end = len(bodies)
+            end = len(current.bodies)
             while index < end:
+                stop, error = self._run_from(current, index, end, stopping, keep)
+                ran += stop - index
+                if error is None:
+                    if stop < end:
+                        return batch, stop, ran, failures
+                    index = stop
+                else:  # the task at ``stop`` failed; go on after it
+                    failures.append((current, stop, error))
+                    ran += 1
+                    index = stop + 1
+            batch, index = batch + 1, 0
+        return batch, index, ran, failures
+
+    def _run_from(self, current: Batch, start: int, end: int, stopping: Callable[[], bool],
+                  keep: Callable[[Any], Any] | None) -> tuple[int, Exception | None]:
+        """Run ``current``'s tasks ``start`` to ``end`` until a stop or a failure:
+        the first task not finished, and its error (None: not started)."""
+        call, mark, bodies = self.call, self.mark, current.bodies
+        i = start
+        try:
+            if mark is None and keep is None:  # the common case, as tight as it gets
+                for i in range(start, end):
+                    if stopping():
+                        return i, None
+                    call(bodies[i])
+                return end, None
+            for i in range(start, end):
                 if stopping():
-                    return batch, index, ran, failures
+                    return i, None
+                if mark is not None:
+                    mark(f"{current.tag}-{current.seq + i}")
                 try:
-                    if mark is not None:
-                        mark(f"{current.tag}-{current.seq + index}")
-                    result = call(bodies[index])
-                except Exception as exc:  # the task's failure; a BaseException stops us
-                    failures.append((current, index, exc))
-                else:
-                    if keep is not None:
-                        keep(result)
+                    result = call(bodies[i])
                 finally:
                     if mark is not None:
                         mark("")
-                index += 1
-                ran += 1
-            batch, index = batch + 1, 0
-        return batch, index, ran, failures
+                if keep is not None:
+                    keep(result)
+        except Exception as exc:  # the task's failure; a BaseException stops us
+            return i, exc
+        return end, None
 
     def close(self) -> None:
         if self._loop is not None:

@@ -28,7 +28,8 @@ Design points others build on:
     stage waits for room before it sends (``Queue.wait_for_room``).
 (b) A connection may hold several leases at once, acknowledged independently
     (each take returns a lease id; an ack names it).
-(c) The wire (operations, request shapes) lives in ``local_wire``, the
+(c) The wire (operations, request shapes) lives in ``local_wire``, this
+    process's connections and read-ahead in ``local_client``, the
     broker's loop and dispatch in ``local_broker``, its connections in
     ``local_conn``, the per-queue books in ``local_ledger``.
 
@@ -48,12 +49,9 @@ attaching then waits for the next producer.
 from __future__ import annotations
 
 import os
-import socket
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pcq.backends import local_wire as wire
 from pcq.backends.base import (
     MAX_BATCH,
     TARGET_BATCH_SECONDS,
@@ -64,15 +62,16 @@ from pcq.backends.base import (
     Queue,
 )
 from pcq.backends.local_broker import Broker
+from pcq.backends.local_client import Channel
 from pcq.backends.local_wire import Op
 from pcq.envelope import Envelope, decode_dead, encode_sentinel
-from pcq.errors import BackendUnavailable, ConfigError
+from pcq.errors import ConfigError
 
 #: Longest a burst consumer's take waits before it looks for producers again.
 IDLE_PEEK = 0.25
 
 
-class LocalQueue(Queue):
+class LocalQueue(Channel, Queue):
     """A queue shared by the processes of one machine.  Open it in the parent,
     hand it to ``Producer``/``Consumer`` processes; :meth:`dispose` it at the end
     (the broker lives as long as the opening process, or until then)."""
@@ -108,27 +107,16 @@ class LocalQueue(Queue):
         deliveries = self.max_deliveries if max_deliveries is None else max_deliveries
         return LocalQueue(name, maxsize=maxsize, max_deliveries=deliveries, broker=self._broker)
 
-    # Per-process state: never crosses a process boundary.
     def _init_process_state(self) -> None:
-        self._pid = os.getpid()
-        self._sock: socket.socket | None = None  # this process's registrations and leases
-        self._lock = threading.Lock()  # one request at a time on it
-        # Questions that must not wait behind a blocking take or put of another
-        # thread (join, counters, batch sizing) go over a side connection.
-        self._side: socket.socket | None = None
-        self._side_lock = threading.Lock()
+        self._init_channels()
         self._cost_ns: int | None = None  # the consumers' cost per task, as last heard
-        self._read_ahead = False  # see read_ahead
-        self._ahead_sent = False  # a take-ahead request whose reply is not read yet
-        self._ahead: Any = None  # its reply, read: the lease taken ahead, or None
         self._cost_report = 0  # this consumer's, not sent yet
         self._burst = False  # see join_run
         self._producer_ids: list[str] = []  # attached by this process, in order
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_sock", "_pid", "_cost_ns", "_cost_report", "_broker", "_lock", "_side",
-                    "_side_lock", "_read_ahead", "_ahead_sent", "_ahead"):
+        for key in (*self.CHANNEL_STATE, "_cost_ns", "_cost_report", "_broker"):
             state.pop(key, None)
         state["_owns_broker"] = False  # a copy or a child never stops the broker
         return state
@@ -137,76 +125,6 @@ class LocalQueue(Queue):
         self.__dict__.update(state)
         self._broker = None
         self._init_process_state()
-
-    # ------------------------------------------------------------------ the wire
-
-    def _here(self) -> None:
-        if self._pid != os.getpid():  # forked: the parent's connections are not ours
-            for sock in (self._sock, self._side):
-                if sock is not None:
-                    sock.close()
-            self._init_process_state()
-
-    def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(self._address)
-        except OSError as exc:
-            sock.close()
-            raise BackendUnavailable(
-                f"local queue {self.name!r} is gone: the process that opened it "
-                f"has exited or disposed of it ({exc})"
-            ) from exc
-        sock.sendall(wire.request(Op.HELLO, self.name, os.getpid()))
-        return sock
-
-    def _call(self, op: Op | None, *args: Any, point: str = "", take: bool = False,
-              reply: bool = True) -> Any:
-        """One request and its reply on this process's connection (``reply=False``:
-        a take-ahead, whose reply the next call reads; ``op`` None: only that).  Anything that
-        interrupts it (a signal's exception, a dead broker) closes the
-        connection, so the next call starts clean; the broker settles what the
-        closed connection held."""
-        self._here()
-        with self._lock:
-            if self._sock is None:
-                self._sock = self._connect()
-            sock = self._sock
-            try:
-                if self._ahead_sent:  # the broker answers in order: that reply first
-                    self._ahead_sent = False
-                    self._ahead = wire.receive(sock, "take")
-                if op is None:
-                    return None
-                wire.send(sock, wire.request(op, self.name, *args), point)
-                if not reply:
-                    self._ahead_sent = True
-                    return None
-                return wire.receive(sock, "take" if take else "")
-            except BaseException as exc:
-                self._sock, self._ahead_sent, self._ahead = None, False, None
-                sock.close()
-                if isinstance(exc, OSError):
-                    raise BackendUnavailable(f"local queue {self.name!r}: {exc}") from exc
-                raise
-
-    def _ask(self, op: Op, *args: Any, reply: bool = True) -> Any:
-        """A question on the side connection (never blocks in the broker);
-        ``reply=False``: a report that has no answer."""
-        self._here()
-        with self._side_lock:
-            if self._side is None:
-                self._side = self._connect()
-            sock = self._side
-            try:
-                sock.sendall(wire.request(op, self.name, *args))
-                return wire.receive(sock) if reply else None
-            except BaseException as exc:
-                self._side = None
-                sock.close()
-                if isinstance(exc, OSError):
-                    raise BackendUnavailable(f"local queue {self.name!r}: {exc}") from exc
-                raise
 
     # ------------------------------------------------------------------ producing
 
@@ -274,30 +192,6 @@ class LocalQueue(Queue):
         if self._sock is not None:
             self._call(Op.DETACH_CONSUMER)  # the lease taken ahead goes back too
             self._ahead = None
-
-    def read_ahead(self, on: bool) -> None:
-        """With ``on``, each take also asks for the lease after it (``local_wire.Take``'s
-        ``ahead``), read when the consumer wants its next lease: it never waits
-        between leases.  The broker counts no death against a lease taken ahead
-        (never started), gives it no suspect and no sentinel, and takes it back
-        when the consumer detaches."""
-        self._here()
-        self._read_ahead = on
-
-    def _taken_ahead(self) -> Any:
-        """The reply of the take-ahead request, if one was sent (None: none, or
-        nothing was ready then)."""
-        if self._ahead_sent:
-            self._call(None)
-        reply, self._ahead = self._ahead, None
-        return reply
-
-    def _then_ahead(self, reply: Any, max_tasks: int) -> Any:
-        """After a take's ``reply``: take the next lease ahead if the broker said
-        more tasks were ready (an idle queue's consumer sends nothing more)."""
-        if self._read_ahead and reply is not None and reply[3]:
-            self._call(Op.TAKE, max_tasks, 0, True, reply=False)
-        return reply
 
     def _take(self, max_tasks: int, timeout: float | None) -> tuple[list[bytes], Any] | None:
         if self._burst:  # never block for long: look for producers in between

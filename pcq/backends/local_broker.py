@@ -359,9 +359,7 @@ class Broker:
         """A lease for after the ones ``conn`` holds, or None now: never parked
         (an idle consumer goes first), never a sentinel (a retry of the running
         lease may be due), never a suspect (``Ledger.lease``)."""
-        if conn.ahead or ledger.takers or not ledger.has_ready():
-            return None
-        items = ledger.lease(max_tasks, conn)
+        items = ledger.lease(max_tasks, conn) if not (conn.ahead or ledger.takers) else []
         if not items:
             return None
         lease_id = conn.ahead = next(conn.lease_ids)
@@ -376,7 +374,7 @@ class Broker:
                 return False
             lease_id = next(conn.lease_ids)
             conn.leases[lease_id] = (ledger, items)
-            # The last field: whether fresh tasks are still ready (worth a take-ahead).
+            # The last field: are fresh tasks still ready (worth a take-ahead)?
             self._reply(conn, [lease_id, [i.message for i in items], None, bool(ledger.ready)])
             return True
         if ledger.stop_due(conn):

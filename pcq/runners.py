@@ -147,11 +147,17 @@ class InlineRunner:
         call, mark, bodies = self.call, self.mark, current.bodies
         i = start
         try:
-            if mark is None and keep is None:  # the common case, as tight as it gets
-                for i in range(start, end):
-                    if stopping():
-                        return i, None
-                    call(bodies[i])
+            if mark is None:  # no timeout watch: as tight as it gets
+                if keep is None:
+                    for i in range(start, end):
+                        if stopping():
+                            return i, None
+                        call(bodies[i])
+                else:
+                    for i in range(start, end):
+                        if stopping():
+                            return i, None
+                        keep(call(bodies[i]))
                 return end, None
             for i in range(start, end):
                 if stopping():

@@ -18,7 +18,11 @@ One task's life, step by step, and where each step is decided:
    one lease at a time.  A lease of a *suspect* (``Lease.deaths`` > 0: it was in
    flight in a consumer that died) runs where no other task runs: it starts once
    nothing else runs here, and nothing else is taken until it is acknowledged,
-   so a task that kills its process takes no innocent task with it.
+   so a task that kills its process takes no innocent task with it.  At
+   concurrency 1, while a lease runs for at most ``READ_AHEAD_SECONDS``, the
+   backend may take the next one ahead (``Queue.read_ahead``; the local
+   backend does): it counts as in flight, a death counts none against it (never
+   started) and a suspect is never taken ahead, so isolation costs nothing.
 2. **Poison** (:meth:`Slots._add`): a lease whose consumers died
    ``max_deliveries`` times is dead-lettered unrun (:func:`~pcq.backends.base.poisoned`).
 3. **Run** (:meth:`Slots._start_backlog`): backlog tasks start while slots are

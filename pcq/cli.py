@@ -26,6 +26,7 @@ from rich.table import Table
 from pcq import __version__, logs
 from pcq.backends import backend_for, open_queue
 from pcq.backends.base import Queue, state_of
+from pcq.cli_help import click_context, plain_help
 from pcq.envelope import short_repr
 from pcq.errors import BackendLost, ConfigError, PcqError
 from pcq.loader import load_callable
@@ -39,6 +40,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 dead_app = typer.Typer(help="Dead letters: tasks that failed after their retries.",
@@ -46,37 +48,49 @@ dead_app = typer.Typer(help="Dead letters: tasks that failed after their retries
 app.add_typer(dead_app, name="dead")
 err = Console(stderr=True)
 
-# Options shared by several commands.
+# Options shared by several commands.  Every value shows a metavar that says
+# what to type (N, SECONDS, URL), never a Python type (see cli_help).
 Backend = Annotated[str | None, typer.Option(
-    help="local or redis; default: from the URL's scheme, else local.")]
+    metavar="local|redis", help="Default: from the URL's scheme, else local.")]
+SharedBackend = Annotated[str | None, typer.Option(
+    "--backend", metavar="redis",
+    help="A backend with a server (a local queue lives only inside `pcq run`); "
+         "default: from the URL's scheme.")]
 Url = Annotated[str | None, typer.Option(
-    envvar="PCQ_URL", help="Queue server, e.g. redis://host:6379/0 (env PCQ_URL).")]
-Name = Annotated[str, typer.Option("--queue", envvar="PCQ_QUEUE",
+    envvar="PCQ_URL", metavar="URL",
+    help="Queue server, e.g. redis://host:6379/0 (env PCQ_URL).")]
+Name = Annotated[str, typer.Option("--queue", envvar="PCQ_QUEUE", metavar="NAME",
                                    help="Queue name (env PCQ_QUEUE).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-Workers = Annotated[int, typer.Option(min=1, help="Consumer processes.")]
-Retries = Annotated[int, typer.Option(min=0, help="Retries of a failing task before it is dead.")]
+Workers = Annotated[int, typer.Option(min=1, metavar="N", help="Consumer processes.")]
+Retries = Annotated[int, typer.Option(min=0, metavar="N",
+                                      help="Retries of a failing task before it is dead.")]
 Timeout = Annotated[float | None, typer.Option(
-    min=0.001, help="Seconds a task may run; longer counts as a failed attempt.")]
+    min=0.001, metavar="SECONDS", help="Seconds a task may run; longer counts as a failed "
+                                       "attempt.")]
 Concurrency = Annotated[int, typer.Option(
-    min=1, help="Tasks each consumer process runs at once: threads, or asyncio tasks for "
-                "an async def handler. For handlers that wait (network, disk).")]
-Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
+    min=1, metavar="N", help="Tasks each consumer process runs at once: threads, or asyncio "
+                             "tasks for an async def handler. For handlers that wait "
+                             "(network, disk).")]
+Maxsize = Annotated[int, typer.Option(min=0, metavar="N",
+                                      help="Tasks waiting at most (0: unbounded).")]
 MaxDeliveries = Annotated[int, typer.Option(
-    min=0, help="Dead-letter a task once this many consumers died while handling it "
-    "(0: never).")]
+    min=0, metavar="N", help="Dead-letter a task once this many consumers died while "
+                             "handling it (0: never).")]
 Setup = Annotated[str | None, typer.Option(
-    "--setup", help="module:function or path/file.py:function run once in each consumer "
-                    "process before its first task (open clients there); if it raises, "
-                    "the job stops with exit code 2.")]
+    "--setup", metavar="MODULE:FUNCTION",
+    help="module:function or path/file.py:function run once in each consumer "
+         "process before its first task (open clients there); if it raises, "
+         "the job stops with exit code 2.")]
 HeartbeatTtl = Annotated[float | None, typer.Option(
-    min=0.1, envvar="PCQ_HEARTBEAT_TTL",
+    min=0.1, envvar="PCQ_HEARTBEAT_TTL", metavar="SECONDS",
     help="Redis: seconds without a heartbeat after which a consumer counts as dead "
          "and its tasks go back (default 5; env PCQ_HEARTBEAT_TTL).")]
 ReconnectTimeout = Annotated[float | None, typer.Option(
-    min=0.1, envvar="PCQ_RECONNECT_TIMEOUT",
+    min=0.1, envvar="PCQ_RECONNECT_TIMEOUT", metavar="SECONDS",
     help="Redis: seconds to keep reconnecting after the link is lost before giving up "
          "with exit code 3 (default 60; env PCQ_RECONNECT_TIMEOUT).")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
 
 
 def _options(heartbeat_ttl: float | None, reconnect_timeout: float | None = None) -> dict[str, Any]:
@@ -166,44 +180,52 @@ def _per_stage(text: str, stages: int, option: str, kind: type[Any]) -> list[Any
     """``--workers 8,4,1``: one value per stage, or one for all of them."""
     values = _values(text, kind, float("-inf"))
     if len(values) not in (1, stages):
-        raise ConfigError(f"{option} {text!r}: give one value for all {stages} stages "
-                          "or one per stage")
+        # A usage error (exit 2 with the usage line), as when the value is parsed.
+        stages_are = "1 stage" if stages == 1 else f"{stages} stages"
+        raise typer.BadParameter(
+            f"{text!r}: {len(values)} values for {stages_are}: give one value, or one "
+            "per stage", ctx=click_context(), param_hint=f"'{option}'")
     return values * stages if len(values) == 1 else values
 
 
 @app.command("run")
 def run_command(
-    producer: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
-                                            "returning an iterable of tasks.")],
+    producer: Annotated[str, typer.Argument(
+        metavar="PRODUCER", help="module:function or path/file.py:function returning an "
+                                 "iterable of tasks.")],
     handlers: Annotated[list[str], typer.Argument(
-        metavar="handler",
+        metavar="HANDLER",
         help="module:function or path/file.py:function called with each task; several "
              "make a pipeline: what one returns or yields is a task of the next.")],
-    workers: Annotated[str, typer.Option(callback=_checked(int, 1), help="Consumer "
+    workers: Annotated[str, typer.Option(callback=_checked(int, 1), metavar="N[,N...]",
+                                         help="Consumer "
                                          "processes: one number, or one per stage (8,4,1).")
                        ] = "4",
-    producers: Annotated[int, typer.Option(min=1, help="Producer processes; each runs "
+    producers: Annotated[int, typer.Option(min=1, metavar="N",
+                                           help="Producer processes; each runs "
                                            "PRODUCER once.")] = 1,
-    maxsize: Annotated[str, typer.Option(callback=_checked(int, 0), help="Tasks waiting "
+    maxsize: Annotated[str, typer.Option(callback=_checked(int, 0), metavar="N[,N...]",
+                                         help="Tasks waiting "
                                          "at most (0: unbounded); one number or one per "
                                          "stage.")] = "1000",
     backend: Backend = None,
     url: Url = None,
     queue: Name = "default",
-    retries: Annotated[str, typer.Option(callback=_checked(int, 0), help="Retries of a "
+    retries: Annotated[str, typer.Option(callback=_checked(int, 0), metavar="N[,N...]",
+                                         help="Retries of a "
                                          "failing task before it is dead; one number or one "
                                          "per stage.")] = "0",
     timeout: Annotated[str | None, typer.Option(
-        callback=_checked(float, 0.001),
+        callback=_checked(float, 0.001), metavar="SECONDS[,...]",
         help="Seconds a task may run; longer counts as a failed attempt.  One number "
              "or one per stage (none: no limit).")] = None,
     concurrency: Annotated[str, typer.Option(
-        callback=_checked(int, 1),
+        callback=_checked(int, 1), metavar="N[,N...]",
         help="Tasks each consumer process runs at once: threads, or asyncio tasks for an "
              "async def handler. For handlers that wait (network, disk). One number or one "
              "per stage (1,50,1).")] = "1",
     as_json: Json = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgress = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
     max_deliveries: MaxDeliveries = 3,
@@ -247,9 +269,10 @@ def _json_lines(stream: Any) -> Iterator[Any]:
 
 @app.command("produce")
 def produce_command(
-    producer: Annotated[str, typer.Argument(help="module:function, path/file.py:function, "
-                                            "or - for one JSON value per line on stdin.")],
-    backend: Backend = None,
+    producer: Annotated[str, typer.Argument(
+        metavar="PRODUCER", help="module:function, path/file.py:function, or - for one JSON "
+                                 "value per line on stdin.")],
+    backend: SharedBackend = None,
     url: Url = None,
     queue: Name = "default",
     maxsize: Maxsize = 0,
@@ -258,7 +281,7 @@ def produce_command(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once everything is "
                                           "put, without waiting for the consumers.")] = False,
     as_json: Json = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgress = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
 ) -> None:
@@ -278,10 +301,11 @@ def produce_command(
 
 @app.command("consume")
 def consume_command(
-    handler: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
-                                           "called with each task.")],
+    handler: Annotated[str, typer.Argument(
+        metavar="HANDLER", help="module:function or path/file.py:function called with "
+                                "each task.")],
     workers: Workers = 4,
-    backend: Backend = None,
+    backend: SharedBackend = None,
     url: Url = None,
     queue: Name = "default",
     retries: Retries = 0,
@@ -296,7 +320,7 @@ def consume_command(
                                         "waiting for the next producer.")] = False,
     setup: Setup = None,
     to: Annotated[str | None, typer.Option(
-        "--to", help="A stage: put what HANDLER returns (or yields) on this queue, same "
+        "--to", metavar="NAME", help="A stage: put what HANDLER returns (or yields) on this queue, same "
                      "server; it closes when --queue is closed and fully acknowledged.")] = None,
 ) -> None:
     """Run consumer processes on this host until each takes its sentinel.  On an
@@ -386,7 +410,7 @@ def _status_json(q: Queue) -> dict[str, Any]:
 
 @app.command("status")
 def status_command(
-    backend: Backend = None,
+    backend: SharedBackend = None,
     url: Url = None,
     queue: Name = "default",
     as_json: Json = False,
@@ -419,7 +443,7 @@ def status_command(
 
 
 @app.command("close")
-def close_command(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+def close_command(backend: SharedBackend = None, url: Url = None, queue: Name = "default") -> None:
     """Close a queue by hand: one sentinel per live consumer, behind all tasks."""
     with _opened(backend, url, queue) as q:
         q.close()
@@ -427,7 +451,7 @@ def close_command(backend: Backend = None, url: Url = None, queue: Name = "defau
 
 
 @app.command("purge")
-def purge_command(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+def purge_command(backend: SharedBackend = None, url: Url = None, queue: Name = "default") -> None:
     """Drop every waiting task and reset the queue's counters."""
     with _opened(backend, url, queue) as q:
         purged = q.purge()
@@ -436,10 +460,11 @@ def purge_command(backend: Backend = None, url: Url = None, queue: Name = "defau
 
 @dead_app.command("list")
 def dead_list(
-    backend: Backend = None,
+    backend: SharedBackend = None,
     url: Url = None,
     queue: Name = "default",
-    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
+    limit: Annotated[int, typer.Option(min=1, metavar="N", help="Show at most this many.")
+                     ] = 100,
     as_json: Json = False,
 ) -> None:
     """List dead letters with their errors."""
@@ -459,7 +484,7 @@ def dead_list(
 
 
 @dead_app.command("requeue")
-def dead_requeue(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+def dead_requeue(backend: SharedBackend = None, url: Url = None, queue: Name = "default") -> None:
     """Put every dead-lettered task back in the queue with its attempts reset."""
     with _opened(backend, url, queue) as q:
         requeued = q.requeue_dead()
@@ -467,7 +492,7 @@ def dead_requeue(backend: Backend = None, url: Url = None, queue: Name = "defaul
 
 
 @dead_app.command("purge")
-def dead_purge(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+def dead_purge(backend: SharedBackend = None, url: Url = None, queue: Name = "default") -> None:
     """Delete every dead letter."""
     with _opened(backend, url, queue) as q:
         deleted = q.purge_dead()
@@ -491,7 +516,8 @@ def _log_level_option(
     log_level: Annotated[str | None, typer.Option(
         "--log-level", envvar="PCQ_LOG_LEVEL", is_eager=True, callback=_set_log_level,
         metavar="LEVEL",
-        help=f"{'|'.join(logs.LEVELS)} (default {logs.DEFAULT_LEVEL}; env PCQ_LOG_LEVEL).",
+        help=f"One of {', '.join(logs.LEVELS)} (default {logs.DEFAULT_LEVEL}; "
+             "env PCQ_LOG_LEVEL).",
     )] = None,
     version: Annotated[bool, typer.Option(
         "--version", is_eager=True, callback=_show_version, help="Show pcq's version and exit.",
@@ -511,6 +537,7 @@ def command() -> Any:
     log_level.expose_value = version.expose_value = False
     cli = typer.main.get_command(app)
     cli.params.extend([version, log_level])
+    plain_help(cli)
 
     def add(group: Any) -> None:
         for sub in getattr(group, "commands", {}).values():

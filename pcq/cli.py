@@ -320,8 +320,9 @@ def consume_command(
                                         "waiting for the next producer.")] = False,
     setup: Setup = None,
     to: Annotated[str | None, typer.Option(
-        "--to", metavar="NAME", help="A stage: put what HANDLER returns (or yields) on this queue, same "
-                     "server; it closes when --queue is closed and fully acknowledged.")] = None,
+        "--to", metavar="NAME",
+        help="A stage: put what HANDLER returns (or yields) on this queue, same "
+             "server; it closes when --queue is closed and fully acknowledged.")] = None,
 ) -> None:
     """Run consumer processes on this host until each takes its sentinel.  On an
     idle queue (its last run finished) they wait for the next producer."""

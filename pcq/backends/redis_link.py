@@ -292,7 +292,8 @@ class Link:
                 )
                 raise self._failure from exc
             except REFUSED as exc:
-                raise BackendUnavailable(f"Redis at {self.where} refused us: {explain(exc)}") from exc
+                why = explain(exc)
+                raise BackendUnavailable(f"Redis at {self.where} refused us: {why}") from exc
             except RETRYABLE as exc:
                 if not self._connected_once:
                     raise BackendUnavailable(f"cannot reach Redis at {self.where}: {exc}") from exc

@@ -29,6 +29,8 @@ from pcq.backends.base import Queue, state_of
 from pcq.cli_help import click_context, plain_help
 from pcq.envelope import short_repr
 from pcq.errors import BackendLost, ConfigError, PcqError
+from pcq.garbage import SKIPPED_READ, garbage_in, skipped_lines
+from pcq.interrupted import left_open_note, nothing, resume_check
 from pcq.loader import load_callable
 from pcq.pipeline import run
 from pcq.progress import Display, line_buffered
@@ -124,24 +126,18 @@ def _opened(backend: str | None, url: str | None, name: str) -> Iterator[Queue]:
         q.dispose()
 
 
-def _report(summary: Summary, as_json: bool, what: str) -> None:
+def _report(summary: Summary, as_json: bool, what: str, note: str = "") -> None:
+    """The job's summary: one line on stderr (``note`` ends it), the failures
+    below it; or one JSON object on stdout."""
     if summary.setup_error:
         err.print(f"pcq: error: {summary.setup_error}", highlight=False, soft_wrap=True,
                   markup=False)
+    garbage = garbage_in(summary)
     if as_json:
-        print(json.dumps(summary.as_dict()), flush=True)
+        print(json.dumps({**summary.as_dict(), "garbage": garbage}), flush=True)
         return
-    rate = summary.done / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
-    parts = [f"{summary.produced} produced"] if summary.produced or what != "consume" else []
-    parts += [f"{summary.done} done", f"{summary.failed} failed", f"{summary.retried} retried"]
-    line = f"pcq {what}: " + ", ".join(parts) + f" in {summary.elapsed_s:.2f} s ({rate:,.0f}/s)"
-    if summary.restarts:
-        line += f"; {summary.restarts} consumer(s) restarted"
-    if summary.producer_errors:
-        line += f"; {summary.producer_errors} producer(s) failed"
-    if summary.interrupted is not None:
-        line += "; interrupted"
-    err.print(line, highlight=False, soft_wrap=True)
+    err.print(_summary_line(summary, what, garbage, note), highlight=False, soft_wrap=True,
+              markup=False)
     for failure in summary.failures:
         err.print(f"  failed: {failure['item']}: {failure['error']}", highlight=False,
                   soft_wrap=True, markup=False)
@@ -151,6 +147,22 @@ def _report(summary: Summary, as_json: bool, what: str) -> None:
         err.print(f"  stage {stage.name} ({stage.queue}, {stage.workers} worker(s)): "
                   f"{stage.produced} produced, {stage.done} done, {stage.failed} failed, "
                   f"{stage.retried} retried", highlight=False, soft_wrap=True)
+
+
+def _summary_line(summary: Summary, what: str, garbage: int, note: str) -> str:
+    rate = summary.done / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
+    parts = [f"{summary.produced} produced"] if summary.produced or what != "consume" else []
+    parts += [f"{summary.done} done", f"{summary.failed} failed", f"{summary.retried} retried"]
+    if garbage:  # said one by one as they were met; see `pcq dead list`
+        parts.append(f"{garbage} not a task (dead-lettered)")
+    line = f"pcq {what}: " + ", ".join(parts) + f" in {summary.elapsed_s:.2f} s ({rate:,.0f}/s)"
+    if summary.restarts:
+        line += f"; {summary.restarts} consumer(s) restarted"
+    if summary.producer_errors:
+        line += f"; {summary.producer_errors} producer(s) failed"
+    if summary.interrupted is not None:
+        line += "; interrupted"
+    return line + (f": {note}" if note else "")
 
 
 def _values(text: str, kind: type[Any], least: float) -> list[Any]:
@@ -230,6 +242,9 @@ def run_command(
     reconnect_timeout: ReconnectTimeout = None,
     max_deliveries: MaxDeliveries = 3,
     setup: Setup = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Redis: finish the tasks an interrupted run left on the queue, "
+                         "without running PRODUCER again.")] = False,
 ) -> None:
     """Run a whole job — producers, consumers (of every stage), close, summary — on
     this host (local by default)."""
@@ -241,6 +256,9 @@ def run_command(
     # local consumers have no heartbeat and no server to reconnect to
     options = _options(heartbeat_ttl, reconnect_timeout) if shared else {}
     names = [h.rsplit(":", 1)[-1] for h in handlers]
+    if not _leftovers_said(backend, url, queue, resume, shared):
+        return
+    produce = nothing if resume else produce
     with Display(not no_progress) as display:
         summary = run(produce, *handles, workers=_per_stage(workers, n, "--workers", int),
                       producers=producers, maxsize=_per_stage(maxsize, n, "--maxsize", int),
@@ -252,6 +270,19 @@ def run_command(
                       max_deliveries=max_deliveries, setup=setup_fn, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
+
+
+def _leftovers_said(backend: str | None, url: str | None, name: str, resume: bool,
+                    shared: bool) -> bool:
+    """Say what a run will do with an interrupted run's leftovers on a shared
+    queue; False when there is nothing to do (``--resume`` of a finished queue)."""
+    if not shared:
+        return resume_check(None, name, resume)[1]
+    with _opened(backend, url, name) as q:
+        line, go = resume_check(q, name, resume)
+    if line is not None:
+        err.print(line, highlight=False, soft_wrap=True, markup=False)
+    return go
 
 
 def _json_lines(stream: Any) -> Iterator[Any]:
@@ -293,9 +324,10 @@ def produce_command(
         with Display(not no_progress) as display:
             summary = produce_job(q, items, close=not no_close, wait_done=not no_wait,
                                   on_progress=display.update)
+        note = left_open_note(q, summary, queue)
     finally:
         q.dispose()
-    _report(summary, as_json, "produce")
+    _report(summary, as_json, "produce", note)
     raise typer.Exit(summary.exit_code)
 
 
@@ -489,7 +521,14 @@ def dead_requeue(backend: SharedBackend = None, url: Url = None, queue: Name = "
     """Put every dead-lettered task back in the queue with its attempts reset."""
     with _opened(backend, url, queue) as q:
         requeued = q.requeue_dead()
+        skipped, lines = skipped_lines(q.dead_letters(min(q.counters().dead, SKIPPED_READ)))
     err.print(f"pcq: requeued {requeued} dead task(s)", highlight=False)
+    if skipped:  # what requeue_dead leaves: letters that hold no task
+        err.print(f"pcq: left {skipped} dead letter(s) that hold no task (messages "
+                  "that were never pcq tasks: nothing to requeue; `pcq dead purge` deletes "
+                  "them):", highlight=False, soft_wrap=True, markup=False)
+        for line in lines:
+            err.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 @dead_app.command("purge")

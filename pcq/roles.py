@@ -287,6 +287,7 @@ class Consumer(_Process):
         self._stopping = False
         self._expired = False
         self._stale_seen = 0  # the queue's stale_leases at the last _count
+        self._garbage_seen = 0  # the queue's garbage at the last _count
 
     def handle(self, item: Any) -> Any:
         """Handle one task.  Override, or pass ``handle=`` to the constructor."""
@@ -328,7 +329,7 @@ class Consumer(_Process):
 
             signal.signal(signal.SIGALRM, expire)
         queue = self.queue
-        self._stale_seen = queue.stale_leases
+        self._stale_seen, self._garbage_seen = queue.stale_leases, queue.garbage
         code = 0
         try:
             served = queue.join_run(burst=self.burst, run=self.joins)
@@ -444,6 +445,7 @@ class Consumer(_Process):
             self._board[0].succeeded(self._board[1], handled - len(failures))
         stale, seen = self.queue.stale_leases, self._stale_seen
         self._stale_seen = stale
+        garbage, self._garbage_seen = self.queue.garbage - self._garbage_seen, self.queue.garbage
         if self._tally is None or stale != seen:
             return
         array, at = self._tally
@@ -451,6 +453,7 @@ class Consumer(_Process):
         array[at] += handled - len(failures)
         array[at + 1] += dead
         array[at + 2] += len(failures) - dead
+        array[at + 3] += garbage  # messages dead-lettered as not pcq tasks
 
     def _handle_lease(self, lease: Lease) -> tuple[list[Failure], list[Envelope], int]:
         """Handle every task of ``lease``; on a stop request, finish the running
@@ -540,20 +543,21 @@ class SetupReport:
 
 
 class WorkerTallies:
-    """What each consumer of one supervisor did (done, failed, retried), in
-    shared memory each consumer writes only its own row of."""
+    """What each consumer of one supervisor did (done, failed, retried, and
+    messages dead-lettered as not pcq tasks), in shared memory each consumer
+    writes only its own row of."""
 
     def __init__(self, workers: int) -> None:
         self._rows = max(1, workers) * 64  # room for replacements
-        self._array = mp.RawArray("q", self._rows * 3)
+        self._array = mp.RawArray("q", self._rows * 4)
 
     def row(self, index: int) -> tuple[Any, int]:
         """(shared array, offset) of consumer ``index``'s row."""
-        return self._array, (index % self._rows) * 3
+        return self._array, (index % self._rows) * 4
 
-    def totals(self) -> tuple[int, int, int]:
+    def totals(self) -> tuple[int, int, int, int]:
         a = self._array
-        return (sum(a[0::3]), sum(a[1::3]), sum(a[2::3]))
+        return (sum(a[0::4]), sum(a[1::4]), sum(a[2::4]), sum(a[3::4]))
 
 
 class _Board:

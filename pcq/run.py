@@ -442,10 +442,10 @@ def consume_job(
         finally:
             stopped = caught[0] if caught else None
             supervisor.stop(LOST_GRACE if lost else grace)
-    done, failed, retried = tallies.totals()
+    done, failed, retried, garbage = tallies.totals()
     failed += supervisor.killed_tasks[0]
     retried += supervisor.killed_tasks[1]
-    return Summary(0, done, failed, retried, failed, round(time.monotonic() - started, 6),
+    return Summary(0, done, failed, retried, failed + garbage, round(time.monotonic() - started, 6),
                    workers, 0, restarts=supervisor.restarts, interrupted=stopped,
                    setup_error=setup_report.message() if supervisor.setup_failed else None)
 

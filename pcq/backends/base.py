@@ -66,6 +66,7 @@ from pcq.envelope import (
     short_repr,
 )
 from pcq.errors import ConfigError, SerializationError
+from pcq.garbage import say_garbage
 
 log = logging.getLogger("pcq")
 
@@ -432,6 +433,7 @@ class Queue(ABC):
             raise ValueError("outputs need a queue to go to (to=)")
         retry: list[tuple[bytes, float]] = []
         dead = [encode_dead(None, reason, raw=raw) for raw, reason in lease.bad]
+        self.garbage += say_garbage(lease.bad)
         failed = 0
         for f in failures:
             if f.retry_in is None:
@@ -491,6 +493,8 @@ class Queue(ABC):
     #: changed nothing, whoever handled them again counts them).  Backends that
     #: can tell add to it in ``_ack``.
     stale_leases: int = 0
+    #: Messages this process dead-lettered because they were not pcq tasks.
+    garbage: int = 0
 
     @abstractmethod
     def close(self) -> None:

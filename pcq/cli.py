@@ -484,11 +484,31 @@ def close_command(backend: SharedBackend = None, url: Url = None, queue: Name = 
 
 
 @app.command("purge")
-def purge_command(backend: SharedBackend = None, url: Url = None, queue: Name = "default") -> None:
-    """Drop every waiting task and reset the queue's counters."""
+def purge_command(
+    backend: SharedBackend = None,
+    url: Url = None,
+    queue: Name = "default",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation "
+                                      "when consumers are attached.")] = False,
+) -> None:
+    """Drop every waiting task and reset the queue's counters.  On a terminal, asks
+    first when consumers are attached (their work in progress is dropped too)."""
     with _opened(backend, url, queue) as q:
+        if not yes and not _purge_confirmed(q, queue):
+            err.print(f"pcq: nothing purged from {queue!r}", highlight=False)
+            raise typer.Exit(1)
         purged = q.purge()
     err.print(f"pcq: purged {purged} task(s) from {queue!r}", highlight=False)
+
+
+def _purge_confirmed(q: Queue, name: str) -> bool:
+    """Whether the person at the terminal confirms purging ``q`` while consumers
+    are attached; True off a terminal (scripts) and when none is attached."""
+    consumers = q.counters().consumers
+    if not consumers or not sys.stdin.isatty():
+        return True
+    return typer.confirm(f"queue {name!r} has {consumers} consumer(s) attached; drop its "
+                         "tasks, in flight included?", default=False, err=True)
 
 
 @dead_app.command("list")
@@ -498,9 +518,11 @@ def dead_list(
     queue: Name = "default",
     limit: Annotated[int, typer.Option(min=1, metavar="N", help="Show at most this many.")
                      ] = 100,
-    as_json: Json = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line on "
+                                          "stdout, one per dead letter.")] = False,
 ) -> None:
-    """List dead letters with their errors."""
+    """List dead letters, oldest first: one line each on stdout with the task, the
+    attempts made and the last error (a message that was no pcq task: its bytes)."""
     with _opened(backend, url, queue) as q:
         letters = q.dead_letters(limit)
     if not letters and not as_json:

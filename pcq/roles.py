@@ -506,12 +506,20 @@ class Consumer(_Process):
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return self.failure(env, f"{type(exc).__name__}: {exc}", tb)
 
+    def task_text(self, env: Envelope) -> str:
+        """How a log line names a task: its content, as `pcq dead list` shows it."""
+        return f"task {short_repr(env.body)}"
+
+    def dead_text(self, env: Envelope) -> str:
+        """What a log line adds when a task goes to dead letters."""
+        return f"; dead-lettered (id {env.id})"
+
     def failure(self, env: Envelope, error: str, tb: str = "") -> Failure:
         """A failed attempt at ``env``: retried while it has retries left, else
         dead-lettered."""
         # One line a person can act on: which task (its content, as `pcq dead list`
         # shows it), which attempt of how many, where, and why.
-        what = (f"task {short_repr(env.body)} failed in {self.name} (pid {self.pid}), "
+        what = (f"{self.task_text(env)} failed in {self.name} (pid {self.pid}), "
                 f"attempt {env.attempts + 1}/{self.retries + 1}: {error}")
         if env.attempts < self.retries:
             delay = self.backoff * (2**env.attempts) * (1 + random.random() / 4)
@@ -519,7 +527,7 @@ class Consumer(_Process):
             return Failure(env, error, tb, retry_in=delay)
         # The traceback stays with the dead letter; in the log it would bury the
         # lines of every other task, so it shows at debug level only.
-        log.error("%s; dead-lettered (id %s)", what, env.id)
+        log.error("%s%s", what, self.dead_text(env))
         log.debug("task %s (id %s) traceback:\n%s", short_repr(env.body), env.id, tb.rstrip())
         return Failure(env, error, tb)
 

@@ -31,6 +31,7 @@ from typing import Any
 from pcq.backends.base import Failure, Lease, Queue
 from pcq.envelope import Batch, Envelope, check_encodable, pack_value
 from pcq.errors import ConfigError, SerializationError
+from pcq.map_text import chunk_error, chunk_text, chunk_traceback
 from pcq.roles import IDLE_WAIT, Consumer
 from pcq.slots import AckOutputs
 
@@ -256,13 +257,23 @@ class ResultStage(Stage):
                     first = first or exc
             packed = pack_value([start, values, errors])
         if first is not None:
-            raise ChunkFailed(f"{type(first).__name__}: {first}", packed) from first
+            raise ChunkFailed(chunk_error(start, len(items), errors), packed) from first
         if not self.timeout:
             self._keep(packed)
         return packed  # one output
 
+    def task_text(self, env: Envelope) -> str:
+        start, items = env.body
+        return chunk_text(start, len(items))
+
+    def dead_text(self, env: Envelope) -> str:
+        return ""  # the caller's TaskFailed says it; nothing is left to list
+
     def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:
-        failure = super()._failure(batch, index, exc)
+        if isinstance(exc, ChunkFailed):  # the user's error, not the wrapper's name
+            failure = self.failure(batch.envelope(index), str(exc), chunk_traceback(exc))
+        else:
+            failure = super()._failure(batch, index, exc)
         if failure.retry_in is None:
             if isinstance(exc, ChunkFailed):
                 self._outputs.append(exc.packed)

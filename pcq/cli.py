@@ -27,6 +27,7 @@ from pcq import __version__, logs
 from pcq.backends import backend_for, open_queue
 from pcq.backends.base import Queue, state_of
 from pcq.cli_help import click_context, plain_help
+from pcq.consume_watch import ConsumeWatch
 from pcq.envelope import short_repr
 from pcq.errors import BackendLost, ConfigError, PcqError
 from pcq.garbage import SKIPPED_READ, garbage_in, skipped_lines
@@ -126,18 +127,21 @@ def _opened(backend: str | None, url: str | None, name: str) -> Iterator[Queue]:
         q.dispose()
 
 
-def _report(summary: Summary, as_json: bool, what: str, note: str = "") -> None:
+def _report(summary: Summary, as_json: bool, what: str, note: str = "",
+            waited: float = 0.0) -> None:
     """The job's summary: one line on stderr (``note`` ends it), the failures
-    below it; or one JSON object on stdout."""
+    below it; or one JSON object on stdout.  ``waited``: seconds of it spent
+    waiting for a producer, left out of the rate."""
     if summary.setup_error:
         err.print(f"pcq: error: {summary.setup_error}", highlight=False, soft_wrap=True,
                   markup=False)
     garbage = garbage_in(summary)
     if as_json:
-        print(json.dumps({**summary.as_dict(), "garbage": garbage}), flush=True)
+        out = {**summary.as_dict(), "garbage": garbage, "waited_s": round(waited, 3)}
+        print(json.dumps(out), flush=True)
         return
-    err.print(_summary_line(summary, what, garbage, note), highlight=False, soft_wrap=True,
-              markup=False)
+    err.print(_summary_line(summary, what, garbage, note, waited), highlight=False,
+              soft_wrap=True, markup=False)
     for failure in summary.failures:
         err.print(f"  failed: {failure['item']}: {failure['error']}", highlight=False,
                   soft_wrap=True, markup=False)
@@ -149,13 +153,15 @@ def _report(summary: Summary, as_json: bool, what: str, note: str = "") -> None:
                   f"{stage.retried} retried", highlight=False, soft_wrap=True)
 
 
-def _summary_line(summary: Summary, what: str, garbage: int, note: str) -> str:
-    rate = summary.done / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
+def _summary_line(summary: Summary, what: str, garbage: int, note: str, waited: float) -> str:
+    working = summary.elapsed_s - waited
+    rate = summary.done / working if working > 0 else 0.0
     parts = [f"{summary.produced} produced"] if summary.produced or what != "consume" else []
     parts += [f"{summary.done} done", f"{summary.failed} failed", f"{summary.retried} retried"]
     if garbage:  # said one by one as they were met; see `pcq dead list`
         parts.append(f"{garbage} not a task (dead-lettered)")
-    line = f"pcq {what}: " + ", ".join(parts) + f" in {summary.elapsed_s:.2f} s ({rate:,.0f}/s)"
+    line = f"pcq {what}: " + ", ".join(parts) + f" in {summary.elapsed_s:.2f} s ({rate:,.0f}/s"
+    line += f"; {waited:.2f} s of it waiting for a producer)" if waited >= 0.05 else ")"
     if summary.restarts:
         line += f"; {summary.restarts} consumer(s) restarted"
     if summary.producer_errors:
@@ -351,6 +357,7 @@ def consume_command(
                                         "to take and no producer is attached, instead of "
                                         "waiting for the next producer.")] = False,
     setup: Setup = None,
+    no_progress: NoProgress = False,
     to: Annotated[str | None, typer.Option(
         "--to", metavar="NAME",
         help="A stage: put what HANDLER returns (or yields) on this queue, same "
@@ -368,13 +375,15 @@ def consume_command(
         if not burst and q.state() == "idle":
             err.print(f"pcq consume: queue {queue!r} is idle; waiting for a producer",
                       highlight=False, soft_wrap=True)
-        summary = consume_job(q, handle, workers=workers, retries=retries, timeout=timeout,
-                              burst=burst, concurrency=concurrency, setup=setup_fn, to=target)
+        with Display(not no_progress) as display, ConsumeWatch(q, display.update) as watch:
+            summary = consume_job(q, handle, workers=workers, retries=retries,
+                                  timeout=timeout, burst=burst, concurrency=concurrency,
+                                  setup=setup_fn, to=target)
     finally:
         if target is not None:
             target.dispose()
         q.dispose()
-    _report(summary, as_json, "consume")
+    _report(summary, as_json, "consume", waited=watch.waited_s)
     raise typer.Exit(summary.exit_code)
 
 

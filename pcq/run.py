@@ -316,12 +316,19 @@ def produce_job(
     q.attach_producer()
     interrupted: int | None = None
     closing = close
+    put_all = False
     # A signal also interrupts a put that waits for room (maxsize): at once,
     # putting nothing more, instead of after the consumers made room.
     with interruptible(q.interrupt) as caught:
         try:
             with _reporting(report if on_progress is not None else None, q):
                 q.put_many(_until(items, caught))
+            put_all = not caught
+            # Waiting for the acks while still attached: `pcq status` counts this
+            # producer, and the queue closes when the work is done.
+            while wait_done and not caught and not q.join(timeout=PROGRESS_EVERY):
+                if on_progress is not None:
+                    report(q.counters(), False)
         except PutInterrupted:
             closing = False
         except SerializationError as exc:
@@ -331,13 +338,8 @@ def produce_job(
             closing = False  # a producer that failed half way must not end the job
             raise
         finally:
-            if caught:
-                closing = False
-            q.detach_producer(close_if_last=closing)
-        if wait_done and not caught:
-            while not q.join(timeout=PROGRESS_EVERY) and not caught:
-                if on_progress is not None:
-                    report(q.counters(), False)
+            # Interrupted while waiting, everything was put: the job is complete.
+            q.detach_producer(close_if_last=closing and put_all)
         interrupted = caught[0] if caught else None
     after = q.counters()
     report(after, False)

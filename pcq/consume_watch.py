@@ -1,0 +1,85 @@
+"""What ``pcq consume`` shows while it runs: the queue's progress, and how long
+its consumers waited for a producer.
+
+A ``pcq consume`` serves a queue other hosts may serve too, and may wait a long
+time for a producer (an idle queue is the same as a new one).  A thread of the
+command's own process reads the queue's counters every PROGRESS_EVERY seconds
+through a connection of its own, and
+
+* draws one progress line (the display of :mod:`pcq.progress`): the queue's
+  tasks done (by every host) out of those there were to do since this command
+  started, and the rate;
+* adds up the time during which there was nothing to do and no producer
+  attached (nothing pending, no producer): that is waiting, not working, so the
+  summary's rate leaves it out.
+
+The thread only reads; the consumers are forked by the job's thread, and never
+use the thread's connection or the display (see :mod:`pcq.progress`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+from pcq.backends.base import Counters, Queue
+from pcq.errors import PcqError
+from pcq.run import PROGRESS_EVERY, Progress
+
+
+class ConsumeWatch:
+    """Use as a context manager around ``consume_job``; ``waited_s`` is the time
+    the queue had nothing pending and no producer while it ran."""
+
+    def __init__(self, q: Queue, on_progress: Callable[[list[Progress]], None]) -> None:
+        self._q = q
+        self._on_progress = on_progress
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._watched: Queue | None = None
+        self.waited_s = 0.0
+
+    def __enter__(self) -> ConsumeWatch:
+        self._watched = self._q.sibling(self._q.name)  # a connection of its own
+        self._thread = threading.Thread(target=self._watch, name="pcq-consume-watch",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._watched is not None:
+            self._watched.dispose()
+
+    def _watch(self) -> None:
+        assert self._watched is not None
+        started = last = time.monotonic()
+        before: Counters | None = None
+        while not self._stop.is_set():
+            try:
+                now_counters = self._watched.counters()
+            except PcqError:  # the job's own link says so, and decides
+                now_counters = None
+            now = time.monotonic()
+            if now_counters is not None:
+                before = before or now_counters
+                if now_counters.pending == 0 and now_counters.producers == 0:
+                    self.waited_s += now - last
+                self._on_progress([consume_progress(self._q.name, before, now_counters,
+                                                    now - started - self.waited_s)])
+            last = now
+            self._stop.wait(PROGRESS_EVERY)
+
+
+def consume_progress(name: str, before: Counters, now: Counters, working_s: float) -> Progress:
+    """The progress line of a ``pcq consume`` of queue ``name``: tasks done out of
+    those pending when it started plus those produced since."""
+    produced = before.pending + now.produced - before.produced
+    return Progress(f"queue {name}", produced, now.done - before.done,
+                    now.failed - before.failed, now.retried - before.retried,
+                    producing=True, total=None, elapsed=max(working_s, 0.0))

@@ -21,12 +21,13 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
 from pcq import __version__, logs
 from pcq.backends import backend_for, open_queue
-from pcq.backends.base import Queue, state_of
+from pcq.backends.base import Queue
 from pcq.cli_help import click_context, plain_help
+from pcq.cli_status import status_json as _status_json
+from pcq.cli_status import status_tables as _status_tables
 from pcq.consume_watch import ConsumeWatch
 from pcq.envelope import short_repr
 from pcq.errors import BackendLost, ConfigError, PcqError
@@ -385,69 +386,6 @@ def consume_command(
         q.dispose()
     _report(summary, as_json, "consume", waited=watch.waited_s)
     raise typer.Exit(summary.exit_code)
-
-
-def _chain(q: Queue) -> Iterator[Queue]:
-    """``q`` and the queues its stages feed, in order (``pcq status`` of a pipeline)."""
-    seen = {q.name}
-    yield q
-    name = q.feeds()
-    while name is not None and name not in seen:
-        seen.add(name)
-        nxt = q.sibling(name)
-        try:
-            yield nxt
-            name = nxt.feeds()
-        finally:
-            nxt.dispose()
-
-
-def _status_tables(q: Queue) -> Table:
-    tables = [_status_table(each) for each in _chain(q)]
-    if len(tables) == 1:
-        return tables[0]
-    grid = Table.grid()
-    for table in tables:
-        grid.add_row(table)
-    return grid
-
-
-_STATES = {"open": "open", "closing": "closed with work left", "idle": "idle (run finished)"}
-
-
-def _status_table(q: Queue) -> Table:
-    c = q.counters()
-    feeds = q.feeds()
-    title = f"pcq queue {q.name!r}" + (f" (feeds {feeds!r})" if feeds else "")
-    table = Table(title=title, show_header=False)
-    table.add_row("state", _STATES[state_of(c)])
-    for field in ("ready", "in_flight", "pending", "delayed", "produced", "done", "failed",
-                  "retried", "dead", "producers", "consumers", "closed"):
-        table.add_row(field.replace("_", "-"), str(getattr(c, field)))
-    for who in q.registrations():
-        table.add_row(who["role"], f"{who['host']} pid {who['pid']} "
-                      f"(heartbeat {time.time() - who['heartbeat']:.1f} s ago)")
-    return table
-
-
-def _status_dict(q: Queue) -> dict[str, Any]:
-    c = q.counters()
-    out: dict[str, Any] = {f: getattr(c, f) for f in c.__slots__}
-    out["state"] = state_of(c)
-    regs = q.registrations()
-    out["consumer_list"] = [r for r in regs if r["role"] == "consumer"]
-    out["producer_list"] = [r for r in regs if r["role"] == "producer"]
-    out["queue"], out["feeds"] = q.name, q.feeds()
-    return out
-
-
-def _status_json(q: Queue) -> dict[str, Any]:
-    """The queue's status; for a pipeline, ``stages`` holds every queue's in order."""
-    chain = [_status_dict(each) for each in _chain(q)]
-    out = dict(chain[0])
-    if len(chain) > 1:
-        out["stages"] = chain
-    return out
 
 
 @app.command("status")

@@ -560,6 +560,12 @@ class Queue(ABC):
     @abstractmethod
     def counters(self) -> Counters: ...
 
+    def run_start(self) -> dict[str, int] | None:
+        """produced, done, failed, retried and dead as they stood when the queue's
+        current run started (``pcq status`` shows the run's own numbers); None
+        when the backend does not note them or the queue has had one run."""
+        return None
+
     def state(self) -> str:
         """"open"; "closing" (closed, tasks still pending: a consumer attaching
         now drains them and stops); or "idle" (closed and every task

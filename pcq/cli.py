@@ -131,8 +131,8 @@ def _opened(backend: str | None, url: str | None, name: str) -> Iterator[Queue]:
 def _report(summary: Summary, as_json: bool, what: str, note: str = "",
             waited: float = 0.0) -> None:
     """The job's summary: one line on stderr (``note`` ends it), the failures
-    below it; or one JSON object on stdout.  ``waited``: seconds of it spent
-    waiting for a producer, left out of the rate."""
+    below it; or one JSON object on stdout.  ``waited``: seconds of it with
+    nothing to do (waiting for a producer), left out of the rate."""
     if summary.setup_error:
         err.print(f"pcq: error: {summary.setup_error}", highlight=False, soft_wrap=True,
                   markup=False)
@@ -162,7 +162,7 @@ def _summary_line(summary: Summary, what: str, garbage: int, note: str, waited: 
     if garbage:  # said one by one as they were met; see `pcq dead list`
         parts.append(f"{garbage} not a task (dead-lettered)")
     line = f"pcq {what}: " + ", ".join(parts) + f" in {summary.elapsed_s:.2f} s ({rate:,.0f}/s"
-    line += f"; {waited:.2f} s of it waiting for a producer)" if waited >= 0.05 else ")"
+    line += f"; {waited:.2f} s of it with nothing to do)" if waited >= 0.05 else ")"
     if summary.restarts:
         line += f"; {summary.restarts} consumer(s) restarted"
     if summary.producer_errors:

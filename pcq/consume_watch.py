@@ -1,5 +1,5 @@
 """What ``pcq consume`` shows while it runs: the queue's progress, and how long
-its consumers waited for a producer.
+its consumers had nothing to do.
 
 A ``pcq consume`` serves a queue other hosts may serve too, and may wait a long
 time for a producer (an idle queue is the same as a new one).  A thread of the
@@ -9,9 +9,9 @@ through a connection of its own, and
 * draws one progress line (the display of :mod:`pcq.progress`): the queue's
   tasks done (by every host) out of those there were to do since this command
   started, and the rate;
-* adds up the time during which there was nothing to do and no producer
-  attached (nothing pending, no producer): that is waiting, not working, so the
-  summary's rate leaves it out.
+* adds up the time during which nothing was pending: waiting for a producer
+  (or, for a stage, for the stage before it), not working, so the summary's
+  rate leaves it out.
 
 The thread only reads; the consumers are forked by the job's thread, and never
 use the thread's connection or the display (see :mod:`pcq.progress`).
@@ -31,7 +31,7 @@ from pcq.run import PROGRESS_EVERY, Progress
 
 class ConsumeWatch:
     """Use as a context manager around ``consume_job``; ``waited_s`` is the time
-    the queue had nothing pending and no producer while it ran."""
+    the queue had nothing pending while it ran."""
 
     def __init__(self, q: Queue, on_progress: Callable[[list[Progress]], None]) -> None:
         self._q = q
@@ -68,7 +68,7 @@ class ConsumeWatch:
             now = time.monotonic()
             if now_counters is not None:
                 before = before or now_counters
-                if now_counters.pending == 0 and now_counters.producers == 0:
+                if now_counters.pending == 0:
                     self.waited_s += now - last
                 self._on_progress([consume_progress(self._q.name, before, now_counters,
                                                     now - started - self.waited_s)])

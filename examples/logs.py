@@ -35,9 +35,10 @@ import pcq
 DIR = Path(os.environ.get("LOGS_DIR", Path(tempfile.gettempdir()) / "pcq-example-logs"))
 DB = Path(os.environ.get("LOGS_DB", DIR / "errors.sqlite3"))
 SERVICES = ["api", "auth", "billing", "search", "mailer"]
+FILES = int(os.environ.get("LOGS_FILES", "200"))
 
 
-def _make_logs(files=int(os.environ.get("LOGS_FILES", "200")), lines=500):
+def _make_logs(files=FILES, lines=500):
     """Invent some log files, about 1 line in 50 an error."""
     DIR.mkdir(parents=True, exist_ok=True)
     rng = random.Random(7)

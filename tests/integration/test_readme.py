@@ -35,6 +35,9 @@ README = ROOT / "README.md"
 RUNNABLE = {"sh": "bash", "bash": "bash", "python": "python"}
 MARKER = re.compile(r"<!--\s*readme-test:\s*(skip|background):\s*(\S.*?)\s*-->")
 FENCE = re.compile(r"^```(\w*)\s*$")
+#: What the test never runs, marked or not: it would change this machine
+#: (installing into the shared interpreter, or starting containers).
+CHANGES_THE_MACHINE = re.compile(r"\bpip\b[^\n]*\binstall\b|\bapt(-get)?\b|\bdocker\b")
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ def test_the_readme_marks_every_block_it_does_not_run_with_a_reason() -> None:
     assert len(GROUPS) >= 5  # the extraction finds the README's examples
     for block in found:
         assert block.mode == "run" or len(block.reason) > 10, block
+        assert block.mode == "skip" or not CHANGES_THE_MACHINE.search(block.code), block
     # Given the many-hosts example, then it runs with PCQ_URL set, as pasted
     assert any("pcq consume" in b.code and b.with_url and b.mode == "background"
                for b in found)
@@ -145,6 +149,8 @@ def _finish(proc: subprocess.Popen[str], block: Block, timeout: float) -> None:
 @pytest.mark.parametrize("group", GROUPS, ids=[f"line{g[-1].line}" for g in GROUPS])
 def test_a_readme_block_runs_as_pasted(group: list[Block], server_url: str,
                                        tmp_path: Path) -> None:
+    # (a block that installs or starts containers is never run, even unmarked)
+    assert not any(CHANGES_THE_MACHINE.search(block.code) for block in group), group
     # Given the reader's shell at this point of the README
     env = _environment(tmp_path, server_url if group[-1].with_url else None)
     # When the block is pasted (after the background ones before it)

@@ -376,7 +376,8 @@ def consume_command(
         if not burst and q.state() == "idle":
             err.print(f"pcq consume: queue {queue!r} is idle; waiting for a producer",
                       highlight=False, soft_wrap=True)
-        with Display(not no_progress) as display, ConsumeWatch(q, display.update) as watch:
+        with Display(not no_progress) as display, ConsumeWatch(
+                q, display.update, display.enabled) as watch:
             summary = consume_job(q, handle, workers=workers, retries=retries,
                                   timeout=timeout, burst=burst, concurrency=concurrency,
                                   setup=setup_fn, to=target)

@@ -3,8 +3,10 @@ its consumers had nothing to do.
 
 A ``pcq consume`` serves a queue other hosts may serve too, and may wait a long
 time for a producer (an idle queue is the same as a new one).  A thread of the
-command's own process reads the queue's counters every PROGRESS_EVERY seconds
-through a connection of its own, and
+command's own process reads the queue's counters through a connection of its
+own — every DRAW_EVERY seconds while a progress line is shown, every
+WATCH_EVERY seconds otherwise (a counters snapshot costs the server a look at
+every consumer's in-flight list, and every host of a big job asks) — and
 
 * draws one progress line (the display of :mod:`pcq.progress`): the queue's
   tasks done (by every host) out of those there were to do since this command
@@ -26,16 +28,22 @@ from types import TracebackType
 
 from pcq.backends.base import Counters, Queue
 from pcq.errors import PcqError
-from pcq.run import PROGRESS_EVERY, Progress
+from pcq.run import Progress
+
+#: Seconds between two looks at the counters, with and without a progress line.
+DRAW_EVERY = 0.5
+WATCH_EVERY = 1.0
 
 
 class ConsumeWatch:
     """Use as a context manager around ``consume_job``; ``waited_s`` is the time
     the queue had nothing pending while it ran."""
 
-    def __init__(self, q: Queue, on_progress: Callable[[list[Progress]], None]) -> None:
+    def __init__(self, q: Queue, on_progress: Callable[[list[Progress]], None],
+                 drawn: bool) -> None:
         self._q = q
         self._on_progress = on_progress
+        self._every = DRAW_EVERY if drawn else WATCH_EVERY
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watched: Queue | None = None
@@ -73,7 +81,7 @@ class ConsumeWatch:
                 self._on_progress([consume_progress(self._q.name, before, now_counters,
                                                     now - started - self.waited_s)])
             last = now
-            self._stop.wait(PROGRESS_EVERY)
+            self._stop.wait(self._every)
 
 
 def consume_progress(name: str, before: Counters, now: Counters, working_s: float) -> Progress:

@@ -15,8 +15,14 @@ every consumer's in-flight list, and every host of a big job asks) — and
   (or, for a stage, for the stage before it), not working, so the summary's
   rate leaves it out.
 
-The thread only reads; the consumers are forked by the job's thread, and never
-use the thread's connection or the display (see :mod:`pcq.progress`).
+The thread only reads, through the job's own queue object: its link is made
+for threads (the heartbeat's uses it too), and one link means one outage clock
+and one line when the link is lost and one when it is back, however many
+threads ask.  A forked consumer builds a client of its own (the link's pid
+check), so a fork while the thread holds a connection harms nobody; nor does
+a child ever use the display (see :mod:`pcq.progress`).  The watch is a
+display: an error while it looks (the link lost) only skips that look; the job
+decides about the link.
 """
 
 from __future__ import annotations
@@ -46,11 +52,9 @@ class ConsumeWatch:
         self._every = DRAW_EVERY if drawn else WATCH_EVERY
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._watched: Queue | None = None
         self.waited_s = 0.0
 
     def __enter__(self) -> ConsumeWatch:
-        self._watched = self._q.sibling(self._q.name)  # a connection of its own
         self._thread = threading.Thread(target=self._watch, name="pcq-consume-watch",
                                         daemon=True)
         self._thread.start()
@@ -61,17 +65,14 @@ class ConsumeWatch:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self._watched is not None:
-            self._watched.dispose()
 
     def _watch(self) -> None:
-        assert self._watched is not None
         started = last = time.monotonic()
         before: Counters | None = None
         while not self._stop.is_set():
             try:
-                now_counters = self._watched.counters()
-            except PcqError:  # the job's own link says so, and decides
+                now_counters = self._q.counters()
+            except PcqError:  # the link is lost: the job says so, and decides
                 now_counters = None
             now = time.monotonic()
             if now_counters is not None:

@@ -21,13 +21,18 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
 from pcq import __version__, logs
 from pcq.backends import backend_for, open_queue
-from pcq.backends.base import Queue, state_of
+from pcq.backends.base import Queue
+from pcq.cli_help import click_context, plain_help
+from pcq.cli_status import status_json as _status_json
+from pcq.cli_status import status_tables as _status_tables
+from pcq.consume_watch import ConsumeWatch
 from pcq.envelope import short_repr
 from pcq.errors import BackendLost, ConfigError, PcqError
+from pcq.garbage import SKIPPED_READ, garbage_in, skipped_lines
+from pcq.interrupted import left_open_note, nothing, resume_check
 from pcq.loader import load_callable
 from pcq.progress import Display, line_buffered
 from pcq.run import consume_job, produce_job, run
@@ -40,6 +45,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 dead_app = typer.Typer(help="Dead letters: tasks that failed after their retries.",
@@ -47,37 +53,49 @@ dead_app = typer.Typer(help="Dead letters: tasks that failed after their retries
 app.add_typer(dead_app, name="dead")
 err = Console(stderr=True)
 
-# Options shared by several commands.
+# Options shared by several commands.  Every value shows a metavar that says
+# what to type (N, SECONDS, URL), never a Python type (see cli_help).
 Backend = Annotated[str | None, typer.Option(
-    help="local or redis; default: from the URL's scheme, else local.")]
+    metavar="local|redis", help="Default: from the URL's scheme, else local.")]
+SharedBackend = Annotated[str | None, typer.Option(
+    "--backend", metavar="redis",
+    help="A backend with a server (a local queue lives only inside `pcq run`); "
+         "default: from the URL's scheme.")]
 Url = Annotated[str | None, typer.Option(
-    envvar="PCQ_URL", help="Queue server, e.g. redis://host:6379/0 (env PCQ_URL).")]
-Name = Annotated[str, typer.Option("--queue", envvar="PCQ_QUEUE",
+    envvar="PCQ_URL", metavar="URL",
+    help="Queue server, e.g. redis://host:6379/0 (env PCQ_URL).")]
+Name = Annotated[str, typer.Option("--queue", envvar="PCQ_QUEUE", metavar="NAME",
                                    help="Queue name (env PCQ_QUEUE).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-Workers = Annotated[int, typer.Option(min=1, help="Consumer processes.")]
-Retries = Annotated[int, typer.Option(min=0, help="Retries of a failing task before it is dead.")]
+Workers = Annotated[int, typer.Option(min=1, metavar="N", help="Consumer processes.")]
+Retries = Annotated[int, typer.Option(min=0, metavar="N",
+                                      help="Retries of a failing task before it is dead.")]
 Timeout = Annotated[float | None, typer.Option(
-    min=0.001, help="Seconds a task may run; longer counts as a failed attempt.")]
+    min=0.001, metavar="SECONDS", help="Seconds a task may run; longer counts as a failed "
+                                       "attempt.")]
 Concurrency = Annotated[int, typer.Option(
-    min=1, help="Tasks each consumer process runs at once: threads, or asyncio tasks for "
-                "an async def handler. For handlers that wait (network, disk).")]
-Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
+    min=1, metavar="N", help="Tasks each consumer process runs at once: threads, or asyncio "
+                             "tasks for an async def handler. For handlers that wait "
+                             "(network, disk).")]
+Maxsize = Annotated[int, typer.Option(min=0, metavar="N",
+                                      help="Tasks waiting at most (0: unbounded).")]
 MaxDeliveries = Annotated[int, typer.Option(
-    min=0, help="Dead-letter a task once this many consumers died while handling it "
-    "(0: never).")]
+    min=0, metavar="N", help="Dead-letter a task once this many consumers died while "
+                             "handling it (0: never).")]
 Setup = Annotated[str | None, typer.Option(
-    "--setup", help="module:function or path/file.py:function run once in each consumer "
-                    "process before its first task (open clients there); if it raises, "
-                    "the job stops with exit code 2.")]
+    "--setup", metavar="MODULE:FUNCTION",
+    help="module:function or path/file.py:function run once in each consumer "
+         "process before its first task (open clients there); if it raises, "
+         "the job stops with exit code 2.")]
 HeartbeatTtl = Annotated[float | None, typer.Option(
-    min=0.1, envvar="PCQ_HEARTBEAT_TTL",
+    min=0.1, envvar="PCQ_HEARTBEAT_TTL", metavar="SECONDS",
     help="Redis: seconds without a heartbeat after which a consumer counts as dead "
          "and its tasks go back (default 5; env PCQ_HEARTBEAT_TTL).")]
 ReconnectTimeout = Annotated[float | None, typer.Option(
-    min=0.1, envvar="PCQ_RECONNECT_TIMEOUT",
+    min=0.1, envvar="PCQ_RECONNECT_TIMEOUT", metavar="SECONDS",
     help="Redis: seconds to keep reconnecting after the link is lost before giving up "
          "with exit code 3 (default 60; env PCQ_RECONNECT_TIMEOUT).")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
 
 
 def _options(heartbeat_ttl: float | None, reconnect_timeout: float | None = None) -> dict[str, Any]:
@@ -111,24 +129,21 @@ def _opened(backend: str | None, url: str | None, name: str) -> Iterator[Queue]:
         q.dispose()
 
 
-def _report(summary: Summary, as_json: bool, what: str) -> None:
+def _report(summary: Summary, as_json: bool, what: str, note: str = "",
+            waited: float = 0.0) -> None:
+    """The job's summary: one line on stderr (``note`` ends it), the failures
+    below it; or one JSON object on stdout.  ``waited``: seconds of it with
+    nothing to do (waiting for a producer), left out of the rate."""
     if summary.setup_error:
         err.print(f"pcq: error: {summary.setup_error}", highlight=False, soft_wrap=True,
                   markup=False)
+    garbage = garbage_in(summary)
     if as_json:
-        print(json.dumps(summary.as_dict()), flush=True)
+        out = {**summary.as_dict(), "garbage": garbage, "waited_s": round(waited, 3)}
+        print(json.dumps(out), flush=True)
         return
-    rate = summary.done / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
-    parts = [f"{summary.produced} produced"] if summary.produced or what != "consume" else []
-    parts += [f"{summary.done} done", f"{summary.failed} failed", f"{summary.retried} retried"]
-    line = f"pcq {what}: " + ", ".join(parts) + f" in {summary.elapsed_s:.2f} s ({rate:,.0f}/s)"
-    if summary.restarts:
-        line += f"; {summary.restarts} consumer(s) restarted"
-    if summary.producer_errors:
-        line += f"; {summary.producer_errors} producer(s) failed"
-    if summary.interrupted is not None:
-        line += "; interrupted"
-    err.print(line, highlight=False, soft_wrap=True)
+    err.print(_summary_line(summary, what, garbage, note, waited), highlight=False,
+              soft_wrap=True, markup=False)
     for failure in summary.failures:
         err.print(f"  failed: {failure['item']}: {failure['error']}", highlight=False,
                   soft_wrap=True, markup=False)
@@ -138,6 +153,24 @@ def _report(summary: Summary, as_json: bool, what: str) -> None:
         err.print(f"  stage {stage.name} ({stage.queue}, {stage.workers} worker(s)): "
                   f"{stage.produced} produced, {stage.done} done, {stage.failed} failed, "
                   f"{stage.retried} retried", highlight=False, soft_wrap=True)
+
+
+def _summary_line(summary: Summary, what: str, garbage: int, note: str, waited: float) -> str:
+    working = summary.elapsed_s - waited
+    rate = summary.done / working if working > 0 else 0.0
+    parts = [f"{summary.produced} produced"] if summary.produced or what != "consume" else []
+    parts += [f"{summary.done} done", f"{summary.failed} failed", f"{summary.retried} retried"]
+    if garbage:  # said one by one as they were met; see `pcq dead list`
+        parts.append(f"{garbage} not a task (dead-lettered)")
+    line = f"pcq {what}: " + ", ".join(parts) + f" in {summary.elapsed_s:.2f} s ({rate:,.0f}/s"
+    line += f"; {waited:.2f} s of it with nothing to do)" if waited >= 0.05 else ")"
+    if summary.restarts:
+        line += f"; {summary.restarts} consumer(s) restarted"
+    if summary.producer_errors:
+        line += f"; {summary.producer_errors} producer(s) failed"
+    if summary.interrupted is not None:
+        line += "; interrupted"
+    return line + (f": {note}" if note else "")
 
 
 def _values(text: str, kind: type[Any], least: float) -> list[Any]:
@@ -167,48 +200,59 @@ def _per_stage(text: str, stages: int, option: str, kind: type[Any]) -> list[Any
     """``--workers 8,4,1``: one value per stage, or one for all of them."""
     values = _values(text, kind, float("-inf"))
     if len(values) not in (1, stages):
-        raise ConfigError(f"{option} {text!r}: give one value for all {stages} stages "
-                          "or one per stage")
+        # A usage error (exit 2 with the usage line), as when the value is parsed.
+        stages_are = "1 stage" if stages == 1 else f"{stages} stages"
+        raise typer.BadParameter(
+            f"{text!r}: {len(values)} values for {stages_are}: give one value, or one "
+            "per stage", ctx=click_context(), param_hint=f"'{option}'")
     return values * stages if len(values) == 1 else values
 
 
 @app.command("run")
 def run_command(
-    producer: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
-                                            "returning an iterable of tasks.")],
+    producer: Annotated[str, typer.Argument(
+        metavar="PRODUCER", help="module:function or path/file.py:function returning an "
+                                 "iterable of tasks.")],
     handlers: Annotated[list[str], typer.Argument(
-        metavar="handler",
+        metavar="HANDLER",
         help="module:function or path/file.py:function called with each task; several "
              "make a pipeline: what one returns or yields is a task of the next.")],
-    workers: Annotated[str, typer.Option(callback=_checked(int, 1), help="Consumer "
+    workers: Annotated[str, typer.Option(callback=_checked(int, 1), metavar="N[,N...]",
+                                         help="Consumer "
                                          "processes: one number, or one per stage (8,4,1).")
                        ] = "4",
-    producers: Annotated[int, typer.Option(min=1, help="Producer processes; each runs "
+    producers: Annotated[int, typer.Option(min=1, metavar="N",
+                                           help="Producer processes; each runs "
                                            "PRODUCER once.")] = 1,
-    maxsize: Annotated[str, typer.Option(callback=_checked(int, 0), help="Tasks waiting "
+    maxsize: Annotated[str, typer.Option(callback=_checked(int, 0), metavar="N[,N...]",
+                                         help="Tasks waiting "
                                          "at most (0: unbounded); one number or one per "
                                          "stage.")] = "1000",
     backend: Backend = None,
     url: Url = None,
     queue: Name = "default",
-    retries: Annotated[str, typer.Option(callback=_checked(int, 0), help="Retries of a "
+    retries: Annotated[str, typer.Option(callback=_checked(int, 0), metavar="N[,N...]",
+                                         help="Retries of a "
                                          "failing task before it is dead; one number or one "
                                          "per stage.")] = "0",
     timeout: Annotated[str | None, typer.Option(
-        callback=_checked(float, 0.001),
+        callback=_checked(float, 0.001), metavar="SECONDS[,...]",
         help="Seconds a task may run; longer counts as a failed attempt.  One number "
              "or one per stage (none: no limit).")] = None,
     concurrency: Annotated[str, typer.Option(
-        callback=_checked(int, 1),
+        callback=_checked(int, 1), metavar="N[,N...]",
         help="Tasks each consumer process runs at once: threads, or asyncio tasks for an "
              "async def handler. For handlers that wait (network, disk). One number or one "
              "per stage (1,50,1).")] = "1",
     as_json: Json = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgress = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
     max_deliveries: MaxDeliveries = 3,
     setup: Setup = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Redis: finish the tasks an interrupted run left on the queue, "
+                         "without running PRODUCER again.")] = False,
 ) -> None:
     """Run a whole job — producers, consumers (of every stage), close, summary — on
     this host (local by default)."""
@@ -220,6 +264,9 @@ def run_command(
     # local consumers have no heartbeat and no server to reconnect to
     options = _options(heartbeat_ttl, reconnect_timeout) if shared else {}
     names = [h.rsplit(":", 1)[-1] for h in handlers]
+    if not _leftovers_said(backend, url, queue, resume, shared):
+        return
+    produce = nothing if resume else produce
     with Display(not no_progress) as display:
         summary = run(produce, *handles, workers=_per_stage(workers, n, "--workers", int),
                       producers=producers, maxsize=_per_stage(maxsize, n, "--maxsize", int),
@@ -231,6 +278,19 @@ def run_command(
                       max_deliveries=max_deliveries, setup=setup_fn, **options)
     _report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
+
+
+def _leftovers_said(backend: str | None, url: str | None, name: str, resume: bool,
+                    shared: bool) -> bool:
+    """Say what a run will do with an interrupted run's leftovers on a shared
+    queue; False when there is nothing to do (``--resume`` of a finished queue)."""
+    if not shared:
+        return resume_check(None, name, resume)[1]
+    with _opened(backend, url, name) as q:
+        line, go = resume_check(q, name, resume)
+    if line is not None:
+        err.print(line, highlight=False, soft_wrap=True, markup=False)
+    return go
 
 
 def _json_lines(stream: Any) -> Iterator[Any]:
@@ -248,9 +308,10 @@ def _json_lines(stream: Any) -> Iterator[Any]:
 
 @app.command("produce")
 def produce_command(
-    producer: Annotated[str, typer.Argument(help="module:function, path/file.py:function, "
-                                            "or - for one JSON value per line on stdin.")],
-    backend: Backend = None,
+    producer: Annotated[str, typer.Argument(
+        metavar="PRODUCER", help="module:function, path/file.py:function, or - for one JSON "
+                                 "value per line on stdin.")],
+    backend: SharedBackend = None,
     url: Url = None,
     queue: Name = "default",
     maxsize: Maxsize = 0,
@@ -259,7 +320,7 @@ def produce_command(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once everything is "
                                           "put, without waiting for the consumers.")] = False,
     as_json: Json = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgress = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
 ) -> None:
@@ -271,18 +332,20 @@ def produce_command(
         with Display(not no_progress) as display:
             summary = produce_job(q, items, close=not no_close, wait_done=not no_wait,
                                   on_progress=display.update)
+        note = left_open_note(q, summary, queue)
     finally:
         q.dispose()
-    _report(summary, as_json, "produce")
+    _report(summary, as_json, "produce", note)
     raise typer.Exit(summary.exit_code)
 
 
 @app.command("consume")
 def consume_command(
-    handler: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
-                                           "called with each task.")],
+    handler: Annotated[str, typer.Argument(
+        metavar="HANDLER", help="module:function or path/file.py:function called with "
+                                "each task.")],
     workers: Workers = 4,
-    backend: Backend = None,
+    backend: SharedBackend = None,
     url: Url = None,
     queue: Name = "default",
     retries: Retries = 0,
@@ -296,9 +359,11 @@ def consume_command(
                                         "to take and no producer is attached, instead of "
                                         "waiting for the next producer.")] = False,
     setup: Setup = None,
+    no_progress: NoProgress = False,
     to: Annotated[str | None, typer.Option(
-        "--to", help="A stage: put what HANDLER returns (or yields) on this queue, same "
-                     "server; it closes when --queue is closed and fully acknowledged.")] = None,
+        "--to", metavar="NAME",
+        help="A stage: put what HANDLER returns (or yields) on this queue, same "
+             "server; it closes when --queue is closed and fully acknowledged.")] = None,
 ) -> None:
     """Run consumer processes on this host until each takes its sentinel.  On an
     idle queue (its last run finished) they wait for the next producer."""
@@ -314,81 +379,20 @@ def consume_command(
                       highlight=False, soft_wrap=True)
         settings = StageSettings(workers=workers, concurrency=concurrency, retries=retries,
                                  timeout=timeout, max_deliveries=max_deliveries, setup=setup_fn)
-        summary = consume_job(q, handle, settings, burst=burst, to=target)
+        with Display(not no_progress) as display, ConsumeWatch(
+                q, display.update, display.enabled) as watch:
+            summary = consume_job(q, handle, settings, burst=burst, to=target)
     finally:
         if target is not None:
             target.dispose()
         q.dispose()
-    _report(summary, as_json, "consume")
+    _report(summary, as_json, "consume", waited=watch.waited_s)
     raise typer.Exit(summary.exit_code)
-
-
-def _chain(q: Queue) -> Iterator[Queue]:
-    """``q`` and the queues its stages feed, in order (``pcq status`` of a pipeline)."""
-    seen = {q.name}
-    yield q
-    name = q.feeds()
-    while name is not None and name not in seen:
-        seen.add(name)
-        nxt = q.sibling(name)
-        try:
-            yield nxt
-            name = nxt.feeds()
-        finally:
-            nxt.dispose()
-
-
-def _status_tables(q: Queue) -> Table:
-    tables = [_status_table(each) for each in _chain(q)]
-    if len(tables) == 1:
-        return tables[0]
-    grid = Table.grid()
-    for table in tables:
-        grid.add_row(table)
-    return grid
-
-
-_STATES = {"open": "open", "closing": "closed with work left", "idle": "idle (run finished)"}
-
-
-def _status_table(q: Queue) -> Table:
-    c = q.counters()
-    feeds = q.feeds()
-    title = f"pcq queue {q.name!r}" + (f" (feeds {feeds!r})" if feeds else "")
-    table = Table(title=title, show_header=False)
-    table.add_row("state", _STATES[state_of(c)])
-    for field in ("ready", "in_flight", "pending", "delayed", "produced", "done", "failed",
-                  "retried", "dead", "producers", "consumers", "closed"):
-        table.add_row(field.replace("_", "-"), str(getattr(c, field)))
-    for who in q.registrations():
-        table.add_row(who["role"], f"{who['host']} pid {who['pid']} "
-                      f"(heartbeat {time.time() - who['heartbeat']:.1f} s ago)")
-    return table
-
-
-def _status_dict(q: Queue) -> dict[str, Any]:
-    c = q.counters()
-    out: dict[str, Any] = {f: getattr(c, f) for f in c.__slots__}
-    out["state"] = state_of(c)
-    regs = q.registrations()
-    out["consumer_list"] = [r for r in regs if r["role"] == "consumer"]
-    out["producer_list"] = [r for r in regs if r["role"] == "producer"]
-    out["queue"], out["feeds"] = q.name, q.feeds()
-    return out
-
-
-def _status_json(q: Queue) -> dict[str, Any]:
-    """The queue's status; for a pipeline, ``stages`` holds every queue's in order."""
-    chain = [_status_dict(each) for each in _chain(q)]
-    out = dict(chain[0])
-    if len(chain) > 1:
-        out["stages"] = chain
-    return out
 
 
 @app.command("status")
 def status_command(
-    backend: Backend = None,
+    backend: SharedBackend = None,
     url: Url = None,
     queue: Name = "default",
     as_json: Json = False,
@@ -421,7 +425,7 @@ def status_command(
 
 
 @app.command("close")
-def close_command(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+def close_command(backend: SharedBackend = None, url: Url = None, queue: Name = "default") -> None:
     """Close a queue by hand: one sentinel per live consumer, behind all tasks."""
     with _opened(backend, url, queue) as q:
         q.close()
@@ -429,22 +433,45 @@ def close_command(backend: Backend = None, url: Url = None, queue: Name = "defau
 
 
 @app.command("purge")
-def purge_command(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
-    """Drop every waiting task and reset the queue's counters."""
+def purge_command(
+    backend: SharedBackend = None,
+    url: Url = None,
+    queue: Name = "default",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation "
+                                      "when consumers are attached.")] = False,
+) -> None:
+    """Drop every waiting task and reset the queue's counters.  On a terminal, asks
+    first when consumers are attached (their work in progress is dropped too)."""
     with _opened(backend, url, queue) as q:
+        if not yes and not _purge_confirmed(q, queue):
+            err.print(f"pcq: nothing purged from {queue!r}", highlight=False)
+            raise typer.Exit(1)
         purged = q.purge()
     err.print(f"pcq: purged {purged} task(s) from {queue!r}", highlight=False)
 
 
+def _purge_confirmed(q: Queue, name: str) -> bool:
+    """Whether the person at the terminal confirms purging ``q`` while consumers
+    are attached; True off a terminal (scripts) and when none is attached."""
+    consumers = q.counters().consumers
+    if not consumers or not sys.stdin.isatty():
+        return True
+    return typer.confirm(f"queue {name!r} has {consumers} consumer(s) attached; drop its "
+                         "tasks, in flight included?", default=False, err=True)
+
+
 @dead_app.command("list")
 def dead_list(
-    backend: Backend = None,
+    backend: SharedBackend = None,
     url: Url = None,
     queue: Name = "default",
-    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
-    as_json: Json = False,
+    limit: Annotated[int, typer.Option(min=1, metavar="N", help="Show at most this many.")
+                     ] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line on "
+                                          "stdout, one per dead letter.")] = False,
 ) -> None:
-    """List dead letters with their errors."""
+    """List dead letters, oldest first: one line each on stdout with the task, the
+    attempts made and the last error (a message that was no pcq task: its bytes)."""
     with _opened(backend, url, queue) as q:
         letters = q.dead_letters(limit)
     if not letters and not as_json:
@@ -461,15 +488,22 @@ def dead_list(
 
 
 @dead_app.command("requeue")
-def dead_requeue(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+def dead_requeue(backend: SharedBackend = None, url: Url = None, queue: Name = "default") -> None:
     """Put every dead-lettered task back in the queue with its attempts reset."""
     with _opened(backend, url, queue) as q:
         requeued = q.requeue_dead()
+        skipped, lines = skipped_lines(q.dead_letters(min(q.counters().dead, SKIPPED_READ)))
     err.print(f"pcq: requeued {requeued} dead task(s)", highlight=False)
+    if skipped:  # what requeue_dead leaves: letters that hold no task
+        err.print(f"pcq: left {skipped} dead letter(s) that hold no task (messages "
+                  "that were never pcq tasks: nothing to requeue; `pcq dead purge` deletes "
+                  "them):", highlight=False, soft_wrap=True, markup=False)
+        for line in lines:
+            err.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 @dead_app.command("purge")
-def dead_purge(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+def dead_purge(backend: SharedBackend = None, url: Url = None, queue: Name = "default") -> None:
     """Delete every dead letter."""
     with _opened(backend, url, queue) as q:
         deleted = q.purge_dead()
@@ -493,7 +527,8 @@ def _log_level_option(
     log_level: Annotated[str | None, typer.Option(
         "--log-level", envvar="PCQ_LOG_LEVEL", is_eager=True, callback=_set_log_level,
         metavar="LEVEL",
-        help=f"{'|'.join(logs.LEVELS)} (default {logs.DEFAULT_LEVEL}; env PCQ_LOG_LEVEL).",
+        help=f"One of {', '.join(logs.LEVELS)} (default {logs.DEFAULT_LEVEL}; "
+             "env PCQ_LOG_LEVEL).",
     )] = None,
     version: Annotated[bool, typer.Option(
         "--version", is_eager=True, callback=_show_version, help="Show pcq's version and exit.",
@@ -513,6 +548,7 @@ def command() -> Any:
     log_level.expose_value = version.expose_value = False
     cli = typer.main.get_command(app)
     cli.params.extend([version, log_level])
+    plain_help(cli)
 
     def add(group: Any) -> None:
         for sub in getattr(group, "commands", {}).values():

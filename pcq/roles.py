@@ -240,7 +240,7 @@ class Seat(Protocol):
     def serving(self, run: int) -> None: ...
     def succeeded(self, tasks: int) -> None: ...
     def running(self, task_id: str) -> None: ...
-    def counted(self, done: int, failed: int, retried: int) -> None: ...
+    def counted(self, done: int, failed: int, retried: int, garbage: int = 0) -> None: ...
     def setup_failed(self, line: str) -> None: ...
 
 
@@ -297,6 +297,7 @@ class Consumer(_Process):
         self._parent_pid = os.getpid()
         self._stopping = False
         self._stale_seen = 0  # the queue's stale_leases at the last _count
+        self._garbage_seen = 0  # the queue's garbage at the last _count
 
     def supervise(self, seat: Seat, joins: int | None) -> None:
         """Called by a supervisor before :meth:`start`: where this consumer
@@ -336,7 +337,7 @@ class Consumer(_Process):
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         queue = self.queue
-        self._stale_seen = queue.stale_leases
+        self._stale_seen, self._garbage_seen = queue.stale_leases, queue.garbage
         code = 0
         try:
             served = queue.join_run(burst=self.burst, run=self.joins)
@@ -414,9 +415,11 @@ class Consumer(_Process):
             seat.succeeded(handled - len(failures))
         stale, seen = self.queue.stale_leases, self._stale_seen
         self._stale_seen = stale
+        queue = self.queue
+        garbage, self._garbage_seen = queue.garbage - self._garbage_seen, queue.garbage
         if stale == seen:
             dead = sum(1 for f in failures if f.retry_in is None)
-            seat.counted(handled - len(failures), dead, len(failures) - dead)
+            seat.counted(handled - len(failures), dead, len(failures) - dead, garbage)
 
     def _failed(self, batch: Batch, index: int, exc: BaseException) -> tuple[Failure, list[Any]]:
         """A failed attempt at ``batch``'s task ``index``, and the outputs it
@@ -428,13 +431,21 @@ class Consumer(_Process):
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return self.failure(env, f"{type(exc).__name__}: {exc}", tb)
 
+    def task_text(self, env: Envelope) -> str:
+        """How a log line names a task: its content, as `pcq dead list` shows it."""
+        return f"task {short_repr(env.body)}"
+
+    def dead_text(self, env: Envelope) -> str:
+        """What a log line adds when a task goes to dead letters."""
+        return f"; dead-lettered (id {env.id})"
+
     def failure(self, env: Envelope, error: str, tb: str = "") -> Failure:
         """A failed attempt at ``env``: retried while it has retries left, else
         dead-lettered."""
         # One line a person can act on: which task (its content, as `pcq dead list`
         # shows it), which attempt of how many, where, and why.
         retries = self.settings.retries
-        what = (f"task {short_repr(env.body)} failed in {self.name} (pid {self.pid}), "
+        what = (f"{self.task_text(env)} failed in {self.name} (pid {self.pid}), "
                 f"attempt {env.attempts + 1}/{retries + 1}: {error}")
         if env.attempts < retries:
             # The exponent is capped: a huge --retries must not overflow a float.
@@ -443,6 +454,6 @@ class Consumer(_Process):
             return Failure(env, error, tb, retry_in=delay)
         # The traceback stays with the dead letter; in the log it would bury the
         # lines of every other task, so it shows at debug level only.
-        log.error("%s; dead-lettered (id %s)", what, env.id)
+        log.error("%s%s", what, self.dead_text(env))
         log.debug("task %s (id %s) traceback:\n%s", short_repr(env.body), env.id, tb.rstrip())
         return Failure(env, error, tb)

@@ -4,6 +4,7 @@
 -- KEYS[2] producers:beat   zset producer id -> heartbeat expiry ms
 -- KEYS[3] closed           exists while the queue is closed
 -- KEYS[4] epoch            close epoch (integer, absent = 0)
+-- KEYS[5] counters         hash: gets run_* (see below)   KEYS[6] dead (list)
 -- ARGV[1] producer id; ARGV[2] info; ARGV[3] heartbeat ttl ms
 --
 -- Returns the epoch now current.
@@ -17,6 +18,12 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('DEL', KEYS[3])
+  -- A new run starts: note where the counters stand, so that `pcq status` can
+  -- show this run's own numbers beside the totals (run_* fields; purge drops them).
+  local c = redis.call('HMGET', KEYS[5], 'produced', 'done', 'failed', 'retried')
+  redis.call('HSET', KEYS[5], 'run_produced', c[1] or '0', 'run_done', c[2] or '0',
+             'run_failed', c[3] or '0', 'run_retried', c[4] or '0',
+             'run_dead', redis.call('LLEN', KEYS[6]))
   return redis.call('INCR', KEYS[4])
 end
 return tonumber(redis.call('GET', KEYS[4]) or '0')

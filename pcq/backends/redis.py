@@ -643,6 +643,16 @@ class RedisQueue(Queue):
             closed=bool(v[11]),
         )
 
+    def run_start(self) -> dict[str, int] | None:
+        """The counters as they stood when the current run started (attach.lua
+        notes them); None before a second run."""
+        fields = ["run_produced", "run_done", "run_failed", "run_retried", "run_dead"]
+        counters = self.keys.counters
+        values = self._link.call(lambda client: client.hmget(counters, fields))
+        if values[0] is None:
+            return None
+        return {f.removeprefix("run_"): int(v or 0) for f, v in zip(fields, values, strict=True)}
+
     def attach_consumer(self) -> None:
         self.join_run()
 
@@ -710,7 +720,7 @@ class RedisQueue(Queue):
         self._here()
         producer = producer_id or self._new_id()
         k = self.keys
-        keys = [k.producers, k.producer_beats, k.closed, k.epoch]
+        keys = [k.producers, k.producer_beats, k.closed, k.epoch, k.counters, k.dead]
         self._set_epoch(self._link.run("attach", keys, [producer, self._info(), self._ttl_ms]))
         self._producer_ids.append(producer)
         with self._beat_lock:

@@ -61,6 +61,7 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
+from pcq.backends.redis_errors import explain
 from pcq.errors import BackendLost, BackendUnavailable, ConfigError, QueueDataLost
 
 T = TypeVar("T")
@@ -291,7 +292,8 @@ class Link:
                 )
                 raise self._failure from exc
             except REFUSED as exc:
-                raise BackendUnavailable(f"Redis at {self.where} refused us: {exc}") from exc
+                why = explain(exc)
+                raise BackendUnavailable(f"Redis at {self.where} refused us: {why}") from exc
             except RETRYABLE as exc:
                 if not self._connected_once:
                     raise BackendUnavailable(f"cannot reach Redis at {self.where}: {exc}") from exc
@@ -303,7 +305,7 @@ class Link:
             except ResponseError as exc:
                 raise BackendUnavailable(f"Redis at {self.where} said: {exc}") from exc
             except RedisError as exc:
-                raise BackendUnavailable(f"Redis at {self.where}: {exc}") from exc
+                raise BackendUnavailable(f"Redis at {self.where}: {explain(exc)}") from exc
             else:
                 if self._down_since is not None:
                     self._back()

@@ -156,6 +156,7 @@ def _report(summary: Summary, as_json: bool, what: str, note: str = "",
 
 
 def _summary_line(summary: Summary, what: str, garbage: int, note: str, waited: float) -> str:
+    waited = min(waited, summary.elapsed_s)  # the watch starts a moment before the job
     working = summary.elapsed_s - waited
     rate = summary.done / working if working > 0 else 0.0
     parts = [f"{summary.produced} produced"] if summary.produced or what != "consume" else []

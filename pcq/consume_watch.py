@@ -69,6 +69,7 @@ class ConsumeWatch:
     def _watch(self) -> None:
         started = last = time.monotonic()
         before: Counters | None = None
+        idle: Counters | None = None  # the last look, when it saw nothing pending
         while not self._stop.is_set():
             try:
                 now_counters = self._q.counters()
@@ -77,8 +78,13 @@ class ConsumeWatch:
             now = time.monotonic()
             if now_counters is not None:
                 before = before or now_counters
-                if now_counters.pending == 0:
+                # Idle between two looks only if both saw nothing pending and
+                # nothing was done in between: a look samples, it cannot tell
+                # when within the interval work came and went.
+                if idle is not None and idle.done == now_counters.done and (
+                        idle.pending == now_counters.pending == 0):
                     self.waited_s += now - last
+                idle = now_counters if now_counters.pending == 0 else None
                 self._on_progress([consume_progress(self._q.name, before, now_counters,
                                                     now - started - self.waited_s)])
             last = now

@@ -145,7 +145,10 @@ class Job:
         """How stage ``k`` makes its consumer ``i``: the one place a job's
         consumers are built."""
         kind = plan.kind or (Stage if plan.to is not None else Consumer)
-        prefix = "pcq-consumer" if len(self.plans) == 1 else f"pcq-{k + 1}"
+        if plan.kind is not None:  # pcq.map's workers: "pcq-map-0", as its log lines say
+            prefix = f"pcq-{plan.name}"
+        else:
+            prefix = "pcq-consumer" if len(self.plans) == 1 else f"pcq-{k + 1}"
         options: dict[str, Any] = {"settings": plan.settings, "burst": self._burst}
         if plan.to is not None:
             options["to"] = plan.to

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,7 @@ def test_consume_leaves_the_time_with_nothing_to_do_out_of_its_rate(
     consumer = start_pcq(["consume", f"{JOBS}:handle", "--workers", "1", "--json"], env)
     wait_for(lambda: redis.Redis.from_url(env["PCQ_URL"]).zcard(
         f"pcq:{{{env['PCQ_QUEUE']}}}:consumers:beat"), timeout=30)
+    time.sleep(1.5)  # the time with nothing to do that the summary must leave out
     # When the producer comes, and goes
     assert cli(["produce", f"{JOBS}:produce"], {**env, "NU_N": "3"}).returncode == 0
     result = finish(consumer, 30)

@@ -4,12 +4,14 @@
 -- KEYS[5] epoch   KEYS[6] consumers:beat   KEYS[7] full   KEYS[8] space
 -- KEYS[9] acked (ack tokens; see ack.lua)
 -- KEYS[10] suspects   KEYS[11] deaths (poison tasks; see reap.lua)
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] in-flight key prefix ("pcq:{NAME}:inflight:"; same hash slot as KEYS)
 --
 -- Returns how many tasks were dropped: those pending (ready, suspects, delayed or
 -- in flight).
 -- Dead letters and registrations stay.  The epoch moves on instead of being reset,
 -- so a sentinel some consumer of the purged run still holds is stale for the next.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local n = math.max(0, tonumber(redis.call('HGET', KEYS[3], 'pending') or '0'))
 for _, id in ipairs(redis.call('ZRANGE', KEYS[6], 0, -1)) do
   redis.call('DEL', ARGV[1] .. id)

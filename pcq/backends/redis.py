@@ -290,6 +290,12 @@ class RedisQueue(Queue):
         host, pid, now = socket.gethostname(), os.getpid(), round(time.time(), 3)
         return json.dumps({"host": host, "pid": pid, "started": now, "ttl": self.heartbeat_ttl})
 
+    def _run(self, name: str, keys: list[str], args: list[Any], *, retry: bool = True) -> Any:
+        """Run script ``name`` with ``keys`` and the queue's marker as its last key:
+        every script fails with QueueDataLost when it finds the marker gone (a
+        FLUSHDB or an eviction while the connections stayed open)."""
+        return self._link.run(name, [*keys, self.keys.run], args, retry=retry)
+
     # ------------------------------------------------------------------ producing
 
     def _put(self, messages: list[bytes], tasks: int) -> None:
@@ -301,7 +307,7 @@ class RedisQueue(Queue):
         if self.maxsize > 0:
             self._put_bounded(messages, each)
         elif len(messages) <= PUT_CHUNK:
-            self._link.run("put", self._put_keys(), [0, each, *messages])
+            self._run("put", self._put_keys(), [0, each, *messages])
         else:
             chunks = [messages[i : i + PUT_CHUNK] for i in range(0, len(messages), PUT_CHUNK)]
             self._link.call(lambda client: self._put_pipelined(client, chunks, each))
@@ -314,7 +320,7 @@ class RedisQueue(Queue):
         # Each chunk is atomic on its own.  If the connection drops mid-pipeline the
         # whole pipeline runs again, so a chunk may be put twice (at-least-once),
         # but pending always matches what went into the list.
-        script, keys = self._link.script("put"), self._put_keys()
+        script, keys = self._link.script("put"), [*self._put_keys(), self.keys.run]
         pipe = client.pipeline(transaction=False)
         for chunk in chunks:
             pipe.evalsha(script.sha, len(keys), *keys, 0, each, *chunk)
@@ -334,7 +340,7 @@ class RedisQueue(Queue):
             if self._interrupted:  # checked before every push: nothing more goes in
                 raise PutInterrupted
             chunk = messages[at : at + PUT_CHUNK]
-            pushed = int(self._link.run("put", self._put_keys(), [self.maxsize, each, *chunk]))
+            pushed = int(self._run("put", self._put_keys(), [self.maxsize, each, *chunk]))
             at += pushed
             if not pushed:
                 self._link.call(self._wait_for_space)
@@ -402,7 +408,7 @@ class RedisQueue(Queue):
             # What we hold is read once: a retry after a lost reply sends the same,
             # so take.lua adopts what the lost call moved instead of stranding it.
             args = self._take_args(me, want)
-            taken = self._taken(self._link.run("take", keys, args))
+            taken = self._taken(self._run("take", keys, args))
             if taken is not None:
                 return taken
 
@@ -448,7 +454,7 @@ class RedisQueue(Queue):
             return  # a sentinel made up for a drained queue: nothing is in flight
         self._let_go(receipt)
         call = self._ack_call(receipt, outcome, self._token(), target)
-        applied, _ = self._link.run("ack", *call)
+        applied, _ = self._run("ack", *call)
         self._note_ack(applied)
         self.ack_applied = int(applied) != 0
 
@@ -543,8 +549,9 @@ class RedisQueue(Queue):
         deadline = None if timeout is None else time.monotonic() + timeout
         self._let_go(receipt)
         token = self._token()
-        ack = self._ack_call(receipt, outcome, token, target)
-        take = self._take_keys(me), self._take_args(me, want, token)
+        ack_keys, ack_args = self._ack_call(receipt, outcome, token, target)
+        ack = [*ack_keys, self.keys.run], ack_args
+        take = [*self._take_keys(me), self.keys.run], self._take_args(me, want, token)
         acked, reply = self._link.call(lambda client: self._ack_then_take(client, ack, take))
         self.ack_applied = int(acked[0]) != 0  # 2: a repeat after a lost reply, as the first
         taken = self._taken(reply)
@@ -592,7 +599,7 @@ class RedisQueue(Queue):
         keys = [k.closed, k.epoch, k.ready, k.consumer_beats, k.producers, k.producer_beats]
         while True:
             args = [self._epoch, encode_sentinel(self._epoch), producer, mode]
-            code, value = self._link.run("close", keys, args)
+            code, value = self._run("close", keys, args)
             if code != -1:
                 return bool(code == 1)
             self._set_epoch(value)
@@ -612,7 +619,7 @@ class RedisQueue(Queue):
         k = self.keys
         keys = [k.consumers, k.consumer_beats, k.ready, k.acked, k.suspects, k.deaths]
         keys += [k.holding, k.killing]
-        return int(self._link.run("reap", keys, [mode, arg, k.inflight_prefix, SENTINEL_PREFIX]))
+        return int(self._run("reap", keys, [mode, arg, k.inflight_prefix, SENTINEL_PREFIX]))
 
     def sibling(self, name: str, *, maxsize: int = 0) -> Queue:
         return RedisQueue(name, maxsize=maxsize, url=self.url, client=self._link.injected,
@@ -647,7 +654,7 @@ class RedisQueue(Queue):
         keys = [k.ready, k.counters, k.dead, k.delayed, k.consumer_beats, k.producer_beats]
         keys += [k.closed, k.suspects]
         args = [k.inflight_prefix, SENTINEL_PREFIX]
-        v = [int(x) for x in self._link.run("counters", keys, args)]
+        v = [int(x) for x in self._run("counters", keys, args)]
         return Counters(
             ready=v[0],
             in_flight=v[1],
@@ -702,7 +709,7 @@ class RedisQueue(Queue):
         k = self.keys
         keys = [k.epoch, k.closed, k.counters, k.producer_beats, k.consumers, k.consumer_beats]
         args = [self._consumer_id, self._consumer_info, self._ttl_ms] if register else ["", "", 0]
-        epoch, closed, pending, producers = self._link.run("run_state", keys, args)
+        epoch, closed, pending, producers = self._run("run_state", keys, args)
         return int(epoch), int(closed), int(pending), int(producers)
 
     def _run_is_over(self, status: int, wait_ms: int) -> bool:
@@ -731,7 +738,7 @@ class RedisQueue(Queue):
         producer = self._new_id()
         k = self.keys
         keys = [k.producers, k.producer_beats, k.closed, k.epoch]
-        self._set_epoch(self._link.run("attach", keys, [producer, self._info(), self._ttl_ms]))
+        self._set_epoch(self._run("attach", keys, [producer, self._info(), self._ttl_ms]))
         self._producer_ids.append(producer)
         with self._beat_lock:
             self._beat_ids.append(producer)
@@ -749,7 +756,7 @@ class RedisQueue(Queue):
     def keep_alive(self, pids: Sequence[int]) -> None:
         if pids:
             args = [self._ttl_ms, socket.gethostname(), *pids]
-            self._link.run("keep_alive", [self.keys.consumer_beats], args)
+            self._run("keep_alive", [self.keys.consumer_beats], args)
 
     def fail_running(
         self, pid: int, task_id: str, failure: Callable[[Envelope], Failure]
@@ -773,14 +780,14 @@ class RedisQueue(Queue):
                     outcome = self._outcome(lease, [failure(envs[0])], ())
                     token = f"s{os.getpid()}.{self._token()}"  # not the consumer's own
                     call = self._ack_call(lease.receipt, outcome, token, by="supervisor")
-                    return int(self._link.run("ack", *call)[0]) == 1
+                    return int(self._run("ack", *call)[0]) == 1
         return False
 
     def killing(self, pid: int, task_id: str) -> None:
         """Mark consumer ``pid``'s registrations as being killed, before the kill:
         from now on its own acks commit nothing (see killing.lua)."""
         prefix = f"{socket.gethostname()}:{pid}:"
-        self._link.run("killing", [self.keys.consumer_beats, self.keys.killing], [prefix])
+        self._run("killing", [self.keys.consumer_beats, self.keys.killing], [prefix])
 
     def registrations(self) -> list[dict[str, Any]]:
         """Live consumers and producers: role, id, host, pid, started, and heartbeat
@@ -814,7 +821,7 @@ class RedisQueue(Queue):
             consumer = self._consumer_id or ""
             if consumer or self._beat_ids:
                 args = [self._ttl_ms, consumer, self._consumer_info, *self._beat_ids]
-                self._link.run("heartbeat", keys, args, retry=retry)
+                self._run("heartbeat", keys, args, retry=retry)
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat is None:
@@ -887,7 +894,7 @@ class RedisQueue(Queue):
             fresh.reverse()  # the oldest letter ends rightmost: taken first
             args = [len(letters), len(fresh), len(kept), *letters, *fresh, *kept]
             keys = [k.dead, k.ready, k.counters]
-            n = int(self._link.run("requeue", keys, args))
+            n = int(self._run("requeue", keys, args))
             if n >= 0:  # -1: dead changed under us; read it again
                 seen += len(letters)
                 requeued += n
@@ -908,4 +915,4 @@ class RedisQueue(Queue):
         k = self.keys
         keys = [k.ready, k.delayed, k.counters, k.closed, k.epoch, k.consumer_beats]
         keys += [k.full, k.space, k.acked, k.suspects, k.deaths]
-        return int(self._link.run("purge", keys, [k.inflight_prefix]))
+        return int(self._run("purge", keys, [k.inflight_prefix]))

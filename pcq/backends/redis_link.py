@@ -82,6 +82,8 @@ SOCKET_TIMEOUT = 10.0
 #: Longest a TCP connect plus TLS handshake may take (a partition, or rediss://
 #: against a plain server, must not cost the socket timeout).
 CONNECT_TIMEOUT = 2.0
+#: The error a pcq script replies with when the queue's marker key is gone.
+DATA_LOST_REPLY = "PCQ_DATA_LOST"
 
 
 class _MarkerChanged(RedisError):
@@ -218,6 +220,9 @@ class Link:
             client = self._client
         if not self._pinged:
             client.ping()
+            if self._injected is not None and self._marker_key is not None:
+                # an injected client has no connect hook (see _on_connect)
+                client.set(self._marker_key, os.urandom(8).hex(), nx=True)
             self._pinged = self._connected_once = True
             if not self._warned and os.getpid() == self._maker:
                 self._warned = True
@@ -286,10 +291,7 @@ class Link:
             try:
                 result = op(self.client())
             except _MarkerChanged as exc:
-                self._failure = QueueDataLost(
-                    f"the Redis server lost {self._what}'s data (restarted without persistence?)"
-                )
-                raise self._failure from exc
+                raise self._lost() from exc
             except REFUSED as exc:
                 raise BackendUnavailable(f"Redis at {self.where} refused us: {exc}") from exc
             except RETRYABLE as exc:
@@ -301,6 +303,8 @@ class Link:
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, LONGEST_PAUSE)
             except ResponseError as exc:
+                if str(exc).startswith(DATA_LOST_REPLY):  # a script found the marker gone
+                    raise self._lost() from exc
                 raise BackendUnavailable(f"Redis at {self.where} said: {exc}") from exc
             except RedisError as exc:
                 raise BackendUnavailable(f"Redis at {self.where}: {exc}") from exc
@@ -308,6 +312,13 @@ class Link:
                 if self._down_since is not None:
                     self._back()
                 return result
+
+    def _lost(self) -> QueueDataLost:
+        """The queue's data is gone (sticky: the run cannot go on)."""
+        self._failure = QueueDataLost(
+            f"the Redis server lost {self._what}'s data (restarted without persistence?)"
+        )
+        return self._failure
 
     def _outage(self, exc: Exception) -> float:
         """Note a failure of the link: start the outage clock (one line, in the

@@ -20,6 +20,7 @@ from apps.jobs import handled
 from apps.protocol_jobs import started
 from helpers import wait_for
 from helpers_cli import PCQ, ROOT, pcq_env, session_pids, start_pcq
+from redis_server import RedisServer
 
 from pcq.backends.redis import RedisQueue
 
@@ -155,3 +156,26 @@ def test_a_reaped_suspect_goes_out_while_every_consumer_is_busy(
     assert pcq(env, "close").returncode == 0
     assert a.wait(timeout=10) == 0
     assert sorted(handled(tmp_path)) == [0, 1]
+
+
+# ------------------------------------------- 4. data lost while connections stay open
+
+
+@pytest.mark.timeout(60)
+def test_a_flushdb_mid_run_fails_the_run_with_exit_3(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Given a run of 40 slow tasks on its own server, some handled
+    env = pcq_env(redis_server.url, tmp_path, JOBS_N="40", JOBS_SLEEP="0.05")
+    run = start_pcq(["run", f"{JOBS}:produce", f"{JOBS}:handle", "--backend", "redis",
+                     "--workers", "2", "--json", "--no-progress"], env)
+    wait_for(lambda: len(handled(tmp_path)) >= 4, timeout=30, message="4 tasks handled")
+
+    # When the server's data is flushed, every connection staying open
+    redis_server.client().flushdb()
+
+    # Then the run fails with the data-loss error and never reports success
+    out, err = run.communicate(timeout=40)
+    assert run.returncode == 3, (out, err)
+    assert f"the Redis server lost queue {env['PCQ_QUEUE']}'s data" in err
+    assert '"exit_code": 0' not in out and "Traceback" not in err

@@ -913,6 +913,6 @@ class RedisQueue(Queue):
 
     def purge(self) -> int:
         k = self.keys
-        keys = [k.ready, k.delayed, k.counters, k.closed, k.epoch, k.consumer_beats]
-        keys += [k.full, k.space, k.acked, k.suspects, k.deaths]
+        keys = [k.ready, k.delayed, k.counters, k.consumer_beats, k.full, k.space, k.acked]
+        keys += [k.suspects, k.deaths, k.holding]
         return int(self._run("purge", keys, [k.inflight_prefix]))

@@ -6,6 +6,7 @@ that lost its data reports success."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -179,3 +180,27 @@ def test_a_flushdb_mid_run_fails_the_run_with_exit_3(
     assert run.returncode == 3, (out, err)
     assert f"the Redis server lost queue {env['PCQ_QUEUE']}'s data" in err
     assert '"exit_code": 0' not in out and "Traceback" not in err
+
+
+# ------------------------------------------- 5. purge keeps a closed run closed
+
+
+@pytest.mark.timeout(30)
+def test_a_live_consumer_exits_after_close_then_purge(redis_url: str, tmp_path: Path) -> None:
+    # Given a consumer holding task 0 of five, the queue closed behind them
+    env = pcq_env(redis_url, tmp_path)
+    hold(tmp_path, 0)
+    host = consume(env)
+    put(env, 0, 5)
+    wait_for(lambda: started(tmp_path) == [0], timeout=10, message="task 0 started")
+    assert pcq(env, "close").returncode == 0
+
+    # When the queue is purged and the held task finishes
+    purged = pcq(env, "purge")
+    assert purged.returncode == 0, purged.stderr
+    let_go(tmp_path, 0)
+
+    # Then the consumer exits: the run is still closed, and nothing is left
+    assert host.wait(timeout=10) == 0
+    status = pcq(env, "status", "--json")
+    assert json.loads(status.stdout)["state"] == "idle", status.stdout

@@ -99,13 +99,28 @@ def key(name: str, part: str) -> str:
     return f"pcq:{name}:{part}" if "{" in name else f"pcq:{{{name}}}:{part}"
 
 
-def _has_good_braces(name: str) -> bool:
-    """No braces, or exactly one non-empty ``{tag}``: a Redis Cluster hash tag."""
+def check_name(name: str) -> None:
+    """Raise ConfigError unless ``name`` maps to keys of its own.
+
+    A name has no braces, or exactly one non-empty ``{tag}`` (a Redis Cluster
+    hash tag).  ``{a}`` alone would map to ``pcq:{a}:…``, the keys of queue
+    ``a``, and ``{a}:x`` to keys inside them (``pcq:{a}:x:…``): a tag at the
+    start of a name must be followed by something other than ``:``.  With that,
+    two names never share a key.
+    """
+    if not name:
+        raise ConfigError("bad queue name '': it must not be empty")
     if "{" not in name and "}" not in name:
-        return True
-    if name.count("{") != 1 or name.count("}") != 1:
-        return False
-    return name.index("}") > name.index("{") + 1
+        return
+    opened, closed = name.find("{"), name.find("}")
+    if name.count("{") != 1 or name.count("}") != 1 or closed < opened + 2:
+        raise ConfigError(f"bad queue name {name!r}: it must have no braces, or one hash "
+                          "tag such as {crawl}.parse")
+    if opened == 0 and name[closed + 1 : closed + 2] in ("", ":"):
+        plain = name[1:closed]
+        raise ConfigError(f"bad queue name {name!r}: on Redis it would share keys with queue "
+                          f"{plain!r}; name it {plain!r}, or add to the tag (e.g. "
+                          f"'{{{plain}}}.main')")
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,9 +240,7 @@ class RedisQueue(Queue):
         retry_for: float = 60.0,
         max_deliveries: int = 3,
     ) -> None:
-        if not name or not _has_good_braces(name):
-            raise ConfigError(f"bad queue name {name!r}: it must be non-empty, with no braces "
-                              "or one hash tag such as {crawl}.parse")
+        check_name(name)
         if maxsize < 0:
             raise ConfigError(f"maxsize must be 0 (unbounded) or more, not {maxsize}")
         if heartbeat_ttl <= 0:

@@ -8,8 +8,12 @@ from typing import TYPE_CHECKING
 
 from helpers import take_lease
 
+from pcq.errors import ConfigError
+
 if TYPE_CHECKING:
     from conftest import QueueFactory
+
+    from pcq.backends.base import Queue
 
 
 def test_purge_keeps_a_closed_run_closed_and_its_consumers_stop(
@@ -35,3 +39,30 @@ def test_purge_keeps_a_closed_run_closed_and_its_consumers_stop(
     lease = take_lease(q)
     assert lease.sentinel is not None and lease.size == 0
     q.ack(lease)
+
+
+def test_a_queue_name_maps_to_keys_of_its_own(make_queue: QueueFactory) -> None:
+    # Given queue N with two tasks
+    q = make_queue()
+    q.put_many([1, 2])
+
+    # When queues named "{N}" and "{N}.2" (a pipeline's second stage) are opened
+    # on the same server: a backend may refuse the first, as Redis does, since it
+    # would name N's own keys
+    others: list[Queue] = []
+    for name in (f"{{{q.name}}}", f"{{{q.name}}}.2"):
+        try:
+            others.append(q.sibling(name))
+        except ConfigError:
+            assert name == f"{{{q.name}}}"
+    try:
+        # Then none of them shares anything with N
+        for other in others:
+            assert other.counters().produced == 0
+            other.put(3)
+        c = q.counters()
+        assert (c.produced, c.ready) == (2, 2)
+    finally:
+        for other in others:
+            other.purge()
+            other.dispose()

@@ -21,9 +21,11 @@ from apps.jobs import handled
 from apps.protocol_jobs import started
 from helpers import wait_for
 from helpers_cli import PCQ, ROOT, pcq_env, session_pids, start_pcq
+from redis.crc import key_slot
 from redis_server import RedisServer
 
 from pcq.backends.redis import RedisQueue
+from pcq.pipeline import stage_queue
 
 APP = "tests/apps/protocol_jobs.py"
 JOBS = "tests/apps/jobs.py"
@@ -204,3 +206,37 @@ def test_a_live_consumer_exits_after_close_then_purge(redis_url: str, tmp_path: 
     assert host.wait(timeout=10) == 0
     status = pcq(env, "status", "--json")
     assert json.loads(status.stdout)["state"] == "idle", status.stdout
+
+
+# ------------------------------------------- 9. a queue name maps to its own keys
+
+
+@pytest.mark.timeout(30)
+def test_a_name_that_would_share_another_queues_keys_is_refused(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # Given queue "a" with one task
+    env = pcq_env(redis_url, tmp_path)
+    plain = env["PCQ_QUEUE"]
+    put(env, 0)
+
+    # When a command names the queue "{a}" (or "{a}:x", inside a's keys)
+    for name in (f"{{{plain}}}", f"{{{plain}}}:ready"):
+        done = pcq({**env, "PCQ_QUEUE": name}, "produce", f"{JOBS}:produce", "--no-wait")
+
+        # Then it is refused with one line, exit 2, and queue "a" is untouched
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"pcq: error: bad queue name {name!r}: on Redis it would share keys with queue "
+            f"{plain!r}; name it {plain!r}, or add to the tag (e.g. '{{{plain}}}.main')"
+        ]
+    status = json.loads(pcq(env, "status", "--json").stdout)
+    assert (status["produced"], status["ready"]) == (1, 1)
+
+    # and a pipeline's stage queues still share the first queue's hash slot
+    first, second = RedisQueue(plain, url=redis_url), RedisQueue(stage_queue(plain, 1),
+                                                                 url=redis_url)
+    assert key_slot(first.keys.ready.encode()) == key_slot(second.keys.ready.encode())
+    assert first.keys.ready != second.keys.ready
+    for q in (first, second):
+        q.dispose()

@@ -746,9 +746,9 @@ class RedisQueue(Queue):
         self._reap("id", consumer)
         self._holding = []
 
-    def attach_producer(self) -> None:
+    def attach_producer(self, producer_id: str | None = None) -> str:
         self._here()
-        producer = self._new_id()
+        producer = producer_id or self._new_id()
         k = self.keys
         keys = [k.producers, k.producer_beats, k.closed, k.epoch]
         self._set_epoch(self._run("attach", keys, [producer, self._info(), self._ttl_ms]))
@@ -756,10 +756,19 @@ class RedisQueue(Queue):
         with self._beat_lock:
             self._beat_ids.append(producer)
         self._start_heartbeat()
+        return producer
 
-    def detach_producer(self, close_if_last: bool = True) -> None:
+    def detach_producer(self, producer_id: str | None = None, close_if_last: bool = True) -> None:
+        """Unregister ``producer_id`` — another process's, such as a producer
+        child that was killed, or None for the last one this object attached —
+        then close if it was the last live one (``close_if_last``)."""
         self._here()
-        producer = self._producer_ids.pop() if self._producer_ids else ""
+        if producer_id is None:
+            producer = self._producer_ids.pop() if self._producer_ids else ""
+        else:
+            producer = producer_id
+            if producer in self._producer_ids:
+                self._producer_ids.remove(producer)
         with self._beat_lock:
             if producer in self._beat_ids:
                 self._beat_ids.remove(producer)

@@ -66,3 +66,24 @@ def test_a_queue_name_maps_to_keys_of_its_own(make_queue: QueueFactory) -> None:
         for other in others:
             other.purge()
             other.dispose()
+
+
+def test_a_producer_is_detached_by_its_id_and_the_last_one_out_closes(
+    make_queue: QueueFactory,
+) -> None:
+    # Given two producers: this process's own, and one attached by another
+    # handle under an id of its own (a producer process that is then killed)
+    q = make_queue()
+    child = make_queue.handle(q)
+    mine = q.attach_producer()
+    theirs = child.attach_producer("producer-child")
+    assert theirs == "producer-child" and mine != theirs
+
+    # When this process detaches the other producer by its id, then its own
+    q.detach_producer("producer-child", close_if_last=True)
+    assert not q.counters().closed  # ours is still attached
+    q.detach_producer(close_if_last=True)
+
+    # Then the queue is closed, with no producer left
+    c = q.counters()
+    assert c.closed and c.producers == 0

@@ -240,3 +240,30 @@ def test_a_name_that_would_share_another_queues_keys_is_refused(
     assert first.keys.ready != second.keys.ready
     for q in (first, second):
         q.dispose()
+
+
+# ------------------------------------------- 1. a killed producer is detached by its id
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("stages", [1, 2], ids=["one-stage", "pipeline"])
+def test_a_killed_producer_ends_the_job_at_once_with_a_producer_error(
+    redis_url: str, tmp_path: Path, stages: int
+) -> None:
+    # Given a job of two producers, one of which SIGKILLs itself after one task
+    env = pcq_env(redis_url, tmp_path, JOBS_N="10")
+    handlers = [f"{APP}:double"] * (stages - 1) + [f"{JOBS}:handle"]
+    run = start_pcq(["run", f"{APP}:produce_one_dies", *handlers, "--backend", "redis",
+                     "--producers", "2", "--workers", "1", "--heartbeat-ttl", "30",
+                     "--json", "--no-progress"], env)
+
+    # When it runs (the dead producer's heartbeat would keep it open for 30 s)
+    out, err = run.communicate(timeout=20)
+
+    # Then it ends at once, counting the dead producer as a producer error, and
+    # leaves the queue closed
+    assert run.returncode == 1, (out, err)
+    summary = json.loads(out)
+    assert summary["producer_errors"] == 1 and summary["exit_code"] == 1, out
+    status = json.loads(pcq(env, "status", "--json").stdout)
+    assert status["closed"] and status["producers"] == 0, status

@@ -516,7 +516,8 @@ class Consumer(_Process):
         what = (f"task {short_repr(env.body)} failed in {self.name} (pid {self.pid}), "
                 f"attempt {env.attempts + 1}/{self.retries + 1}: {error}")
         if env.attempts < self.retries:
-            delay = self.backoff * (2**env.attempts) * (1 + random.random() / 4)
+            # capped: 2**attempts of a huge --retries would overflow a float
+            delay = self.backoff * 2.0 ** min(env.attempts, 16) * (1 + random.random() / 4)
             log.info("%s; retry in %.2f s", what, delay)
             return Failure(env, error, tb, retry_in=delay)
         # The traceback stays with the dead letter; in the log it would bury the

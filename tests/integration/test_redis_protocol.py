@@ -6,11 +6,15 @@ that lost its data reports success."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
+import threading
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -24,7 +28,10 @@ from helpers_cli import PCQ, ROOT, pcq_env, session_pids, start_pcq
 from redis.crc import key_slot
 from redis_server import RedisServer
 
+from pcq.backends.base import Failure
 from pcq.backends.redis import RedisQueue
+from pcq.backends.redis_link import load_script
+from pcq.envelope import Envelope, encode_envelope, new_tag
 from pcq.pipeline import stage_queue
 
 APP = "tests/apps/protocol_jobs.py"
@@ -267,3 +274,146 @@ def test_a_killed_producer_ends_the_job_at_once_with_a_producer_error(
     assert summary["producer_errors"] == 1 and summary["exit_code"] == 1, out
     status = json.loads(pcq(env, "status", "--json").stdout)
     assert status["closed"] and status["producers"] == 0, status
+
+
+# ------------------------------------------- 6. lost replies, kills, huge retries
+
+
+class ReplyCutter:
+    """A TCP proxy in front of a real redis-server that, once armed, drops the
+    connection on the server's next reply instead of passing it on: the
+    command ran, its reply is lost (as in a network cut)."""
+
+    def __init__(self, port: int) -> None:
+        self.armed = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        self._port = port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", self._port))
+                threading.Thread(target=self._pipe, args=(client, server, False),
+                                 daemon=True).start()
+                threading.Thread(target=self._pipe, args=(server, client, True),
+                                 daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if replies and self.armed.is_set():
+                    self.armed.clear()
+                    break
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.fixture
+def cutter(shared_redis: RedisServer) -> Iterator[ReplyCutter]:
+    proxy = ReplyCutter(shared_redis.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_resent_ack_after_a_lost_reply_counts_once_and_leaks_no_death(
+    cutter: ReplyCutter, redis_url: str
+) -> None:
+    # Given a suspect (its consumer died with it in flight) taken by consumer B,
+    # which talks to the server through a connection that will be cut
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    dead = RedisQueue(name, url=redis_url, heartbeat_ttl=0.3)
+    b = RedisQueue(name, url=cutter.url, heartbeat_ttl=30)
+    server = redis.Redis.from_url(redis_url)
+    try:
+        dead.attach_consumer()
+        dead.put(7)
+        assert dead.take(1, timeout=5) is not None
+        dead.dispose()  # its heartbeat stops
+        b.attach_consumer()
+        wait_for(lambda: b.reap() == 1, timeout=5, message="the reap of the dead consumer")
+        suspect = b.take(1, timeout=5)
+        assert suspect is not None and suspect.deaths == 1
+
+        # When B's ack runs (the script is loaded: no NOSCRIPT reply comes
+        # first) but its reply is lost, and B sends it again
+        server.script_load(load_script("ack"))
+        cutter.armed.set()
+        applied = b.ack(suspect)
+
+        # Then the ack counts once, as applied, and no death count is left
+        assert applied and b.stale_leases == 0
+        c = b.counters()
+        assert (c.done, c.pending, c.in_flight) == (1, 0, 0)
+        assert server.hlen(b.keys.deaths) == 0
+    finally:
+        b.forget()
+        b.dispose()
+        server.close()
+
+
+@pytest.mark.timeout(30)
+def test_an_ack_sent_after_the_kill_decision_commits_nothing(redis_url: str) -> None:
+    # Given a consumer (this process) running a task past its timeout
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    consumer, supervisor = RedisQueue(name, url=redis_url), RedisQueue(name, url=redis_url)
+    try:
+        consumer.attach_consumer()
+        supervisor.put(5)
+        lease = consumer.take(1, timeout=5)
+        assert lease is not None
+        (env,) = lease.envelopes()
+
+        # When its supervisor decides to kill it, and the task's ack comes in
+        # before the SIGKILL lands
+        supervisor.killing(os.getpid(), env.id)
+        assert not consumer.ack(lease)
+
+        # Then that ack committed nothing: the supervisor fails the task
+        assert consumer.counters().done == 0
+        failed = supervisor.fail_running(os.getpid(), env.id,
+                                         lambda e: Failure(e, "TaskTimeout: ran too long"))
+        assert failed
+        supervisor.release(os.getpid())
+        c = supervisor.counters()
+        assert (c.done, c.failed, c.dead, c.pending) == (0, 1, 1, 0)
+    finally:
+        supervisor.forget()
+        for q in (consumer, supervisor):
+            q.dispose()
+
+
+@pytest.mark.timeout(30)
+def test_a_task_far_into_its_retries_is_retried_without_overflow(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # Given a task that failed 2000 times already, on a queue whose consumer
+    # allows a huge number of retries
+    env = pcq_env(redis_url, tmp_path)
+    q = RedisQueue(env["PCQ_QUEUE"], url=redis_url)
+    q.attach_producer()
+    q._put([encode_envelope(Envelope(new_tag(), 0, 5, 2000, 0.0))], 1)
+    q.detach_producer(close_if_last=False)
+    host = start_pcq(["consume", f"{JOBS}:handle_failing", "--workers", "1",
+                      "--retries", "100000"], env)
+
+    # When it fails once more
+    # Then its retry is scheduled (a capped backoff), and the consumer lives on
+    wait_for(lambda: q.counters().delayed == 1, timeout=15, message="the retry scheduled")
+    c = q.counters()
+    assert (c.dead, c.retried) == (0, 1)
+    assert host.poll() is None
+    host.send_signal(signal.SIGTERM)
+    _, err = host.communicate(timeout=15)
+    assert "Traceback" not in err and "OverflowError" not in err, err
+    q.forget()
+    q.dispose()

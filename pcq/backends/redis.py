@@ -218,6 +218,9 @@ class RedisQueue(Queue):
     this long is dead: its tasks are reaped, it does not count as live.
     ``retry_for`` — how long after the first failure of an outage operations
     stop retrying and raise :class:`~pcq.errors.BackendLost` (``--reconnect-timeout``).
+    ``read_only`` — for commands that only look (``pcq status``, ``pcq dead
+    list``): the connection does not create the queue's marker, so looking at a
+    queue that does not exist leaves nothing behind.
 
     The consumer registration belongs to the process that made it; a copy of this
     object in another process starts unattached.  Producer registrations travel
@@ -239,6 +242,7 @@ class RedisQueue(Queue):
         heartbeat_ttl: float = 5.0,
         retry_for: float = 60.0,
         max_deliveries: int = 3,
+        read_only: bool = False,
     ) -> None:
         check_name(name)
         if maxsize < 0:
@@ -250,7 +254,9 @@ class RedisQueue(Queue):
         self.heartbeat_ttl = heartbeat_ttl
         self.keep_alive_every = heartbeat_ttl / 3
         self.keys = Keys.of(name)
-        self._link = Link(url, client, retry_for, marker=self.keys.run, what=f"queue {name}")
+        self.read_only = read_only
+        self._link = Link(url, client, retry_for, marker=self.keys.run, what=f"queue {name}",
+                          create_marker=not read_only)
         self._producer_ids: list[str] = []
         self._interrupted = False  # set from a signal handler: a waiting put gives up
         self._fresh()
@@ -637,7 +643,7 @@ class RedisQueue(Queue):
     def sibling(self, name: str, *, maxsize: int = 0) -> Queue:
         return RedisQueue(name, maxsize=maxsize, url=self.url, client=self._link.injected,
                           heartbeat_ttl=self.heartbeat_ttl, retry_for=self._link.retry_for,
-                          max_deliveries=self.max_deliveries)
+                          max_deliveries=self.max_deliveries, read_only=self.read_only)
 
     def forget(self) -> None:
         k = self.keys

@@ -141,6 +141,7 @@ class Link:
         *,
         marker: str | None = None,
         what: str = "the queue",
+        create_marker: bool = True,
     ) -> None:
         self.url = url
         self.retry_for = retry_for
@@ -150,6 +151,7 @@ class Link:
         # pickling, so a child checks against what its parent saw.
         self._marker_key = marker
         self._marker: bytes | None = None
+        self._create_marker = create_marker  # False: a reader, which never writes
         self._what = what
         self._maker = os.getpid()  # only this process announces outages and warns
         self._warned = False
@@ -220,7 +222,7 @@ class Link:
             client = self._client
         if not self._pinged:
             client.ping()
-            if self._injected is not None and self._marker_key is not None:
+            if self._injected is not None and self._marker_key and self._create_marker:
                 # an injected client has no connect hook (see _on_connect)
                 client.set(self._marker_key, os.urandom(8).hex(), nx=True)
             self._pinged = self._connected_once = True
@@ -235,8 +237,9 @@ class Link:
         connection.on_connect()
         if self._marker_key is None:
             return
-        connection.send_command("SET", self._marker_key, os.urandom(8).hex(), "NX")
-        connection.read_response()
+        if self._create_marker:
+            connection.send_command("SET", self._marker_key, os.urandom(8).hex(), "NX")
+            connection.read_response()
         connection.send_command("GET", self._marker_key)
         seen = connection.read_response()
         if self._marker is None:

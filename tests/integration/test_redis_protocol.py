@@ -417,3 +417,29 @@ def test_a_task_far_into_its_retries_is_retried_without_overflow(
     assert "Traceback" not in err and "OverflowError" not in err, err
     q.forget()
     q.dispose()
+
+
+# ------------------------------------------- #19 item 4: reading never writes
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["dead", "list"]],
+                         ids=["status", "status-json", "dead-list"])
+def test_reading_a_queue_that_does_not_exist_writes_nothing(
+    redis_url: str, tmp_path: Path, command: list[str]
+) -> None:
+    # Given a server without queue "typo…"
+    env = pcq_env(redis_url, tmp_path)
+    name = env["PCQ_QUEUE"]
+    server = redis.Redis.from_url(redis_url)
+
+    # When a read-only command names it
+    done = pcq(env, *command)
+
+    # Then it says the queue does not exist, exit 2, and leaves no key behind
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"pcq: error: queue {name!r} does not exist on this server (nothing was ever put "
+        "in it, and no consumer or producer is attached)")
+    assert server.keys(f"pcq:*{name}*") == []
+    server.close()

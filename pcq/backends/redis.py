@@ -308,9 +308,9 @@ class RedisQueue(Registered):
 
         ack.lua and take.lua go out in one pipeline.  The ack carries a token that
         it records beside its result; take.lua moves nothing unless it finds that
-        token, and adopts what lies beyond the in-flight length the ack left.  So
-        if the connection drops, sending both again is safe: a repeated ack is a
-        no-op, a take whose reply was lost is adopted, and a take never runs
+        token, and adopts whatever lies in our in-flight list that we do not hold.
+        So if the connection drops, sending both again is safe: a repeated ack is
+        a no-op, a take whose reply was lost is adopted, and a take never runs
         without its ack.  Only when nothing was ready does it wait, as take does.
         """
         me = self._me()

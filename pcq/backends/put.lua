@@ -6,6 +6,7 @@
 -- KEYS[4] epoch      close epoch (integer, absent = 0)
 -- KEYS[5] full       "a producer waits for space": holds its maxsize (see take.lua)
 -- KEYS[6] space      wake-up tokens pushed by take.lua; the waiting producer BLPOPs them
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] maxsize (0 = unbounded)
 -- ARGV[2] 1 when each message is a task (always, but for test messages that hold none)
 -- ARGV[3..] messages
@@ -19,6 +20,7 @@
 -- finds itself full, so a take that frees space afterwards always leaves a token:
 -- no lost wake-up, no polling.  Putting to a closed queue reopens it: a new epoch,
 -- so the sentinels already queued are stale and no consumer obeys them.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('DEL', KEYS[3])
   redis.call('INCR', KEYS[4])

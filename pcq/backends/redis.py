@@ -460,9 +460,10 @@ class RedisQueue(Queue):
             return None
         self._check_target(to)
         assert isinstance(to, RedisQueue)
-        if to._link.where != self._link.where:
-            raise ConfigError(f"a stage's queues must be on one Redis server, not "
-                              f"{self._link.where} and {to._link.where}")
+        if not self._link.same_slot(to._link):
+            raise ConfigError(f"a stage's queues must be on one Redis server (in a Cluster, in "
+                              f"one slot: give them one hash tag, e.g. {{{self.name}}}.2), not "
+                              f"{self._link.where} and {to._link.where} ({to.name!r})")
         return to.keys
 
     @staticmethod

@@ -30,6 +30,16 @@ redis-py's errors become pcq's:
   server keeps nothing on restart (no AOF, no RDB save points) or may evict keys.
 * ``rediss://``: the TLS handshake shares the connect timeout, so a TLS client
   talking to a plain server fails in ``CONNECT_TIMEOUT``, not the socket timeout.
+* Beyond one server (see :mod:`pcq.backends.redis_topology`): in a Redis Cluster
+  the client is a plain one to the master that owns the queue's slot, found
+  again after MOVED, ASK or a lost master; behind Sentinel it is redis-py's
+  Sentinel-managed client.  Either way an outage is waited out as above.
+* Durable writes: when the master has replicas, a write the caller marks
+  ``durable`` goes out in one pipeline with ``WAIT`` (same connection, so WAIT
+  counts that write).  Fewer replicas than wanted acknowledged it: the write is
+  not done — it is sent again (the scripts make a repeat a no-op that still
+  writes, so the repeat's WAIT covers the first) until a replica has it, as an
+  outage, so past ``retry_for`` it is :class:`~pcq.errors.BackendLost`.
 
 A link crosses process boundaries as its URL: the client is dropped when pickled
 and rebuilt, lazily, in a process whose pid differs from its maker's.  An injected
@@ -43,7 +53,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.resources import files
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -52,15 +62,31 @@ import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     AuthorizationError,
+    ClusterDownError,
     NoPermissionError,
+    NoScriptError,
+    ReadOnlyError,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError
 
+from pcq.backends.redis_topology import (
+    ClusterMap,
+    SentinelUrl,
+    durability,
+    explain_no_master,
+    is_sentinel,
+    node_url,
+    says_cluster,
+    sentinel_master,
+)
 from pcq.errors import BackendLost, BackendUnavailable, ConfigError, QueueDataLost
 
 T = TypeVar("T")
@@ -68,6 +94,9 @@ log = logging.getLogger("pcq")
 
 #: Errors worth waiting out: the server is restarting, loading, or unreachable.
 RETRYABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+#: The queue's master moved (resharding, failover): find it again and go on.
+#: (AskError covers MovedError.)
+MOVING = (AskError, TryAgainError, ClusterDownError, ReadOnlyError)
 #: The server answered and said no: retrying cannot help.
 REFUSED = (
     AuthenticationError,
@@ -84,9 +113,21 @@ SOCKET_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 2.0
 
 
+#: Servers this process has already warned about (one warning per command,
+#: however many queues it opens there).
+_WARNED: set[str] = set()
+#: A script call in a pipeline: the script's name, its keys and arguments.
+ScriptCall = tuple[str, list[str], list[Any]]
+
+
 class _MarkerChanged(RedisError):
     """Raised while a new connection is set up: the queue's marker is not the one
     this link saw first (a RedisError, so that redis-py drops the connection)."""
+
+
+class _NotReplicated(redis.exceptions.ConnectionError):
+    """WAIT saw fewer replicas than wanted acknowledge a write: it is not done
+    (an outage as far as :meth:`Link.call` is concerned)."""
 
 
 class _TlsConnection(redis.SSLConnection):
@@ -150,19 +191,28 @@ class Link:
         self._marker: bytes | None = None
         self._what = what
         self._maker = os.getpid()  # only this process announces outages and warns
-        self._warned = False
         self._failure: BackendLost | None = None  # sticky: the run cannot go on
+        # Where the master is; both cross pickling, so a child finds a cluster
+        # whose node in the URL has died since (see redis_topology).
+        self._nodes: list[tuple[str, int]] | None = None  # a cluster's nodes
+        self._single = client is not None  # known not to be a cluster node
         self._client: redis.Redis | None = None
         self._pinged = False
         self._scripts: dict[str, Script] = {}
         self._reset()
+        try:
+            self._plain, self.durability = durability(url)
+            self._sentinel = SentinelUrl.parse(self._plain) if is_sentinel(url) else None
+        except ValueError as exc:
+            raise ConfigError(f"bad Redis URL {safe_url(url)!r}: {exc}") from exc
         if client is not None:
             if client.get_connection_kwargs().get("decode_responses"):
                 raise ConfigError("pcq needs a Redis client with decode_responses=False")
             self.where = _describe(client)
+            self._replicas = self.durability.replicas or 0
         else:
-            self.where = safe_url(url)
-            self._client = self._build()  # a bad URL fails here, not at first use
+            self.where = self._sentinel.where() if self._sentinel else safe_url(url)
+            self._build()  # a bad URL fails here, not at first use
 
     def _reset(self) -> None:
         self._pid = os.getpid()
@@ -172,29 +222,36 @@ class Link:
         self._lock = threading.Lock()
         self._down_since: float | None = None  # monotonic time of the outage's first failure
         self._prober: redis.Redis | None = self._injected  # probe()'s own client
+        self._prober_at: tuple[str, int] | None = None  # the master it talks to
+        self._cluster: ClusterMap | None = None
+        self._owner: tuple[str, int] | None = None  # the master of our slot, in a cluster
+        self._relocate = False  # the master moved: ask the cluster again
+        self._replicas = 0  # replicas a durable write waits for (see _on_connect)
 
-    def _build(self, socket_timeout: float = SOCKET_TIMEOUT) -> redis.Redis:
+    def _build(self, socket_timeout: float = SOCKET_TIMEOUT, check: bool = True) -> redis.Redis:
+        common: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": CONNECT_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),
+            "redis_connect_func": self._on_connect if check else None,
+        }
+        if self._sentinel is not None:
+            return sentinel_master(self._sentinel, **common)
+        url = node_url(self._plain, *self._owner) if self._owner else self._plain
         try:
-            parts = urlsplit(self.url)
+            parts = urlsplit(url)
             db = parts.path.strip("/")
             if parts.scheme in ("redis", "rediss") and db and not db.isdigit():
                 raise ValueError(f"the database must be a number, not {db!r}")  # not db 0
             tls: dict[str, Any] = {"connection_class": _TlsConnection}
-            return redis.Redis.from_url(
-                self.url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=CONNECT_TIMEOUT,
-                retry=Retry(NoBackoff(), 0),
-                redis_connect_func=self._on_connect,
-                **(tls if parts.scheme == "rediss" else {}),
-            )
+            return redis.Redis.from_url(url, **common, **(tls if parts.scheme == "rediss" else {}))
         except ValueError as exc:
             raise ConfigError(f"bad Redis URL {safe_url(self.url)!r}: {exc}") from exc
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         for name in ("_client", "_injected", "_scripts", "_lock", "_pinged", "_pid", "_down_since",
-                     "_prober"):
+                     "_prober", "_prober_at", "_cluster", "_owner", "_relocate", "_replicas"):
             state.pop(name, None)
         return state
 
@@ -213,21 +270,66 @@ class Link:
         if self._pid != os.getpid():  # forked: the parent's sockets (and lock) are not ours
             self._reset()
         with self._lock:
-            if self._client is None:
-                self._client = self._build()
+            if self._client is None or self._relocate:
+                self._locate()
+                self._client, self._pinged = self._build(), False
             client = self._client
         if not self._pinged:
-            client.ping()
-            self._pinged = self._connected_once = True
-            if not self._warned and os.getpid() == self._maker:
-                self._warned = True
-                self._warn_about(client)
+            self._first_ping(client)
         return client
+
+    def _first_ping(self, client: redis.Redis) -> None:
+        try:
+            client.ping()
+        except MasterNotFoundError as exc:
+            if self._connected_once or self._sentinel is None:
+                raise
+            raise explain_no_master(self._sentinel, exc) from exc
+        self._pinged = self._connected_once = True
+        if os.getpid() == self._maker and self.where not in _WARNED:
+            _WARNED.add(self.where)
+            self._warn_about(client)
+
+    def _locate(self) -> None:
+        """In a Redis Cluster, find the master that owns the queue's slot (a
+        single server or Sentinel needs nothing here)."""
+        if self._single or self._sentinel is not None:
+            return
+        if self._nodes is None:  # the first use of this link in any process
+            probe = self._build(socket_timeout=CONNECT_TIMEOUT, check=False)
+            try:
+                if not says_cluster(probe):
+                    self._single = True
+                    return
+            finally:
+                probe.close()
+            parts = urlsplit(self._plain)
+            self._nodes = [(parts.hostname or "localhost", parts.port or 6379)]
+        if self._cluster is None:
+            self._cluster = ClusterMap(self._nodes, self._plain, socket_timeout=CONNECT_TIMEOUT,
+                                       socket_connect_timeout=CONNECT_TIMEOUT)
+        elif self._relocate:
+            self._cluster.refresh()
+        self._relocate = False
+        self._nodes = self._cluster.nodes()
+        self._owner = self._cluster.owner(self._marker_key or "pcq")
+
+    def same_slot(self, other: Link) -> bool:
+        """Whether ``other``'s queue lives where this one's does: the same server,
+        and in a cluster the same hash slot (one script can touch both)."""
+        self.call(lambda client: client)  # a cluster or not: found out at first use
+        other.call(lambda client: client)
+        if self._cluster is None or other._cluster is None:
+            return other.where == self.where and self._cluster is other._cluster
+        mine, theirs = self._marker_key or "", other._marker_key or ""
+        return self._owner == other._owner and self._cluster.same_slot(mine, theirs)
 
     def _on_connect(self, connection: Any) -> None:
         """redis-py calls this on every new connection, before any command of
-        ours: authenticate as usual, then check the queue's marker."""
+        ours: authenticate as usual, check the queue's marker, and learn how
+        many replicas a durable write must reach on this master."""
         connection.on_connect()
+        self._replicas = self.durability.wanted(self._connected_replicas(connection))
         if self._marker_key is None:
             return
         connection.send_command("SET", self._marker_key, os.urandom(8).hex(), "NX")
@@ -238,6 +340,20 @@ class Link:
             self._marker = seen
         elif seen != self._marker:
             raise _MarkerChanged(f"marker {self._marker_key} is {seen!r}, was {self._marker!r}")
+
+    def _connected_replicas(self, connection: Any) -> int:
+        """How many replicas the master reports (0 if it will not say: an ACL
+        user without INFO); only asked when the URL leaves ``wait`` open."""
+        if self.durability.replicas is not None:
+            return 0
+        connection.send_command("INFO", "replication")
+        try:
+            info = connection.read_response()
+        except ResponseError:
+            return 0
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        found = [line for line in text.splitlines() if line.startswith("connected_slaves:")]
+        return int(found[0].split(":")[1]) if found else 0
 
     def _warn_about(self, client: redis.Redis) -> None:
         """Warn (once, in the process that made the link) about a server that can
@@ -268,12 +384,50 @@ class Link:
             script = self._scripts[name] = self.client().register_script(load_script(name))
         return script
 
-    def run(self, name: str, keys: list[str], args: list[Any], *, retry: bool = True) -> Any:
+    def run(
+        self, name: str, keys: list[str], args: list[Any], *, retry: bool = True,
+        durable: bool = False,
+    ) -> Any:
         """Run script ``name`` (EVALSHA, loading it if the server lost it) through
-        :meth:`call`."""
+        :meth:`call`; ``durable``: it counts only once enough replicas have it
+        (see :meth:`pipelined`; the script must be safe to repeat)."""
+        if durable:
+            return self.call(lambda client: self.pipelined(client, [(name, keys, args)])[0],
+                             retry=retry)
         return self.call(
             lambda client: self.script(name)(keys=keys, args=args, client=client), retry=retry
         )
+
+    def pipelined(self, client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+        """The replies of ``calls``, sent in one pipeline (not a transaction: each
+        script is atomic) followed by ``WAIT`` when the master has replicas to
+        wait for.  Scripts the server lost (a restart, a promoted replica) are
+        loaded and the whole pipeline sent again: every call must be safe to
+        repeat.  A WAIT short of its replicas raises :class:`_NotReplicated`,
+        which :meth:`call` waits out by sending the calls again."""
+        scripts = [self.script(name) for name, _, _ in calls]
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            for script, (_, keys, args) in zip(scripts, calls, strict=True):
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replicas = self._replicas
+            if replicas:
+                pipe.execute_command(  # type: ignore[no-untyped-call]
+                    "WAIT", replicas, self.durability.timeout_ms)
+            replies = pipe.execute(raise_on_error=False)
+            lost = {s.sha: s for s, r in zip(scripts, replies, strict=False)
+                    if isinstance(r, NoScriptError)}
+            if not lost or attempt == 2:
+                break
+            for script in lost.values():
+                client.script_load(script.script)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        if replicas and int(replies[-1]) < replicas:
+            raise _NotReplicated(f"{replies[-1]} of {replicas} replica(s) acknowledged a write "
+                                 f"within {self.durability.timeout_ms} ms")
+        return list(replies[: len(calls)])
 
     def call(self, op: Callable[[redis.Redis], T], *, retry: bool = True) -> T:
         """``op(client)``, with redis-py's errors translated and dropped connections
@@ -292,9 +446,10 @@ class Link:
                 raise self._failure from exc
             except REFUSED as exc:
                 raise BackendUnavailable(f"Redis at {self.where} refused us: {exc}") from exc
-            except RETRYABLE as exc:
-                if not self._connected_once:
+            except (*RETRYABLE, *MOVING) as exc:
+                if not self._connected_once and not isinstance(exc, MOVING):
                     raise BackendUnavailable(f"cannot reach Redis at {self.where}: {exc}") from exc
+                self._relocate = self._nodes is not None  # a cluster: ask it where to go
                 left = self._outage(exc)
                 if not retry:
                     raise BackendUnavailable(f"lost Redis at {self.where}: {exc}") from exc
@@ -341,8 +496,9 @@ class Link:
         def ping(client: redis.Redis) -> Any:
             # A client of its own, whose reads time out with the connect timeout:
             # a partition must not hold a supervisor's loop for the socket timeout.
-            if self._prober is None:
+            if self._prober is None or self._prober_at != self._owner:
                 self._prober = self._build(socket_timeout=CONNECT_TIMEOUT)
+                self._prober_at = self._owner
             return self._prober.ping()
 
         try:
@@ -361,6 +517,9 @@ class Link:
             prober, self._prober = self._prober, self._injected
             self._scripts = {}
             self._pinged = False
+            cluster, self._cluster = self._cluster, None
+        if cluster is not None and self._pid == os.getpid():
+            cluster.close()
         for built in (client, prober):
             if built is not None and built is not self._injected and self._pid == os.getpid():
                 built.close()

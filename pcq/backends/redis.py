@@ -128,6 +128,8 @@ class Keys:
     feeds: str
     suspects: str
     deaths: str
+    holding: str
+    killing: str
     run: str
     inflight_prefix: str
 
@@ -153,6 +155,8 @@ class Keys:
             feeds=k("feeds"),
             suspects=k("suspects"),
             deaths=k("deaths"),
+            holding=k("holding"),
+            killing=k("killing"),
             run=k("run"),
             inflight_prefix=k("inflight:"),
         )
@@ -245,8 +249,8 @@ class RedisQueue(Queue):
         self._pid = os.getpid()
         self._consumer_id: str | None = None
         self._consumer_info = ""
-        self._held = 0  # length of our in-flight list as of our last take or ack
-        self._acks = 0  # acks sent with a take: the last one's number is its token
+        self._holding: list[_Receipt] = []  # our open leases (see take.lua)
+        self._acks = 0  # acks sent: the last one's number is its token
         self._epoch = -1
         self._sentinel = b""
         self._serves = -1  # the run (epoch) this consumer serves; see join_run
@@ -360,7 +364,9 @@ class RedisQueue(Queue):
         while True:
             status, wait_ms, messages = taken
             if messages:
-                return messages, _Receipt(me, messages, wait_ms if status == _SUSPECT else 0)
+                receipt = _Receipt(me, messages, wait_ms if status == _SUSPECT else 0)
+                self._holding.append(receipt)
+                return messages, receipt
             if status == _DRAINED and self._epoch >= self._serves and self.reap():
                 # closed and empty, but dead consumers' tasks were waiting to be reaped
                 taken = self._take_once(me, want)
@@ -382,17 +388,20 @@ class RedisQueue(Queue):
     def _take_keys(self, me: str) -> list[str]:
         k = self.keys
         keys = [k.ready, k.inflight(me), k.delayed, k.closed, k.epoch]
-        return [*keys, k.consumer_beats, k.full, k.space, k.acked, k.suspects, k.deaths]
+        keys += [k.consumer_beats, k.full, k.space, k.acked, k.suspects, k.deaths]
+        return [*keys, k.holding]
 
-    def _take_args(self, me: str, want: int, held: int, token: str = "") -> list[Any]:
-        return [want, held, self._epoch, self._sentinel, SENTINEL_PREFIX, me, self._ttl_ms, token]
+    def _take_args(self, me: str, want: int, token: str = "") -> list[Any]:
+        held = [m for receipt in self._holding for m in receipt.messages]
+        head = [want, len(held), self._epoch, self._sentinel, SENTINEL_PREFIX, me, self._ttl_ms]
+        return [*head, token, *held]
 
     def _take_once(self, me: str, want: int) -> tuple[int, int, list[bytes]]:
         keys = self._take_keys(me)
         while True:
-            # `held` is read once: a retry after a lost reply sends the same value,
+            # What we hold is read once: a retry after a lost reply sends the same,
             # so take.lua adopts what the lost call moved instead of stranding it.
-            args = self._take_args(me, want, self._held)
+            args = self._take_args(me, want)
             taken = self._taken(self._link.run("take", keys, args))
             if taken is not None:
                 return taken
@@ -401,8 +410,7 @@ class RedisQueue(Queue):
         """(status, wait_ms, messages) of a take.lua reply; None when nothing was
         done and the caller must call again (the epoch moved on, or the ack it
         waited for is not there)."""
-        status, epoch, wait_ms, held, *messages = reply
-        self._held = int(held)
+        status, epoch, wait_ms, _, *messages = reply
         if status == _NEW_EPOCH:
             self._set_epoch(epoch)
             return None
@@ -438,13 +446,23 @@ class RedisQueue(Queue):
         receipt = self._receipt(lease)
         if not receipt.messages:
             return  # a sentinel made up for a drained queue: nothing is in flight
-        applied, held = self._link.run("ack", *self._ack_call(receipt, outcome, "", target))
+        self._let_go(receipt)
+        call = self._ack_call(receipt, outcome, self._token(), target)
+        applied, _ = self._link.run("ack", *call)
         self._note_ack(applied)
-        if receipt.consumer == self._consumer_id:
-            self._held = int(held)
         self.ack_applied = int(applied) != 0
-        if receipt.deaths and int(applied) == 1:
-            self._forget_deaths(receipt.messages)
+
+    def _token(self) -> str:
+        """A token unique to one ack of this consumer (see ack.lua)."""
+        self._acks += 1
+        return str(self._acks)
+
+    def _let_go(self, receipt: _Receipt) -> None:
+        """``receipt``'s lease is being acknowledged: we no longer hold it."""
+        for i, held in enumerate(self._holding):
+            if held is receipt:
+                del self._holding[i]
+                return
 
     def _note_ack(self, code: int) -> None:
         if int(code) == 0:  # ack.lua: the lease was reaped before this ack came
@@ -473,7 +491,8 @@ class RedisQueue(Queue):
         return lease.receipt
 
     def _ack_call(
-        self, receipt: _Receipt, outcome: Outcome, token: str, target: Keys | None = None
+        self, receipt: _Receipt, outcome: Outcome, token: str, target: Keys | None = None,
+        by: str = "",
     ) -> tuple[list[str], list[Any]]:
         """ack.lua's keys and arguments; made once, so a retry sends the same."""
         retry: list[Any] = []
@@ -481,13 +500,14 @@ class RedisQueue(Queue):
             retry += [max(0, round(delay * 1000)), os.urandom(8) + message]
         k = self.keys
         keys = [k.inflight(receipt.consumer), k.counters, k.delayed, k.dead, k.ready, k.acked]
+        keys += [k.holding, k.deaths, k.killing]
         head: list[Any] = [len(receipt.messages), len(outcome.retry), len(outcome.dead)]
         head += [len(outcome.give_back), outcome.done, outcome.failed, receipt.consumer, token]
         outputs: list[bytes] = []
         if target is not None and outcome.outputs:
             keys += [target.ready, target.counters, target.closed, target.epoch]
             outputs = outcome.outputs
-        head += [len(outputs), outcome.output_tasks if outputs else 0]
+        head += [len(outputs), outcome.output_tasks if outputs else 0, by]
         args = [*head, *receipt.messages, *retry, *outcome.dead, *reversed(outcome.give_back)]
         return keys, [*args, *outputs]
 
@@ -514,19 +534,18 @@ class RedisQueue(Queue):
         receipt = self._receipt(lease)
         target = self._target(to)
         outcome = self._outcome(lease, failures, give_back, outputs, to)
-        if not receipt.messages or receipt.consumer != me or receipt.deaths:
-            # Nothing in flight (a made-up sentinel), a lease of an earlier
-            # registration, or a suspect whose death count the ack must clear:
-            # no in-flight list to carry over, take as usual.
+        if not receipt.messages or receipt.consumer != me:
+            # Nothing in flight (a made-up sentinel) or a lease of an earlier
+            # registration: no in-flight list to carry over, take as usual.
             self.ack_applied = True
             self._ack(lease, outcome, target)
             return self.take(max_tasks, timeout)
         want = max(1, min(max_tasks, MAX_BATCH))
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._acks += 1
-        token = str(self._acks)
+        self._let_go(receipt)
+        token = self._token()
         ack = self._ack_call(receipt, outcome, token, target)
-        take = self._take_keys(me), self._take_args(me, want, -1, token)  # held: what the ack left
+        take = self._take_keys(me), self._take_args(me, want, token)
         acked, reply = self._link.call(lambda client: self._ack_then_take(client, ack, take))
         self.ack_applied = int(acked[0]) != 0  # 2: a repeat after a lost reply, as the first
         taken = self._taken(reply)
@@ -593,6 +612,7 @@ class RedisQueue(Queue):
     def _reap(self, mode: str, arg: str) -> int:
         k = self.keys
         keys = [k.consumers, k.consumer_beats, k.ready, k.acked, k.suspects, k.deaths]
+        keys += [k.holding, k.killing]
         return int(self._link.run("reap", keys, [mode, arg, k.inflight_prefix, SENTINEL_PREFIX]))
 
     def sibling(self, name: str, *, maxsize: int = 0) -> Queue:
@@ -705,7 +725,7 @@ class RedisQueue(Queue):
             self._consumer_id = None
         self._stop_heartbeat_if_idle()
         self._reap("id", consumer)
-        self._held = 0
+        self._holding = []
 
     def attach_producer(self) -> None:
         self._here()
@@ -751,15 +771,17 @@ class RedisQueue(Queue):
                 lease = super()._lease([message], _Receipt(consumer, [message]))
                 envs = list(lease.envelopes())
                 if len(envs) == 1 and envs[0].id == task_id:
-                    self.ack_applied = True
-                    self._ack(lease, self._outcome(lease, [failure(envs[0])], ()))
-                    return self.ack_applied
+                    outcome = self._outcome(lease, [failure(envs[0])], ())
+                    token = f"s{os.getpid()}.{self._token()}"  # not the consumer's own
+                    call = self._ack_call(lease.receipt, outcome, token, by="supervisor")
+                    return int(self._link.run("ack", *call)[0]) == 1
         return False
 
-    def _forget_deaths(self, messages: list[bytes]) -> None:
-        """A suspect was acknowledged: its death count has served its purpose."""
-        deaths = self.keys.deaths
-        self._link.call(lambda client: client.hdel(deaths, *messages))
+    def killing(self, pid: int, task_id: str) -> None:
+        """Mark consumer ``pid``'s registrations as being killed, before the kill:
+        from now on its own acks commit nothing (see killing.lua)."""
+        prefix = f"{socket.gethostname()}:{pid}:"
+        self._link.run("killing", [self.keys.consumer_beats, self.keys.killing], [prefix])
 
     def registrations(self) -> list[dict[str, Any]]:
         """Live consumers and producers: role, id, host, pid, started, and heartbeat

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from pcq.backends.base import (
     MAX_BATCH,
@@ -91,6 +91,12 @@ REQUEUE_CHUNK = 500
 
 # take.lua's statuses
 _TAKEN, _NEW_EPOCH, _DRAINED, _SENTINEL_WAITS, _ACK_MISSING, _SUSPECT = 0, 1, 2, 3, 4, 5
+
+
+def _batch_id() -> str:
+    """An id for one put call, which put.lua remembers for the run (a resend of
+    the same call pushes nothing)."""
+    return os.urandom(8).hex()
 
 
 def key(name: str, part: str) -> str:
@@ -131,6 +137,7 @@ class Keys:
     holding: str
     killing: str
     run: str
+    puts: str
     inflight_prefix: str
 
     @classmethod
@@ -158,6 +165,7 @@ class Keys:
             holding=k("holding"),
             killing=k("killing"),
             run=k("run"),
+            puts=k("puts"),
             inflight_prefix=k("inflight:"),
         )
 
@@ -300,30 +308,17 @@ class RedisQueue(Queue):
         each = 1 if tasks else 0
         if self.maxsize > 0:
             self._put_bounded(messages, each)
-        elif len(messages) <= PUT_CHUNK:
-            self._link.run("put", self._put_keys(), [0, each, *messages])
         else:
-            chunks = [messages[i : i + PUT_CHUNK] for i in range(0, len(messages), PUT_CHUNK)]
-            self._link.call(lambda client: self._put_pipelined(client, chunks, each))
+            # One pipeline of chunks, each atomic on its own and carrying an id, so
+            # sending them all again after a lost reply puts each once (put.lua).
+            keys = self._put_keys()
+            calls = [("put", keys, [0, each, _batch_id(), *messages[i : i + PUT_CHUNK]])
+                     for i in range(0, len(messages), PUT_CHUNK)]
+            self._link.call(lambda client: self._link.pipelined(client, calls))
 
     def _put_keys(self) -> list[str]:
         k = self.keys
-        return [k.ready, k.counters, k.closed, k.epoch, k.full, k.space]
-
-    def _put_pipelined(self, client: redis.Redis, chunks: list[list[bytes]], each: int) -> None:
-        # Each chunk is atomic on its own.  If the connection drops mid-pipeline the
-        # whole pipeline runs again, so a chunk may be put twice (at-least-once),
-        # but pending always matches what went into the list.
-        script, keys = self._link.script("put"), self._put_keys()
-        pipe = client.pipeline(transaction=False)
-        for chunk in chunks:
-            pipe.evalsha(script.sha, len(keys), *keys, 0, each, *chunk)
-        results = pipe.execute(raise_on_error=False)
-        for chunk, result in zip(chunks, results, strict=True):
-            if isinstance(result, NoScriptError):  # the server restarted and forgot it
-                script(keys=keys, args=[0, each, *chunk], client=client)
-            elif isinstance(result, Exception):
-                raise result
+        return [k.ready, k.counters, k.closed, k.epoch, k.full, k.space, k.puts]
 
     def _put_bounded(self, messages: list[bytes], each: int) -> None:
         # put.lua pushes only what fits under maxsize; when nothing fits it leaves
@@ -334,7 +329,8 @@ class RedisQueue(Queue):
             if self._interrupted:  # checked before every push: nothing more goes in
                 raise PutInterrupted
             chunk = messages[at : at + PUT_CHUNK]
-            pushed = int(self._link.run("put", self._put_keys(), [self.maxsize, each, *chunk]))
+            args = [self.maxsize, each, _batch_id(), *chunk]
+            pushed = int(self._link.run("put", self._put_keys(), args, durable=True))
             at += pushed
             if not pushed:
                 self._link.call(self._wait_for_space)
@@ -448,7 +444,7 @@ class RedisQueue(Queue):
             return  # a sentinel made up for a drained queue: nothing is in flight
         self._let_go(receipt)
         call = self._ack_call(receipt, outcome, self._token(), target)
-        applied, _ = self._link.run("ack", *call)
+        applied, _ = self._link.run("ack", *call, durable=True)
         self._note_ack(applied)
         self.ack_applied = int(applied) != 0
 
@@ -564,21 +560,7 @@ class RedisQueue(Queue):
         is atomic, and take.lua checks the ack ran); both replies.  A script the
         server lost (it restarted) is loaded and both are sent again: safe, as a
         retry after a lost reply is."""
-        scripts = self._link.script("ack"), self._link.script("take")
-        for attempt in (1, 2):
-            pipe = client.pipeline(transaction=False)
-            for script, (keys, args) in zip(scripts, (ack, take), strict=True):
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            replies = pipe.execute(raise_on_error=False)
-            pairs = zip(scripts, replies, strict=True)
-            lost = [script for script, reply in pairs if isinstance(reply, NoScriptError)]
-            if not lost or attempt == 2:
-                break
-            for script in lost:
-                client.script_load(script.script)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        replies = self._link.pipelined(client, [("ack", *ack), ("take", *take)])
         self._note_ack(replies[0][0])
         return cast("list[Any]", replies[0]), cast("list[Any]", replies[1])
 
@@ -593,7 +575,7 @@ class RedisQueue(Queue):
         keys = [k.closed, k.epoch, k.ready, k.consumer_beats, k.producers, k.producer_beats]
         while True:
             args = [self._epoch, encode_sentinel(self._epoch), producer, mode]
-            code, value = self._link.run("close", keys, args)
+            code, value = self._link.run("close", keys, args, durable=True)
             if code != -1:
                 return bool(code == 1)
             self._set_epoch(value)
@@ -732,7 +714,8 @@ class RedisQueue(Queue):
         producer = self._new_id()
         k = self.keys
         keys = [k.producers, k.producer_beats, k.closed, k.epoch]
-        self._set_epoch(self._link.run("attach", keys, [producer, self._info(), self._ttl_ms]))
+        args = [producer, self._info(), self._ttl_ms]
+        self._set_epoch(self._link.run("attach", keys, args, durable=True))
         self._producer_ids.append(producer)
         with self._beat_lock:
             self._beat_ids.append(producer)
@@ -774,7 +757,7 @@ class RedisQueue(Queue):
                     outcome = self._outcome(lease, [failure(envs[0])], ())
                     token = f"s{os.getpid()}.{self._token()}"  # not the consumer's own
                     call = self._ack_call(lease.receipt, outcome, token, by="supervisor")
-                    return int(self._link.run("ack", *call)[0]) == 1
+                    return int(self._link.run("ack", *call, durable=True)[0]) == 1
         return False
 
     def killing(self, pid: int, task_id: str) -> None:
@@ -908,5 +891,5 @@ class RedisQueue(Queue):
     def purge(self) -> int:
         k = self.keys
         keys = [k.ready, k.delayed, k.counters, k.closed, k.epoch, k.consumer_beats]
-        keys += [k.full, k.space, k.acked, k.suspects, k.deaths]
+        keys += [k.full, k.space, k.acked, k.suspects, k.deaths, k.puts]
         return int(self._link.run("purge", keys, [k.inflight_prefix]))

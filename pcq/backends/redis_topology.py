@@ -29,11 +29,13 @@ from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
+from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
-from pcq.errors import BackendUnavailable, ConfigError
+from pcq.errors import BackendUnavailable
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 #: Default ``wait_timeout_ms``: how long one WAIT gives a replica before the
@@ -57,7 +59,8 @@ class Durability:
 
 
 def durability(url: str) -> tuple[str, Durability]:
-    """``url`` without pcq's own query parameters, and what they ask for."""
+    """``url`` without pcq's own query parameters, and what they ask for
+    (ValueError for a value that is not a count)."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     ours = {k: v for k, v in query if k in ("wait", "wait_timeout_ms")}
@@ -66,9 +69,9 @@ def durability(url: str) -> tuple[str, Durability]:
         replicas = int(ours["wait"]) if "wait" in ours else None
         timeout = int(ours.get("wait_timeout_ms", WAIT_TIMEOUT_MS))
     except ValueError as exc:
-        raise ConfigError(f"bad wait parameter in the Redis URL: {exc}") from exc
+        raise ValueError(f"wait and wait_timeout_ms must be whole numbers ({exc})") from exc
     if (replicas is not None and replicas < 0) or timeout < 1:
-        raise ConfigError("the Redis URL's wait must be 0 or more and wait_timeout_ms 1 or more")
+        raise ValueError("wait must be 0 or more and wait_timeout_ms 1 or more")
     if ours:  # rebuilt by hand: urlunsplit would turn unix:///path into unix:/path
         base = url.partition("?")[0]
         url = f"{base}?{urlencode(rest)}" if rest else base
@@ -126,7 +129,8 @@ def sentinel_master(spec: SentinelUrl, **connection: Any) -> redis.Redis:
     timeout = connection["socket_connect_timeout"]
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         spec.sentinels,
-        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout, **tls},
+        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                         "retry": connection["retry"], **tls},
     )
     master = sentinel.master_for(  # type: ignore[no-untyped-call]
         spec.service, db=spec.db, username=spec.username, password=spec.password,
@@ -139,7 +143,8 @@ def explain_no_master(spec: SentinelUrl, exc: MasterNotFoundError) -> BackendUna
     """What a MasterNotFoundError at the first connection means, in one line: no
     sentinel answered, or none knows the service."""
     for host, port in spec.sentinels:
-        probe = redis.Redis(host=host, port=port, socket_timeout=2, socket_connect_timeout=2)
+        probe = redis.Redis(host=host, port=port, socket_timeout=2, socket_connect_timeout=2,
+                            retry=Retry(NoBackoff(), 0))
         try:
             masters = cast("dict[str, Any]", probe.sentinel_masters())
         except RedisError:

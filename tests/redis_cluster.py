@@ -64,7 +64,8 @@ class RedisClusterNodes:
 
     def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 1000) -> None:
         extra = ("--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms),
-                 "--cluster-replica-validity-factor", "0", "--appendonly", "yes")
+                 "--cluster-replica-validity-factor", "0", "--appendonly", "yes",
+                 "--repl-diskless-sync-delay", "0")
         self.masters, self.replicas = masters, replicas
         self.nodes = [RedisServer(extra=extra) for _ in range(masters * (1 + replicas))]
         for node in self.nodes:  # RedisServer's --appendonly comes first; ours wins
@@ -95,7 +96,7 @@ class RedisClusterNodes:
     def _replicas_in_sync(self) -> bool:
         for node in self.live():
             info = node.client().info("replication")
-            if info["role"] == "master" and int(info["connected_slaves"]) < self.replicas:
+            if info["role"] == "slave" and info["master_link_status"] != "up":
                 return False
         return True
 
@@ -136,7 +137,8 @@ class SentinelGroup:
     ) -> None:
         self.service, self.password = service, password
         auth = ("--masterauth", password) if password else ()
-        self.master = RedisServer(password=password, appendonly=True, extra=auth)
+        self.master = RedisServer(password=password, appendonly=True,
+                                  extra=(*auth, "--repl-diskless-sync-delay", "0"))
         # proxied: the (single) replica replicates through a Proxy the test can pause
         self.proxy: Proxy | None = Proxy(self.master.port) if proxied else None
         upstream = self.proxy.port if self.proxy else self.master.port
@@ -146,6 +148,9 @@ class SentinelGroup:
             for _ in range(replicas)
         ]
         self.sentinels = [Sentinel() for _ in range(sentinels)]
+        # proxied: the sentinels know the master by the proxy's address too, or
+        # they would point the replica straight at the master
+        self.monitored = upstream
 
     def start(self) -> SentinelGroup:
         try:
@@ -154,11 +159,12 @@ class SentinelGroup:
                 self.proxy.start()
             for replica in self.replicas:
                 replica.start()
-            _wait(lambda: int(self.master.client().info("replication")["connected_slaves"])
-                  >= len(self.replicas), "replicas connected")
+            for replica in self.replicas:  # synced, not merely connected
+                _wait(lambda r=replica: r.client().info("replication")["master_link_status"]
+                      == "up", "a replica in sync")
             quorum = len(self.sentinels) // 2 + 1
             for sentinel in self.sentinels:
-                sentinel.start(self.service, self.master.port, quorum, self.password)
+                sentinel.start(self.service, self.monitored, quorum, self.password)
             _wait(self._sentinels_see_all, "sentinels to see the replicas")
         except BaseException:
             self.cleanup()
@@ -239,13 +245,16 @@ class Sentinel:
 
 class Proxy:
     """A TCP proxy on a free loopback port to ``127.0.0.1:target``; ``pause()``
-    holds every byte in both directions (the connections stay open, so the
-    replica behind it lags without noticing) until ``resume()``."""
+    holds every byte, both ways, of the replication links through it (a
+    connection whose client said PSYNC or REPLCONF) until ``resume()``: the
+    connection stays open, so the replica lags without noticing, while every
+    other client (sentinels, pcq) goes through as before."""
 
     def __init__(self, target: int) -> None:
         self.target, self.port = target, free_port()
         self._open = threading.Event()
         self._open.set()
+        self._forwarding = threading.Lock()
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -279,17 +288,23 @@ class Proxy:
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
+        replication = False
         try:
             while not self._stop.is_set():
-                if not self._open.is_set():
+                if replication and not self._open.is_set():
                     self._open.wait(0.1)
                     continue
                 ready, _, _ = select.select(list(peers), [], [], 0.1)
-                for sock in ready:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    peers[sock].sendall(data)
+                with self._forwarding:  # pause() returns only once no held byte moves
+                    if replication and not self._open.is_set():
+                        continue
+                    for sock in ready:
+                        data = sock.recv(65536)
+                        if not data:
+                            return
+                        said = data.upper()
+                        replication |= sock is a and (b"PSYNC" in said or b"REPLCONF" in said)
+                        peers[sock].sendall(data)
         except OSError:
             return
         finally:
@@ -297,7 +312,8 @@ class Proxy:
             b.close()
 
     def pause(self) -> None:
-        self._open.clear()
+        with self._forwarding:
+            self._open.clear()
 
     def resume(self) -> None:
         self._open.set()

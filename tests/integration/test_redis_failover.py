@@ -1,0 +1,164 @@
+"""A failover loses nothing (issue #17): the master that holds a running job's
+queue is SIGKILLed mid-run, on a Redis Cluster (3 masters + 3 replicas) and
+behind Sentinel (a master, a replica, three sentinels).  The job goes on by
+itself on the promoted replica; ``produce --json`` says produced = done = N,
+every process exits 0, every item was handled at least once.
+
+And a *lagging* replica: replication to it is held in a TCP proxy the test
+controls, so the replica promoted after the kill really is behind.  Without
+WAIT (``?wait=0``) a put that returned is lost; with WAIT (the default when the
+master has a replica) it is re-sent to the new master and nothing is lost.
+
+Each test prints how long the job stood still (kill -> the first task done on
+the new master); run with ``-s`` to see it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from apps.jobs import handled
+from helpers import wait_for
+from helpers_cli import pcq_env, start_pcq
+from redis_cluster import RedisClusterNodes, SentinelGroup
+from redis_server import RedisServer
+
+from pcq.backends.redis import RedisQueue, key
+
+JOBS = "tests/apps/jobs.py"
+N = 400
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterNodes]:
+    nodes = RedisClusterNodes(masters=3, replicas=1).start()
+    try:
+        yield nodes
+    finally:
+        nodes.cleanup()
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def done_on(master: Callable[[], RedisServer | None], queue: str) -> int | None:
+    """The queue's done counter on the current master, None while there is none."""
+    server = master()
+    if server is None:
+        return None
+    try:
+        return int(server.client().hget(key(queue, "counters"), "done") or 0)
+    except redis.exceptions.RedisError:
+        return None
+
+
+def job_through_a_failover(
+    env: dict[str, str], out: str, kill: Callable[[], None],
+    master: Callable[[], RedisServer | None],
+) -> float:
+    """Run a job on two consumer hosts; kill the master a quarter of the way in;
+    check the job ends whole.  Returns seconds from the kill to the first task
+    done on the new master."""
+    hosts = [start_pcq(["consume", f"{JOBS}:handle", "--workers", "2"], env) for _ in range(2)]
+    producer = start_pcq(["produce", f"{JOBS}:produce", "--json"], env)
+    wait_for(lambda: len(handled(out)) >= N // 4, timeout=30)
+    queue = env["PCQ_QUEUE"]
+    start = time.monotonic()
+    kill()
+    first: list[int] = []
+
+    def going_on() -> bool:
+        seen = done_on(master, queue)
+        if seen is not None and not first:
+            first.append(seen)
+        return bool(first) and seen is not None and seen > first[0]
+
+    wait_for(going_on, timeout=30)
+    stood_still = time.monotonic() - start
+    code, stdout, err = finish(producer)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert (summary["produced"], summary["done"], summary["failed"]) == (N, N, 0), summary
+    for host in hosts:
+        code, _, err = finish(host)
+        assert code == 0, err
+    assert set(handled(out)) == set(range(N))  # at least once; a redelivery may repeat one
+    return stood_still
+
+
+@pytest.mark.timeout(90)
+def test_the_master_of_a_running_jobs_queue_is_killed_in_a_cluster(cluster, tmp_path):
+    # Given a queue whose master has a replica, reached through another master
+    queue = f"t-{uuid.uuid4().hex[:10]}"
+    owner = cluster.owner(key(queue, "run"))
+    other = next(n for n in cluster.nodes if n is not owner and n in cluster.live())
+    env = pcq_env(other.url, tmp_path, JOBS_N=str(N), JOBS_SLEEP="0.02", PCQ_QUEUE=queue)
+
+    def master() -> RedisServer | None:
+        now = cluster.owner(key(queue, "run"))
+        return None if now is owner else now
+
+    # When that master is SIGKILLed mid-run, the job goes on and ends whole
+    stood = job_through_a_failover(env, str(tmp_path), owner.kill, master)
+    print(f"\ncluster failover: kill -> job going on in {stood:.1f} s", file=sys.stderr)
+
+
+@pytest.mark.timeout(90)
+def test_the_master_of_a_running_job_is_killed_behind_sentinel(tmp_path):
+    group = SentinelGroup(replicas=1, sentinels=3, password="pw").start()
+    try:
+        env = pcq_env(group.url(), tmp_path, JOBS_N=str(N), JOBS_SLEEP="0.02")
+        old = group.master
+
+        def master() -> RedisServer | None:
+            port = group.master_port()
+            return next((r for r in group.replicas if r.port == port), None)
+
+        stood = job_through_a_failover(env, str(tmp_path), old.kill, master)
+        print(f"\nsentinel failover: kill -> job going on in {stood:.1f} s", file=sys.stderr)
+    finally:
+        group.cleanup()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("wait", ["", "?wait=0"])
+def test_a_lagging_replica_behind_sentinel_loses_nothing_with_wait(wait, tmp_path):
+    # Given a master whose one replica replicates through a proxy the test holds
+    group = SentinelGroup(replicas=1, sentinels=3, proxied=True).start()
+    assert group.proxy is not None
+    q = RedisQueue(f"t-{uuid.uuid4().hex[:10]}", url=group.url() + wait, retry_for=30)
+    try:
+        q.put_many(range(50))  # the queue (and its marker) reached the replica
+        counters = key(q.name, "counters")
+        wait_for(lambda: group.replicas[0].client().hget(counters, "produced") == b"50",
+                 timeout=10)
+        # When replication stalls, 50 more are put, and then the master dies
+        group.proxy.pause()
+        putting = threading.Thread(target=q.put_many, args=(range(50, 100),), daemon=True)
+        putting.start()
+        if wait:  # without WAIT the put returns at once, as if it were safe
+            putting.join(timeout=5)
+            assert not putting.is_alive()
+        else:  # with WAIT it is not done while no replica has it
+            putting.join(timeout=1.5)
+            assert putting.is_alive()
+        group.master.kill()
+        group.wait_for_new_master(group.monitored)
+        putting.join(timeout=30)
+        assert not putting.is_alive()
+        # Then with WAIT the promoted replica has all 100; without, the 50 are gone
+        produced = q.counters().produced
+        assert produced == (50 if wait else 100)
+    finally:
+        q.dispose()
+        group.cleanup()

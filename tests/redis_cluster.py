@@ -127,6 +127,57 @@ class RedisClusterNodes:
             node.cleanup()
 
 
+class LaggingCluster(RedisClusterNodes):
+    """Three masters; master 0 has one replica, which replicates through a
+    :class:`Proxy` (``self.proxy``) the test can pause.  Master 0 announces
+    itself at 127.0.0.2 (same ports), where the proxy and a second one for its
+    cluster bus listen: everyone reaches it through them, and only the
+    replication link is ever held."""
+
+    def __init__(self, node_timeout_ms: int = 1000) -> None:
+        super().__init__(masters=3, replicas=0, node_timeout_ms=node_timeout_ms)
+        first = self.nodes[0]
+        first.args += ["--cluster-announce-ip", "127.0.0.2"]
+        self.proxy = Proxy(first.port, listen="127.0.0.2", port=first.port)
+        self.bus = Proxy(first.port + 10000, listen="127.0.0.2", port=first.port + 10000)
+        replica = RedisClusterNodes(masters=1, node_timeout_ms=node_timeout_ms).nodes[0]
+        self.nodes.append(replica)
+        self.addresses = ["127.0.0.2", "127.0.0.1", "127.0.0.1"]
+
+    def start(self) -> LaggingCluster:
+        try:
+            self.proxy.start()
+            self.bus.start()
+            for node in self.nodes:
+                node.start()
+            masters = [f"{ip}:{n.port}" for ip, n in zip(self.addresses, self.nodes, strict=False)]
+            subprocess.run(["redis-cli", "--cluster", "create", *masters, "--cluster-yes"],
+                           check=True, capture_output=True, timeout=FORM_TIMEOUT)
+            replica, first = self.nodes[3].client(), self.nodes[0].client()
+            replica.execute_command("CLUSTER", "MEET", "127.0.0.1", str(self.nodes[1].port))
+            master_id = first.execute_command("CLUSTER", "MYID").decode()
+            _wait(lambda: master_id.encode() in replica.execute_command("CLUSTER", "NODES"),
+                  "the replica to know master 0")
+            replica.execute_command("CLUSTER", "REPLICATE", master_id)
+            for node in self.nodes:
+                _wait(lambda n=node: n.client().cluster("info")["cluster_state"] == "ok",
+                      f"cluster state ok on {node.port}")
+            _wait(lambda: replica.info("replication")["master_link_status"] == "up",
+                  "the replica in sync")
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def url(self, index: int = 0) -> str:
+        return self.nodes[index].url if index else f"redis://127.0.0.2:{self.nodes[0].port}/0"
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        self.proxy.stop()
+        self.bus.stop()
+
+
 class SentinelGroup:
     """A master, ``replicas`` replicas and ``sentinels`` sentinels watching them as
     service ``svc``; ``password`` guards the data nodes (not the sentinels)."""
@@ -250,8 +301,8 @@ class Proxy:
     connection stays open, so the replica lags without noticing, while every
     other client (sentinels, pcq) goes through as before."""
 
-    def __init__(self, target: int) -> None:
-        self.target, self.port = target, free_port()
+    def __init__(self, target: int, listen: str = "127.0.0.1", port: int | None = None) -> None:
+        self.target, self.listen, self.port = target, listen, port or free_port()
         self._open = threading.Event()
         self._open.set()
         self._forwarding = threading.Lock()
@@ -260,7 +311,7 @@ class Proxy:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> Proxy:
-        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener = socket.create_server((self.listen, self.port))
         self._listener.settimeout(0.1)
         self._spawn(self._accept)
         return self

@@ -15,6 +15,7 @@ the new master); run with ``-s`` to see it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import redis
 from apps.jobs import handled
 from helpers import wait_for
 from helpers_cli import pcq_env, start_pcq
-from redis_cluster import RedisClusterNodes, SentinelGroup
+from redis_cluster import LaggingCluster, Proxy, RedisClusterNodes, SentinelGroup
 from redis_server import RedisServer
 
 from pcq.backends.redis import RedisQueue, key
@@ -130,6 +131,35 @@ def test_the_master_of_a_running_job_is_killed_behind_sentinel(tmp_path):
         group.cleanup()
 
 
+def puts_through_a_lagging_failover(
+    q: RedisQueue, wait: str, proxy: Proxy, replica: RedisServer, fail_over: Callable[[], None],
+) -> int:
+    """Put 50 tasks (they reach the replica), hold replication, put 50 more,
+    kill the master and wait for the replica's promotion; returns ``produced``
+    as the new master sees it."""
+    q.put_many(range(50))  # the queue (and its marker) reached the replica
+    counters = key(q.name, "counters")
+    reader = redis.Redis(port=replica.port, single_connection_client=True)
+    with contextlib.suppress(redis.exceptions.ResponseError):  # not a cluster node
+        reader.execute_command("READONLY")  # a cluster replica answers reads
+    wait_for(lambda: reader.hget(counters, "produced") == b"50", timeout=10)
+    reader.close()
+    # When replication stalls, 50 more are put, and then the master dies
+    proxy.pause()
+    putting = threading.Thread(target=q.put_many, args=(range(50, 100),), daemon=True)
+    putting.start()
+    if wait:  # without WAIT the put returns at once, as if it were safe
+        putting.join(timeout=5)
+        assert not putting.is_alive()
+    else:  # with WAIT it is not done while no replica has it
+        putting.join(timeout=1.5)
+        assert putting.is_alive()
+    fail_over()
+    putting.join(timeout=30)
+    assert not putting.is_alive()
+    return q.counters().produced
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("wait", ["", "?wait=0"])
 def test_a_lagging_replica_behind_sentinel_loses_nothing_with_wait(wait, tmp_path):
@@ -137,28 +167,40 @@ def test_a_lagging_replica_behind_sentinel_loses_nothing_with_wait(wait, tmp_pat
     group = SentinelGroup(replicas=1, sentinels=3, proxied=True).start()
     assert group.proxy is not None
     q = RedisQueue(f"t-{uuid.uuid4().hex[:10]}", url=group.url() + wait, retry_for=30)
-    try:
-        q.put_many(range(50))  # the queue (and its marker) reached the replica
-        counters = key(q.name, "counters")
-        wait_for(lambda: group.replicas[0].client().hget(counters, "produced") == b"50",
-                 timeout=10)
-        # When replication stalls, 50 more are put, and then the master dies
-        group.proxy.pause()
-        putting = threading.Thread(target=q.put_many, args=(range(50, 100),), daemon=True)
-        putting.start()
-        if wait:  # without WAIT the put returns at once, as if it were safe
-            putting.join(timeout=5)
-            assert not putting.is_alive()
-        else:  # with WAIT it is not done while no replica has it
-            putting.join(timeout=1.5)
-            assert putting.is_alive()
+
+    def fail_over() -> None:
         group.master.kill()
         group.wait_for_new_master(group.monitored)
-        putting.join(timeout=30)
-        assert not putting.is_alive()
-        # Then with WAIT the promoted replica has all 100; without, the 50 are gone
-        produced = q.counters().produced
+
+    try:
+        produced = puts_through_a_lagging_failover(q, wait, group.proxy, group.replicas[0],
+                                                   fail_over)
+        # Then with WAIT the promoted replica has all 100; without, 50 are gone
         assert produced == (50 if wait else 100)
     finally:
         q.dispose()
         group.cleanup()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("wait", ["", "?wait=0"])
+def test_a_lagging_replica_in_a_cluster_loses_nothing_with_wait(wait, tmp_path):
+    # Given a cluster whose master 0 has a replica that replicates through a proxy
+    cluster = LaggingCluster().start()
+    master, replica = cluster.nodes[0], cluster.nodes[3]
+    while True:
+        name = f"t-{uuid.uuid4().hex[:10]}"
+        if cluster.owner(key(name, "run")) is master:
+            break
+    q = RedisQueue(name, url=cluster.url(1) + wait, retry_for=30)
+
+    def fail_over() -> None:
+        master.kill()
+        cluster.wait_for_new_owner(key(name, "run"), master)
+
+    try:
+        produced = puts_through_a_lagging_failover(q, wait, cluster.proxy, replica, fail_over)
+        assert produced == (50 if wait else 100)
+    finally:
+        q.dispose()
+        cluster.cleanup()

@@ -438,7 +438,7 @@ class Link:
             if self._failure is not None:
                 raise self._failure
             try:
-                result = op(self.client())
+                result = self._attempt(op)
             except _MarkerChanged as exc:
                 self._failure = QueueDataLost(
                     f"the Redis server lost {self._what}'s data (restarted without persistence?)"
@@ -463,6 +463,16 @@ class Link:
                 if self._down_since is not None:
                     self._back()
                 return result
+
+    def _attempt(self, op: Callable[[redis.Redis], T]) -> T:
+        """``op(client)``; a master that refuses writes for want of replicas
+        (``min-replicas-to-write``) is waited out like a WAIT short of them."""
+        try:
+            return op(self.client())
+        except ResponseError as exc:
+            if "NOREPLICAS" in str(exc):
+                raise _NotReplicated(str(exc)) from exc
+            raise
 
     def _outage(self, exc: Exception) -> float:
         """Note a failure of the link: start the outage clock (one line, in the

@@ -204,3 +204,26 @@ def test_a_lagging_replica_in_a_cluster_loses_nothing_with_wait(wait, tmp_path):
     finally:
         q.dispose()
         cluster.cleanup()
+
+
+@pytest.mark.timeout(30)
+def test_a_master_refusing_writes_for_want_of_replicas_is_waited_out(tmp_path):
+    # Given a queue on a server that then refuses writes while it has no replica
+    server = RedisServer().start()
+    q = RedisQueue(f"t-{uuid.uuid4().hex[:10]}", url=server.url + "?wait=0", retry_for=20)
+    try:
+        q.counters()
+        server.client().config_set("min-replicas-to-write", 1)
+        # When a producer puts, the put waits (it is not an error) ...
+        putting = threading.Thread(target=q.put_many, args=(range(10),), daemon=True)
+        putting.start()
+        putting.join(timeout=1)
+        assert putting.is_alive()
+        # ... and goes through once the server takes writes again
+        server.client().config_set("min-replicas-to-write", 0)
+        putting.join(timeout=10)
+        assert not putting.is_alive()
+        assert q.counters().produced == 10
+    finally:
+        q.dispose()
+        server.cleanup()

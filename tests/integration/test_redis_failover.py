@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import subprocess
 import sys
 import threading
@@ -112,6 +113,25 @@ def test_the_master_of_a_running_jobs_queue_is_killed_in_a_cluster(cluster, tmp_
     # When that master is SIGKILLed mid-run, the job goes on and ends whole
     stood = job_through_a_failover(env, str(tmp_path), owner.kill, master)
     print(f"\ncluster failover: kill -> job going on in {stood:.1f} s", file=sys.stderr)
+
+
+@pytest.mark.timeout(60)
+def test_a_process_started_after_the_urls_node_died_still_finds_the_cluster(cluster):
+    # Given a queue opened through a replica node, as a parent does before its children
+    entry = next(n for n in cluster.live()
+                 if n.client().info("replication")["role"] == "slave")
+    q = RedisQueue(f"t-{uuid.uuid4().hex[:10]}", url=entry.url)
+    q.put_many(range(5))
+    travelled = pickle.dumps(q)  # what a child process receives
+    q.dispose()
+    # When the node named in the URL dies, and then a child starts
+    entry.kill()
+    child = pickle.loads(travelled)
+    try:
+        # Then the child reaches the queue through the nodes its parent found
+        assert child.counters().produced == 5
+    finally:
+        child.dispose()
 
 
 @pytest.mark.timeout(90)

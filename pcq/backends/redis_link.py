@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Sequence
 from importlib.resources import files
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -68,7 +68,6 @@ from redis.exceptions import (
     AuthorizationError,
     ClusterDownError,
     NoPermissionError,
-    NoScriptError,
     ReadOnlyError,
     RedisError,
     ResponseError,
@@ -79,13 +78,20 @@ from redis.sentinel import MasterNotFoundError
 
 from pcq.backends.redis_topology import (
     ClusterMap,
+    NotReplicated,
     SentinelUrl,
+    TlsConnection,
+    connected_replicas,
+    describe,
     durability,
     explain_no_master,
     is_sentinel,
     node_url,
+    pipeline_with_wait,
+    safe_url,
     says_cluster,
     sentinel_master,
+    warn_about,
 )
 from pcq.errors import BackendLost, BackendUnavailable, ConfigError, QueueDataLost
 
@@ -123,45 +129,6 @@ ScriptCall = tuple[str, list[str], list[Any]]
 class _MarkerChanged(RedisError):
     """Raised while a new connection is set up: the queue's marker is not the one
     this link saw first (a RedisError, so that redis-py drops the connection)."""
-
-
-class _NotReplicated(redis.exceptions.ConnectionError):
-    """WAIT saw fewer replicas than wanted acknowledge a write: it is not done
-    (an outage as far as :meth:`Link.call` is concerned)."""
-
-
-class _TlsConnection(redis.SSLConnection):
-    """An SSL connection whose handshake is bounded by the connect timeout."""
-
-    def _connect(self) -> Any:
-        timeout = self.socket_timeout
-        self.socket_timeout = self.socket_connect_timeout  # wrap_socket handshakes under it
-        try:
-            sock = super()._connect()  # type: ignore[no-untyped-call]
-        finally:
-            self.socket_timeout = timeout
-        sock.settimeout(timeout)
-        return sock
-
-
-def safe_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url.split("@")[-1]
-    if not password:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-
-
-def _describe(client: redis.Redis) -> str:
-    kwargs = client.get_connection_kwargs()
-    if kwargs.get("path"):
-        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
-    return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
 
 def load_script(name: str) -> str:
@@ -208,7 +175,7 @@ class Link:
         if client is not None:
             if client.get_connection_kwargs().get("decode_responses"):
                 raise ConfigError("pcq needs a Redis client with decode_responses=False")
-            self.where = _describe(client)
+            self.where = describe(client)
             self._replicas = self.durability.replicas or 0
         else:
             self.where = self._sentinel.where() if self._sentinel else safe_url(url)
@@ -243,7 +210,7 @@ class Link:
             db = parts.path.strip("/")
             if parts.scheme in ("redis", "rediss") and db and not db.isdigit():
                 raise ValueError(f"the database must be a number, not {db!r}")  # not db 0
-            tls: dict[str, Any] = {"connection_class": _TlsConnection}
+            tls: dict[str, Any] = {"connection_class": TlsConnection}
             return redis.Redis.from_url(url, **common, **(tls if parts.scheme == "rediss" else {}))
         except ValueError as exc:
             raise ConfigError(f"bad Redis URL {safe_url(self.url)!r}: {exc}") from exc
@@ -288,7 +255,7 @@ class Link:
         self._pinged = self._connected_once = True
         if os.getpid() == self._maker and self.where not in _WARNED:
             _WARNED.add(self.where)
-            self._warn_about(client)
+            warn_about(client, self.where)
 
     def _locate(self) -> None:
         """In a Redis Cluster, find the master that owns the queue's slot (a
@@ -329,7 +296,8 @@ class Link:
         ours: authenticate as usual, check the queue's marker, and learn how
         many replicas a durable write must reach on this master."""
         connection.on_connect()
-        self._replicas = self.durability.wanted(self._connected_replicas(connection))
+        asked = self.durability.replicas is None  # else the URL says how many
+        self._replicas = self.durability.wanted(connected_replicas(connection) if asked else 0)
         if self._marker_key is None:
             return
         connection.send_command("SET", self._marker_key, os.urandom(8).hex(), "NX")
@@ -340,42 +308,6 @@ class Link:
             self._marker = seen
         elif seen != self._marker:
             raise _MarkerChanged(f"marker {self._marker_key} is {seen!r}, was {self._marker!r}")
-
-    def _connected_replicas(self, connection: Any) -> int:
-        """How many replicas the master reports (0 if it will not say: an ACL
-        user without INFO); only asked when the URL leaves ``wait`` open."""
-        if self.durability.replicas is not None:
-            return 0
-        connection.send_command("INFO", "replication")
-        try:
-            info = connection.read_response()
-        except ResponseError:
-            return 0
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        found = [line for line in text.splitlines() if line.startswith("connected_slaves:")]
-        return int(found[0].split(":")[1]) if found else 0
-
-    def _warn_about(self, client: redis.Redis) -> None:
-        """Warn (once, in the process that made the link) about a server that can
-        lose the queue: no persistence at all, or an evicting maxmemory-policy.
-        A server that refuses CONFIG (managed Redis, ACL) is not second-guessed."""
-        try:
-            config = client.config_get("appendonly", "save", "maxmemory-policy")
-        except RedisError:
-            return
-        where = self.where
-        if config.get("appendonly") == "no" and not config.get("save"):
-            log.warning(
-                "pcq: warning: Redis at %s keeps nothing on restart (appendonly no, no save "
-                "points): a restart loses the queue; see 'Running Redis for pcq' in the README",
-                where,
-            )
-        policy = config.get("maxmemory-policy", "noeviction")
-        if policy != "noeviction":
-            log.warning(
-                "pcq: warning: Redis at %s has maxmemory-policy %s: it may evict queue keys; "
-                "use noeviction", where, policy,
-            )
 
     def script(self, name: str) -> Script:
         """The Lua script ``name`` registered on this process's client."""
@@ -399,35 +331,13 @@ class Link:
         )
 
     def pipelined(self, client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
-        """The replies of ``calls``, sent in one pipeline (not a transaction: each
-        script is atomic) followed by ``WAIT`` when the master has replicas to
-        wait for.  Scripts the server lost (a restart, a promoted replica) are
-        loaded and the whole pipeline sent again: every call must be safe to
-        repeat.  A WAIT short of its replicas raises :class:`_NotReplicated`,
-        which :meth:`call` waits out by sending the calls again."""
-        scripts = [self.script(name) for name, _, _ in calls]
-        for attempt in (1, 2):
-            pipe = client.pipeline(transaction=False)
-            for script, (_, keys, args) in zip(scripts, calls, strict=True):
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            replicas = self._replicas
-            if replicas:
-                pipe.execute_command(  # type: ignore[no-untyped-call]
-                    "WAIT", replicas, self.durability.timeout_ms)
-            replies = pipe.execute(raise_on_error=False)
-            lost = {s.sha: s for s, r in zip(scripts, replies, strict=False)
-                    if isinstance(r, NoScriptError)}
-            if not lost or attempt == 2:
-                break
-            for script in lost.values():
-                client.script_load(script.script)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        if replicas and int(replies[-1]) < replicas:
-            raise _NotReplicated(f"{replies[-1]} of {replicas} replica(s) acknowledged a write "
-                                 f"within {self.durability.timeout_ms} ms")
-        return list(replies[: len(calls)])
+        """The replies of ``calls``, sent in one pipeline followed by ``WAIT``
+        when the master has replicas to wait for (see
+        :func:`~pcq.backends.redis_topology.pipeline_with_wait`; every call must
+        be safe to repeat).  A WAIT short of its replicas is an outage that
+        :meth:`call` waits out by sending the calls again."""
+        scripts = [(self.script(name), keys, args) for name, keys, args in calls]
+        return pipeline_with_wait(client, scripts, self._replicas, self.durability.timeout_ms)
 
     def call(self, op: Callable[[redis.Redis], T], *, retry: bool = True) -> T:
         """``op(client)``, with redis-py's errors translated and dropped connections
@@ -471,7 +381,7 @@ class Link:
             return op(self.client())
         except ResponseError as exc:
             if "NOREPLICAS" in str(exc):
-                raise _NotReplicated(str(exc)) from exc
+                raise NotReplicated(str(exc)) from exc
             raise
 
     def _outage(self, exc: Exception) -> float:

@@ -20,10 +20,17 @@ node on one connection.  This module finds that master:
 
 The URL's ``wait`` and ``wait_timeout_ms`` query parameters are pcq's, not
 redis-py's (:func:`durability`); they are taken off before redis-py parses it.
+
+Also here, what a link needs to know about a server and its URL: the URL
+without its password (:func:`safe_url`), TLS with a bounded handshake
+(:class:`TlsConnection`), how many replicas a master reports
+(:func:`connected_replicas`), and whether it keeps anything on restart
+(:func:`warn_about`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -31,11 +38,14 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from pcq.errors import BackendUnavailable
+
+log = logging.getLogger("pcq")
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 #: Default ``wait_timeout_ms``: how long one WAIT gives a replica before the
@@ -221,3 +231,109 @@ def node_url(url: str, host: str, port: int) -> str:
     userinfo = parts.netloc.rpartition("@")[0]
     netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
     return urlunsplit(parts._replace(netloc=netloc, path="/0"))
+
+
+class TlsConnection(redis.SSLConnection):
+    """An SSL connection whose handshake is bounded by the connect timeout."""
+
+    def _connect(self) -> Any:
+        timeout = self.socket_timeout
+        self.socket_timeout = self.socket_connect_timeout  # wrap_socket handshakes under it
+        try:
+            sock = super()._connect()  # type: ignore[no-untyped-call]
+        finally:
+            self.socket_timeout = timeout
+        sock.settimeout(timeout)
+        return sock
+
+
+def safe_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url.split("@")[-1]
+    if not password:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def describe(client: redis.Redis) -> str:
+    """Where an injected client points, for messages."""
+    kwargs = client.get_connection_kwargs()
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+
+def connected_replicas(connection: Any) -> int:
+    """How many replicas the master on ``connection`` (a redis-py connection,
+    being set up) reports; 0 if it will not say (an ACL user without INFO)."""
+    connection.send_command("INFO", "replication")
+    try:
+        info = connection.read_response()
+    except ResponseError:
+        return 0
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    found = [line for line in text.splitlines() if line.startswith("connected_slaves:")]
+    return int(found[0].split(":")[1]) if found else 0
+
+
+def warn_about(client: redis.Redis, where: str) -> None:
+    """Warn about a server that can lose the queue: no persistence at all, or
+    an evicting maxmemory-policy (the link warns once per process and server).
+    A server that refuses CONFIG (managed Redis, ACL) is not second-guessed."""
+    try:
+        config = client.config_get("appendonly", "save", "maxmemory-policy")
+    except RedisError:
+        return
+    if config.get("appendonly") == "no" and not config.get("save"):
+        log.warning(
+            "pcq: warning: Redis at %s keeps nothing on restart (appendonly no, no save "
+            "points): a restart loses the queue; see 'Running Redis for pcq' in the README",
+            where,
+        )
+    policy = config.get("maxmemory-policy", "noeviction")
+    if policy != "noeviction":
+        log.warning(
+            "pcq: warning: Redis at %s has maxmemory-policy %s: it may evict queue keys; "
+            "use noeviction", where, policy,
+        )
+
+
+class NotReplicated(redis.exceptions.ConnectionError):
+    """WAIT saw fewer replicas than wanted acknowledge a write: it is not done
+    (an outage, as far as the link is concerned: the write is sent again)."""
+
+
+def pipeline_with_wait(
+    client: redis.Redis, calls: list[tuple[Script, list[str], list[Any]]], replicas: int,
+    timeout_ms: int,
+) -> list[Any]:
+    """The replies of the script ``calls``, sent in one pipeline (not a
+    transaction: each script is atomic) and, if ``replicas``, ``WAIT`` on the
+    same connection, so that it counts these writes.  Scripts the server lost
+    (a restart, a promoted replica) are loaded and the whole pipeline is sent
+    again.  Raises the first error a call returned, or :class:`NotReplicated`."""
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        if replicas:
+            pipe.execute_command("WAIT", replicas, timeout_ms)  # type: ignore[no-untyped-call]
+        replies = pipe.execute(raise_on_error=False)
+        lost = {c[0].sha: c[0] for c, r in zip(calls, replies, strict=False)
+                if isinstance(r, NoScriptError)}
+        if not lost or attempt == 2:
+            break
+        for script in lost.values():
+            client.script_load(script.script)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    if replicas and int(replies[-1]) < replicas:
+        raise NotReplicated(f"{replies[-1]} of {replicas} replica(s) acknowledged a write "
+                            f"within {timeout_ms} ms")
+    return list(replies[: len(calls)])

@@ -66,7 +66,7 @@ def done_on(master: Callable[[], RedisServer | None], queue: str) -> int | None:
 
 def job_through_a_failover(
     env: dict[str, str], out: str, kill: Callable[[], None],
-    master: Callable[[], RedisServer | None],
+    master: Callable[[], RedisServer | None], secret: str = "",
 ) -> float:
     """Run a job on two consumer hosts; kill the master a quarter of the way in;
     check the job ends whole.  Returns seconds from the kill to the first task
@@ -89,11 +89,13 @@ def job_through_a_failover(
     stood_still = time.monotonic() - start
     code, stdout, err = finish(producer)
     assert code == 0, err
+    assert not secret or secret not in stdout + err
     summary = json.loads(stdout)
     assert (summary["produced"], summary["done"], summary["failed"]) == (N, N, 0), summary
     for host in hosts:
-        code, _, err = finish(host)
+        code, stdout, err = finish(host)
         assert code == 0, err
+        assert not secret or secret not in stdout + err
     assert set(handled(out)) == set(range(N))  # at least once; a redelivery may repeat one
     return stood_still
 
@@ -136,7 +138,8 @@ def test_a_process_started_after_the_urls_node_died_still_finds_the_cluster(clus
 
 @pytest.mark.timeout(90)
 def test_the_master_of_a_running_job_is_killed_behind_sentinel(tmp_path):
-    group = SentinelGroup(replicas=1, sentinels=3, password="pw").start()
+    secret = "failover-data-secret"
+    group = SentinelGroup(replicas=1, sentinels=3, password=secret).start()
     try:
         env = pcq_env(group.url(), tmp_path, JOBS_N=str(N), JOBS_SLEEP="0.02")
         old = group.master
@@ -145,7 +148,7 @@ def test_the_master_of_a_running_job_is_killed_behind_sentinel(tmp_path):
             port = group.master_port()
             return next((r for r in group.replicas if r.port == port), None)
 
-        stood = job_through_a_failover(env, str(tmp_path), old.kill, master)
+        stood = job_through_a_failover(env, str(tmp_path), old.kill, master, secret)
         print(f"\nsentinel failover: kill -> job going on in {stood:.1f} s", file=sys.stderr)
     finally:
         group.cleanup()

@@ -101,10 +101,18 @@ def _shared_queue(
 
 
 @contextmanager
-def _opened(backend: str | None, url: str | None, name: str) -> Iterator[Queue]:
-    """A shared queue for one admin command, disposed of when it is done."""
-    q = _shared_queue(backend, url, name)
+def _opened(
+    backend: str | None, url: str | None, name: str, *, reading: bool = False
+) -> Iterator[Queue]:
+    """A shared queue for one admin command, disposed of when it is done.
+    ``reading``: the command only reads, and the queue must exist (reading never
+    writes: a Redis queue opened to read creates no key)."""
+    only_reads = reading and backend_for(backend, url) == "redis"
+    q = _shared_queue(backend, url, name, **({"read_only": True} if only_reads else {}))
     try:
+        if reading and not q.exists():  # a misspelled --queue would otherwise show zeros
+            raise ConfigError(f"queue {name!r} does not exist on this server (nothing was "
+                              "ever put in it, and no consumer or producer is attached)")
         yield q
     finally:
         q.dispose()
@@ -395,10 +403,7 @@ def status_command(
 ) -> None:
     """Show a queue's counters, consumers and producers — and those of every queue
     its stages feed, for a pipeline."""
-    with _opened(backend, url, queue) as q:
-        if not q.exists():  # a misspelled --queue would otherwise show zeros
-            raise ConfigError(f"queue {queue!r} does not exist on this server (nothing was "
-                              "ever put in it, and no consumer or producer is attached)")
+    with _opened(backend, url, queue, reading=True) as q:
         if not watch:
             if as_json:
                 print(json.dumps(_status_json(q)))
@@ -443,7 +448,7 @@ def dead_list(
     as_json: Json = False,
 ) -> None:
     """List dead letters with their errors."""
-    with _opened(backend, url, queue) as q:
+    with _opened(backend, url, queue, reading=True) as q:
         letters = q.dead_letters(limit)
     if not letters and not as_json:
         err.print(f"pcq: no dead letters in queue {queue!r}", highlight=False)

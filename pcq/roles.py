@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sized
 from types import FrameType
 from typing import Any
@@ -155,6 +156,9 @@ class Producer(_Process):
         self._produce = produce
         self.close_when_done = close_when_done
         self._parent_pid = os.getpid()
+        #: Chosen here, in the parent, so that the parent can detach a producer
+        #: that died by its id (``Queue.detach_producer(producer_id)``).
+        self.producer_id = uuid.uuid4().hex
         # (shared int64 array, index): where to note len() of what produce()
         # returned, when it has one, so that a progress display knows the total.
         self._length = length
@@ -199,7 +203,7 @@ class Producer(_Process):
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         queue = self.queue
-        queue.attach_producer()
+        queue.attach_producer(self.producer_id)
         code = 0
         try:
             queue.put_many(items())
@@ -219,7 +223,8 @@ class Producer(_Process):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             if watchdog is not None:
                 watchdog.cancel()
-            queue.detach_producer(close_if_last=self.close_when_done and code == 0)
+            queue.detach_producer(self.producer_id,
+                                  close_if_last=self.close_when_done and code == 0)
             queue.dispose()
         if code:
             sys.exit(code)
@@ -511,7 +516,8 @@ class Consumer(_Process):
         what = (f"task {short_repr(env.body)} failed in {self.name} (pid {self.pid}), "
                 f"attempt {env.attempts + 1}/{self.retries + 1}: {error}")
         if env.attempts < self.retries:
-            delay = self.backoff * (2**env.attempts) * (1 + random.random() / 4)
+            # capped: 2**attempts of a huge --retries would overflow a float
+            delay = self.backoff * 2.0 ** min(env.attempts, 16) * (1 + random.random() / 4)
             log.info("%s; retry in %.2f s", what, delay)
             return Failure(env, error, tb, retry_in=delay)
         # The traceback stays with the dead letter; in the log it would bury the

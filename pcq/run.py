@@ -286,9 +286,9 @@ def end_producers(q: Queue, running: dict[int, Producer], ready: Iterable[int]) 
         producer.join()
         failed += producer.exitcode != 0
         if producer.exitcode is not None and producer.exitcode < 0:
-            # Killed by a signal, it could not detach: without this the queue
-            # would never close and the job never end.
-            q.detach_producer(close_if_last=False)
+            # Killed by a signal, it could not detach: detach it by its id, at
+            # once, or its registration would keep the queue open.
+            q.detach_producer(producer.producer_id, close_if_last=True)
         producer.close()
     return failed
 

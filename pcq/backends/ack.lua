@@ -11,6 +11,7 @@
 -- KEYS[9] killing         hash consumer id -> 1 while its supervisor kills it
 -- KEYS[10..13] only for a stage's outputs (no > 0): the target queue's ready,
 --          counters, closed and epoch (as in put.lua)
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] n   messages in the lease      ARGV[2] nr  retries
 -- ARGV[3] nd  dead letters               ARGV[4] nb  give-backs
 -- ARGV[5] done  ARGV[6] failed           (tasks that leave pending now)
@@ -55,6 +56,7 @@
 -- ran: a consumer whose lease was reaped is stale here and commits nothing.  The
 -- target's keys must live on this server (one Redis Cluster slot: give the
 -- queues of one pipeline one hash tag, e.g. {crawl}.fetch, {crawl}.parse).
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local n, nr, nd, nb = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local me, token = ARGV[7], ARGV[8]
 local no, out_tasks = tonumber(ARGV[9]), tonumber(ARGV[10])

@@ -4,6 +4,7 @@
 -- KEYS[2] producers:beat   zset producer id -> heartbeat expiry ms
 -- KEYS[3] closed           exists while the queue is closed
 -- KEYS[4] epoch            close epoch (integer, absent = 0)
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] producer id; ARGV[2] info; ARGV[3] heartbeat ttl ms
 --
 -- Returns the epoch now current.
@@ -11,6 +12,7 @@
 -- Race prevented: registering and reopening are one step, so a close can only
 -- come before (and is undone: new epoch, its sentinels go stale) or after (and
 -- sees this producer live, so an 'if_last' close leaves the queue open).
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])

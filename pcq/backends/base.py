@@ -572,12 +572,15 @@ class Queue(ABC):
         """Unregister; anything still in flight for it goes back to ready."""
 
     @abstractmethod
-    def attach_producer(self) -> None:
-        """Register a producer; while any is attached, the queue stays open."""
+    def attach_producer(self, producer_id: str | None = None) -> str:
+        """Register a producer under ``producer_id`` (a new id when None) and
+        return its id; while any producer is attached, the queue stays open."""
 
     @abstractmethod
-    def detach_producer(self, close_if_last: bool = True) -> None:
-        """Unregister a producer; the last one out closes the queue."""
+    def detach_producer(self, producer_id: str | None = None, close_if_last: bool = True) -> None:
+        """Unregister producer ``producer_id`` (None: the last id this process
+        attached); the last one out closes the queue, unless ``close_if_last``
+        is False.  A parent detaches a producer process that died by its id."""
 
     def sibling(self, name: str, *, maxsize: int = 0) -> Queue:
         """Queue ``name`` on the same backend and server as this one (the next

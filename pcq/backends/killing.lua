@@ -2,6 +2,7 @@
 --
 -- KEYS[1] consumers:beat   zset consumer id ("host:pid:nonce") -> heartbeat expiry ms
 -- KEYS[2] killing          hash consumer id -> 1 while its supervisor kills it
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] "host:pid:" of the process about to be killed
 --
 -- Returns how many registrations were marked.
@@ -12,6 +13,7 @@
 -- before the kill, makes every later ack of its own stale (ack.lua checks the
 -- mark in the same step as the lease).  reap.lua removes the mark with the
 -- registration (release, after the kill).
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local n = 0
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if string.sub(id, 1, string.len(ARGV[1])) == ARGV[1] then

@@ -49,6 +49,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -402,10 +403,11 @@ class LocalQueue(Queue):
     def close(self) -> None:
         self._call(wire.CLOSE)
 
-    def attach_producer(self) -> None:
+    def attach_producer(self, producer_id: str | None = None) -> str:
         self._call(wire.ATTACH_PRODUCER)
+        return producer_id or uuid.uuid4().hex
 
-    def detach_producer(self, close_if_last: bool = True) -> None:
+    def detach_producer(self, producer_id: str | None = None, close_if_last: bool = True) -> None:
         self._call(wire.DETACH_PRODUCER, close_if_last)
 
     def counters(self) -> Counters:

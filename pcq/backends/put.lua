@@ -7,6 +7,7 @@
 -- KEYS[5] full       "a producer waits for space": holds its maxsize (see take.lua)
 -- KEYS[6] space      wake-up tokens pushed by take.lua; the waiting producer BLPOPs them
 -- KEYS[7] puts       hash batch id -> how many messages that put pushed (this run)
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] maxsize (0 = unbounded)
 -- ARGV[2] 1 when each message is a task (always, but for test messages that hold none)
 -- ARGV[3] the batch id: unique to this put, the same when it is resent ('' = none)
@@ -29,6 +30,7 @@
 -- came before it in the replication stream.  A put that pushed nothing is not
 -- recorded (its retry after `space` must push).  A new run (the queue reopens)
 -- forgets the ids of the last.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local id = ARGV[3]
 if id ~= '' then
   local seen = redis.call('HGET', KEYS[7], id)

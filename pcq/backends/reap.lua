@@ -8,6 +8,7 @@
 -- KEYS[6] deaths           hash message -> consumers that died with it in flight
 -- KEYS[7] holding          hash consumer id -> the suspect it holds (see take.lua)
 -- KEYS[8] killing          hash consumer id -> 1 while its supervisor kills it
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] 'expired' (heartbeat expired), 'prefix' (ids starting with ARGV[2],
 --         i.e. "host:pid:" of a process seen dead), 'id' (exactly ARGV[2]: detach)
 --         or 'killed' (like 'prefix', for a process its supervisor killed on purpose)
@@ -33,6 +34,7 @@
 -- counts no death: those tasks go back to ready.  A consumer that died holding
 -- a suspect (`holding`) is blamed on that suspect alone: the fresh tasks it held
 -- beside it become suspects with no death counted against them.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mode, arg, inflight, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]

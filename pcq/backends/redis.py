@@ -105,13 +105,28 @@ def key(name: str, part: str) -> str:
     return f"pcq:{name}:{part}" if "{" in name else f"pcq:{{{name}}}:{part}"
 
 
-def _has_good_braces(name: str) -> bool:
-    """No braces, or exactly one non-empty ``{tag}``: a Redis Cluster hash tag."""
+def check_name(name: str) -> None:
+    """Raise ConfigError unless ``name`` maps to keys of its own.
+
+    A name has no braces, or exactly one non-empty ``{tag}`` (a Redis Cluster
+    hash tag).  ``{a}`` alone would map to ``pcq:{a}:…``, the keys of queue
+    ``a``, and ``{a}:x`` to keys inside them (``pcq:{a}:x:…``): a tag at the
+    start of a name must be followed by something other than ``:``.  With that,
+    two names never share a key.
+    """
+    if not name:
+        raise ConfigError("bad queue name '': it must not be empty")
     if "{" not in name and "}" not in name:
-        return True
-    if name.count("{") != 1 or name.count("}") != 1:
-        return False
-    return name.index("}") > name.index("{") + 1
+        return
+    opened, closed = name.find("{"), name.find("}")
+    if name.count("{") != 1 or name.count("}") != 1 or closed < opened + 2:
+        raise ConfigError(f"bad queue name {name!r}: it must have no braces, or one hash "
+                          "tag such as {crawl}.parse")
+    if opened == 0 and name[closed + 1 : closed + 2] in ("", ":"):
+        plain = name[1:closed]
+        raise ConfigError(f"bad queue name {name!r}: on Redis it would share keys with queue "
+                          f"{plain!r}; name it {plain!r}, or add to the tag (e.g. "
+                          f"'{{{plain}}}.main')")
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +226,9 @@ class RedisQueue(Queue):
     this long is dead: its tasks are reaped, it does not count as live.
     ``retry_for`` — how long after the first failure of an outage operations
     stop retrying and raise :class:`~pcq.errors.BackendLost` (``--reconnect-timeout``).
+    ``read_only`` — for commands that only look (``pcq status``, ``pcq dead
+    list``): the connection does not create the queue's marker, so looking at a
+    queue that does not exist leaves nothing behind.
 
     The consumer registration belongs to the process that made it; a copy of this
     object in another process starts unattached.  Producer registrations travel
@@ -232,10 +250,9 @@ class RedisQueue(Queue):
         heartbeat_ttl: float = 5.0,
         retry_for: float = 60.0,
         max_deliveries: int = 3,
+        read_only: bool = False,
     ) -> None:
-        if not name or not _has_good_braces(name):
-            raise ConfigError(f"bad queue name {name!r}: it must be non-empty, with no braces "
-                              "or one hash tag such as {crawl}.parse")
+        check_name(name)
         if maxsize < 0:
             raise ConfigError(f"maxsize must be 0 (unbounded) or more, not {maxsize}")
         if heartbeat_ttl <= 0:
@@ -245,7 +262,9 @@ class RedisQueue(Queue):
         self.heartbeat_ttl = heartbeat_ttl
         self.keep_alive_every = heartbeat_ttl / 3
         self.keys = Keys.of(name)
-        self._link = Link(url, client, retry_for, marker=self.keys.run, what=f"queue {name}")
+        self.read_only = read_only
+        self._link = Link(url, client, retry_for, marker=self.keys.run, what=f"queue {name}",
+                          create_marker=not read_only)
         self._producer_ids: list[str] = []
         self._interrupted = False  # set from a signal handler: a waiting put gives up
         self._fresh()
@@ -298,6 +317,16 @@ class RedisQueue(Queue):
         host, pid, now = socket.gethostname(), os.getpid(), round(time.time(), 3)
         return json.dumps({"host": host, "pid": pid, "started": now, "ttl": self.heartbeat_ttl})
 
+    def _run(
+        self, name: str, keys: list[str], args: list[Any], *, retry: bool = True,
+        durable: bool = False,
+    ) -> Any:
+        """Run script ``name`` with ``keys`` and the queue's marker as its last key:
+        every script fails with QueueDataLost when it finds the marker gone (a
+        FLUSHDB or an eviction while the connections stayed open).  ``durable``:
+        see :meth:`~pcq.backends.redis_link.Link.run`."""
+        return self._link.run(name, [*keys, self.keys.run], args, retry=retry, durable=durable)
+
     # ------------------------------------------------------------------ producing
 
     def _put(self, messages: list[bytes], tasks: int) -> None:
@@ -311,7 +340,7 @@ class RedisQueue(Queue):
         else:
             # One pipeline of chunks, each atomic on its own and carrying an id, so
             # sending them all again after a lost reply puts each once (put.lua).
-            keys = self._put_keys()
+            keys = [*self._put_keys(), self.keys.run]
             calls = [("put", keys, [0, each, _batch_id(), *messages[i : i + PUT_CHUNK]])
                      for i in range(0, len(messages), PUT_CHUNK)]
             self._link.call(lambda client: self._link.pipelined(client, calls))
@@ -330,7 +359,7 @@ class RedisQueue(Queue):
                 raise PutInterrupted
             chunk = messages[at : at + PUT_CHUNK]
             args = [self.maxsize, each, _batch_id(), *chunk]
-            pushed = int(self._link.run("put", self._put_keys(), args, durable=True))
+            pushed = int(self._run("put", self._put_keys(), args, durable=True))
             at += pushed
             if not pushed:
                 self._link.call(self._wait_for_space)
@@ -398,7 +427,7 @@ class RedisQueue(Queue):
             # What we hold is read once: a retry after a lost reply sends the same,
             # so take.lua adopts what the lost call moved instead of stranding it.
             args = self._take_args(me, want)
-            taken = self._taken(self._link.run("take", keys, args))
+            taken = self._taken(self._run("take", keys, args))
             if taken is not None:
                 return taken
 
@@ -444,7 +473,7 @@ class RedisQueue(Queue):
             return  # a sentinel made up for a drained queue: nothing is in flight
         self._let_go(receipt)
         call = self._ack_call(receipt, outcome, self._token(), target)
-        applied, _ = self._link.run("ack", *call, durable=True)
+        applied, _ = self._run("ack", *call, durable=True)
         self._note_ack(applied)
         self.ack_applied = int(applied) != 0
 
@@ -540,8 +569,9 @@ class RedisQueue(Queue):
         deadline = None if timeout is None else time.monotonic() + timeout
         self._let_go(receipt)
         token = self._token()
-        ack = self._ack_call(receipt, outcome, token, target)
-        take = self._take_keys(me), self._take_args(me, want, token)
+        ack_keys, ack_args = self._ack_call(receipt, outcome, token, target)
+        ack = [*ack_keys, self.keys.run], ack_args
+        take = [*self._take_keys(me), self.keys.run], self._take_args(me, want, token)
         acked, reply = self._link.call(lambda client: self._ack_then_take(client, ack, take))
         self.ack_applied = int(acked[0]) != 0  # 2: a repeat after a lost reply, as the first
         taken = self._taken(reply)
@@ -575,7 +605,7 @@ class RedisQueue(Queue):
         keys = [k.closed, k.epoch, k.ready, k.consumer_beats, k.producers, k.producer_beats]
         while True:
             args = [self._epoch, encode_sentinel(self._epoch), producer, mode]
-            code, value = self._link.run("close", keys, args, durable=True)
+            code, value = self._run("close", keys, args, durable=True)
             if code != -1:
                 return bool(code == 1)
             self._set_epoch(value)
@@ -595,12 +625,12 @@ class RedisQueue(Queue):
         k = self.keys
         keys = [k.consumers, k.consumer_beats, k.ready, k.acked, k.suspects, k.deaths]
         keys += [k.holding, k.killing]
-        return int(self._link.run("reap", keys, [mode, arg, k.inflight_prefix, SENTINEL_PREFIX]))
+        return int(self._run("reap", keys, [mode, arg, k.inflight_prefix, SENTINEL_PREFIX]))
 
     def sibling(self, name: str, *, maxsize: int = 0) -> Queue:
         return RedisQueue(name, maxsize=maxsize, url=self.url, client=self._link.injected,
                           heartbeat_ttl=self.heartbeat_ttl, retry_for=self._link.retry_for,
-                          max_deliveries=self.max_deliveries)
+                          max_deliveries=self.max_deliveries, read_only=self.read_only)
 
     def forget(self) -> None:
         k = self.keys
@@ -630,7 +660,7 @@ class RedisQueue(Queue):
         keys = [k.ready, k.counters, k.dead, k.delayed, k.consumer_beats, k.producer_beats]
         keys += [k.closed, k.suspects]
         args = [k.inflight_prefix, SENTINEL_PREFIX]
-        v = [int(x) for x in self._link.run("counters", keys, args)]
+        v = [int(x) for x in self._run("counters", keys, args)]
         return Counters(
             ready=v[0],
             in_flight=v[1],
@@ -685,7 +715,7 @@ class RedisQueue(Queue):
         k = self.keys
         keys = [k.epoch, k.closed, k.counters, k.producer_beats, k.consumers, k.consumer_beats]
         args = [self._consumer_id, self._consumer_info, self._ttl_ms] if register else ["", "", 0]
-        epoch, closed, pending, producers = self._link.run("run_state", keys, args)
+        epoch, closed, pending, producers = self._run("run_state", keys, args)
         return int(epoch), int(closed), int(pending), int(producers)
 
     def _run_is_over(self, status: int, wait_ms: int) -> bool:
@@ -709,21 +739,30 @@ class RedisQueue(Queue):
         self._reap("id", consumer)
         self._holding = []
 
-    def attach_producer(self) -> None:
+    def attach_producer(self, producer_id: str | None = None) -> str:
         self._here()
-        producer = self._new_id()
+        producer = producer_id or self._new_id()
         k = self.keys
         keys = [k.producers, k.producer_beats, k.closed, k.epoch]
         args = [producer, self._info(), self._ttl_ms]
-        self._set_epoch(self._link.run("attach", keys, args, durable=True))
+        self._set_epoch(self._run("attach", keys, args, durable=True))
         self._producer_ids.append(producer)
         with self._beat_lock:
             self._beat_ids.append(producer)
         self._start_heartbeat()
+        return producer
 
-    def detach_producer(self, close_if_last: bool = True) -> None:
+    def detach_producer(self, producer_id: str | None = None, close_if_last: bool = True) -> None:
+        """Unregister ``producer_id`` — another process's, such as a producer
+        child that was killed, or None for the last one this object attached —
+        then close if it was the last live one (``close_if_last``)."""
         self._here()
-        producer = self._producer_ids.pop() if self._producer_ids else ""
+        if producer_id is None:
+            producer = self._producer_ids.pop() if self._producer_ids else ""
+        else:
+            producer = producer_id
+            if producer in self._producer_ids:
+                self._producer_ids.remove(producer)
         with self._beat_lock:
             if producer in self._beat_ids:
                 self._beat_ids.remove(producer)
@@ -733,7 +772,7 @@ class RedisQueue(Queue):
     def keep_alive(self, pids: Sequence[int]) -> None:
         if pids:
             args = [self._ttl_ms, socket.gethostname(), *pids]
-            self._link.run("keep_alive", [self.keys.consumer_beats], args)
+            self._run("keep_alive", [self.keys.consumer_beats], args)
 
     def fail_running(
         self, pid: int, task_id: str, failure: Callable[[Envelope], Failure]
@@ -757,14 +796,14 @@ class RedisQueue(Queue):
                     outcome = self._outcome(lease, [failure(envs[0])], ())
                     token = f"s{os.getpid()}.{self._token()}"  # not the consumer's own
                     call = self._ack_call(lease.receipt, outcome, token, by="supervisor")
-                    return int(self._link.run("ack", *call, durable=True)[0]) == 1
+                    return int(self._run("ack", *call, durable=True)[0]) == 1
         return False
 
     def killing(self, pid: int, task_id: str) -> None:
         """Mark consumer ``pid``'s registrations as being killed, before the kill:
         from now on its own acks commit nothing (see killing.lua)."""
         prefix = f"{socket.gethostname()}:{pid}:"
-        self._link.run("killing", [self.keys.consumer_beats, self.keys.killing], [prefix])
+        self._run("killing", [self.keys.consumer_beats, self.keys.killing], [prefix])
 
     def registrations(self) -> list[dict[str, Any]]:
         """Live consumers and producers: role, id, host, pid, started, and heartbeat
@@ -798,7 +837,7 @@ class RedisQueue(Queue):
             consumer = self._consumer_id or ""
             if consumer or self._beat_ids:
                 args = [self._ttl_ms, consumer, self._consumer_info, *self._beat_ids]
-                self._link.run("heartbeat", keys, args, retry=retry)
+                self._run("heartbeat", keys, args, retry=retry)
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat is None:
@@ -871,7 +910,7 @@ class RedisQueue(Queue):
             fresh.reverse()  # the oldest letter ends rightmost: taken first
             args = [len(letters), len(fresh), len(kept), *letters, *fresh, *kept]
             keys = [k.dead, k.ready, k.counters]
-            n = int(self._link.run("requeue", keys, args))
+            n = int(self._run("requeue", keys, args))
             if n >= 0:  # -1: dead changed under us; read it again
                 seen += len(letters)
                 requeued += n
@@ -890,6 +929,6 @@ class RedisQueue(Queue):
 
     def purge(self) -> int:
         k = self.keys
-        keys = [k.ready, k.delayed, k.counters, k.closed, k.epoch, k.consumer_beats]
-        keys += [k.full, k.space, k.acked, k.suspects, k.deaths, k.puts]
-        return int(self._link.run("purge", keys, [k.inflight_prefix]))
+        keys = [k.ready, k.delayed, k.counters, k.consumer_beats, k.full, k.space, k.acked]
+        keys += [k.suspects, k.deaths, k.holding, k.puts]
+        return int(self._run("purge", keys, [k.inflight_prefix]))

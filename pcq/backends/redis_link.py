@@ -117,6 +117,8 @@ SOCKET_TIMEOUT = 10.0
 #: Longest a TCP connect plus TLS handshake may take (a partition, or rediss://
 #: against a plain server, must not cost the socket timeout).
 CONNECT_TIMEOUT = 2.0
+#: The error a pcq script replies with when the queue's marker key is gone.
+DATA_LOST_REPLY = "PCQ_DATA_LOST"
 
 
 #: Servers this process has already warned about (one warning per command,
@@ -147,6 +149,7 @@ class Link:
         *,
         marker: str | None = None,
         what: str = "the queue",
+        create_marker: bool = True,
     ) -> None:
         self.url = url
         self.retry_for = retry_for
@@ -156,6 +159,7 @@ class Link:
         # pickling, so a child checks against what its parent saw.
         self._marker_key = marker
         self._marker: bytes | None = None
+        self._create_marker = create_marker  # False: a reader, which never writes
         self._what = what
         self._maker = os.getpid()  # only this process announces outages and warns
         self._failure: BackendLost | None = None  # sticky: the run cannot go on
@@ -252,6 +256,9 @@ class Link:
             if self._connected_once or self._sentinel is None:
                 raise
             raise explain_no_master(self._sentinel, exc) from exc
+        if self._injected is not None and self._marker_key and self._create_marker:
+            # an injected client has no connect hook (see _on_connect)
+            client.set(self._marker_key, os.urandom(8).hex(), nx=True)
         self._pinged = self._connected_once = True
         if os.getpid() == self._maker and self.where not in _WARNED:
             _WARNED.add(self.where)
@@ -300,8 +307,9 @@ class Link:
         self._replicas = self.durability.wanted(connected_replicas(connection) if asked else 0)
         if self._marker_key is None:
             return
-        connection.send_command("SET", self._marker_key, os.urandom(8).hex(), "NX")
-        connection.read_response()
+        if self._create_marker:
+            connection.send_command("SET", self._marker_key, os.urandom(8).hex(), "NX")
+            connection.read_response()
         connection.send_command("GET", self._marker_key)
         seen = connection.read_response()
         if self._marker is None:
@@ -350,10 +358,7 @@ class Link:
             try:
                 result = self._attempt(op)
             except _MarkerChanged as exc:
-                self._failure = QueueDataLost(
-                    f"the Redis server lost {self._what}'s data (restarted without persistence?)"
-                )
-                raise self._failure from exc
+                raise self._lost() from exc
             except REFUSED as exc:
                 raise BackendUnavailable(f"Redis at {self.where} refused us: {exc}") from exc
             except (*RETRYABLE, *MOVING) as exc:
@@ -366,6 +371,8 @@ class Link:
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, LONGEST_PAUSE)
             except ResponseError as exc:
+                if str(exc).startswith(DATA_LOST_REPLY):  # a script found the marker gone
+                    raise self._lost() from exc
                 raise BackendUnavailable(f"Redis at {self.where} said: {exc}") from exc
             except RedisError as exc:
                 raise BackendUnavailable(f"Redis at {self.where}: {exc}") from exc
@@ -383,6 +390,13 @@ class Link:
             if "NOREPLICAS" in str(exc):
                 raise NotReplicated(str(exc)) from exc
             raise
+
+    def _lost(self) -> QueueDataLost:
+        """The queue's data is gone (sticky: the run cannot go on)."""
+        self._failure = QueueDataLost(
+            f"the Redis server lost {self._what}'s data (restarted without persistence?)"
+        )
+        return self._failure
 
     def _outage(self, exc: Exception) -> float:
         """Note a failure of the link: start the outage clock (one line, in the

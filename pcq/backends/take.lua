@@ -12,6 +12,7 @@
 -- KEYS[10] suspects        list; tasks of consumers that died (see reap.lua)
 -- KEYS[11] deaths          hash message -> consumers that died with it in flight
 -- KEYS[12] holding         hash consumer id -> the suspect it holds
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] max messages to take
 -- ARGV[2] nh: how many messages the caller holds (its open leases)
 -- ARGV[3] epoch the caller knows; ARGV[4] the sentinel of that epoch (exact bytes)
@@ -46,6 +47,7 @@
 -- * Poison tasks: a suspect is handed out alone, to a consumer that holds no
 --   other suspect (`holding` says which one it holds), whatever else it holds:
 --   two suspects never share a process, and none waits for a busy consumer.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local max, nh = tonumber(ARGV[1]), tonumber(ARGV[2])
 if ARGV[8] ~= '' then
   local token = string.match(redis.call('HGET', KEYS[9], ARGV[6]) or '', '^(%S+) ')

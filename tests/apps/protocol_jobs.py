@@ -38,3 +38,24 @@ def started(out):
             with open(os.path.join(out, name)) as f:
                 items.extend(json.loads(line) for line in f)
     return items
+
+
+def produce_one_dies():
+    """Every producer process yields tasks 0 .. JOBS_N-1; the first to start
+    SIGKILLs itself after its first task instead (a producer killed mid-run)."""
+    n = int(os.environ.get("JOBS_N", "10"))
+    try:
+        fd = os.open(os.path.join(os.environ["JOBS_OUT"], "killed-producer"),
+                     os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        yield from range(n)
+        return
+    os.close(fd)
+    yield 0
+    time.sleep(0.2)  # the first task is put (puts are batched)
+    os.kill(os.getpid(), 9)
+
+
+def double(item):
+    """A first stage: one output per task."""
+    return 2 * item

@@ -537,7 +537,7 @@ def test_requeued_tasks_come_before_the_sentinels_of_a_closed_queue(make: Factor
     assert q.counters().pending == 0
 
 
-def test_purge_drops_everything_and_the_epoch_moves_on(make: Factory) -> None:
+def test_purge_drops_everything_and_keeps_the_run_closed(make: Factory) -> None:
     q = make()
     q.attach_consumer()
     q.put_many(range(3))
@@ -548,7 +548,7 @@ def test_purge_drops_everything_and_the_epoch_moves_on(make: Factory) -> None:
     assert q.purge() == 3  # two ready, one in flight; the sentinel is no task
 
     c = q.counters()
-    assert (c.ready, c.in_flight, c.pending, c.produced, c.closed) == (0, 0, 0, 0, False)
+    assert (c.ready, c.in_flight, c.pending, c.produced, c.closed) == (0, 0, 0, 0, True)
     q.ack(held)  # stale now: changes nothing
     assert q.counters().done == 0
 

@@ -30,16 +30,11 @@ redis-py's errors become pcq's:
   server keeps nothing on restart (no AOF, no RDB save points) or may evict keys.
 * ``rediss://``: the TLS handshake shares the connect timeout, so a TLS client
   talking to a plain server fails in ``CONNECT_TIMEOUT``, not the socket timeout.
-* Beyond one server (see :mod:`pcq.backends.redis_topology`): in a Redis Cluster
-  the client is a plain one to the master that owns the queue's slot, found
-  again after MOVED, ASK or a lost master; behind Sentinel it is redis-py's
-  Sentinel-managed client.  Either way an outage is waited out as above.
-* Durable writes: when the master has replicas, a write the caller marks
-  ``durable`` goes out in one pipeline with ``WAIT`` (same connection, so WAIT
-  counts that write).  Fewer replicas than wanted acknowledged it: the write is
-  not done — it is sent again (the scripts make a repeat a no-op that still
-  writes, so the repeat's WAIT covers the first) until a replica has it, as an
-  outage, so past ``retry_for`` it is :class:`~pcq.errors.BackendLost`.
+* Cluster and Sentinel (:mod:`pcq.backends.redis_topology`): the client talks
+  to the master of the queue's slot, found again after MOVED, ASK or a failover.
+* ``durable`` writes are followed by ``WAIT`` on their connection when the
+  master has replicas; one that no replica took is sent again (a repeat is a
+  no-op that still writes) until one does, as an outage.
 
 A link crosses process boundaries as its URL: the client is dropped when pickled
 and rebuilt, lazily, in a process whose pid differs from its maker's.  An injected

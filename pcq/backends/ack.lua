@@ -68,7 +68,10 @@ local function finish(code)
 end
 
 local mark, first = string.match(redis.call('HGET', KEYS[6], me) or '', '^(%S+) (%d)$')
-if mark == token then return {tonumber(first), redis.call('LLEN', KEYS[1])} end
+if mark == token then  -- a repeat; it writes so that a WAIT after it covers the first
+  redis.call('HSET', KEYS[6], me, token .. ' ' .. first)
+  return {tonumber(first), redis.call('LLEN', KEYS[1])}
+end
 if ARGV[11] ~= 'supervisor' and redis.call('HEXISTS', KEYS[9], me) == 1 then return finish(0) end
 
 -- list[at .. at+n-1] holds the lease (newest first, as LPUSH left it)

@@ -3,6 +3,7 @@
 -- KEYS[1] ready   KEYS[2] delayed   KEYS[3] counters   KEYS[4] consumers:beat
 -- KEYS[5] full   KEYS[6] space   KEYS[7] acked (ack tokens; see ack.lua)
 -- KEYS[8] suspects   KEYS[9] deaths   KEYS[10] holding (poison tasks; see reap.lua)
+-- KEYS[11] puts (ids of the puts of the run; see put.lua)
 -- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] in-flight key prefix ("pcq:{NAME}:inflight:"; same hash slot as KEYS)
 --
@@ -18,5 +19,5 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
   redis.call('DEL', ARGV[1] .. id)
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6], KEYS[7])
-redis.call('DEL', KEYS[8], KEYS[9], KEYS[10])
+redis.call('DEL', KEYS[8], KEYS[9], KEYS[10], KEYS[11])
 return n

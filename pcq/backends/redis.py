@@ -37,7 +37,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import redis
-from redis.exceptions import NoScriptError
 
 from pcq.backends.base import MAX_BATCH, Failure, Lease, Outcome, PutInterrupted, Queue
 from pcq.backends.redis_keys import Keys, TakeStatus, check_name, key
@@ -61,6 +60,12 @@ SPACE_WAIT = 0.25
 #: Dead letters read per requeue step.
 REQUEUE_CHUNK = 500
 
+
+
+def _batch_id() -> str:
+    """An id for one put call, which put.lua remembers for the run (a resend of
+    the same call pushes nothing)."""
+    return os.urandom(8).hex()
 
 class RedisQueue(Registered):
     """A queue on a Redis server (see the module docstring for its keys).
@@ -97,26 +102,13 @@ class RedisQueue(Registered):
         each = 1 if tasks else 0
         if self.maxsize > 0:
             self._put_bounded(messages, each)
-        elif len(messages) <= PUT_CHUNK:
-            self._run("put", [0, each, *messages])
         else:
-            chunks = [messages[i : i + PUT_CHUNK] for i in range(0, len(messages), PUT_CHUNK)]
-            self._link.call(lambda client: self._put_pipelined(client, chunks, each))
-
-    def _put_pipelined(self, client: redis.Redis, chunks: list[list[bytes]], each: int) -> None:
-        # Each chunk is atomic on its own.  If the connection drops mid-pipeline the
-        # whole pipeline runs again, so a chunk may be put twice (at-least-once),
-        # but pending always matches what went into the list.
-        script, keys = self._link.script("put"), self._keys("put")
-        pipe = client.pipeline(transaction=False)
-        for chunk in chunks:
-            pipe.evalsha(script.sha, len(keys), *keys, 0, each, *chunk)
-        results = pipe.execute(raise_on_error=False)
-        for chunk, result in zip(chunks, results, strict=True):
-            if isinstance(result, NoScriptError):  # the server restarted and forgot it
-                script(keys=keys, args=[0, each, *chunk], client=client)
-            elif isinstance(result, Exception):
-                raise result
+            # One pipeline of chunks, each atomic on its own and carrying an id, so
+            # sending them all again after a lost reply puts each once (put.lua).
+            keys = self._keys("put")
+            calls = [("put", keys, [0, each, _batch_id(), *messages[i : i + PUT_CHUNK]])
+                     for i in range(0, len(messages), PUT_CHUNK)]
+            self._link.call(lambda client: self._link.pipelined(client, calls))
 
     def _put_bounded(self, messages: list[bytes], each: int) -> None:
         # put.lua pushes only what fits under maxsize; when nothing fits it leaves
@@ -127,7 +119,8 @@ class RedisQueue(Registered):
             if self._interrupted:  # checked before every push: nothing more goes in
                 raise PutInterrupted
             chunk = messages[at : at + PUT_CHUNK]
-            pushed = int(self._run("put", [self.maxsize, each, *chunk]))
+            args = [self.maxsize, each, _batch_id(), *chunk]
+            pushed = int(self._run("put", args, durable=True))
             at += pushed
             if not pushed:
                 self._link.call(self._wait_for_space)
@@ -234,7 +227,7 @@ class RedisQueue(Registered):
             return  # a sentinel made up for a drained queue: nothing is in flight
         self._let_go(receipt)
         call = self._ack_call(receipt, outcome, self._token(), target)
-        applied, _ = self._link.run("ack", *call)
+        applied, _ = self._link.run("ack", *call, durable=True)
         self._note_ack(applied)
         self.ack_applied = int(applied) != 0
 
@@ -264,9 +257,10 @@ class RedisQueue(Registered):
             return None
         self._check_target(to)
         assert isinstance(to, RedisQueue)
-        if to._link.where != self._link.where:
-            raise ConfigError(f"a stage's queues must be on one Redis server, not "
-                              f"{self._link.where} and {to._link.where}")
+        if not self._link.same_slot(to._link):
+            raise ConfigError(f"a stage's queues must be on one Redis server (in a Cluster, in "
+                              f"one slot: give them one hash tag, e.g. {{{self.name}}}.2), not "
+                              f"{self._link.where} and {to._link.where} ({to.name!r})")
         return to.keys
 
     @staticmethod
@@ -347,21 +341,7 @@ class RedisQueue(Registered):
         is atomic, and take.lua checks the ack ran); both replies.  A script the
         server lost (it restarted) is loaded and both are sent again: safe, as a
         retry after a lost reply is."""
-        scripts = self._link.script("ack"), self._link.script("take")
-        for attempt in (1, 2):
-            pipe = client.pipeline(transaction=False)
-            for script, (keys, args) in zip(scripts, (ack, take), strict=True):
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            replies = pipe.execute(raise_on_error=False)
-            pairs = zip(scripts, replies, strict=True)
-            lost = [script for script, reply in pairs if isinstance(reply, NoScriptError)]
-            if not lost or attempt == 2:
-                break
-            for script in lost:
-                client.script_load(script.script)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        replies = self._link.pipelined(client, [("ack", *ack), ("take", *take)])
         self._note_ack(replies[0][0])
         return cast("list[Any]", replies[0]), cast("list[Any]", replies[1])
 
@@ -394,7 +374,7 @@ class RedisQueue(Registered):
                     outcome = self._outcome(lease, [failure(envs[0])], ())
                     token = f"s{os.getpid()}.{self._token()}"  # not the consumer's own
                     call = self._ack_call(lease.receipt, outcome, token, by="supervisor")
-                    return int(self._link.run("ack", *call)[0]) == 1
+                    return int(self._link.run("ack", *call, durable=True)[0]) == 1
         return False
 
     # ------------------------------------------------------------------ dead letters

@@ -55,8 +55,8 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "keep_alive": ("consumers:beat",),
     "killing": ("consumers:beat", "killing"),
     "purge": ("ready", "delayed", "counters", "consumers:beat", "full", "space", "acked",
-              "suspects", "deaths", "holding"),
-    "put": ("ready", "counters", "closed", "epoch", "full", "space"),
+              "suspects", "deaths", "holding", "puts"),
+    "put": ("ready", "counters", "closed", "epoch", "full", "space", "puts"),
     "reap": ("consumers", "consumers:beat", "ready", "acked", "suspects", "deaths", "holding",
              "killing"),
     "requeue": ("dead", "ready", "counters"),
@@ -69,7 +69,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
 #: Every key of a queue but the in-flight lists, by part name.
 PARTS = ("ready", "delayed", "dead", "counters", "closed", "epoch", "consumers",
          "consumers:beat", "producers", "producers:beat", "full", "space", "acked", "feeds",
-         "suspects", "deaths", "holding", "killing", "marker")
+         "suspects", "deaths", "holding", "killing", "puts", "marker")
 
 
 class TakeStatus(IntEnum):
@@ -136,6 +136,7 @@ class Keys:
     deaths: str
     holding: str
     killing: str
+    puts: str
     marker: str
     inflight_prefix: str
 

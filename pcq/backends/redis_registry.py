@@ -151,9 +151,13 @@ class Registered(Queue):
         stayed open)."""
         return [*self.keys.of_script(script, me), *extra, self.keys.marker]
 
-    def _run(self, script: str, args: list[Any], *, me: str = "", retry: bool = True) -> Any:
-        """Run ``script`` with its keys (see :meth:`_keys`) and ``args``."""
-        return self._link.run(script, self._keys(script, me), args, retry=retry)
+    def _run(
+        self, script: str, args: list[Any], *, me: str = "", retry: bool = True,
+        durable: bool = False,
+    ) -> Any:
+        """Run ``script`` with its keys (see :meth:`_keys`) and ``args``;
+        ``durable``: see :meth:`~pcq.backends.redis_link.Link.run`."""
+        return self._link.run(script, self._keys(script, me), args, retry=retry, durable=durable)
 
     def close(self) -> None:
         self._here()
@@ -162,7 +166,7 @@ class Registered(Queue):
     def _close(self, producer: str, mode: str) -> bool:
         while True:
             args = [self._epoch, encode_sentinel(self._epoch), producer, mode]
-            code, value = self._run("close", args)
+            code, value = self._run("close", args, durable=True)
             if code != -1:
                 return bool(code == 1)
             self._set_epoch(value)
@@ -251,7 +255,7 @@ class Registered(Queue):
     def attach_producer(self, producer_id: str | None = None) -> str:
         self._here()
         producer = producer_id or self._new_id()
-        self._set_epoch(self._run("attach", [producer, self._info(), self._ttl_ms]))
+        self._set_epoch(self._run("attach", [producer, self._info(), self._ttl_ms], durable=True))
         self._producer_ids.append(producer)
         with self._beat_lock:
             self._beat_ids.append(producer)

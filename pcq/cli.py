@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pcq import __version__, logs
+from pcq import __version__, dashboard, logs
 from pcq.backends import backend_for, open_queue
 from pcq.backends.base import Queue, state_of
 from pcq.envelope import short_repr
@@ -208,6 +208,10 @@ def run_command(
     reconnect_timeout: ReconnectTimeout = None,
     max_deliveries: MaxDeliveries = 3,
     setup: Setup = None,
+    dashboard_at: Annotated[str | None, typer.Option(
+        "--dashboard", metavar="[HOST:]PORT",
+        help="Serve a live page of this job's queues, and /metrics, while it runs "
+             "(host default 127.0.0.1).")] = None,
 ) -> None:
     """Run a whole job — producers, consumers (of every stage), close, summary — on
     this host (local by default)."""
@@ -219,7 +223,9 @@ def run_command(
     # local consumers have no heartbeat and no server to reconnect to
     options = _options(heartbeat_ttl, reconnect_timeout) if shared else {}
     names = [h.rsplit(":", 1)[-1] for h in handlers]
-    with Display(not no_progress) as display:
+    with dashboard.for_job(dashboard_at, backend, url, queue, n) as on_dashboard, \
+            Display(not no_progress) as display:
+        options.update(on_dashboard)  # local: the job's queues live on the dashboard's broker
         summary = run(produce, *handles, workers=_per_stage(workers, n, "--workers", int),
                       producers=producers, maxsize=_per_stage(maxsize, n, "--maxsize", int),
                       retries=_per_stage(retries, n, "--retries", int),
@@ -432,6 +438,29 @@ def purge_command(backend: Backend = None, url: Url = None, queue: Name = "defau
     with _opened(backend, url, queue) as q:
         purged = q.purge()
     err.print(f"pcq: purged {purged} task(s) from {queue!r}", highlight=False)
+
+
+@app.command("dashboard")
+def dashboard_command(
+    url: Url = None,
+    host: Annotated[str, typer.Option(help="Address to serve on; anything but loopback "
+                                      "shows the queues to whoever reaches it.")
+                    ] = dashboard.DEFAULT_HOST,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")
+                    ] = dashboard.DEFAULT_PORT,
+    allow_actions: Annotated[bool, typer.Option(
+        "--allow-actions", help="Let the page requeue dead letters and close queues, with "
+                                "the token printed at start.")] = False,
+    auth: Annotated[str | None, typer.Option(
+        envvar="PCQ_DASHBOARD_AUTH", metavar="USER:PASS",
+        help="Ask every visitor for this basic auth (env PCQ_DASHBOARD_AUTH).")] = None,
+) -> None:
+    """Serve a live web page of every queue and pipeline on a server, and /metrics
+    for Prometheus, until Ctrl-C.  Read-only unless --allow-actions."""
+    try:
+        dashboard.serve(url, host, port, allow_actions=allow_actions, auth=auth)
+    except KeyboardInterrupt:
+        return
 
 
 @dead_app.command("list")

@@ -21,6 +21,9 @@ stage's outputs on the next queue in the same script, share one slot.
 * ``suspects`` — list of tasks that were in flight in a consumer that died, each
   handed out alone; ``deaths`` — hash message -> how many consumers died with it
   in flight (poison tasks: see ``reap.lua``).
+* ``pcq:queues`` (:data:`REGISTRY`, one key for the server) — a set of the
+  names of every queue a producer or consumer attached to, or a stage fed
+  (``pcq dashboard`` lists it instead of scanning keys); ``forget`` removes one.
 * ``run`` — the queue's marker: a random value set by the first connection to
   the queue and checked by every later one (see :mod:`pcq.backends.redis_link`);
   gone or changed means the server lost the queue's data.
@@ -88,6 +91,8 @@ PUT_CHUNK = 1024
 SPACE_WAIT = 0.25
 #: Dead letters read per requeue step.
 REQUEUE_CHUNK = 500
+#: The set of every queue name in use on a server (outside any queue's hash tag).
+REGISTRY = "pcq:queues"
 
 # take.lua's statuses
 _TAKEN, _NEW_EPOCH, _DRAINED, _SENTINEL_WAITS, _ACK_MISSING, _SUSPECT = 0, 1, 2, 3, 4, 5
@@ -606,6 +611,7 @@ class RedisQueue(Queue):
         def op(client: redis.Redis) -> None:
             consumers = cast("list[bytes]", client.hkeys(k.consumers))
             client.delete(*names, *(k.inflight(c.decode()) for c in consumers))
+            client.srem(REGISTRY, self.name)
 
         self._link.call(op)
 
@@ -616,6 +622,7 @@ class RedisQueue(Queue):
     def set_feeds(self, to: str) -> None:
         feeds = self.keys.feeds
         self._link.call(lambda client: client.set(feeds, to))
+        self._register(to)
 
     def feeds(self) -> str | None:
         feeds = self.keys.feeds
@@ -663,6 +670,7 @@ class RedisQueue(Queue):
                     self._consumer_id = None
                     raise
             self._start_heartbeat()
+            self._register()
         else:
             epoch, closed, pending, _ = self._run_state()
         idle = bool(closed) and pending <= 0
@@ -716,6 +724,13 @@ class RedisQueue(Queue):
         with self._beat_lock:
             self._beat_ids.append(producer)
         self._start_heartbeat()
+        self._register()
+
+    def _register(self, *more: str) -> None:
+        """Add this queue's name (and ``more``) to the server's :data:`REGISTRY` (a
+        command of its own: in a Cluster the registry lives in another slot)."""
+        names = [self.name, *more]
+        self._link.call(lambda client: client.sadd(REGISTRY, *names))
 
     def detach_producer(self, close_if_last: bool = True) -> None:
         self._here()

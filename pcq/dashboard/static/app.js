@@ -24,6 +24,9 @@ function svg(tag, attrs) {
   return node;
 }
 
+// Colors go through the CSSOM: the page's policy forbids inline style attributes.
+function colored(node, color) { node.style.setProperty("--c", color); return node; }
+
 function fmt(n) { return Number(n).toLocaleString("en-US"); }
 function rate(r) { return r >= 100 ? fmt(Math.round(r)) : (Math.round(r * 10) / 10).toString(); }
 function ago(seconds) {
@@ -66,15 +69,15 @@ function stageBox(q, color, slowest, actions) {
       el("span", {class: "k", text: label}),
       el("span", {class: "v" + (bad ? " bad" : ""), "data-field": field, text: fmt(q[field])})));
   }
-  const box = el("div", {class: "stage" + (slowest ? " bottleneck" : ""), "data-queue": q.queue,
-                         style: "--c:" + color},
+  const box = colored(el("div", {class: "stage" + (slowest ? " bottleneck" : ""),
+                                 "data-queue": q.queue}, 
     el("div", {}, el("span", {class: "name", text: q.queue}),
        el("span", {class: "state " + q.state, "data-field": "state", text: q.state})),
     nums,
     el("div", {class: "rate"}, el("b", {"data-field": "rate", text: rate(q.rate)}),
        document.createTextNode(" tasks/s done · " + q.consumers + " consumer(s), " +
-                               q.producers + " producer(s)")));
-  if (slowest) box.appendChild(el("div", {class: "muted", text: "most tasks waiting here"}));
+                               q.producers + " producer(s)"))), color);
+  if (slowest) box.appendChild(el("div", {class: "muted", text: "bottleneck: most tasks wait here"}));
   if (actions) {
     if (q.dead > 0) box.appendChild(el("button", {text: "requeue dead"}));
     if (q.state === "open") box.appendChild(el("button", {text: "close"}));
@@ -86,8 +89,10 @@ function stageBox(q, color, slowest, actions) {
 }
 
 function chart(stages) {
-  const W = 600, H = 150, L = 44, B = 18, span = 600;
-  const root = svg("svg", {class: "chart", viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none"});
+  // Drawn at the page's width, so that text is never stretched.
+  const W = Math.max(300, document.getElementById("pipelines").clientWidth - 70);
+  const H = 150, L = 52, B = 18, span = 600;
+  const root = svg("svg", {class: "chart", width: W, height: H, viewBox: `0 0 ${W} ${H}`});
   let top = 1;
   for (const q of stages) for (const [, r] of q.history) top = Math.max(top, r);
   const x = (ago) => L + (W - L - 4) * (1 - Math.min(ago, span) / span);
@@ -100,7 +105,8 @@ function chart(stages) {
     root.appendChild(label);
   }
   for (const [at, text] of [[span, "10 min ago"], [span / 2, "5 min"], [0, "now"]]) {
-    const label = svg("text", {x: Math.min(x(at), W - 24), y: H - 4});
+    const anchor = at === span ? "start" : at === 0 ? "end" : "middle";
+    const label = svg("text", {x: x(at), y: H - 4, "text-anchor": anchor});
     label.textContent = text;
     root.appendChild(label);
   }
@@ -108,7 +114,7 @@ function chart(stages) {
     if (q.history.length < 1) return;
     const points = q.history.map(([a, r]) => `${x(a).toFixed(1)},${y(r).toFixed(1)}`).join(" ");
     root.appendChild(svg("polyline", {points, fill: "none", "stroke-width": 2,
-      stroke: COLORS[i % COLORS.length], "vector-effect": "non-scaling-stroke"}));
+      stroke: COLORS[i % COLORS.length]}));
   });
   return root;
 }
@@ -151,8 +157,12 @@ function details(q) {
 
 function pipeline(p, actions) {
   const stages = p.stages;
+  // The bottleneck: where most tasks wait; on a tie (every queue full up to its
+  // maxsize) the last such stage, since a full queue holds back the ones before it.
   const waiting = stages.map((q) => q.ready + q.delayed);
-  const most = stages.length > 1 && Math.max(...waiting) > 0 ? waiting.indexOf(Math.max(...waiting)) : -1;
+  const top = Math.max(...waiting);
+  let most = -1;
+  if (stages.length > 1 && top > 0) waiting.forEach((w, i) => { if (w >= 0.9 * top) most = i; });
   const chain = el("div", {class: "chain"});
   stages.forEach((q, i) => {
     if (i) chain.appendChild(el("span", {class: "arrow", text: "→"}));
@@ -160,8 +170,8 @@ function pipeline(p, actions) {
   });
   const kind = stages.length > 1 ? ` pipeline of ${stages.length} stages` : " queue";
   const legend = el("div", {class: "legend"});
-  stages.forEach((q, i) => legend.appendChild(el("span", {style: "--c:" + COLORS[i % COLORS.length]},
-    el("i"), document.createTextNode(q.queue + " done/s"))));
+  stages.forEach((q, i) => legend.appendChild(colored(el("span", {},
+    el("i"), document.createTextNode(q.queue + " done/s")), COLORS[i % COLORS.length])));
   return el("section", {class: "pipeline", "data-pipeline": p.name},
     el("h2", {}, document.createTextNode(p.name), el("span", {class: "kind", text: kind})),
     chain, chart(stages), legend, el("div", {class: "details"}, ...stages.map(details)));

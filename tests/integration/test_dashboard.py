@@ -45,7 +45,7 @@ METRICS = {
 
 # ---------------------------------------------------------------- helpers
 
-def request(url: str, path: str, method: str = "GET", body: bytes | None = None,
+def fetch(url: str, path: str, method: str = "GET", body: bytes | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """One raw HTTP request (the path is sent as written: no client-side
     normalisation of ``..``); (status, headers, body)."""
@@ -60,7 +60,7 @@ def request(url: str, path: str, method: str = "GET", body: bytes | None = None,
 
 
 def state_of(url: str) -> dict[str, Any]:
-    status, _, body = request(url, "/api/state")
+    status, _, body = fetch(url, "/api/state")
     assert status == 200
     return dict(json.loads(body))
 
@@ -163,18 +163,18 @@ def test_metrics_equal_status_json_for_a_finished_run_and_an_open_queue(
     try:
         # When /metrics is scraped
         with Dashboard(RedisSource(redis_url), port=0) as dashboard:
-            status, headers, body = request(dashboard.url, "/metrics")
+            status, headers, body = fetch(dashboard.url, "/metrics")
         assert status == 200 and headers["content-type"].startswith("text/plain")
         samples = [s for family in text_string_to_metric_families(body.decode())
                    for s in family.samples]
         # Then every series is labelled by queue only, and equals pcq status --json
         assert all(set(s.labels) == {"queue"} for s in samples)
-        for name in (finished, opened):
-            expected = status_json(redis_url, name)
+        statuses = {name: status_json(redis_url, name) for name in (finished, opened)}
+        for name, expected in statuses.items():
             got = {s.name: s.value for s in samples if s.labels["queue"] == name}
             assert got == {metric: expected[field] for metric, field in METRICS.items()}
-        assert status_json(redis_url, finished)["failed"] == 4
-        assert status_json(redis_url, opened)["ready"] == 7
+        assert statuses[finished]["failed"] == 4 and statuses[finished]["retried"] == 4
+        assert statuses[opened]["ready"] == 7 and statuses[opened]["producers"] == 1
     finally:
         q.detach_producer(close_if_last=False)
         q.dispose()
@@ -213,11 +213,14 @@ def test_browser_shows_both_stages_of_a_running_pipeline_and_done_grows(
     assert number(two[first]["done"]) > number(one[first]["done"])
 
 
-def test_run_dashboard_serves_a_local_pipeline_and_metrics_while_it_runs(
-        tmp_path: Path) -> None:
-    # Given `pcq run --dashboard` of a 2-stage pipeline on the local backend
-    env = pcq_env("", tmp_path, PIPES_OUT=str(tmp_path), PIPES_N="400", PIPES_SLEEP="0.01")
-    del env["PCQ_URL"]
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_run_dashboard_serves_the_jobs_pipeline_and_metrics_while_it_runs(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    # Given `pcq run --dashboard` of a 2-stage pipeline (local: no server at all)
+    server = request.getfixturevalue("redis_url") if backend == "redis" else ""
+    env = pcq_env(server, tmp_path, PIPES_OUT=str(tmp_path), PIPES_N="400", PIPES_SLEEP="0.01")
+    if backend == "local":
+        del env["PCQ_URL"]
     queue = env["PCQ_QUEUE"]
     job = start_pcq(["run", f"{PIPES}:produce", f"{PIPES}:double", f"{PIPES}:record",
                      "--workers", "2", "--no-progress", "--dashboard", "0"], env)
@@ -232,19 +235,19 @@ def test_run_dashboard_serves_a_local_pipeline_and_metrics_while_it_runs(
     before = wait_for(stage_done, timeout=30, message="both local stages at work")
     assert set(before) == {queue, f"{{{queue}}}.2"}
     wait_for(lambda: (now := stage_done()) and now[queue] > before[queue], timeout=30)
-    status, headers, body = request(url, "/metrics")
+    status, headers, body = fetch(url, "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     produced = {s.labels["queue"]: s.value
                 for family in text_string_to_metric_families(body.decode())
                 for s in family.samples if s.name == "pcq_tasks_produced_total"}
     assert set(produced) == {queue, f"{{{queue}}}.2"} and produced[queue] > 0
-    page = request(url, "/")
+    page = fetch(url, "/")
     assert page[0] == 200 and b"/static/app.js" in page[2]
     # Then the job ends as it would without a dashboard, and the port closes with it
     result = finish(job)
     assert result.returncode == 0, result.stderr
     with pytest.raises(OSError):
-        request(url, "/")
+        fetch(url, "/")
 
 
 # ---------------------------------------------------------------- cost
@@ -292,7 +295,7 @@ def dashboard_url(redis_url: str) -> Any:
 ])
 def test_unknown_paths_are_404_and_nothing_escapes_the_asset_folder(
         dashboard_url: str, path: str) -> None:
-    status, _, body = request(dashboard_url, path)
+    status, _, body = fetch(dashboard_url, path)
     assert status in (400, 404), (path, status)
     assert b"import" not in body and b"root:" not in body
 
@@ -300,7 +303,7 @@ def test_unknown_paths_are_404_and_nothing_escapes_the_asset_folder(
 def test_assets_are_served_from_the_package_with_a_strict_policy(dashboard_url: str) -> None:
     for path, kind in (("/", "text/html"), ("/static/app.js", "text/javascript"),
                        ("/static/style.css", "text/css")):
-        status, headers, _ = request(dashboard_url, path)
+        status, headers, _ = fetch(dashboard_url, path)
         assert status == 200 and headers["content-type"].startswith(kind)
         assert "default-src 'self'" in headers["content-security-policy"]
 
@@ -314,21 +317,21 @@ def test_actions_are_refused_when_read_only_and_without_the_token(redis_url: str
         # Read-only by default: no action, whatever the token
         with Dashboard(RedisSource(redis_url), port=0) as dashboard:
             wait_for(lambda: state_of(dashboard.url)["connected"])
-            assert request(dashboard.url, "/api/close", "POST", body)[0] == 403
+            assert fetch(dashboard.url, "/api/close", "POST", body)[0] == 403
         assert q.state() == "open"
         with Dashboard(RedisSource(redis_url), port=0, allow_actions=True) as dashboard:
             assert dashboard.token
             for headers in ({}, {"X-Pcq-Token": "wrong"}, {"Cookie": f"t={dashboard.token}"}):
-                assert request(dashboard.url, "/api/close", "POST", body, headers)[0] == 403
-            assert request(dashboard.url, "/api/close", "GET")[0] == 404
+                assert fetch(dashboard.url, "/api/close", "POST", body, headers)[0] == 403
+            assert fetch(dashboard.url, "/api/close", "GET")[0] == 404
             assert q.state() == "open"
             # With the token printed at start, the action runs
             good = {"X-Pcq-Token": dashboard.token}
-            status, _, reply = request(dashboard.url, "/api/close", "POST", body, good)
+            status, _, reply = fetch(dashboard.url, "/api/close", "POST", body, good)
             assert status == 200, reply
             assert q.counters().closed
             missing = json.dumps({"queue": "no-such-queue-" + name}).encode()
-            assert request(dashboard.url, "/api/requeue", "POST", missing, good)[0] == 404
+            assert fetch(dashboard.url, "/api/requeue", "POST", missing, good)[0] == 404
     finally:
         q.dispose()
 
@@ -336,12 +339,12 @@ def test_actions_are_refused_when_read_only_and_without_the_token(redis_url: str
 def test_basic_auth_guards_every_path(redis_url: str) -> None:
     with Dashboard(RedisSource(redis_url), port=0, auth="ann:s3cret") as dashboard:
         for path in ("/", "/api/state", "/metrics", "/static/app.js"):
-            status, headers, _ = request(dashboard.url, path)
+            status, headers, _ = fetch(dashboard.url, path)
             assert status == 401 and "basic" in headers["www-authenticate"].lower()
         wrong = {"Authorization": "Basic " + "YW5uOndyb25n"}  # ann:wrong
-        assert request(dashboard.url, "/", headers=wrong)[0] == 401
+        assert fetch(dashboard.url, "/", headers=wrong)[0] == 401
         right = {"Authorization": "Basic " + "YW5uOnMzY3JldA=="}  # ann:s3cret
-        assert request(dashboard.url, "/api/state", headers=right)[0] == 200
+        assert fetch(dashboard.url, "/api/state", headers=right)[0] == 200
 
 
 def test_beyond_loopback_without_auth_warns_in_one_line(redis_url: str, tmp_path: Path) -> None:
@@ -351,7 +354,7 @@ def test_beyond_loopback_without_auth_warns_in_one_line(redis_url: str, tmp_path
     guarded = start_pcq(["dashboard", "--host", "0.0.0.0", "--port", "0"],
                         {**env, "PCQ_DASHBOARD_AUTH": "ann:s3cret"})
     url = announced(guarded)
-    assert request(url, "/")[0] == 401  # the auth came from the environment
+    assert fetch(url, "/")[0] == 401  # the auth came from the environment
     for proc in (bare, guarded):
         proc.terminate()
     warned = [line for line in finish(bare).stderr.splitlines() if "warning" in line]
@@ -378,8 +381,8 @@ def test_redis_lost_shows_disconnected_and_the_server_stays_up(
     state = wait_for(lambda: (s := state_of(url))["connected"] is False and s, timeout=20)
     assert state["error"] and name in {q["queue"] for p in state["pipelines"]
                                        for q in p["stages"]}
-    assert request(url, "/metrics")[0] == 503
-    assert request(url, "/")[0] == 200
+    assert fetch(url, "/metrics")[0] == 503
+    assert fetch(url, "/")[0] == 200
     assert "disconnected" in browse(url, tmp_path / "disconnected.png")
     # And when it is back, so is the page: the process never went down
     redis_server.start()

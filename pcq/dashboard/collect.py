@@ -19,7 +19,6 @@ import socket
 import threading
 import time
 from collections import deque
-from itertools import pairwise
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -92,27 +91,28 @@ class History:
         while samples and samples[0][0] < at - self.seconds:
             samples.popleft()
 
-    def rates(self, name: str) -> list[list[float]]:
-        """[[seconds ago, tasks done per second], ...] oldest first; a counter
-        that went down (purged, or a new local job) counts as 0, not negative."""
+    def rates(self, name: str, window: float = 5.0) -> list[list[float]]:
+        """[[seconds ago, tasks done per second], ...] oldest first, each rate
+        over the ``window`` seconds before its sample (one-second samples alone
+        jitter with the refresh's timing); a counter that went down (purged, or a
+        new local job) counts as 0, not negative."""
         samples = list(self._samples.get(name, ()))
-        if not samples:
+        if len(samples) < 2:
             return []
         now = samples[-1][0]
-        return [[round(now - t1, 2), max(0, d1 - d0) / (t1 - t0) if t1 > t0 else 0.0]
-                for (t0, d0), (t1, d1) in pairwise(samples)]
+        out = []
+        start = 0
+        for t1, d1 in samples[1:]:
+            while samples[start + 1][0] < t1 and samples[start + 1][0] <= t1 - window:
+                start += 1
+            t0, d0 = samples[start]
+            out.append([round(now - t1, 2), max(0, d1 - d0) / (t1 - t0) if t1 > t0 else 0.0])
+        return out
 
-    def rate_now(self, name: str, window: float = 5.0) -> float:
-        """Tasks done per second over the last ``window`` seconds."""
-        samples = self._samples.get(name)
-        if not samples or len(samples) < 2:
-            return 0.0
-        last_t, last_d = samples[-1]
-        first_t, first_d = next(((t, d) for t, d in samples if t >= last_t - window),
-                                samples[-2])
-        if last_t <= first_t:
-            first_t, first_d = samples[-2]
-        return max(0, last_d - first_d) / (last_t - first_t) if last_t > first_t else 0.0
+    def rate_now(self, name: str) -> float:
+        """Tasks done per second over the last few seconds."""
+        rates = self.rates(name)
+        return rates[-1][1] if rates else 0.0
 
 
 #: The name of the thread that reads the queues.

@@ -110,11 +110,13 @@ function chart(stages) {
     label.textContent = text;
     root.appendChild(label);
   }
+  // A pipeline's stages often run at one rate: earlier stages are drawn wider,
+  // underneath, so that a line on top never hides one.
   stages.forEach((q, i) => {
     if (q.history.length < 1) return;
     const points = q.history.map(([a, r]) => `${x(a).toFixed(1)},${y(r).toFixed(1)}`).join(" ");
-    root.appendChild(svg("polyline", {points, fill: "none", "stroke-width": 2,
-      stroke: COLORS[i % COLORS.length]}));
+    root.appendChild(svg("polyline", {points, fill: "none", "stroke-linejoin": "round",
+      "stroke-width": 1.5 + 2 * (stages.length - 1 - i), stroke: COLORS[i % COLORS.length]}));
   });
   return root;
 }

@@ -26,7 +26,8 @@ from helpers_cli import PCQ, ROOT, pcq_env, start_pcq
 from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer
 
-from pcq.backends.redis import RedisQueue
+from pcq.backends.base import Failure
+from pcq.backends.redis import REGISTRY, RedisQueue
 from pcq.dashboard.collect import Collector
 from pcq.dashboard.service import Dashboard
 from pcq.dashboard.sources import RedisSource
@@ -332,8 +333,55 @@ def test_actions_are_refused_when_read_only_and_without_the_token(redis_url: str
             assert q.counters().closed
             missing = json.dumps({"queue": "no-such-queue-" + name}).encode()
             assert fetch(dashboard.url, "/api/requeue", "POST", missing, good)[0] == 404
+            # A dead letter requeued from the page is ready again
+            q.put(5)
+            q.attach_consumer()
+            lease = q.take(1, timeout=5)
+            assert lease is not None
+            q.ack(lease, [Failure(next(lease.envelopes()), "ValueError: no")])
+            assert q.counters().dead == 1
+            status, _, reply = fetch(dashboard.url, "/api/requeue", "POST", body, good)
+            assert status == 200 and json.loads(reply)["count"] == 1
+            assert q.counters().dead == 0 and q.counters().ready == 1
     finally:
         q.dispose()
+
+
+def test_the_registry_lists_the_queues_in_use_and_forgets_throwaway_ones(
+        redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    name = f"reg-{uuid.uuid4().hex[:8]}"
+    consumed, fed = RedisQueue(name, url=redis_url), RedisQueue(f"{name}-out", url=redis_url)
+    try:
+        consumed.attach_consumer()
+        consumed.set_feeds(fed.name)  # a stage's target is listed before any task reaches it
+        assert {name, fed.name} <= {n.decode() for n in client.smembers(REGISTRY)}
+        source = RedisSource(redis_url)
+        chain = next(c for c in source.chains() if c[0].name == name)
+        assert [q.name for q in chain] == [name, fed.name]  # a pipeline, by what it feeds
+        source.close()
+        consumed.detach_consumer()
+        consumed.forget()
+        assert name.encode() not in client.smembers(REGISTRY)
+    finally:
+        consumed.dispose()
+        fed.dispose()
+        client.close()
+
+
+def test_bad_dashboard_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = pcq_env("", tmp_path)
+    del env["PCQ_URL"]
+    for args, says in (
+        (["dashboard"], "needs a queue server"),
+        (["run", f"{JOBS}:produce", f"{JOBS}:handle", "--dashboard", "nope:port"],
+         "give [HOST:]PORT"),
+        (["dashboard", "--url", "redis://127.0.0.1:1/0", "--auth", "nocolon"], "USER:PASS"),
+    ):
+        done = subprocess.run([*PCQ, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=30)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.count("\n") == 1 and says in done.stderr, done.stderr
 
 
 def test_basic_auth_guards_every_path(redis_url: str) -> None:

@@ -186,6 +186,9 @@ function render(state) {
   if (state.connected === false) {
     link.textContent = "disconnected: " + state.error;
     link.className = "pill bad";
+  } else if (state.connected == null) {
+    link.textContent = "connecting…";
+    link.className = "pill";
   } else {
     link.textContent = stale ? "stale" : "connected";
     link.className = "pill " + (stale ? "bad" : "ok");

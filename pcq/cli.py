@@ -29,7 +29,7 @@ from pcq.backends.base import Queue, state_of
 from pcq.envelope import short_repr
 from pcq.errors import BackendLost, ConfigError, PcqError
 from pcq.loader import load_callable
-from pcq.pipeline import run
+from pcq.pipeline import run, stage_queue
 from pcq.progress import Display, line_buffered
 from pcq.run import EXIT_BACKEND_LOST, EXIT_USAGE, Summary, consume_job, produce_job
 
@@ -223,7 +223,8 @@ def run_command(
     # local consumers have no heartbeat and no server to reconnect to
     options = _options(heartbeat_ttl, reconnect_timeout) if shared else {}
     names = [h.rsplit(":", 1)[-1] for h in handlers]
-    with dashboard.for_job(dashboard_at, backend, url, queue, n) as on_dashboard, \
+    stage_queues = [stage_queue(queue, k) for k in range(n)]
+    with dashboard.for_job(dashboard_at, backend, url, stage_queues) as on_dashboard, \
             Display(not no_progress) as display:
         options.update(on_dashboard)  # local: the job's queues live on the dashboard's broker
         summary = run(produce, *handles, workers=_per_stage(workers, n, "--workers", int),

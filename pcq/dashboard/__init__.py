@@ -79,12 +79,12 @@ def serve(url: str | None, host: str, port: int, *, allow_actions: bool = False,
 
 
 @contextmanager
-def for_job(address: str | None, backend: str | None, url: str | None, queue: str,
-            stages: int) -> Iterator[dict[str, Any]]:
-    """``pcq run --dashboard [HOST:]PORT``: serve the job's queues (``queue`` and
-    its stages' queues) while the ``with`` block runs; yields the queue options
-    to hand the job (none without ``address``).  On the local backend the
-    dashboard starts the broker and the job's queues live on it (option
+def for_job(address: str | None, backend: str | None, url: str | None,
+            queues: list[str]) -> Iterator[dict[str, Any]]:
+    """``pcq run --dashboard [HOST:]PORT``: serve the job's ``queues`` (its
+    stages' queues, in order) while the ``with`` block runs; yields the queue
+    options to hand the job (none without ``address``).  On the local backend
+    the dashboard starts the broker and the job's queues live on it (option
     ``broker``), so that this process, which owns it, reads them; the broker
     stops after the job has let go of its queues."""
     if address is None:
@@ -93,5 +93,5 @@ def for_job(address: str | None, backend: str | None, url: str | None, queue: st
     host, port = parse_address(address)
     from pcq.dashboard.service import job_dashboard  # see serve()
 
-    with job_dashboard(host, port, backend, url, queue, stages) as options:
+    with job_dashboard(host, port, backend, url, queues) as options:
         yield options

@@ -109,10 +109,11 @@ class History:
             out.append([round(now - t1, 2), max(0, d1 - d0) / (t1 - t0) if t1 > t0 else 0.0])
         return out
 
-    def rate_now(self, name: str) -> float:
-        """Tasks done per second over the last few seconds."""
-        rates = self.rates(name)
-        return rates[-1][1] if rates else 0.0
+    def keep(self, names: set[str]) -> None:
+        """Forget the queues not in ``names`` (gone: pcq.map's throwaway queues
+        come and go, and a dashboard runs for months)."""
+        for name in set(self._samples) - names:
+            del self._samples[name]
 
 
 #: The name of the thread that reads the queues.
@@ -180,11 +181,13 @@ class Collector:
         }
 
     def _read(self) -> list[dict[str, Any]]:
-        pipelines = []
+        pipelines: list[dict[str, Any]] = []
+        shown: set[str] = set()
         for chain in self.source.chains():
             if chain:
-                stages = [self._queue(q) for q in chain]
-                pipelines.append({"name": chain[0].name, "stages": stages})
+                pipelines.append({"name": chain[0].name, "stages": [self._queue(q) for q in chain]})
+                shown.update(q.name for q in chain)
+        self.history.keep(shown)
         return pipelines
 
     def _queue(self, q: Queue) -> dict[str, Any]:
@@ -194,9 +197,10 @@ class Collector:
         regs = q.registrations()
         consumers = [r for r in regs if r.get("role") == "consumer"]
         view = status_of(q, c)
+        history = self.history.rates(q.name)
         view.update(
-            rate=round(self.history.rate_now(q.name), 2),
-            history=self.history.rates(q.name),
+            rate=round(history[-1][1], 2) if history else 0.0,  # the last 5 s
+            history=history,
             hosts=hosts_of(consumers, now),
             producer_list=[{"host": r.get("host"), "pid": r.get("pid"),
                             "since": r.get("started")} for r in regs

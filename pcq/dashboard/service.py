@@ -15,11 +15,10 @@ from pcq.backends import backend_for
 from pcq.backends.local_broker import Broker
 from pcq.backends.redis import DEFAULT_URL
 from pcq.dashboard import DEFAULT_HOST, DEFAULT_PORT, check_auth, is_loopback, say
-from pcq.dashboard.collect import REFRESH_EVERY, Collector
+from pcq.dashboard.collect import Collector
 from pcq.dashboard.server import App, Server, make_server
 from pcq.dashboard.sources import LocalSource, RedisSource, Source
 from pcq.errors import ConfigError
-from pcq.pipeline import stage_queue
 
 
 class Dashboard:
@@ -27,12 +26,11 @@ class Dashboard:
     while in its ``with`` block, or between :meth:`start` and :meth:`stop`."""
 
     def __init__(self, source: Source, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
-                 allow_actions: bool = False, auth: str | None = None,
-                 every: float = REFRESH_EVERY) -> None:
+                 allow_actions: bool = False, auth: str | None = None) -> None:
         self.host, self.port = host, port
         self.auth = check_auth(auth)
         self.token = secrets.token_urlsafe(18) if allow_actions else None
-        self.collector = Collector(source, every, actions=allow_actions)
+        self.collector = Collector(source, actions=allow_actions)
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -95,10 +93,9 @@ def serve_server(url: str | None, host: str, port: int, *, allow_actions: bool =
 
 
 @contextmanager
-def job_dashboard(host: str, port: int, backend: str | None, url: str | None, queue: str,
-                  stages: int) -> Iterator[dict[str, Any]]:
+def job_dashboard(host: str, port: int, backend: str | None, url: str | None,
+                  names: list[str]) -> Iterator[dict[str, Any]]:
     """See :func:`pcq.dashboard.for_job`."""
-    names = [stage_queue(queue, k) for k in range(stages)]
     broker: Broker | None = None
     source: Source
     if backend_for(backend, url) == "local":

@@ -34,6 +34,12 @@ def noop(item: object) -> None:
     """The handler that does nothing."""
 
 
+def ints_from_env() -> range:
+    """``0 .. PCQ_BENCH_N-1``, for a ``pcq produce`` started as a command (the
+    scaling benchmark's "hosts" rows), which takes no arguments."""
+    return range(int(os.environ["PCQ_BENCH_N"]))
+
+
 # ---------------------------------------------------------------- cpu
 
 

@@ -104,7 +104,9 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize(("raw", "reason"), REFUSED)
+# ids by position: some raw bytes hold an enqueue time, and pytest-xdist needs
+# every worker to collect the same test ids.
+@pytest.mark.parametrize(("raw", "reason"), REFUSED, ids=[f"r{i}" for i in range(len(REFUSED))])
 def test_decode_refuses_what_is_not_a_pcq_envelope(raw: bytes, reason: str) -> None:
     with pytest.raises(DecodeError) as info:
         decode(raw)

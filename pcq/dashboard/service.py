@@ -16,6 +16,7 @@ from pcq.backends.local_broker import Broker
 from pcq.backends.redis import DEFAULT_URL
 from pcq.dashboard import DEFAULT_HOST, DEFAULT_PORT, check_auth, is_loopback, say
 from pcq.dashboard.collect import Collector
+from pcq.dashboard.metrics import MISSING, available
 from pcq.dashboard.server import App, Server, make_server
 from pcq.dashboard.sources import LocalSource, RedisSource, Source
 from pcq.errors import ConfigError
@@ -56,6 +57,8 @@ class Dashboard:
     def announce(self, who: str) -> None:
         """The lines a user needs: where, the token, and a warning if exposed."""
         say(f"{who}: dashboard at {self.url} (metrics at {self.url}metrics)")
+        if not available():
+            say(MISSING)
         if self.token is not None:
             say(f"{who}: actions enabled; they need this token (the page asks for it, or "
                 f"open {self.url}#token={self.token}): {self.token}")

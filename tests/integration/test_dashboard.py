@@ -28,7 +28,9 @@ from redis_server import RedisServer
 
 from pcq.backends.base import Failure
 from pcq.backends.redis import REGISTRY, RedisQueue
+from pcq.dashboard import server
 from pcq.dashboard.collect import Collector
+from pcq.dashboard.metrics import MISSING
 from pcq.dashboard.service import Dashboard
 from pcq.dashboard.sources import RedisSource
 
@@ -123,7 +125,7 @@ def browse(url: str, screenshot: Path) -> str:
          "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions",
          "--window-size=1400,1000", "--virtual-time-budget=3000",
          f"--screenshot={screenshot}", "--dump-dom", url],
-        capture_output=True, text=True, timeout=90, cwd=screenshot.parent)
+        capture_output=True, text=True, timeout=150, cwd=screenshot.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert screenshot.stat().st_size > 0
     return done.stdout
@@ -155,6 +157,7 @@ def commands(client: redis.Redis) -> int:
 
 # ---------------------------------------------------------------- /metrics
 
+@pytest.mark.timeout(180)  # three `pcq` processes
 def test_metrics_equal_status_json_for_a_finished_run_and_an_open_queue(
         redis_url: str, tmp_path: Path) -> None:
     # Given a finished run with failures (every fifth task fails, retried once)...
@@ -190,9 +193,19 @@ def test_metrics_equal_status_json_for_a_finished_run_and_an_open_queue(
         q.dispose()
 
 
+def test_without_prometheus_client_the_page_works_and_metrics_says_what_to_install(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "available", lambda: False)
+    with Dashboard(RedisSource(redis_url), port=0) as dashboard:
+        status, _, body = fetch(dashboard.url, "/metrics")
+        assert status == 501 and body.decode().strip() == MISSING
+        assert "pcq[metrics]" in MISSING
+        assert fetch(dashboard.url, "/")[0] == 200
+
+
 # ---------------------------------------------------------------- the page
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(400)  # two browser loads: minutes on a machine under heavy load
 def test_browser_shows_both_stages_of_a_running_pipeline_and_done_grows(
         redis_url: str, tmp_path: Path) -> None:
     # Given a 2-stage pipeline running on Redis, and `pcq dashboard` (default host)
@@ -378,6 +391,7 @@ def test_the_registry_lists_the_queues_in_use_and_forgets_throwaway_ones(
         client.close()
 
 
+@pytest.mark.timeout(180)  # three `pcq` processes
 def test_bad_dashboard_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     env = pcq_env("", tmp_path)
     del env["PCQ_URL"]

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 
-from pcq import __version__, logs
+from pcq import __version__, dashboard, logs
 from pcq.backends import backend_for, open_queue
 from pcq.backends.base import Queue
 from pcq.cli_help import click_context, plain_help
@@ -34,6 +34,7 @@ from pcq.errors import BackendLost, ConfigError, PcqError
 from pcq.garbage import SKIPPED_READ, garbage_in, skipped_lines
 from pcq.interrupted import left_open_note, nothing, resume_check
 from pcq.loader import load_callable
+from pcq.pipeline import stage_queue
 from pcq.progress import Display, line_buffered
 from pcq.run import consume_job, produce_job, run
 from pcq.settings import ExitCode, StageSettings
@@ -262,6 +263,10 @@ def run_command(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Redis: finish the tasks an interrupted run left on the queue, "
                          "without running PRODUCER again.")] = False,
+    dashboard_at: Annotated[str | None, typer.Option(
+        "--dashboard", metavar="[HOST:]PORT",
+        help="Serve a live page of this job's queues, and /metrics, while it runs "
+             "(host default 127.0.0.1).")] = None,
 ) -> None:
     """Run a whole job — producers, consumers (of every stage), close, summary — on
     this host (local by default)."""
@@ -276,7 +281,10 @@ def run_command(
     if not _leftovers_said(backend, url, queue, resume, shared):
         return
     produce = nothing if resume else produce
-    with Display(not no_progress) as display:
+    stage_queues = [stage_queue(queue, k) for k in range(n)]
+    with dashboard.for_job(dashboard_at, backend, url, stage_queues) as on_dashboard, \
+            Display(not no_progress) as display:
+        options.update(on_dashboard)  # local: the job's queues live on the dashboard's broker
         summary = run(produce, *handles, workers=_per_stage(workers, n, "--workers", int),
                       producers=producers, maxsize=_per_stage(maxsize, n, "--maxsize", int),
                       retries=_per_stage(retries, n, "--retries", int),
@@ -464,6 +472,29 @@ def _purge_confirmed(q: Queue, name: str) -> bool:
         return True
     return typer.confirm(f"queue {name!r} has {consumers} consumer(s) attached; drop its "
                          "tasks, in flight included?", default=False, err=True)
+
+
+@app.command("dashboard")
+def dashboard_command(
+    url: Url = None,
+    host: Annotated[str, typer.Option(help="Address to serve on; anything but loopback "
+                                      "shows the queues to whoever reaches it.")
+                    ] = dashboard.DEFAULT_HOST,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")
+                    ] = dashboard.DEFAULT_PORT,
+    allow_actions: Annotated[bool, typer.Option(
+        "--allow-actions", help="Let the page requeue dead letters and close queues, with "
+                                "the token printed at start.")] = False,
+    auth: Annotated[str | None, typer.Option(
+        envvar="PCQ_DASHBOARD_AUTH", metavar="USER:PASS",
+        help="Ask every visitor for this basic auth (env PCQ_DASHBOARD_AUTH).")] = None,
+) -> None:
+    """Serve a live web page of every queue and pipeline on a server, and /metrics
+    for Prometheus, until Ctrl-C.  Read-only unless --allow-actions."""
+    try:
+        dashboard.serve(url, host, port, allow_actions=allow_actions, auth=auth)
+    except KeyboardInterrupt:
+        return
 
 
 @dead_app.command("list")

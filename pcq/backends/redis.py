@@ -39,7 +39,7 @@ from typing import Any, cast
 import redis
 
 from pcq.backends.base import MAX_BATCH, Failure, Lease, Outcome, PutInterrupted, Queue
-from pcq.backends.redis_keys import Keys, TakeStatus, check_name, key
+from pcq.backends.redis_keys import REGISTRY, Keys, TakeStatus, check_name, key
 from pcq.backends.redis_registry import DEFAULT_URL, Receipt, Registered
 from pcq.envelope import (
     SENTINEL_PREFIX,
@@ -51,7 +51,7 @@ from pcq.envelope import (
 )
 from pcq.errors import ConfigError
 
-__all__ = ["DEFAULT_URL", "Keys", "RedisQueue", "check_name", "key"]
+__all__ = ["DEFAULT_URL", "REGISTRY", "Keys", "RedisQueue", "check_name", "key"]
 
 #: Messages per put script call; larger puts are pipelined in chunks of this size.
 PUT_CHUNK = 1024

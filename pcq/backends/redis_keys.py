@@ -24,6 +24,11 @@ stage's outputs on the next queue in the same script, share one slot.
   in flight; ``holding`` — hash consumer id -> the one suspect it holds (poison
   tasks: see ``reap.lua`` and ``take.lua``).
 * ``killing`` — hash consumer id -> 1 while its supervisor kills it (``killing.lua``).
+* ``pcq:queues`` (:data:`REGISTRY`, one key for the server, outside every
+  queue's hash tag) — a set of the names of every queue a producer or consumer
+  attached to, or a stage fed: ``pcq dashboard`` lists it instead of scanning
+  keys; ``forget`` removes a name.  Not kept on a Cluster, where that key would
+  live in another slot than the queue's.
 * ``marker`` — the queue's data marker: a random value set by the first
   connection to the queue and checked by every later one (see
   :mod:`pcq.backends.redis_link`) and by every script (its last key); gone or
@@ -40,6 +45,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from pcq.errors import ConfigError
+
+#: The set of every queue name in use on a server (see the module docstring).
+REGISTRY = "pcq:queues"
 
 #: script -> its KEYS, by part name, as its .lua header lists them.  The
 #: in-flight list is ``inflight:<me>``: the list of the consumer the call is for.

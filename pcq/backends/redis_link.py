@@ -284,6 +284,11 @@ class Link:
         self._nodes = self._cluster.nodes()
         self._owner = self._cluster.owner(self._marker_key or "pcq")
 
+    @property
+    def in_cluster(self) -> bool:
+        """Whether this link talks to a Redis Cluster (known after its first use)."""
+        return self._cluster is not None
+
     def same_slot(self, other: Link) -> bool:
         """Whether ``other``'s queue lives where this one's does: the same server,
         and in a cluster the same hash slot (one script can touch both)."""

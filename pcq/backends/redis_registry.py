@@ -28,7 +28,7 @@ import redis
 from redis.exceptions import RedisError
 
 from pcq.backends.base import Counters, Queue
-from pcq.backends.redis_keys import Keys, TakeStatus, check_name
+from pcq.backends.redis_keys import REGISTRY, Keys, TakeStatus, check_name
 from pcq.backends.redis_link import Link
 from pcq.envelope import SENTINEL_PREFIX, decode_dead, encode_sentinel
 from pcq.errors import ConfigError, PcqError
@@ -211,6 +211,7 @@ class Registered(Queue):
                     self._consumer_id = None
                     raise
             self._start_heartbeat()
+            self._register()
         else:
             epoch, closed, pending, _ = self._run_state()
         idle = bool(closed) and pending <= 0
@@ -260,7 +261,20 @@ class Registered(Queue):
         with self._beat_lock:
             self._beat_ids.append(producer)
         self._start_heartbeat()
+        self._register()
         return producer
+
+    def _register(self, *more: str) -> None:
+        """Add this queue's name (and ``more``) to the server's :data:`REGISTRY`,
+        a command of its own; not on a Cluster (the registry's slot is not the
+        queue's, and this link talks to the queue's node only)."""
+        names = [self.name, *more]
+
+        def op(client: redis.Redis) -> None:
+            if not self._link.in_cluster:
+                client.sadd(REGISTRY, *names)
+
+        self._link.call(op)
 
     def detach_producer(self, producer_id: str | None = None, close_if_last: bool = True) -> None:
         """Unregister ``producer_id`` — another process's, such as a producer
@@ -352,6 +366,8 @@ class Registered(Queue):
         def op(client: redis.Redis) -> None:
             consumers = cast("list[bytes]", client.hkeys(k.consumers))
             client.delete(*names, *(k.inflight(c.decode()) for c in consumers))
+            if not self._link.in_cluster:
+                client.srem(REGISTRY, self.name)
 
         self._link.call(op)
 
@@ -362,6 +378,7 @@ class Registered(Queue):
     def set_feeds(self, to: str) -> None:
         feeds = self.keys.feeds
         self._link.call(lambda client: client.set(feeds, to))
+        self._register(to)
 
     def feeds(self) -> str | None:
         feeds = self.keys.feeds

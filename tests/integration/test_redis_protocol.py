@@ -160,9 +160,20 @@ def test_a_reaped_suspect_goes_out_while_every_consumer_is_busy(
     kill_session(b)
     let_go(tmp_path, 1)
 
-    # Then A's free slot runs the suspect although A holds task 0
-    wait_for(lambda: 1 in handled(tmp_path), timeout=30, message="suspect 1 handled")
+    # Then the server hands the suspect to A's free slot although A holds task 0
+    # (before: suspects went only to a consumer holding nothing, so one that is
+    # never idle starved them).  A starts it once task 0 is done: a suspect runs
+    # alone in its process, so a poison task takes no innocent one with it.
+    server = redis.Redis.from_url(redis_url)
+    inflight = f"pcq:{{{env['PCQ_QUEUE']}}}:inflight:*"
+
+    def held_by_a() -> int:
+        return sum(cast(int, server.llen(k)) for k in server.scan_iter(match=inflight))
+
+    wait_for(lambda: held_by_a() == 2, timeout=30, message="A took the suspect")
+    assert 1 not in handled(tmp_path)
     let_go(tmp_path, 0)
+    wait_for(lambda: 1 in handled(tmp_path), timeout=30, message="suspect 1 handled")
     assert pcq(env, "close").returncode == 0
     assert a.wait(timeout=30) == 0
     assert sorted(handled(tmp_path)) == [0, 1]

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pytest
 from helpers import take_lease
+from test_queue_runs import _dies_holding
 
 from pcq.backends.base import Failure
 from pcq.errors import ConfigError
@@ -133,3 +135,33 @@ def test_a_producer_is_detached_by_its_id_and_the_last_one_out_closes(
     # Then the queue is closed, with no producer left
     c = q.counters()
     assert c.closed and c.producers == 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_a_consumer_holding_a_suspect_is_never_handed_another(make_queue: QueueFactory) -> None:
+    # Given the tasks of a consumer that died holding several (suspects now)
+    q = make_queue()
+    q.note_task_cost(0.0)  # cheap tasks: big leases
+    q.put_many(["a", "b", "c"])
+    held, pid = _dies_holding(q)
+    assert len(held) > 1
+    q.evict(pid)
+    q.attach_consumer()
+
+    # When a consumer takes one, and asks for more while it still holds it
+    first = take_lease(q)
+    more = q.take(10, timeout=0.5)
+
+    # Then the first is one of the dead consumer's tasks, alone, and no second
+    # one joins it in the same consumer (two suspects in one process could die
+    # together, each counting a death it may not deserve)
+    assert first.size == 1 and next(first.envelopes()).body in held
+    assert more is None or not {e.body for e in more.envelopes()} & set(held)
+    # ... and once it is settled, the next one comes, again alone
+    q.ack(first)
+    if more is not None:
+        q.ack(more)
+    nxt = take_lease(q)
+    assert nxt.size == 1 and next(nxt.envelopes()).body in held
+    q.ack(nxt)

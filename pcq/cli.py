@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 
-from pcq import __version__, dashboard, logs
+from pcq import dashboard, logs
 from pcq.backends import backend_for
 from pcq.cli_help import plain_help
 from pcq.cli_options import (
@@ -47,6 +47,7 @@ from pcq.cli_options import (
     Timeout,
     Url,
     Workers,
+    global_options,
     link_options,
     stage_values,
 )
@@ -96,8 +97,9 @@ app.add_typer(dead_app, name="dead")
 
 
 
+# A Typer command: each parameter is one of its options.
 @app.command("run")
-def run_command(
+def run_command(  # noqa: PLR0913
     producer: Annotated[str, typer.Argument(
         metavar="PRODUCER", help="module:function or path/file.py:function returning an "
                                  "iterable of tasks.")],
@@ -152,8 +154,9 @@ def run_command(
     raise typer.Exit(summary.exit_code)
 
 
+# A Typer command: each parameter is one of its options.
 @app.command("produce")
-def produce_command(
+def produce_command(  # noqa: PLR0913
     producer: Annotated[str, typer.Argument(
         metavar="PRODUCER", help="module:function, path/file.py:function, or - for one JSON "
                                  "value per line on stdin.")],
@@ -185,8 +188,9 @@ def produce_command(
     raise typer.Exit(summary.exit_code)
 
 
+# A Typer command: each parameter is one of its options.
 @app.command("consume")
-def consume_command(
+def consume_command(  # noqa: PLR0913
     handler: Annotated[str, typer.Argument(
         metavar="HANDLER", help="module:function or path/file.py:function called with "
                                 "each task.")],
@@ -366,39 +370,12 @@ def dead_purge(backend: SharedBackend = None, url: Url = None, queue: Name = "de
     err.print(f"pcq: deleted {deleted} dead letter(s)", highlight=False)
 
 
-def _set_log_level(value: str | None) -> None:
-    if value is not None:
-        if value.lower() not in logs.LEVELS:
-            raise typer.BadParameter(f"{value!r} is not one of {', '.join(logs.LEVELS)}")
-        logs.configure(value)
-
-
-def _show_version(value: bool) -> None:
-    if value:
-        print(f"pcq {__version__}")
-        raise typer.Exit(0)
-
-
-def _log_level_option(
-    log_level: Annotated[str | None, typer.Option(
-        "--log-level", envvar="PCQ_LOG_LEVEL", is_eager=True, callback=_set_log_level,
-        metavar="LEVEL",
-        help=f"One of {', '.join(logs.LEVELS)} (default {logs.DEFAULT_LEVEL}; "
-             "env PCQ_LOG_LEVEL).",
-    )] = None,
-    version: Annotated[bool, typer.Option(
-        "--version", is_eager=True, callback=_show_version, help="Show pcq's version and exit.",
-    )] = False,
-) -> None:
-    """Where Typer builds the two options every command shares (see command())."""
-
-
 def command() -> Any:
     """The ``pcq`` command: the Typer app, with ``--version`` on ``pcq`` itself and
     ``--log-level`` on every command, added here so that no command function
     has to take (and pass around) an option that only configures logging."""
     shared = typer.Typer()
-    shared.command()(_log_level_option)
+    shared.command()(global_options)
     params = {p.name: p for p in typer.main.get_command(shared).params}
     log_level, version = params["log_level"], params["version"]
     log_level.expose_value = version.expose_value = False

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pcq import __version__, logs
 from pcq.cli_help import click_context
 
 # Options shared by several commands.  Every value shows a metavar that says
@@ -133,3 +134,31 @@ DashboardAt = Annotated[str | None, typer.Option(
     "--dashboard", metavar="[HOST:]PORT",
     help="Serve a live page of this job's queues, and /metrics, while it runs "
          "(host default 127.0.0.1).")]
+
+
+def _set_log_level(value: str | None) -> None:
+    if value is not None:
+        if value.lower() not in logs.LEVELS:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(logs.LEVELS)}")
+        logs.configure(value)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"pcq {__version__}")
+        raise typer.Exit(0)
+
+
+def global_options(
+    log_level: Annotated[str | None, typer.Option(
+        "--log-level", envvar="PCQ_LOG_LEVEL", is_eager=True, callback=_set_log_level,
+        metavar="LEVEL",
+        help=f"One of {', '.join(logs.LEVELS)} (default {logs.DEFAULT_LEVEL}; "
+             "env PCQ_LOG_LEVEL).",
+    )] = None,
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_show_version, help="Show pcq's version and exit.",
+    )] = False,
+) -> None:
+    """Where Typer builds the two options every command shares (see
+    cli.command(), which adds them to every command)."""

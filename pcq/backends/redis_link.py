@@ -56,22 +56,11 @@ from urllib.parse import urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
-from redis.exceptions import (
-    AskError,
-    AuthenticationError,
-    AuthenticationWrongNumberOfArgsError,
-    AuthorizationError,
-    ClusterDownError,
-    NoPermissionError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
+from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError
 
-from pcq.backends.redis_errors import explain
+from pcq.backends.redis_errors import MOVING, REFUSED, RETRYABLE, explain
 from pcq.backends.redis_topology import (
     ClusterMap,
     NotReplicated,
@@ -94,18 +83,6 @@ from pcq.errors import BackendLost, BackendUnavailable, ConfigError, QueueDataLo
 T = TypeVar("T")
 log = logging.getLogger("pcq")
 
-#: Errors worth waiting out: the server is restarting, loading, or unreachable.
-RETRYABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-#: The queue's master moved (resharding, failover): find it again and go on.
-#: (AskError covers MovedError.)
-MOVING = (AskError, TryAgainError, ClusterDownError, ReadOnlyError)
-#: The server answered and said no: retrying cannot help.
-REFUSED = (
-    AuthenticationError,
-    AuthenticationWrongNumberOfArgsError,
-    AuthorizationError,
-    NoPermissionError,
-)
 FIRST_PAUSE = 0.05
 LONGEST_PAUSE = 2.0
 #: Longest a blocking command waits server-side; the socket timeout must exceed it.
@@ -364,14 +341,7 @@ class Link:
                 why = explain(exc)
                 raise BackendUnavailable(f"Redis at {self.where} refused us: {why}") from exc
             except (*RETRYABLE, *MOVING) as exc:
-                if not self._connected_once and not isinstance(exc, MOVING):
-                    raise BackendUnavailable(f"cannot reach Redis at {self.where}: {exc}") from exc
-                self._relocate = self._nodes is not None  # a cluster: ask it where to go
-                left = self._outage(exc)
-                if not retry:
-                    raise BackendUnavailable(f"lost Redis at {self.where}: {exc}") from exc
-                time.sleep(min(pause, left))
-                pause = min(pause * 2, LONGEST_PAUSE)
+                pause = self._wait_out(exc, retry, pause)
             except ResponseError as exc:
                 if str(exc).startswith(DATA_LOST_REPLY):  # a script found the marker gone
                     raise self._lost() from exc
@@ -382,6 +352,19 @@ class Link:
                 if self._down_since is not None:
                     self._back()
                 return result
+
+    def _wait_out(self, exc: Exception, retry: bool, pause: float) -> float:
+        """A dropped connection or a moved master: sleep ``pause`` (no later than
+        the outage's ``retry_for``) and return the next pause; raise when it is
+        not to be waited out (never connected, ``retry`` False, outage too old)."""
+        if not self._connected_once and not isinstance(exc, MOVING):
+            raise BackendUnavailable(f"cannot reach Redis at {self.where}: {exc}") from exc
+        self._relocate = self._nodes is not None  # a cluster: ask it where to go
+        left = self._outage(exc)
+        if not retry:
+            raise BackendUnavailable(f"lost Redis at {self.where}: {exc}") from exc
+        time.sleep(min(pause, left))
+        return min(pause * 2, LONGEST_PAUSE)
 
     def _attempt(self, op: Callable[[redis.Redis], T]) -> T:
         """``op(client)``; a master that refuses writes for want of replicas

@@ -13,7 +13,7 @@ from fake_redis import FakeRedis
 from helpers import drain, take_bodies, wait_for
 
 from pcq.backends.redis import RedisQueue
-from pcq.cli import _per_stage
+from pcq.cli_options import stage_values as _per_stage
 from pcq.envelope import unpack_value
 from pcq.errors import ConfigError
 from pcq.pipeline import stage_queue

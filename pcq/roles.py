@@ -105,9 +105,6 @@ class Producer(ChildProcess):
         #: detach a producer that died (``Queue.detach_producer(producer_id)``).
         self.producer_id = uuid.uuid4().hex
         self._parent_pid = os.getpid()
-        #: Chosen here, in the parent, so that the parent can detach a producer
-        #: that died by its id (``Queue.detach_producer(producer_id)``).
-        self.producer_id = uuid.uuid4().hex
         # (shared int64 array, index): where to note len() of what produce()
         # returned, when it has one, so that a progress display knows the total.
         self._length = length

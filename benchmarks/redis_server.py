@@ -31,7 +31,8 @@ class RedisServer:
     """``with RedisServer() as server: server.url`` — started without persistence,
     stopped (and waited for) on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
+        self.extra = extra  # more redis-server arguments (e.g. --replicaof HOST PORT)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -42,7 +43,7 @@ class RedisServer:
             raise FileNotFoundError("redis-server is not on PATH")
         self._proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
+             "--appendonly", "no", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10

@@ -68,9 +68,13 @@ def paired_ratio(trials: list[Trial], workload: str, key: str, system: str,
     return (statistics.median(per_rep) if per_rep else None), of_medians
 
 
-def targets(trials: list[Trial], unavailable: dict[str, str]) -> list[Target]:
-    out: list[Target] = []
+#: Says why a target has no value: which system was unavailable, not run, or
+#: never succeeded (workload, then systems).
+WhyMissing = Callable[..., str]
 
+
+def targets(trials: list[Trial], unavailable: dict[str, str]) -> list[Target]:
+    """Every target, in the order the report shows them."""
     def why_missing(workload: str, *systems: str) -> str:
         for s in systems:
             if s in unavailable:
@@ -81,21 +85,31 @@ def targets(trials: list[Trial], unavailable: dict[str, str]) -> list[Target]:
         return "no successful run of " + " / ".join(s for s in systems
                                                    if not ok(trials, workload, s))
 
-    def ratio_target(system: str, baseline: str, goal: float) -> None:
+    return [*_noop_targets(trials, why_missing), *_local_targets(trials, why_missing),
+            *_efficiency_targets(trials, why_missing), _redis_latency_target(trials, why_missing),
+            *_memory_targets(trials, why_missing)]
+
+
+def _noop_targets(trials: list[Trial], why_missing: WhyMissing) -> list[Target]:
+    out: list[Target] = []
+    for system, baseline, goal in (("pcq-local-16", "jq-16", LOCAL_NOOP_TARGET),
+                                   ("pcq-local-1000", "jq-16", LOCAL_NOOP_TARGET),
+                                   ("pcq-redis", "redis-raw", REDIS_NOOP_TARGET),
+                                   ("pcq-local-1000", "pool-500", LOCAL_VS_POOL_TARGET),
+                                   ("pcq-local-16", "jq-16", LOCAL_16_VS_JQ_TARGET)):
         per_rep, of_medians = paired_ratio(trials, "noop", "rate", system, baseline)
         name = f"noop {system} / {baseline}"
         if per_rep is None:
             out.append(Target(name, f">= {goal:g}x", None, None,
                               why_missing("noop", system, baseline)))
-            return
+            continue
         out.append(Target(name, f">= {goal:g}x", per_rep, per_rep >= goal,
                           f"{per_rep:.1f}x (ratio of medians {of_medians:.1f}x)"))
+    return out
 
-    ratio_target("pcq-local-16", "jq-16", LOCAL_NOOP_TARGET)
-    ratio_target("pcq-local-1000", "jq-16", LOCAL_NOOP_TARGET)
-    ratio_target("pcq-redis", "redis-raw", REDIS_NOOP_TARGET)
-    ratio_target("pcq-local-1000", "pool-500", LOCAL_VS_POOL_TARGET)
-    ratio_target("pcq-local-16", "jq-16", LOCAL_16_VS_JQ_TARGET)
+
+def _local_targets(trials: list[Trial], why_missing: WhyMissing) -> list[Target]:
+    out: list[Target] = []
     for system in ("pcq-local-16", "pcq-local-1000"):
         per_rep, of_medians = paired_ratio(trials, "latency", "latency_median_ms", system,
                                            "jq-16")
@@ -114,6 +128,11 @@ def targets(trials: list[Trial], unavailable: dict[str, str]) -> list[Target]:
         else:
             out.append(Target(name, f">= {LOCAL_BUSY_TARGET}", busy,
                               busy >= LOCAL_BUSY_TARGET, f"{busy:.3f}"))
+    return out
+
+
+def _efficiency_targets(trials: list[Trial], why_missing: WhyMissing) -> list[Target]:
+    out: list[Target] = []
     base_eff = median_of(ok(trials, "cpu", "jq-16"), "efficiency")
     base_busy = median_of(ok(trials, "cpu", "jq-16"), "busy")
     for system in ("pcq-local-16", "pcq-local-1000", "pcq-redis"):
@@ -127,13 +146,20 @@ def targets(trials: list[Trial], unavailable: dict[str, str]) -> list[Target]:
         if base_eff is not None:
             detail += f"; jq-16 same runs: {base_eff:.3f} (busy {base_busy:.3f})"
         out.append(Target(name, f">= {CPU_TARGET}", eff, eff >= CPU_TARGET, detail))
+    return out
+
+
+def _redis_latency_target(trials: list[Trial], why_missing: WhyMissing) -> Target:
     lat = median_of(ok(trials, "latency", "pcq-redis"), "latency_median_ms")
     name = "latency median pcq-redis"
     goal = f"< {REDIS_LATENCY_TARGET_MS:g} ms"
     if lat is None:
-        out.append(Target(name, goal, None, None, why_missing("latency", "pcq-redis")))
-    else:
-        out.append(Target(name, goal, lat, lat < REDIS_LATENCY_TARGET_MS, f"{lat:.3f} ms"))
+        return Target(name, goal, None, None, why_missing("latency", "pcq-redis"))
+    return Target(name, goal, lat, lat < REDIS_LATENCY_TARGET_MS, f"{lat:.3f} ms")
+
+
+def _memory_targets(trials: list[Trial], why_missing: WhyMissing) -> list[Target]:
+    out: list[Target] = []
     for system in ("pcq-local-1000", "pcq-redis"):
         runs = ok(trials, "memory", system)
         name = f"memory flat {system}"

@@ -124,11 +124,22 @@ def main(argv: list[str] | None = None) -> int:
                     note("noop 2 hosts on redis", w, hosts_trial(server.url, HOSTS_N, w), "rate")
                     server.command("FLUSHALL")
 
-    table = ["| row | " + " | ".join(f"W={w}" for w in args.widths) + " |",
-             "|---|" + "---|" * len(args.widths)]
+    text = _table(rows, args.widths)
+    print("\nnoop: tasks/s; cpu: cores' worth of useful work (n x t1 / window); medians\n")
+    print(text)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"widths": args.widths, "repeat": args.repeat,
+                                     "rows": rows, "markdown": text}, indent=1) + "\n")
+    return 0
+
+
+def _table(rows: dict[str, dict[int, list[float]]], widths: list[int]) -> str:
+    """The markdown table: one line per row, the median of each width's values."""
+    table = ["| row | " + " | ".join(f"W={w}" for w in widths) + " |",
+             "|---|" + "---|" * len(widths)]
     for row, by_w in rows.items():
         cells = []
-        for w in args.widths:
+        for w in widths:
             vals = by_w.get(w)
             if not vals:
                 cells.append("—")
@@ -137,13 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cells.append(f"{statistics.median(vals) / 1000:,.0f} k/s")
         table.append(f"| {row} | " + " | ".join(cells) + " |")
-    text = "\n".join(table)
-    print("\nnoop: tasks/s; cpu: cores' worth of useful work (n x t1 / window); medians\n")
-    print(text)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"widths": args.widths, "repeat": args.repeat,
-                                     "rows": rows, "markdown": text}, indent=1) + "\n")
-    return 0
+    return "\n".join(table)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ Across hosts, with a redis-server at $PCQ_URL (the queues share the hash tag
 
 From Python: ``python examples/logs.py`` runs the same pipeline with
 ``pcq.run`` and then counts errors per service with ``pcq.map``.  The log files
-are made up on first use under $LOGS_DIR (default: a temp dir); the database is
-$LOGS_DB (default: errors.sqlite3 in that dir).
+are made up on first use under $LOGS_DIR (default: a temp dir), $LOGS_FILES of
+them (default 200); the database is $LOGS_DB (default: errors.sqlite3 in that dir).
 """
 
 import json
@@ -35,9 +35,10 @@ import pcq
 DIR = Path(os.environ.get("LOGS_DIR", Path(tempfile.gettempdir()) / "pcq-example-logs"))
 DB = Path(os.environ.get("LOGS_DB", DIR / "errors.sqlite3"))
 SERVICES = ["api", "auth", "billing", "search", "mailer"]
+FILES = int(os.environ.get("LOGS_FILES", "200"))
 
 
-def _make_logs(files=200, lines=500):
+def _make_logs(files=FILES, lines=500):
     """Invent some log files, about 1 line in 50 an error."""
     DIR.mkdir(parents=True, exist_ok=True)
     rng = random.Random(7)

@@ -14,25 +14,57 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
-from pcq import __version__, logs
-from pcq.backends import backend_for, open_queue
-from pcq.backends.base import Queue, state_of
+from pcq import dashboard, logs
+from pcq.backends import backend_for
+from pcq.cli_help import plain_help
+from pcq.cli_options import (
+    Backend,
+    Concurrency,
+    DashboardAt,
+    HeartbeatTtl,
+    Json,
+    MaxDeliveries,
+    Maxsize,
+    Name,
+    NoProgress,
+    Producers,
+    ReconnectTimeout,
+    Resume,
+    Retries,
+    Setup,
+    SharedBackend,
+    StageConcurrency,
+    StageMaxsize,
+    StageRetries,
+    StageTimeout,
+    StageWorkers,
+    Timeout,
+    Url,
+    Workers,
+    global_options,
+    link_options,
+    stage_values,
+)
+from pcq.cli_queues import json_lines, leftovers_said, opened, purge_confirmed, shared_queue
+from pcq.cli_report import err, report, usage_error
+from pcq.cli_status import status_json as _status_json
+from pcq.cli_status import status_tables as _status_tables
+from pcq.consume_watch import ConsumeWatch
 from pcq.envelope import short_repr
-from pcq.errors import BackendLost, ConfigError, PcqError
+from pcq.errors import BackendLost, PcqError
+from pcq.garbage import SKIPPED_READ, skipped_lines
+from pcq.interrupted import left_open_note, nothing
 from pcq.loader import load_callable
+from pcq.pipeline import stage_queue
 from pcq.progress import Display, line_buffered
 from pcq.run import consume_job, produce_job, run
 from pcq.settings import ExitCode, StageSettings
-from pcq.summary import Summary
 
 app = typer.Typer(
     name="pcq",
@@ -40,175 +72,58 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 dead_app = typer.Typer(help="Dead letters: tasks that failed after their retries.",
                        no_args_is_help=True)
 app.add_typer(dead_app, name="dead")
-err = Console(stderr=True)
-
-# Options shared by several commands.
-Backend = Annotated[str | None, typer.Option(
-    help="local or redis; default: from the URL's scheme, else local.")]
-Url = Annotated[str | None, typer.Option(
-    envvar="PCQ_URL", help="Queue server, e.g. redis://host:6379/0 (env PCQ_URL).")]
-Name = Annotated[str, typer.Option("--queue", envvar="PCQ_QUEUE",
-                                   help="Queue name (env PCQ_QUEUE).")]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-Workers = Annotated[int, typer.Option(min=1, help="Consumer processes.")]
-Retries = Annotated[int, typer.Option(min=0, help="Retries of a failing task before it is dead.")]
-Timeout = Annotated[float | None, typer.Option(
-    min=0.001, help="Seconds a task may run; longer counts as a failed attempt.")]
-Concurrency = Annotated[int, typer.Option(
-    min=1, help="Tasks each consumer process runs at once: threads, or asyncio tasks for "
-                "an async def handler. For handlers that wait (network, disk).")]
-Maxsize = Annotated[int, typer.Option(min=0, help="Tasks waiting at most (0: unbounded).")]
-MaxDeliveries = Annotated[int, typer.Option(
-    min=0, help="Dead-letter a task once this many consumers died while handling it "
-    "(0: never).")]
-Setup = Annotated[str | None, typer.Option(
-    "--setup", help="module:function or path/file.py:function run once in each consumer "
-                    "process before its first task (open clients there); if it raises, "
-                    "the job stops with exit code 2.")]
-HeartbeatTtl = Annotated[float | None, typer.Option(
-    min=0.1, envvar="PCQ_HEARTBEAT_TTL",
-    help="Redis: seconds without a heartbeat after which a consumer counts as dead "
-         "and its tasks go back (default 5; env PCQ_HEARTBEAT_TTL).")]
-ReconnectTimeout = Annotated[float | None, typer.Option(
-    min=0.1, envvar="PCQ_RECONNECT_TIMEOUT",
-    help="Redis: seconds to keep reconnecting after the link is lost before giving up "
-         "with exit code 3 (default 60; env PCQ_RECONNECT_TIMEOUT).")]
 
 
-def _options(heartbeat_ttl: float | None, reconnect_timeout: float | None = None) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    if heartbeat_ttl is not None:
-        options["heartbeat_ttl"] = heartbeat_ttl
-    if reconnect_timeout is not None:
-        options["retry_for"] = reconnect_timeout
-    return options
 
 
-def _shared_queue(
-    backend: str | None, url: str | None, name: str, maxsize: int = 0, **options: Any
-) -> Queue:
-    """A queue other processes can reach: local queues live only inside `pcq run`."""
-    if backend_for(backend, url) == "local":
-        raise ConfigError(
-            "this command needs a shared queue: give --url redis://HOST:PORT/DB "
-            "(or PCQ_URL); a local queue lives only inside `pcq run`"
-        )
-    return open_queue(backend, url=url, name=name, maxsize=maxsize, **options)
 
 
-@contextmanager
-def _opened(backend: str | None, url: str | None, name: str) -> Iterator[Queue]:
-    """A shared queue for one admin command, disposed of when it is done."""
-    q = _shared_queue(backend, url, name)
-    try:
-        yield q
-    finally:
-        q.dispose()
 
 
-def _report(summary: Summary, as_json: bool, what: str) -> None:
-    if summary.setup_error:
-        err.print(f"pcq: error: {summary.setup_error}", highlight=False, soft_wrap=True,
-                  markup=False)
-    if as_json:
-        print(json.dumps(summary.as_dict()), flush=True)
-        return
-    rate = summary.done / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
-    parts = [f"{summary.produced} produced"] if summary.produced or what != "consume" else []
-    parts += [f"{summary.done} done", f"{summary.failed} failed", f"{summary.retried} retried"]
-    line = f"pcq {what}: " + ", ".join(parts) + f" in {summary.elapsed_s:.2f} s ({rate:,.0f}/s)"
-    if summary.restarts:
-        line += f"; {summary.restarts} consumer(s) restarted"
-    if summary.producer_errors:
-        line += f"; {summary.producer_errors} producer(s) failed"
-    if summary.interrupted is not None:
-        line += "; interrupted"
-    err.print(line, highlight=False, soft_wrap=True)
-    for failure in summary.failures:
-        err.print(f"  failed: {failure['item']}: {failure['error']}", highlight=False,
-                  soft_wrap=True, markup=False)
-    if summary.failures_more:
-        err.print(f"  ... and {summary.failures_more} more failed", highlight=False)
-    for stage in summary.stages:
-        err.print(f"  stage {stage.name} ({stage.queue}, {stage.workers} worker(s)): "
-                  f"{stage.produced} produced, {stage.done} done, {stage.failed} failed, "
-                  f"{stage.retried} retried", highlight=False, soft_wrap=True)
 
 
-def _values(text: str, kind: type[Any], least: float) -> list[Any]:
-    """``8,4,1`` -> [8, 4, 1]; ``none`` stands for no limit (``--timeout``)."""
-    try:
-        values = [None if kind is float and v.strip().lower() == "none" else kind(v)
-                  for v in text.split(",")]
-    except ValueError:
-        raise typer.BadParameter(f"{text!r}: give a number, or one per stage separated "
-                                 "by commas") from None
-    if any(v is not None and v < least for v in values):
-        raise typer.BadParameter(f"{text!r}: every value must be at least {least:g}")
-    return values
 
 
-def _checked(kind: type[Any], least: float) -> Callable[[str | None], str | None]:
-    """A Typer callback that checks a per-stage option while the line is parsed
-    (a usage error, exit 2, with the usage line)."""
-    def check(text: str | None) -> str | None:
-        if text is not None:
-            _values(text, kind, least)
-        return text
-    return check
 
 
-def _per_stage(text: str, stages: int, option: str, kind: type[Any]) -> list[Any]:
-    """``--workers 8,4,1``: one value per stage, or one for all of them."""
-    values = _values(text, kind, float("-inf"))
-    if len(values) not in (1, stages):
-        raise ConfigError(f"{option} {text!r}: give one value for all {stages} stages "
-                          "or one per stage")
-    return values * stages if len(values) == 1 else values
 
 
+
+
+
+# A Typer command: each parameter is one of its options.
 @app.command("run")
-def run_command(
-    producer: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
-                                            "returning an iterable of tasks.")],
+def run_command(  # noqa: PLR0913
+    producer: Annotated[str, typer.Argument(
+        metavar="PRODUCER", help="module:function or path/file.py:function returning an "
+                                 "iterable of tasks.")],
     handlers: Annotated[list[str], typer.Argument(
-        metavar="handler",
+        metavar="HANDLER",
         help="module:function or path/file.py:function called with each task; several "
              "make a pipeline: what one returns or yields is a task of the next.")],
-    workers: Annotated[str, typer.Option(callback=_checked(int, 1), help="Consumer "
-                                         "processes: one number, or one per stage (8,4,1).")
-                       ] = "4",
-    producers: Annotated[int, typer.Option(min=1, help="Producer processes; each runs "
-                                           "PRODUCER once.")] = 1,
-    maxsize: Annotated[str, typer.Option(callback=_checked(int, 0), help="Tasks waiting "
-                                         "at most (0: unbounded); one number or one per "
-                                         "stage.")] = "1000",
+    workers: StageWorkers = "4",
+    producers: Producers = 1,
+    maxsize: StageMaxsize = "1000",
     backend: Backend = None,
     url: Url = None,
     queue: Name = "default",
-    retries: Annotated[str, typer.Option(callback=_checked(int, 0), help="Retries of a "
-                                         "failing task before it is dead; one number or one "
-                                         "per stage.")] = "0",
-    timeout: Annotated[str | None, typer.Option(
-        callback=_checked(float, 0.001),
-        help="Seconds a task may run; longer counts as a failed attempt.  One number "
-             "or one per stage (none: no limit).")] = None,
-    concurrency: Annotated[str, typer.Option(
-        callback=_checked(int, 1),
-        help="Tasks each consumer process runs at once: threads, or asyncio tasks for an "
-             "async def handler. For handlers that wait (network, disk). One number or one "
-             "per stage (1,50,1).")] = "1",
+    retries: StageRetries = "0",
+    timeout: StageTimeout = None,
+    concurrency: StageConcurrency = "1",
     as_json: Json = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgress = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
     max_deliveries: MaxDeliveries = 3,
     setup: Setup = None,
+    resume: Resume = False,
+    dashboard_at: DashboardAt = None,
 ) -> None:
     """Run a whole job — producers, consumers (of every stage), close, summary — on
     this host (local by default)."""
@@ -218,39 +133,34 @@ def run_command(
     setup_fn = None if setup is None else load_callable(setup, "SETUP")
     shared = backend_for(backend, url) != "local"
     # local consumers have no heartbeat and no server to reconnect to
-    options = _options(heartbeat_ttl, reconnect_timeout) if shared else {}
+    options = link_options(heartbeat_ttl, reconnect_timeout) if shared else {}
     names = [h.rsplit(":", 1)[-1] for h in handlers]
-    with Display(not no_progress) as display:
-        summary = run(produce, *handles, workers=_per_stage(workers, n, "--workers", int),
-                      producers=producers, maxsize=_per_stage(maxsize, n, "--maxsize", int),
-                      retries=_per_stage(retries, n, "--retries", int),
-                      timeout=_per_stage(timeout or "none", n, "--timeout", float),
+    if not leftovers_said(backend, url, queue, resume, shared):
+        return
+    produce = nothing if resume else produce
+    stage_queues = [stage_queue(queue, k) for k in range(n)]
+    with dashboard.for_job(dashboard_at, backend, url, stage_queues) as on_dashboard, \
+            Display(not no_progress) as display:
+        options.update(on_dashboard)  # local: the job's queues live on the dashboard's broker
+        summary = run(produce, *handles, workers=stage_values(workers, n, "--workers", int),
+                      producers=producers, maxsize=stage_values(maxsize, n, "--maxsize", int),
+                      retries=stage_values(retries, n, "--retries", int),
+                      timeout=stage_values(timeout or "none", n, "--timeout", float),
                       backend=backend, url=url, queue=queue, names=names,
                       on_progress=display.update,
-                      concurrency=_per_stage(concurrency, n, "--concurrency", int),
+                      concurrency=stage_values(concurrency, n, "--concurrency", int),
                       max_deliveries=max_deliveries, setup=setup_fn, **options)
-    _report(summary, as_json, "run")
+    report(summary, as_json, "run")
     raise typer.Exit(summary.exit_code)
 
 
-def _json_lines(stream: Any) -> Iterator[Any]:
-    for number, line in enumerate(stream, 1):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"stdin line {number} is not JSON ({exc.msg}); the {number - 1} lines before "
-                "it were put, the queue was left open"
-            ) from None
-
-
+# A Typer command: each parameter is one of its options.
 @app.command("produce")
-def produce_command(
-    producer: Annotated[str, typer.Argument(help="module:function, path/file.py:function, "
-                                            "or - for one JSON value per line on stdin.")],
-    backend: Backend = None,
+def produce_command(  # noqa: PLR0913
+    producer: Annotated[str, typer.Argument(
+        metavar="PRODUCER", help="module:function, path/file.py:function, or - for one JSON "
+                                 "value per line on stdin.")],
+    backend: SharedBackend = None,
     url: Url = None,
     queue: Name = "default",
     maxsize: Maxsize = 0,
@@ -259,30 +169,33 @@ def produce_command(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once everything is "
                                           "put, without waiting for the consumers.")] = False,
     as_json: Json = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgress = False,
     heartbeat_ttl: HeartbeatTtl = None,
     reconnect_timeout: ReconnectTimeout = None,
 ) -> None:
     """Put tasks on a shared queue, close it when the last producer is done, and
     wait until every task is acknowledged."""
-    items = _json_lines(sys.stdin) if producer == "-" else load_callable(producer, "PRODUCER")()
-    q = _shared_queue(backend, url, queue, maxsize, **_options(heartbeat_ttl, reconnect_timeout))
+    items = json_lines(sys.stdin) if producer == "-" else load_callable(producer, "PRODUCER")()
+    q = shared_queue(backend, url, queue, maxsize, **link_options(heartbeat_ttl, reconnect_timeout))
     try:
         with Display(not no_progress) as display:
             summary = produce_job(q, items, close=not no_close, wait_done=not no_wait,
                                   on_progress=display.update)
+        note = left_open_note(q, summary, queue)
     finally:
         q.dispose()
-    _report(summary, as_json, "produce")
+    report(summary, as_json, "produce", note)
     raise typer.Exit(summary.exit_code)
 
 
+# A Typer command: each parameter is one of its options.
 @app.command("consume")
-def consume_command(
-    handler: Annotated[str, typer.Argument(help="module:function or path/file.py:function "
-                                           "called with each task.")],
+def consume_command(  # noqa: PLR0913
+    handler: Annotated[str, typer.Argument(
+        metavar="HANDLER", help="module:function or path/file.py:function called with "
+                                "each task.")],
     workers: Workers = 4,
-    backend: Backend = None,
+    backend: SharedBackend = None,
     url: Url = None,
     queue: Name = "default",
     retries: Retries = 0,
@@ -296,16 +209,18 @@ def consume_command(
                                         "to take and no producer is attached, instead of "
                                         "waiting for the next producer.")] = False,
     setup: Setup = None,
+    no_progress: NoProgress = False,
     to: Annotated[str | None, typer.Option(
-        "--to", help="A stage: put what HANDLER returns (or yields) on this queue, same "
-                     "server; it closes when --queue is closed and fully acknowledged.")] = None,
+        "--to", metavar="NAME",
+        help="A stage: put what HANDLER returns (or yields) on this queue, same "
+             "server; it closes when --queue is closed and fully acknowledged.")] = None,
 ) -> None:
     """Run consumer processes on this host until each takes its sentinel.  On an
     idle queue (its last run finished) they wait for the next producer."""
     handle = load_callable(handler, "HANDLER")
     setup_fn = None if setup is None else load_callable(setup, "SETUP")
-    q = _shared_queue(backend, url, queue, max_deliveries=max_deliveries,
-                      **_options(heartbeat_ttl, reconnect_timeout))
+    q = shared_queue(backend, url, queue, max_deliveries=max_deliveries,
+                      **link_options(heartbeat_ttl, reconnect_timeout))
     target = q.sibling(to) if to is not None else None
     try:
         # In this process: fails fast if the server cannot be reached.
@@ -314,81 +229,20 @@ def consume_command(
                       highlight=False, soft_wrap=True)
         settings = StageSettings(workers=workers, concurrency=concurrency, retries=retries,
                                  timeout=timeout, max_deliveries=max_deliveries, setup=setup_fn)
-        summary = consume_job(q, handle, settings, burst=burst, to=target)
+        with Display(not no_progress) as display, ConsumeWatch(
+                q, display.update, display.enabled) as watch:
+            summary = consume_job(q, handle, settings, burst=burst, to=target)
     finally:
         if target is not None:
             target.dispose()
         q.dispose()
-    _report(summary, as_json, "consume")
+    report(summary, as_json, "consume", waited=watch.waited_s)
     raise typer.Exit(summary.exit_code)
-
-
-def _chain(q: Queue) -> Iterator[Queue]:
-    """``q`` and the queues its stages feed, in order (``pcq status`` of a pipeline)."""
-    seen = {q.name}
-    yield q
-    name = q.feeds()
-    while name is not None and name not in seen:
-        seen.add(name)
-        nxt = q.sibling(name)
-        try:
-            yield nxt
-            name = nxt.feeds()
-        finally:
-            nxt.dispose()
-
-
-def _status_tables(q: Queue) -> Table:
-    tables = [_status_table(each) for each in _chain(q)]
-    if len(tables) == 1:
-        return tables[0]
-    grid = Table.grid()
-    for table in tables:
-        grid.add_row(table)
-    return grid
-
-
-_STATES = {"open": "open", "closing": "closed with work left", "idle": "idle (run finished)"}
-
-
-def _status_table(q: Queue) -> Table:
-    c = q.counters()
-    feeds = q.feeds()
-    title = f"pcq queue {q.name!r}" + (f" (feeds {feeds!r})" if feeds else "")
-    table = Table(title=title, show_header=False)
-    table.add_row("state", _STATES[state_of(c)])
-    for field in ("ready", "in_flight", "pending", "delayed", "produced", "done", "failed",
-                  "retried", "dead", "producers", "consumers", "closed"):
-        table.add_row(field.replace("_", "-"), str(getattr(c, field)))
-    for who in q.registrations():
-        table.add_row(who["role"], f"{who['host']} pid {who['pid']} "
-                      f"(heartbeat {time.time() - who['heartbeat']:.1f} s ago)")
-    return table
-
-
-def _status_dict(q: Queue) -> dict[str, Any]:
-    c = q.counters()
-    out: dict[str, Any] = {f: getattr(c, f) for f in c.__slots__}
-    out["state"] = state_of(c)
-    regs = q.registrations()
-    out["consumer_list"] = [r for r in regs if r["role"] == "consumer"]
-    out["producer_list"] = [r for r in regs if r["role"] == "producer"]
-    out["queue"], out["feeds"] = q.name, q.feeds()
-    return out
-
-
-def _status_json(q: Queue) -> dict[str, Any]:
-    """The queue's status; for a pipeline, ``stages`` holds every queue's in order."""
-    chain = [_status_dict(each) for each in _chain(q)]
-    out = dict(chain[0])
-    if len(chain) > 1:
-        out["stages"] = chain
-    return out
 
 
 @app.command("status")
 def status_command(
-    backend: Backend = None,
+    backend: SharedBackend = None,
     url: Url = None,
     queue: Name = "default",
     as_json: Json = False,
@@ -397,10 +251,7 @@ def status_command(
 ) -> None:
     """Show a queue's counters, consumers and producers — and those of every queue
     its stages feed, for a pipeline."""
-    with _opened(backend, url, queue) as q:
-        if not q.exists():  # a misspelled --queue would otherwise show zeros
-            raise ConfigError(f"queue {queue!r} does not exist on this server (nothing was "
-                              "ever put in it, and no consumer or producer is attached)")
+    with opened(backend, url, queue, reading=True) as q:
         if not watch:
             if as_json:
                 print(json.dumps(_status_json(q)))
@@ -421,31 +272,67 @@ def status_command(
 
 
 @app.command("close")
-def close_command(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+def close_command(backend: SharedBackend = None, url: Url = None, queue: Name = "default") -> None:
     """Close a queue by hand: one sentinel per live consumer, behind all tasks."""
-    with _opened(backend, url, queue) as q:
+    with opened(backend, url, queue) as q:
         q.close()
     err.print(f"pcq: closed queue {queue!r}", highlight=False)
 
 
 @app.command("purge")
-def purge_command(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
-    """Drop every waiting task and reset the queue's counters."""
-    with _opened(backend, url, queue) as q:
+def purge_command(
+    backend: SharedBackend = None,
+    url: Url = None,
+    queue: Name = "default",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation "
+                                      "when consumers are attached.")] = False,
+) -> None:
+    """Drop every waiting task and reset the queue's counters.  On a terminal, asks
+    first when consumers are attached (their work in progress is dropped too)."""
+    with opened(backend, url, queue) as q:
+        if not yes and not purge_confirmed(q, queue):
+            err.print(f"pcq: nothing purged from {queue!r}", highlight=False)
+            raise typer.Exit(1)
         purged = q.purge()
     err.print(f"pcq: purged {purged} task(s) from {queue!r}", highlight=False)
 
 
+@app.command("dashboard")
+def dashboard_command(
+    url: Url = None,
+    host: Annotated[str, typer.Option(help="Address to serve on; anything but loopback "
+                                      "shows the queues to whoever reaches it.")
+                    ] = dashboard.DEFAULT_HOST,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")
+                    ] = dashboard.DEFAULT_PORT,
+    allow_actions: Annotated[bool, typer.Option(
+        "--allow-actions", help="Let the page requeue dead letters and close queues, with "
+                                "the token printed at start.")] = False,
+    auth: Annotated[str | None, typer.Option(
+        envvar="PCQ_DASHBOARD_AUTH", metavar="USER:PASS",
+        help="Ask every visitor for this basic auth (env PCQ_DASHBOARD_AUTH).")] = None,
+) -> None:
+    """Serve a live web page of every queue and pipeline on a server, and /metrics
+    for Prometheus, until Ctrl-C.  Read-only unless --allow-actions."""
+    try:
+        dashboard.serve(url, host, port, allow_actions=allow_actions, auth=auth)
+    except KeyboardInterrupt:
+        return
+
+
 @dead_app.command("list")
 def dead_list(
-    backend: Backend = None,
+    backend: SharedBackend = None,
     url: Url = None,
     queue: Name = "default",
-    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
-    as_json: Json = False,
+    limit: Annotated[int, typer.Option(min=1, metavar="N", help="Show at most this many.")
+                     ] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line on "
+                                          "stdout, one per dead letter.")] = False,
 ) -> None:
-    """List dead letters with their errors."""
-    with _opened(backend, url, queue) as q:
+    """List dead letters, oldest first: one line each on stdout with the task, the
+    attempts made and the last error (a message that was no pcq task: its bytes)."""
+    with opened(backend, url, queue, reading=True) as q:
         letters = q.dead_letters(limit)
     if not letters and not as_json:
         err.print(f"pcq: no dead letters in queue {queue!r}", highlight=False)
@@ -461,45 +348,26 @@ def dead_list(
 
 
 @dead_app.command("requeue")
-def dead_requeue(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+def dead_requeue(backend: SharedBackend = None, url: Url = None, queue: Name = "default") -> None:
     """Put every dead-lettered task back in the queue with its attempts reset."""
-    with _opened(backend, url, queue) as q:
+    with opened(backend, url, queue) as q:
         requeued = q.requeue_dead()
+        skipped, lines = skipped_lines(q.dead_letters(min(q.counters().dead, SKIPPED_READ)))
     err.print(f"pcq: requeued {requeued} dead task(s)", highlight=False)
+    if skipped:  # what requeue_dead leaves: letters that hold no task
+        err.print(f"pcq: left {skipped} dead letter(s) that hold no task (messages "
+                  "that were never pcq tasks: nothing to requeue; `pcq dead purge` deletes "
+                  "them):", highlight=False, soft_wrap=True, markup=False)
+        for line in lines:
+            err.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 @dead_app.command("purge")
-def dead_purge(backend: Backend = None, url: Url = None, queue: Name = "default") -> None:
+def dead_purge(backend: SharedBackend = None, url: Url = None, queue: Name = "default") -> None:
     """Delete every dead letter."""
-    with _opened(backend, url, queue) as q:
+    with opened(backend, url, queue) as q:
         deleted = q.purge_dead()
     err.print(f"pcq: deleted {deleted} dead letter(s)", highlight=False)
-
-
-def _set_log_level(value: str | None) -> None:
-    if value is not None:
-        if value.lower() not in logs.LEVELS:
-            raise typer.BadParameter(f"{value!r} is not one of {', '.join(logs.LEVELS)}")
-        logs.configure(value)
-
-
-def _show_version(value: bool) -> None:
-    if value:
-        print(f"pcq {__version__}")
-        raise typer.Exit(0)
-
-
-def _log_level_option(
-    log_level: Annotated[str | None, typer.Option(
-        "--log-level", envvar="PCQ_LOG_LEVEL", is_eager=True, callback=_set_log_level,
-        metavar="LEVEL",
-        help=f"{'|'.join(logs.LEVELS)} (default {logs.DEFAULT_LEVEL}; env PCQ_LOG_LEVEL).",
-    )] = None,
-    version: Annotated[bool, typer.Option(
-        "--version", is_eager=True, callback=_show_version, help="Show pcq's version and exit.",
-    )] = False,
-) -> None:
-    """Where Typer builds the two options every command shares (see command())."""
 
 
 def command() -> Any:
@@ -507,12 +375,13 @@ def command() -> Any:
     ``--log-level`` on every command, added here so that no command function
     has to take (and pass around) an option that only configures logging."""
     shared = typer.Typer()
-    shared.command()(_log_level_option)
+    shared.command()(global_options)
     params = {p.name: p for p in typer.main.get_command(shared).params}
     log_level, version = params["log_level"], params["version"]
     log_level.expose_value = version.expose_value = False
     cli = typer.main.get_command(app)
     cli.params.extend([version, log_level])
+    plain_help(cli)
 
     def add(group: Any) -> None:
         for sub in getattr(group, "commands", {}).values():
@@ -526,16 +395,6 @@ def command() -> Any:
 #: Typer re-exports only some of click's exceptions; every usage error (unknown
 #: option, bad value, missing argument) derives from BadParameter's base class.
 UsageError: type[Exception] = typer.BadParameter.__mro__[1]
-
-
-def _usage_error(exc: Any) -> None:
-    """Two lines: ``pcq: error: WHAT`` and the command's usage, with where to find help."""
-    err.print(f"pcq: error: {exc.format_message()}", highlight=False, soft_wrap=True,
-              markup=False)
-    if exc.ctx is not None:
-        usage = " ".join(exc.ctx.get_usage().split())
-        err.print(f"{usage}  (see {exc.ctx.command_path} -h)", highlight=False,
-                  soft_wrap=True, markup=False)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -555,7 +414,7 @@ def main(args: list[str] | None = None) -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `pcq`, `pcq dead`: the help
             print(exc.ctx.get_help(), file=sys.stderr)  # type: ignore[attr-defined]
         else:
-            _usage_error(exc)
+            usage_error(exc)
         sys.exit(ExitCode.USAGE)
     except (KeyboardInterrupt, typer.Abort):
         sys.exit(ExitCode.INTERRUPTED)

@@ -22,6 +22,8 @@ original cause is kept for debugging.
 
 from __future__ import annotations
 
+import builtins
+
 
 class PcqError(Exception):
     """Root of every error pcq raises on purpose."""
@@ -79,13 +81,61 @@ class TaskTimeout(PcqError):
 
 class TaskFailed(PcqError):
     """``pcq.map``: the task of one item failed after its retries.  Raised when
-    iteration reaches that item; ``index`` is its position in the input and
-    ``error`` the handler's last error (``"ExceptionType: message"``)."""
+    iteration reaches that item.
+
+    ``index`` is the item's position in the input; ``error`` the function's last
+    error as text (``"ValueError: bad item 7"``), ``type_name`` and ``message``
+    its two parts; ``exception`` the error itself, rebuilt, when its type is a
+    builtin one (or pcq's :class:`TaskTimeout`), else None.  It is rebuilt from
+    its type's name and message, never unpickled: a worker's output must not be
+    able to run code in the caller.  It is this exception's ``__cause__`` (the
+    traceback shows it), and a caller that wants ``except ValueError`` to see it
+    raises it again::
+
+        try:
+            for result in pcq.map(f, items):
+                ...
+        except pcq.TaskFailed as failed:
+            if failed.exception is None:
+                raise
+            raise failed.exception from failed
+    """
 
     def __init__(self, index: int, error: str) -> None:
         super().__init__(index, error)  # both in args: it pickles like any exception
         self.index = index
         self.error = error
+        self.type_name, self.message = _split_error(error)
+        self.exception = _rebuilt(self.type_name, self.message)
+        self.__cause__ = self.exception
 
     def __str__(self) -> str:
         return f"item {self.index} failed: {self.error}"
+
+
+def _split_error(error: str) -> tuple[str | None, str]:
+    """``"ValueError: bad"`` -> ("ValueError", "bad"); text with no type name
+    before its first colon -> (None, the text)."""
+    name, sep, message = error.partition(": ")
+    if not sep and error.endswith(":"):  # an exception with no message
+        name, sep, message = error[:-1], ":", ""
+    return (name, message) if sep and name.isidentifier() else (None, error)
+
+
+def _rebuilt(type_name: str | None, message: str) -> Exception | None:
+    """An exception of the builtin type (or TaskTimeout) named ``type_name`` with
+    ``message``; None for any other type, or one that cannot be built so."""
+    kind = _REBUILDABLE.get(type_name or "")
+    if kind is None:
+        return None
+    try:
+        return kind(message)
+    except Exception:  # a builtin that wants other arguments (UnicodeDecodeError)
+        return None
+
+
+_REBUILDABLE: dict[str, type[Exception]] = {
+    name: kind for name, kind in vars(builtins).items()
+    if isinstance(kind, type) and issubclass(kind, Exception)
+}
+_REBUILDABLE[TaskTimeout.__name__] = TaskTimeout

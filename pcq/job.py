@@ -126,6 +126,10 @@ class Job:
         self._lengths = mp.RawArray("q", [-1] * max(1, producers))
         self._running: dict[int, Producer] = {}  # sentinel -> producer process
         self._hold: str | None = None  # our registration on the first queue
+        # put_here put every item and waits for the acks still registered (so
+        # `pcq status` counts this producer); the close comes with the last ack.
+        self._put_all = False
+        self._close_after = False
         self._opened: list[tuple[Queue, str]] = []  # ours on the queues stages feed
         self._fed = [produces] * len(self.plans)  # input seen unfinished in this job
         self._closed = [False] * len(self.plans)  # output of stage k closed
@@ -141,7 +145,10 @@ class Job:
         """How stage ``k`` makes its consumer ``i``: the one place a job's
         consumers are built."""
         kind = plan.kind or (Stage if plan.to is not None else Consumer)
-        prefix = "pcq-consumer" if len(self.plans) == 1 else f"pcq-{k + 1}"
+        if plan.kind is not None:  # pcq.map's workers: "pcq-map-0", as its log lines say
+            prefix = f"pcq-{plan.name}"
+        else:
+            prefix = "pcq-consumer" if len(self.plans) == 1 else f"pcq-{k + 1}"
         options: dict[str, Any] = {"settings": plan.settings, "burst": self._burst}
         if plan.to is not None:
             options["to"] = plan.to
@@ -187,7 +194,7 @@ class Job:
                     self._ended(producer)
             for supervisor in self.supervisors:
                 supervisor.poll(ready)
-            if not self._running and self._hold is not None:
+            if not self._running and self._hold is not None and not self._put_all:
                 self._release(close=True)
             self._propagate()
             self._look_at_backend()
@@ -208,7 +215,7 @@ class Job:
         setup failed, which stops the job)."""
         if self.setup_failed:
             return True
-        if self._running or self._hold is not None:
+        if self._running or (self._hold is not None and not self._put_all):
             return False
         if self.supervisors:
             return all(s.done for s in self.supervisors)
@@ -222,8 +229,11 @@ class Job:
         for supervisor in self.supervisors:
             handles += supervisor.sentinels()
             timeout = supervisor.pause(timeout)
-        if not handles and not self.supervisors and self._hold is None and self._wait:
+        if not handles and not self.supervisors and self._wait and (
+                self._hold is None or self._put_all):
             self._acked = self.first.join(timeout=timeout)
+            if self._acked:
+                self._release(close=self._close_after)
             return []
         return wait(handles, timeout)
 
@@ -295,7 +305,9 @@ class Job:
                 if producer.is_alive():
                     producer.kill()
                 self._ended(producer, stopped=True)
-            self._release(close=False)
+            # Interrupted while waiting for the acks, everything was put: the
+            # run is complete, and its consumers may have their sentinels.
+            self._release(close=self._put_all and self._close_after)
             for q, registration in self._opened:
                 q.detach_producer(registration, close_if_last=False)
         self._opened = []
@@ -305,25 +317,27 @@ class Job:
     def put_here(self, items: Iterable[Any], *, close: bool, caught: list[int]) -> None:
         """This process is the producer (``pcq produce``): put ``items`` under the
         job's own registration, then let go of it — closing the queue if
-        ``close`` and this was the last producer.  A put that was interrupted or
-        failed half way leaves the queue open: it must not end the run."""
+        ``close`` and this was the last producer.  A job that waits for the acks
+        keeps the registration until the last one (``pcq status`` counts this
+        producer meanwhile) and lets go of it then.  A put that was interrupted
+        or failed half way leaves the queue open: it must not end the run."""
         self.producers = 1
         if isinstance(items, Sized):
             self._lengths[0] = len(items)
-        closing = close
+        put_all = False
         try:
             with self._reporting():
                 self.first.put_many(until_caught(items, caught))
-        except PutInterrupted:
-            closing = False
+            put_all = not caught
         except SerializationError as exc:
-            closing = False
             raise SerializationError(f"{exc.where()}; the queue was left open") from exc
-        except BaseException:
-            closing = False
-            raise
+        except PutInterrupted:
+            pass
         finally:
-            self._release(close=closing and not caught)
+            if put_all and self._wait:
+                self._put_all, self._close_after = True, close
+            else:
+                self._release(close=close and put_all)
 
     @contextlib.contextmanager
     def _reporting(self) -> Iterator[None]:
@@ -399,11 +413,12 @@ class Job:
     def _tallied(self, fields: dict[str, Any]) -> Summary:
         """The summary of consumers of a queue others produce into: what this
         host's consumers did and the queue accepted."""
-        done = failed = retried = 0
+        done = failed = retried = garbage = 0
         for supervisor in self.supervisors:
             d, f, r = supervisor.totals()
             done, failed, retried = done + d, failed + f, retried + r
-        return Summary(0, done, failed, retried, failed, producers=0,
+            garbage += supervisor.garbage()
+        return Summary(0, done, failed, retried, failed + garbage, producers=0,
                        restarts=sum(s.restarts for s in self.supervisors), **fields)
 
 

@@ -109,7 +109,8 @@ class MapIterator(Iterator[Any]):
     ``for`` loop over it is left early, and at interpreter exit) stops
     everything it started."""
 
-    def __init__(
+    # Takes pcq.map's options as map received them (it is what map returns).
+    def __init__(  # noqa: PLR0913
         self,
         func: Callable[[Any], Any],
         iterable: Iterable[Any],
@@ -284,7 +285,8 @@ def _windowed(iterable: Iterable[Any], chunksize: int, yielded: Any,
     return produce
 
 
-def map(
+# Public API: its keyword arguments are pcq.map's options.
+def map(  # noqa: PLR0913
     func: Callable[[Any], Any],
     iterable: Iterable[Any],
     *,

@@ -16,21 +16,19 @@ keeps N consumers running is :mod:`pcq.supervisor`.
 Signals, in a child: SIGTERM and SIGINT ask for a graceful stop (a consumer
 finishes the tasks it is running, hands back the rest of its lease and exits; a
 producer stops producing).  A child also gets SIGTERM when its parent dies, so
-no child outlives a killed parent.
+no child outlives a killed parent (:mod:`pcq.child`: the fork, that signal and the
+watchdog every child shares).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import multiprocessing as mp
 import os
 import random
 import signal
 import sys
 import threading
-import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sized
@@ -38,9 +36,10 @@ from types import FrameType
 from typing import Any, Protocol
 
 from pcq.backends.base import Failure, Lease, PutInterrupted, Queue
+from pcq.child import ChildProcess, die_with_parent, kill_self_after
 from pcq.envelope import Batch, Envelope, short_repr
 from pcq.errors import BackendLost, PcqError, SerializationError
-from pcq.settings import IDLE_WAIT, ExitCode, StageSettings, fork_context, is_async_handler
+from pcq.settings import IDLE_WAIT, ExitCode, StageSettings, is_async_handler
 from pcq.slots import Handling, consume
 
 log = logging.getLogger("pcq")
@@ -59,28 +58,10 @@ ORPHAN_GRACE = 5.0
 #: How long a producer asked to stop may stay in the queue's code (waiting for
 #: room in a full queue) before it ends itself.
 STOP_GRACE = 1.0
-_PR_SET_PDEATHSIG = 1
 
 
 class _Stop(BaseException):
     """Raised in a producer that was asked to stop, to leave produce() at once."""
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Make sure this child gets SIGTERM if its parent dies (no orphans)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    else:  # pragma: no cover - no prctl: watch the parent instead
-        def watch() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(0.5)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-        threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 #: Where the queue's own code lives (every backend): a stop never interrupts it.
@@ -99,27 +80,7 @@ def _producing(frame: FrameType | None, items: Any) -> bool:
     return False
 
 
-def _kill_self_after(seconds: float) -> threading.Timer:
-    """A watchdog that SIGKILLs this process in ``seconds`` unless cancelled.
-    Dying by a signal tells the parent that nothing was cleaned up."""
-    watchdog = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGKILL))
-    watchdog.daemon = True
-    watchdog.start()
-    return watchdog
-
-
-class _Process(mp.Process):
-    """``multiprocessing.Process`` that forks on Linux, whatever the default start
-    method (Python 3.14 makes it forkserver there): a queue, a handler loaded
-    from ``path/file.py:function`` and a lambda cross into a forked child as they
-    are, with nothing to pickle or re-import."""
-
-    @staticmethod
-    def _Popen(process_obj: Any) -> Any:  # the hook multiprocessing itself uses
-        return fork_context().Process._Popen(process_obj)
-
-
-class Producer(_Process):
+class Producer(ChildProcess):
     """Runs ``produce()`` once and puts every item it yields.
 
     When it returns, the producer detaches; the last producer to detach closes
@@ -155,7 +116,7 @@ class Producer(_Process):
         return self._produce()
 
     def run(self) -> None:
-        _die_with_parent(self._parent_pid)
+        die_with_parent(self._parent_pid)
         stop = _ProducerStop(self.queue)
         queue = self.queue
         queue.attach_producer(self.producer_id)
@@ -211,7 +172,7 @@ class _ProducerStop:
             raise _Stop
         self._queue.interrupt()  # a put waiting for room gives up, putting no more
         if self._watchdog is None:
-            self._watchdog = _kill_self_after(STOP_GRACE)
+            self._watchdog = kill_self_after(STOP_GRACE)
 
     def items(self, produce: Callable[[], Iterable[Any]]) -> Iterator[Any]:
         if self.stopping:
@@ -240,11 +201,11 @@ class Seat(Protocol):
     def serving(self, run: int) -> None: ...
     def succeeded(self, tasks: int) -> None: ...
     def running(self, task_id: str) -> None: ...
-    def counted(self, done: int, failed: int, retried: int) -> None: ...
+    def counted(self, done: int, failed: int, retried: int, garbage: int = 0) -> None: ...
     def setup_failed(self, line: str) -> None: ...
 
 
-class Consumer(_Process):
+class Consumer(ChildProcess):
     """Takes tasks and calls ``handle(item)`` for each, until its sentinel.
 
     What it does with each task is ``settings`` (a
@@ -297,6 +258,7 @@ class Consumer(_Process):
         self._parent_pid = os.getpid()
         self._stopping = False
         self._stale_seen = 0  # the queue's stale_leases at the last _count
+        self._garbage_seen = 0  # the queue's garbage at the last _count
 
     def supervise(self, seat: Seat, joins: int | None) -> None:
         """Called by a supervisor before :meth:`start`: where this consumer
@@ -317,7 +279,7 @@ class Consumer(_Process):
             self.settings.setup()
 
     def run(self) -> None:
-        _die_with_parent(self._parent_pid)
+        die_with_parent(self._parent_pid)
         try:
             self.setup()
         except Exception as exc:
@@ -330,13 +292,13 @@ class Consumer(_Process):
             # thread that forked us dies (getppid() is still the parent) and again
             # when the whole process is gone.
             if not orphan_watchdog and os.getppid() != self._parent_pid:
-                orphan_watchdog.append(_kill_self_after(ORPHAN_GRACE))
+                orphan_watchdog.append(kill_self_after(ORPHAN_GRACE))
             self._stopping = True
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         queue = self.queue
-        self._stale_seen = queue.stale_leases
+        self._stale_seen, self._garbage_seen = queue.stale_leases, queue.garbage
         code = 0
         try:
             served = queue.join_run(burst=self.burst, run=self.joins)
@@ -414,9 +376,11 @@ class Consumer(_Process):
             seat.succeeded(handled - len(failures))
         stale, seen = self.queue.stale_leases, self._stale_seen
         self._stale_seen = stale
+        queue = self.queue
+        garbage, self._garbage_seen = queue.garbage - self._garbage_seen, queue.garbage
         if stale == seen:
             dead = sum(1 for f in failures if f.retry_in is None)
-            seat.counted(handled - len(failures), dead, len(failures) - dead)
+            seat.counted(handled - len(failures), dead, len(failures) - dead, garbage)
 
     def _failed(self, batch: Batch, index: int, exc: BaseException) -> tuple[Failure, list[Any]]:
         """A failed attempt at ``batch``'s task ``index``, and the outputs it
@@ -428,13 +392,21 @@ class Consumer(_Process):
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return self.failure(env, f"{type(exc).__name__}: {exc}", tb)
 
+    def task_text(self, env: Envelope) -> str:
+        """How a log line names a task: its content, as `pcq dead list` shows it."""
+        return f"task {short_repr(env.body)}"
+
+    def dead_text(self, env: Envelope) -> str:
+        """What a log line adds when a task goes to dead letters."""
+        return f"; dead-lettered (id {env.id})"
+
     def failure(self, env: Envelope, error: str, tb: str = "") -> Failure:
         """A failed attempt at ``env``: retried while it has retries left, else
         dead-lettered."""
         # One line a person can act on: which task (its content, as `pcq dead list`
         # shows it), which attempt of how many, where, and why.
         retries = self.settings.retries
-        what = (f"task {short_repr(env.body)} failed in {self.name} (pid {self.pid}), "
+        what = (f"{self.task_text(env)} failed in {self.name} (pid {self.pid}), "
                 f"attempt {env.attempts + 1}/{retries + 1}: {error}")
         if env.attempts < retries:
             # The exponent is capped: a huge --retries must not overflow a float.
@@ -443,6 +415,6 @@ class Consumer(_Process):
             return Failure(env, error, tb, retry_in=delay)
         # The traceback stays with the dead letter; in the log it would bury the
         # lines of every other task, so it shows at debug level only.
-        log.error("%s; dead-lettered (id %s)", what, env.id)
+        log.error("%s%s", what, self.dead_text(env))
         log.debug("task %s (id %s) traceback:\n%s", short_repr(env.body), env.id, tb.rstrip())
         return Failure(env, error, tb)

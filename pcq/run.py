@@ -31,7 +31,8 @@ from pcq.settings import GRACE_SECONDS, StageSettings, per_stage
 from pcq.summary import Summary
 
 
-def run(
+# Public API: its keyword arguments are pcq.run's options.
+def run(  # noqa: PLR0913
     produce: Callable[[], Iterable[Any]],
     handle: Callable[[Any], Any],
     *handles: Callable[[Any], Any],

@@ -34,6 +34,7 @@ from typing import Any
 from pcq.backends.base import Failure, Lease, Queue
 from pcq.envelope import Batch, Envelope, check_encodable, pack_value
 from pcq.errors import ConfigError, SerializationError
+from pcq.map_text import chunk_error, chunk_text, chunk_traceback
 from pcq.roles import Consumer
 from pcq.settings import IDLE_WAIT, is_async_handler
 
@@ -200,12 +201,24 @@ class ResultStage(Stage):
                     first = first or exc
             packed = pack_value([start, values, errors])
         if first is not None:
-            raise ChunkFailed(f"{type(first).__name__}: {first}", packed) from first
+            raise ChunkFailed(chunk_error(start, len(items), errors), packed) from first
         return packed  # one output
 
     def _task(self) -> tuple[Callable[[Any], Any], bool]:
         handle = self.handle  # no generator unrolling: a chunk gives one packed result
         return (lambda item: [handle(item)]), True
+
+    def task_text(self, env: Envelope) -> str:
+        start, items = env.body
+        return chunk_text(start, len(items))
+
+    def dead_text(self, env: Envelope) -> str:
+        return ""  # the caller's TaskFailed says it; nothing is left to list
+
+    def _failure(self, batch: Batch, index: int, exc: BaseException) -> Failure:
+        if isinstance(exc, ChunkFailed):  # the user's error, not the wrapper's name
+            return self.failure(batch.envelope(index), str(exc), chunk_traceback(exc))
+        return super()._failure(batch, index, exc)
 
     def _failed(self, batch: Batch, index: int, exc: BaseException) -> tuple[Failure, list[Any]]:
         failure = self._failure(batch, index, exc)

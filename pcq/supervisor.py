@@ -77,20 +77,21 @@ class SetupReport:
 
 
 class WorkerTallies:
-    """What each consumer of one supervisor did (done, failed, retried), in
-    shared memory each consumer writes only its own row of."""
+    """What each consumer of one supervisor did (done, failed, retried, and
+    messages dead-lettered as not pcq tasks), in shared memory each consumer
+    writes only its own row of."""
 
     def __init__(self, workers: int) -> None:
         self._rows = max(1, workers) * 64  # room for replacements
-        self._array = mp.RawArray("q", self._rows * 3)
+        self._array = mp.RawArray("q", self._rows * 4)
 
     def row(self, index: int) -> tuple[Any, int]:
         """(shared array, offset) of consumer ``index``'s row."""
-        return self._array, (index % self._rows) * 3
+        return self._array, (index % self._rows) * 4
 
-    def totals(self) -> tuple[int, int, int]:
+    def totals(self) -> tuple[int, int, int, int]:
         a = self._array
-        return (sum(a[0::3]), sum(a[1::3]), sum(a[2::3]))
+        return (sum(a[0::4]), sum(a[1::4]), sum(a[2::4]), sum(a[3::4]))
 
 
 class Scoreboard:
@@ -158,11 +159,12 @@ class Seat:
         self._tally = tally
         self._report = report
 
-    def counted(self, done: int, failed: int, retried: int) -> None:
+    def counted(self, done: int, failed: int, retried: int, garbage: int = 0) -> None:
         array, at = self._tally
         array[at] += done
         array[at + 1] += failed
         array[at + 2] += retried
+        array[at + 3] += garbage
 
     def setup_failed(self, line: str) -> None:
         self._report.record(line)
@@ -259,8 +261,12 @@ class Supervisor:
     def totals(self) -> tuple[int, int, int]:
         """(done, failed, retried) by this supervisor's consumers, the tasks of
         those it killed past their timeout included."""
-        done, failed, retried = self.tallies.totals()
+        done, failed, retried, _ = self.tallies.totals()
         return done, failed + self.killed_tasks[0], retried + self.killed_tasks[1]
+
+    def garbage(self) -> int:
+        """Messages this supervisor's consumers dead-lettered as not pcq tasks."""
+        return self.tallies.totals()[3]
 
     def sentinels(self) -> list[int]:
         return list(self.live)

@@ -24,7 +24,8 @@ _BUILTIN = {
     "local": "pcq.backends.local:LocalQueue",
     "redis": "pcq.backends.redis:RedisQueue",
 }
-_SCHEMES = {"redis": "redis", "rediss": "redis", "unix": "redis", "local": "local"}
+_SCHEMES = {"redis": "redis", "rediss": "redis", "unix": "redis", "local": "local",
+            "redis+sentinel": "redis", "rediss+sentinel": "redis"}
 
 
 def _known() -> dict[str, str]:

@@ -5,38 +5,50 @@
 -- KEYS[3] delayed         zset of retries, member = 8 unique bytes .. message, score = due ms
 -- KEYS[4] dead            list of dead letters
 -- KEYS[5] ready           list; its right end is taken next
--- KEYS[6] acked           hash consumer id -> "token held code" of its last ack sent with a token
--- KEYS[7..10] only for a stage's outputs (no > 0): the target queue's ready,
+-- KEYS[6] acked           hash consumer id -> "token code" of its last ack
+-- KEYS[7] holding         hash consumer id -> the suspect it holds (see take.lua)
+-- KEYS[8] deaths          hash message -> consumers that died with it in flight
+-- KEYS[9] killing         hash consumer id -> 1 while its supervisor kills it
+-- KEYS[10..13] only for a stage's outputs (no > 0): the target queue's ready,
 --          counters, closed and epoch (as in put.lua)
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] n   messages in the lease      ARGV[2] nr  retries
 -- ARGV[3] nd  dead letters               ARGV[4] nb  give-backs
 -- ARGV[5] done  ARGV[6] failed           (tasks that leave pending now)
--- ARGV[7] consumer id   ARGV[8] token: '' for a plain ack; one that take.lua follows
+-- ARGV[7] consumer id   ARGV[8] token: unique to this ack, the same when it is resent
 -- ARGV[9] no  output messages for the target queue   ARGV[10] the tasks they hold
+-- ARGV[11] 'supervisor' when the supervisor acks for a consumer it kills, else ''
 -- then the n lease messages in take order, nr pairs (delay ms, member),
 -- nd dead letters, nb give-backs in RPUSH order (the first to take is last),
 -- no outputs in LPUSH order.
 --
 -- Returns {1, inflight_len} when applied, {0, inflight_len} for a stale lease; a
--- repeat of an ack with a token (nothing done) returns what the first run returned,
--- so a late ack retried after a lost reply is still known to be stale.
+-- repeat of an ack (same token: its reply was lost) does nothing and returns what
+-- the first run returned, so a resent ack counts once, and is never taken for stale.
 --
 -- Race prevented: a lease whose consumer was reaped (its in-flight list went back
 -- to ready, maybe to another consumer) is stale.  All its messages must still be
 -- in our in-flight list, as the contiguous block take left there — normally at
 -- the right end, so the check is one LRANGE; otherwise (leases acked out of
 -- order) a scan.  A stale lease changes no counter and writes nothing (but the
--- token below), so a late acknowledgement never counts a task twice.  Garbage messages were never pending:
--- the caller leaves them out of done/failed but sends their dead letters.
+-- token below), so a late acknowledgement never counts a task twice.  Garbage
+-- messages were never pending: the caller leaves them out of done/failed but
+-- sends their dead letters.
 --
--- With a token (ack_and_take: this ack and a take.lua call go out in one
--- pipeline), the ack also leaves "token held code" in `acked`, held = our in-flight
--- length after it.  If the reply is lost, the caller sends both again: the repeat
--- of this ack must be a no-op even though the take may have moved new messages
--- into our in-flight list meanwhile — byte-equal copies of the lease's messages
--- (a put repeated after a lost reply) would pass the check above.  The token
--- says it was done; take.lua takes nothing unless it finds its token here, and
--- adopts what lies beyond `held`.  reap.lua deletes the entry with the list.
+-- Every ack leaves "token code" in `acked` (one entry per consumer: a consumer's
+-- acks go out one at a time).  If the reply is lost, the caller sends the same
+-- ack again: the repeat must be a no-op even though a take may have moved new
+-- messages into our in-flight list meanwhile — byte-equal copies of the lease's
+-- messages (a put repeated after a lost reply) would pass the check above.  With
+-- ack_and_take, take.lua takes nothing unless it finds this ack's token here.
+-- reap.lua deletes the entry with the list.
+--
+-- A suspect's ack (the one message `holding` names) clears its death count and
+-- the holding entry in the same step, so nothing is left in `deaths`.
+--
+-- Kills: once a supervisor decided to kill a consumer (`killing`, see
+-- killing.lua), that consumer's own acks commit nothing: only the supervisor's
+-- ack of the task that ran past its timeout does.
 --
 -- Outputs (a stage, `--to`): they are pushed onto the target queue and counted
 -- pending there only after the lease check above, in this same script, so a
@@ -44,21 +56,23 @@
 -- ran: a consumer whose lease was reaped is stale here and commits nothing.  The
 -- target's keys must live on this server (one Redis Cluster slot: give the
 -- queues of one pipeline one hash tag, e.g. {crawl}.fetch, {crawl}.parse).
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local n, nr, nd, nb = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local me, token = ARGV[7], ARGV[8]
 local no, out_tasks = tonumber(ARGV[9]), tonumber(ARGV[10])
-local lease = 10  -- ARGV[lease + j] is the j-th message taken
+local lease = 11  -- ARGV[lease + j] is the j-th message taken
 
 local function finish(code)
-  local held = redis.call('LLEN', KEYS[1])
-  if token ~= '' then redis.call('HSET', KEYS[6], me, token .. ' ' .. held .. ' ' .. code) end
-  return {code, held}
+  redis.call('HSET', KEYS[6], me, token .. ' ' .. code)
+  return {code, redis.call('LLEN', KEYS[1])}
 end
 
-if token ~= '' then
-  local mark, first = string.match(redis.call('HGET', KEYS[6], me) or '', '^(%S+) %d+ (%d)$')
-  if mark == token then return {tonumber(first), redis.call('LLEN', KEYS[1])} end
+local mark, first = string.match(redis.call('HGET', KEYS[6], me) or '', '^(%S+) (%d)$')
+if mark == token then  -- a repeat; it writes so that a WAIT after it covers the first
+  redis.call('HSET', KEYS[6], me, token .. ' ' .. first)
+  return {tonumber(first), redis.call('LLEN', KEYS[1])}
 end
+if ARGV[11] ~= 'supervisor' and redis.call('HEXISTS', KEYS[9], me) == 1 then return finish(0) end
 
 -- list[at .. at+n-1] holds the lease (newest first, as LPUSH left it)
 local function holds(list, at)
@@ -118,14 +132,18 @@ at = at + nd
 push('RPUSH', KEYS[5], ARGV, at + 1, at + nb)
 at = at + nb
 if no > 0 then
-  if redis.call('EXISTS', KEYS[9]) == 1 then  -- as put.lua: a closed target reopens
-    redis.call('DEL', KEYS[9])
-    redis.call('INCR', KEYS[10])
+  if redis.call('EXISTS', KEYS[12]) == 1 then  -- as put.lua: a closed target reopens
+    redis.call('DEL', KEYS[12])
+    redis.call('INCR', KEYS[13])
   end
-  push('LPUSH', KEYS[7], ARGV, at + 1, at + no)
+  push('LPUSH', KEYS[10], ARGV, at + 1, at + no)
   if out_tasks > 0 then
-    redis.call('HINCRBY', KEYS[8], 'pending', out_tasks)
-    redis.call('HINCRBY', KEYS[8], 'produced', out_tasks)
+    redis.call('HINCRBY', KEYS[11], 'pending', out_tasks)
+    redis.call('HINCRBY', KEYS[11], 'produced', out_tasks)
   end
+end
+if n == 1 and redis.call('HGET', KEYS[7], me) == ARGV[lease + 1] then
+  redis.call('HDEL', KEYS[7], me)
+  redis.call('HDEL', KEYS[8], ARGV[lease + 1])
 end
 return finish(1)

@@ -83,6 +83,7 @@ from pcq.envelope import (
     new_tag,
 )
 from pcq.errors import ConfigError, SerializationError
+from pcq.garbage import say_garbage
 
 # Importing these from here keeps working (``from pcq.backends.base import Lease``).
 __all__ = ["LINGER_SECONDS", "MAX_BATCH", "TARGET_BATCH_SECONDS", "Counters", "Failure",
@@ -236,6 +237,7 @@ class Queue(SupervisorHooks, StatusHooks):
         """What acknowledging ``lease`` does, encoded for ``_ack``."""
         if to is None and outputs:
             raise ValueError("outputs need a queue to go to (to=)")
+        self.garbage += say_garbage(lease.bad)
         out = to._encode_bodies(outputs) if to is not None and outputs else []
         return encode_outcome(lease, failures, give_back, out, len(outputs))
 
@@ -284,6 +286,8 @@ class Queue(SupervisorHooks, StatusHooks):
     #: changed nothing, whoever handled them again counts them).  Backends that
     #: can tell add to it in ``_ack``.
     stale_leases: int = 0
+    #: Messages this process dead-lettered because they were not pcq tasks.
+    garbage: int = 0
 
     @abstractmethod
     def close(self) -> None:
@@ -308,6 +312,12 @@ class Queue(SupervisorHooks, StatusHooks):
 
     @abstractmethod
     def counters(self) -> Counters: ...
+
+    def run_start(self) -> dict[str, int] | None:
+        """produced, done, failed, retried and dead as they stood when the queue's
+        current run started (``pcq status`` shows the run's own numbers); None
+        when the backend does not note them or the queue has had one run."""
+        return None
 
     def state(self) -> str:
         """"open"; "closing" (closed, tasks still pending: a consumer attaching

@@ -7,6 +7,7 @@
 -- KEYS[4] consumers:beat   zset consumer id -> heartbeat expiry ms
 -- KEYS[5] producers        hash producer id -> info
 -- KEYS[6] producers:beat   zset producer id -> heartbeat expiry ms
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] epoch the caller knows; ARGV[2] the sentinel of that epoch (exact bytes)
 -- ARGV[3] producer id to detach, or ''
 -- ARGV[4] 'always' (close), 'if_last' (close if no live producer is left), 'never'
@@ -19,6 +20,7 @@
 -- another is still attached.  A producer whose heartbeat expired died without
 -- detaching: it is forgotten here, so it cannot keep the queue open for ever.  The
 -- closed flag makes close idempotent: a second close adds no sentinels.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local epoch = tonumber(redis.call('GET', KEYS[2]) or '0')

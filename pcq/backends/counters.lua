@@ -3,6 +3,7 @@
 -- KEYS[1] ready   KEYS[2] counters (hash)   KEYS[3] dead   KEYS[4] delayed
 -- KEYS[5] consumers:beat   KEYS[6] producers:beat   KEYS[7] closed
 -- KEYS[8] suspects (ready too: tasks of dead consumers, taken one at a time)
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] in-flight key prefix ("pcq:{NAME}:inflight:"; same hash slot as KEYS)
 -- ARGV[2] SENTINEL_PREFIX (first bytes of any sentinel)
 --
@@ -10,6 +11,7 @@
 --          delayed, live consumers, live producers, closed}.
 -- One script, so the numbers belong to one instant (pending never looks done
 -- while its tasks move between lists).
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local in_flight = 0

@@ -4,6 +4,7 @@
 -- KEYS[2] consumers:beat   zset consumer id -> heartbeat expiry ms
 -- KEYS[3] producers        hash producer id -> info (json)
 -- KEYS[4] producers:beat   zset producer id -> heartbeat expiry ms
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] ttl ms; ARGV[2] consumer id or ''; ARGV[3] its info; ARGV[4..] producer ids
 --
 -- Server time, so hosts with skewed clocks agree on who is dead.
@@ -11,6 +12,7 @@
 -- pause) registers again, so whatever it takes next is protected by its heartbeat.
 -- A producer is refreshed only while registered: a detach (maybe by another process
 -- that inherited the queue object) is never undone by a late heartbeat.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local t = redis.call('TIME')
 local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 if ARGV[2] ~= '' then

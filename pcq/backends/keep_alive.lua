@@ -1,6 +1,7 @@
 -- keep_alive: a supervisor vouches for its live consumer processes.
 --
 -- KEYS[1] consumers:beat   zset consumer id ("host:pid:nonce") -> heartbeat expiry ms
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] ttl ms; ARGV[2] host; ARGV[3..] pids of live consumer processes on host
 --
 -- Returns how many registrations were refreshed.
@@ -10,6 +11,7 @@
 -- process handle, so it refreshes the heartbeat instead.  Only registrations that
 -- exist are refreshed (ZADD XX): one reaped or detached meanwhile stays gone, and
 -- the consumer registers again by itself (heartbeat.lua).
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local t = redis.call('TIME')
 local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 local live = {}

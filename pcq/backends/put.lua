@@ -6,9 +6,12 @@
 -- KEYS[4] epoch      close epoch (integer, absent = 0)
 -- KEYS[5] full       "a producer waits for space": holds its maxsize (see take.lua)
 -- KEYS[6] space      wake-up tokens pushed by take.lua; the waiting producer BLPOPs them
+-- KEYS[7] puts       hash batch id -> how many messages that put pushed (this run)
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] maxsize (0 = unbounded)
 -- ARGV[2] 1 when each message is a task (always, but for test messages that hold none)
--- ARGV[3..] messages
+-- ARGV[3] the batch id: unique to this put, the same when it is resent ('' = none)
+-- ARGV[4..] messages
 --
 -- Returns how many messages were pushed: all of them, or with maxsize only as many
 -- as fit (0 = full: the caller BLPOPs `space`, then calls again with the rest).
@@ -19,11 +22,28 @@
 -- finds itself full, so a take that frees space afterwards always leaves a token:
 -- no lost wake-up, no polling.  Putting to a closed queue reopens it: a new epoch,
 -- so the sentinels already queued are stale and no consumer obeys them.
+--
+-- Resending (a reply lost in a cut or a failover, or a WAIT that no replica
+-- answered in time): a put whose id is in `puts` pushes nothing and returns what
+-- it pushed the first time, so `produced` stays exact.  It still writes (the same
+-- entry again): a WAIT after the repeat then covers the first put's writes, which
+-- came before it in the replication stream.  A put that pushed nothing is not
+-- recorded (its retry after `space` must push).  A new run (the queue reopens)
+-- forgets the ids of the last.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
+local id = ARGV[3]
+if id ~= '' then
+  local seen = redis.call('HGET', KEYS[7], id)
+  if seen then
+    redis.call('HSET', KEYS[7], id, seen)
+    return tonumber(seen)
+  end
+end
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('DEL', KEYS[3])
+  redis.call('DEL', KEYS[3], KEYS[7])
   redis.call('INCR', KEYS[4])
 end
-local n = #ARGV - 2
+local n = #ARGV - 3
 local maxsize = tonumber(ARGV[1])
 if maxsize > 0 then
   local free = maxsize - redis.call('LLEN', KEYS[1])
@@ -34,12 +54,13 @@ if maxsize > 0 then
   end
   n = math.min(n, free)
 end
-for i = 3, n + 2, 1000 do
-  redis.call('LPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, n + 2)))
+for i = 4, n + 3, 1000 do
+  redis.call('LPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, n + 3)))
 end
 local tasks = n * tonumber(ARGV[2])
 if tasks > 0 then
   redis.call('HINCRBY', KEYS[2], 'pending', tasks)
   redis.call('HINCRBY', KEYS[2], 'produced', tasks)
 end
+if id ~= '' and n > 0 then redis.call('HSET', KEYS[7], id, n) end
 return n

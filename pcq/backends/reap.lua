@@ -6,6 +6,9 @@
 -- KEYS[4] acked            hash consumer id -> its last ack token (see ack.lua)
 -- KEYS[5] suspects         list; tasks of consumers that died, each taken alone
 -- KEYS[6] deaths           hash message -> consumers that died with it in flight
+-- KEYS[7] holding          hash consumer id -> the suspect it holds (see take.lua)
+-- KEYS[8] killing          hash consumer id -> 1 while its supervisor kills it
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] 'expired' (heartbeat expired), 'prefix' (ids starting with ARGV[2],
 --         i.e. "host:pid:" of a process seen dead), 'id' (exactly ARGV[2]: detach)
 --         or 'killed' (like 'prefix', for a process its supervisor killed on purpose)
@@ -28,7 +31,10 @@
 -- take.lua hands a suspect out alone, so a task that kills its consumer takes no
 -- innocent task down with it again; at max deliveries the consumer that takes it
 -- dead-letters it.  A detach ('id') or a kill for a known reason ('killed')
--- counts no death: those tasks go back to ready.
+-- counts no death: those tasks go back to ready.  A consumer that died holding
+-- a suspect (`holding`) is blamed on that suspect alone: the fresh tasks it held
+-- beside it become suspects with no death counted against them.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mode, arg, inflight, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -50,20 +56,25 @@ local moved = 0
 for _, id in ipairs(victims) do
   local key = inflight .. id
   local len = redis.call('LLEN', key)
+  local suspect = died and redis.call('HGET', KEYS[7], id)
   for at = 0, len - 1, 1000 do  -- left to right = newest first, so the oldest ends rightmost
     local tasks = {}
     for _, m in ipairs(redis.call('LRANGE', key, at, at + 999)) do
       if string.sub(m, 1, plen) ~= prefix then tasks[#tasks + 1] = m end
     end
     if #tasks > 0 then redis.call('RPUSH', target, unpack(tasks)) end
-    if died then
-      for _, m in ipairs(tasks) do redis.call('HINCRBY', KEYS[6], m, 1) end
+    for _, m in ipairs(tasks) do
+      if died and (not suspect or m == suspect) then redis.call('HINCRBY', KEYS[6], m, 1) end
+      if m == suspect then suspect = nil; died = false end  -- blamed once
     end
     moved = moved + #tasks
   end
+  died = mode == 'expired' or mode == 'prefix'
   redis.call('DEL', key)
   redis.call('ZREM', KEYS[2], id)
   redis.call('HDEL', KEYS[1], id)
   redis.call('HDEL', KEYS[4], id)  -- gone with the list: a repeated ack finds nothing
+  redis.call('HDEL', KEYS[7], id)
+  redis.call('HDEL', KEYS[8], id)
 end
 return moved

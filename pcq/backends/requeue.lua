@@ -1,6 +1,7 @@
 -- requeue: turn dead letters read from the head of `dead` back into pending tasks.
 --
 -- KEYS[1] dead   KEYS[2] ready   KEYS[3] counters
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] k: letters the caller read from the head of dead
 -- ARGV[2] nn: fresh task messages made from them (attempts reset), in RPUSH order
 -- ARGV[3] nk: letters that hold no task (undecodable input), kept
@@ -14,6 +15,7 @@
 -- consumer end, like retries: ahead of any sentinel, so on a closed queue the
 -- consumers handle them before they stop (and a consumer started later drains
 -- them, then stops); the queue stays closed or open as it was.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local k, nn, nk = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local head = redis.call('LRANGE', KEYS[1], 0, k - 1)
 if #head ~= k then return -1 end

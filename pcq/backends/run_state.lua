@@ -6,6 +6,7 @@
 -- KEYS[4] producers:beat   zset producer id -> heartbeat expiry ms
 -- KEYS[5] consumers        hash consumer id -> info (json)
 -- KEYS[6] consumers:beat   zset consumer id -> heartbeat expiry ms
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] consumer id to register first, or ''; ARGV[2] its info; ARGV[3] ttl ms
 --
 -- Returns {epoch, closed (0/1), pending, live producers}.
@@ -15,6 +16,7 @@
 -- reads here is the run it serves.  Read apart, a whole run could start and end
 -- in between: the consumer would take it for finished, ignore its sentinel and
 -- wait for the run after it.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[1] ~= '' then  -- as heartbeat.lua registers

@@ -8,29 +8,35 @@
 -- KEYS[6] consumers:beat   zset consumer id -> heartbeat expiry ms (refreshed here too)
 -- KEYS[7] full             set by a producer blocked on maxsize; value = its maxsize
 -- KEYS[8] space            wake-up tokens for that producer (it BLPOPs them)
--- KEYS[9] acked            hash consumer id -> "token held code" left by ack.lua
+-- KEYS[9] acked            hash consumer id -> "token code" left by ack.lua
+-- KEYS[10] suspects        list; tasks of consumers that died (see reap.lua)
+-- KEYS[11] deaths          hash message -> consumers that died with it in flight
+-- KEYS[12] holding         hash consumer id -> the suspect it holds
+-- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] max messages to take
--- ARGV[2] held: length of in-flight as of the caller's last reply
+-- ARGV[2] nh: how many messages the caller holds (its open leases)
 -- ARGV[3] epoch the caller knows; ARGV[4] the sentinel of that epoch (exact bytes)
 -- ARGV[5] SENTINEL_PREFIX (first bytes of any sentinel)
 -- ARGV[6] consumer id; ARGV[7] heartbeat ttl ms
 -- ARGV[8] '', or the token of the ack sent just before in the same pipeline
--- KEYS[10] suspects        list; tasks of consumers that died (see reap.lua)
--- KEYS[11] deaths          hash message -> consumers that died with it in flight
+-- ARGV[9 .. 8+nh] the messages of the caller's open leases
 --
 -- Returns {status, epoch, wait_ms, inflight_len, message...} with status
---   0 taken (maybe nothing), 1 the epoch changed (nothing done: call again, with
---   inflight_len as `held`: the one sent, or after an ack with a token, the ack's),
+--   0 taken (maybe nothing), 1 the epoch changed (nothing done: call again),
 --   2 closed and drained (the caller exits), 3 a sentinel waits behind delayed retries,
 --   4 the ack with ARGV[8] is not in `acked` (nothing done; see ack.lua),
 --   5 a suspect, taken alone; in place of wait_ms, its count in `deaths`.
 -- wait_ms: ms until the next delayed retry is due, -1 if none.
 --
 -- Races prevented:
--- * Lost replies: anything in in-flight beyond `held` was moved there by a BLMOVE or
---   a take whose reply never reached us; it is adopted first, never stranded.  After
---   an ack with a token, `held` is what that ack left (ARGV[2] is not used): the
---   same whether this is the first run or a repeat after a lost reply.
+-- * Stranded tasks: whatever lies in our in-flight list and is not one of the
+--   messages the caller holds was put there without the caller knowing — by a
+--   BLMOVE, by a take whose reply was lost, or left behind by a lost write (an
+--   ack an AOF-everysec crash or a failover forgot) — and is handed out first.
+--   The list's contents decide, not a length the caller remembers: a reap or a
+--   purge that emptied the list, followed by a BLMOVE, leaves the same length
+--   with other contents.  Held messages no longer in the list were reaped: their
+--   ack finds them stale.
 -- * Ack, then take, in one pipeline: nothing moves unless the ack ran first (it
 --   may have failed, e.g. NOSCRIPT, or a reap may have removed its entry since).
 -- * Sentinels: a batch stops after a sentinel; a sentinel of an older epoch is
@@ -38,14 +44,17 @@
 --   while retries are delayed, so the last consumers stay for them.
 -- * Retries due now are moved to the consumer end of ready in the same step, so
 --   they are taken before any sentinel.
-local max, held = tonumber(ARGV[1]), tonumber(ARGV[2])
+-- * Poison tasks: a suspect is handed out alone, to a consumer that holds no
+--   other suspect (`holding` says which one it holds), whatever else it holds:
+--   two suspects never share a process, and none waits for a busy consumer.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
+local max, nh = tonumber(ARGV[1]), tonumber(ARGV[2])
 if ARGV[8] ~= '' then
-  local token, after = string.match(redis.call('HGET', KEYS[9], ARGV[6]) or '', '^(%S+) (%d+) %d$')
+  local token = string.match(redis.call('HGET', KEYS[9], ARGV[6]) or '', '^(%S+) ')
   if token ~= ARGV[8] then return {4, -1, -1, redis.call('LLEN', KEYS[2])} end
-  held = tonumber(after)
 end
 local epoch = tonumber(redis.call('GET', KEYS[5]) or '0')
-if epoch ~= tonumber(ARGV[3]) then return {1, epoch, -1, held} end
+if epoch ~= tonumber(ARGV[3]) then return {1, epoch, -1, 0} end
 local byte, sub = string.byte, string.sub
 local current, prefix = ARGV[4], ARGV[5]
 local plen, p1 = string.len(prefix), byte(prefix, 1)
@@ -72,30 +81,65 @@ local function sentinel_kind(m)
   return 'last'
 end
 
-local llen = redis.call('LLEN', KEYS[2])
-if llen > held then
-  local extra = redis.call('LRANGE', KEYS[2], 0, llen - held - 1)
-  if held > 0 then redis.call('LTRIM', KEYS[2], llen - held, -1) else redis.call('DEL', KEYS[2]) end
-  local back = {}
-  for i = #extra, 1, -1 do  -- oldest first
-    local m = extra[i]
-    local k = 'task'
-    if stop then k = 'back' elseif is_sentinel(m) then k = sentinel_kind(m) end
-    if k == 'task' or k == 'last' then n = n + 1; reply[n + 4] = m end
-    if k == 'last' then stop = true end
-    if k == 'wait' then status = 3; stop = true end
-    if k == 'wait' or k == 'back' then table.insert(back, 1, m) end
+-- Split our in-flight list into what the caller holds and what it does not.
+local function unheld()
+  local all = redis.call('LRANGE', KEYS[2], 0, -1)  -- newest first
+  local want = {}
+  for i = 9, 8 + nh do want[ARGV[i]] = (want[ARGV[i]] or 0) + 1 end
+  local kept, extra = {}, {}
+  for i = 1, #all do
+    local c = want[all[i]]
+    if c and c > 0 then want[all[i]] = c - 1; kept[#kept + 1] = all[i]
+    else extra[#extra + 1] = all[i] end
   end
-  if #back > 0 then redis.call('RPUSH', KEYS[1], unpack(back)) end  -- first back ends rightmost
+  return kept, extra
 end
 
+local kept, extra = unheld()
+local suspect = redis.call('HGET', KEYS[12], ARGV[6])
+local holds_suspect = false
+if suspect then
+  for _, m in ipairs(kept) do if m == suspect then holds_suspect = true end end
+end
+if #extra > 0 then
+  local lone = nil  -- our suspect among the extras: handed out alone, the rest wait
+  for _, m in ipairs(extra) do
+    if m == suspect and not holds_suspect then lone = m end
+  end
+  redis.call('DEL', KEYS[2])
+  if lone then
+    local rest, skipped = {}, false
+    for _, m in ipairs(extra) do
+      if m == lone and not skipped then skipped = true else rest[#rest + 1] = m end
+    end
+    for i = 1, #rest, 1000 do redis.call('RPUSH', KEYS[2], unpack(rest, i, math.min(i + 999, #rest))) end
+    for i = 1, #kept, 1000 do redis.call('RPUSH', KEYS[2], unpack(kept, i, math.min(i + 999, #kept))) end
+    n, reply[5], stop, status, holds_suspect = 1, lone, true, 5, true
+  else
+    for i = 1, #kept, 1000 do redis.call('RPUSH', KEYS[2], unpack(kept, i, math.min(i + 999, #kept))) end
+    local back = {}
+    for i = #extra, 1, -1 do  -- oldest first
+      local m = extra[i]
+      local k = 'task'
+      if stop then k = 'back' elseif is_sentinel(m) then k = sentinel_kind(m) end
+      if k == 'task' or k == 'last' then n = n + 1; reply[n + 4] = m end
+      if k == 'last' then stop = true end
+      if k == 'wait' then status = 3; stop = true end
+      if k == 'wait' or k == 'back' then table.insert(back, 1, m) end
+    end
+    if #back > 0 then redis.call('RPUSH', KEYS[1], unpack(back)) end  -- first back ends rightmost
+  end
+end
+if suspect and not holds_suspect then redis.call('HDEL', KEYS[12], ARGV[6]) end
+
 -- A suspect is taken alone, before anything in ready (it was taken once already),
--- and only by a consumer that holds nothing else (one with concurrent leases
--- waits for them): no task in flight beside it can die with it again.
+-- by a consumer that holds no other suspect: what else it holds are fresh tasks,
+-- which a death beside a suspect does not count against (see reap.lua).
 local suspects = redis.call('LLEN', KEYS[10])
-if n == 0 and not stop and suspects > 0 and redis.call('LLEN', KEYS[2]) == 0 then
+if n == 0 and not stop and suspects > 0 and not holds_suspect then
   local m = redis.call('RPOP', KEYS[10])
   n, reply[5], stop, status = 1, m, true, 5
+  redis.call('HSET', KEYS[12], ARGV[6], m)
 end
 
 while not stop and n < max do

@@ -287,6 +287,11 @@ def test_status_does_not_count_sentinels_as_ready(redis_url: str) -> None:
 
 def test_an_empty_dead_list_says_so_and_attempts_match_the_log(redis_url: str) -> None:
     env = redis_env(redis_url)
+    missing = pcq_cli("dead", "list", **env)  # reading never creates the queue (#19)
+    assert (missing.returncode, missing.stdout) == (2, "")
+    clean = pcq_cli("run", f"{JOBS}:produce_list", f"{JOBS}:handle_failing_odd", "--workers", "1",
+                    TJ_N="1", **env)
+    assert clean.returncode == 0, clean.stderr
     empty = pcq_cli("dead", "list", **env)
     assert (empty.returncode, empty.stdout) == (0, "")
     assert without_warnings(empty.stderr) == f"pcq: no dead letters in queue {env['PCQ_QUEUE']!r}\n"

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import fakeredis
@@ -22,9 +24,11 @@ from helpers import drain, take_lease, wait_for
 from redis_server import free_port
 
 from pcq.backends import open_queue
+from pcq.backends import redis as redis_backend
 from pcq.backends.base import Counters, Failure, Lease
 from pcq.backends.redis import RedisQueue, key
-from pcq.backends.redis_link import Link, safe_url
+from pcq.backends.redis_keys import SCRIPTS
+from pcq.backends.redis_link import Link, load_script, safe_url
 from pcq.envelope import Sentinel
 from pcq.errors import BackendLost, BackendUnavailable, ConfigError
 
@@ -77,6 +81,20 @@ def lose_replies(queue: RedisQueue, script: str, times: int = 1) -> None:
         return flaky
 
     link.script = script_for  # type: ignore[method-assign]
+    real_pipelined = link.pipelined
+
+    def pipelined(client: Any, calls: Any) -> Any:
+        link.script = real  # type: ignore[method-assign]
+        try:
+            result = real_pipelined(client, calls)
+        finally:
+            link.script = script_for  # type: ignore[method-assign]
+        if left[0] > 0 and any(name == script for name, _, _ in calls):
+            left[0] -= 1
+            raise redis.exceptions.ConnectionError("reply lost")
+        return result
+
+    link.pipelined = pipelined  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------- put, take, ack
@@ -114,7 +132,8 @@ def test_a_large_put_is_pipelined_in_chunks_and_keeps_its_order(make: Factory) -
     assert q.counters().pending == 2500
     got: list[int] = []
     while len(got) < 2500:
-        lease = take_lease(q)
+        lease = q.take(512, timeout=5)  # big leases: the order is what is checked
+        assert lease is not None
         got += bodies(lease)
         q.ack(lease)
     assert got == list(range(2500))
@@ -523,7 +542,7 @@ def test_requeued_tasks_come_before_the_sentinels_of_a_closed_queue(make: Factor
     assert q.counters().pending == 0
 
 
-def test_purge_drops_everything_and_the_epoch_moves_on(make: Factory) -> None:
+def test_purge_drops_everything_and_keeps_the_run_closed(make: Factory) -> None:
     q = make()
     q.attach_consumer()
     q.put_many(range(3))
@@ -534,7 +553,7 @@ def test_purge_drops_everything_and_the_epoch_moves_on(make: Factory) -> None:
     assert q.purge() == 3  # two ready, one in flight; the sentinel is no task
 
     c = q.counters()
-    assert (c.ready, c.in_flight, c.pending, c.produced, c.closed) == (0, 0, 0, 0, False)
+    assert (c.ready, c.in_flight, c.pending, c.produced, c.closed) == (0, 0, 0, 0, True)
     q.ack(held)  # stale now: changes nothing
     assert q.counters().done == 0
 
@@ -653,7 +672,7 @@ def test_an_ack_whose_reply_was_lost_counts_once(make: Factory) -> None:
     assert (c.done, c.pending, c.in_flight) == (3, 0, 0)
 
 
-def test_a_put_whose_reply_was_lost_may_repeat_but_pending_stays_true(make: Factory) -> None:
+def test_a_put_whose_reply_was_lost_counts_once(make: Factory) -> None:
     q = make()
     lose_replies(q, "put")
     q.counters()  # connect first: a lost reply on first contact is a plain failure
@@ -661,7 +680,7 @@ def test_a_put_whose_reply_was_lost_may_repeat_but_pending_stays_true(make: Fact
     q.put("once")
 
     c = q.counters()
-    assert c.pending == c.ready == c.produced == 2  # at-least-once: counted as put
+    assert c.pending == c.ready == c.produced == 1  # the resend found its batch id
 
 
 # ---------------------------------------------------------------- errors, URLs, processes
@@ -770,9 +789,32 @@ def test_a_queue_pickles_as_plain_config(make: Factory) -> None:
 def test_every_key_of_a_queue_shares_one_hash_tag(make: Factory) -> None:
     q = make()
     assert key("jobs", "ready") == "pcq:{jobs}:ready"
-    names = [getattr(q.keys, field) for field in q.keys.__slots__]
+    names = [*q.keys.every(), q.keys.inflight_prefix]
     assert all(name.startswith("pcq:{unit}:") for name in names)
     assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_each_scripts_keys_are_the_ones_its_lua_header_lists(script: str) -> None:
+    # The KEYS a script is called with come from SCRIPTS alone; its .lua file's
+    # header comment says what it expects: the two must name the same keys in
+    # the same order, with the queue's marker last.
+    header = []
+    for line in load_script(script).splitlines():
+        if not line.startswith("--"):
+            break
+        header.append(line)
+    text = "\n".join(header)
+    listed = [(int(n), part) for n, part in re.findall(r"KEYS\[(\d+)\]\s+(\S+)", text)]
+    assert [n for n, _ in listed] == list(range(1, len(listed) + 1)), text
+    assert tuple(part for _, part in listed) == SCRIPTS[script]
+    assert "KEYS[#KEYS] marker" in text
+    assert "redis.call('EXISTS', KEYS[#KEYS]) == 0" in load_script(script)
+
+
+def test_every_lua_file_is_in_the_scripts_table() -> None:
+    files = {p.stem for p in Path(redis_backend.__file__).parent.glob("*.lua")}
+    assert files == set(SCRIPTS)
 
 
 def test_registrations_list_the_live_consumers_and_producers(make: Factory) -> None:

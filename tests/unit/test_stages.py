@@ -8,11 +8,12 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import typer
 from fake_redis import FakeRedis
 from helpers import drain, take_bodies, wait_for
 
 from pcq.backends.redis import RedisQueue
-from pcq.cli import _per_stage
+from pcq.cli_options import stage_values as _per_stage
 from pcq.envelope import unpack_value
 from pcq.errors import ConfigError
 from pcq.pipeline import stage_queue
@@ -148,7 +149,7 @@ def test_per_stage_values() -> None:
     assert _per_stage("8,4,1", 3, "--workers", int) == [8, 4, 1]
     assert _per_stage("2", 3, "--workers", int) == [2, 2, 2]
     assert _per_stage("none,1.5", 2, "--timeout", float) == [None, 1.5]
-    with pytest.raises(ConfigError, match="one per stage"):
+    with pytest.raises(typer.BadParameter, match="one per stage"):  # a usage error
         _per_stage("1,2", 3, "--retries", int)
 
 

@@ -144,31 +144,40 @@ class InlineRunner:
                   keep: Callable[[Any], Any] | None) -> tuple[int, Exception | None]:
         """Run ``current``'s tasks ``start`` to ``end`` until a stop or a failure:
         the first task not finished, and its error (None: not started)."""
+        if self.mark is not None:
+            return self._run_watched(current, start, end, stopping, keep)
+        call, bodies = self.call, current.bodies
+        i = start
+        try:  # no timeout watch: as tight as it gets
+            if keep is None:
+                for i in range(start, end):
+                    if stopping():
+                        return i, None
+                    call(bodies[i])
+            else:
+                for i in range(start, end):
+                    if stopping():
+                        return i, None
+                    keep(call(bodies[i]))
+        except Exception as exc:  # the task's failure; a BaseException stops us
+            return i, exc
+        return end, None
+
+    def _run_watched(self, current: Batch, start: int, end: int, stopping: Callable[[], bool],
+                     keep: Callable[[Any], Any] | None) -> tuple[int, Exception | None]:
+        """:meth:`_run_from` with the timeout watch told which task runs."""
         call, mark, bodies = self.call, self.mark, current.bodies
+        assert mark is not None
         i = start
         try:
-            if mark is None:  # no timeout watch: as tight as it gets
-                if keep is None:
-                    for i in range(start, end):
-                        if stopping():
-                            return i, None
-                        call(bodies[i])
-                else:
-                    for i in range(start, end):
-                        if stopping():
-                            return i, None
-                        keep(call(bodies[i]))
-                return end, None
             for i in range(start, end):
                 if stopping():
                     return i, None
-                if mark is not None:
-                    mark(f"{current.tag}-{current.seq + i}")
+                mark(f"{current.tag}-{current.seq + i}")
                 try:
                     result = call(bodies[i])
                 finally:
-                    if mark is not None:
-                        mark("")
+                    mark("")
                 if keep is not None:
                     keep(result)
         except Exception as exc:  # the task's failure; a BaseException stops us

@@ -37,6 +37,8 @@ SENTINEL = 1
 #: The first bytes of every encoded sentinel (fixarray of 3, MAGIC, SENTINEL);
 #: server-side scripts use it to stop a batch at a sentinel without decoding.
 SENTINEL_PREFIX = bytes([0x93, MAGIC, SENTINEL])
+#: The first bytes of every message of tasks (fixarray of 7, MAGIC, TASKS).
+TASKS_HEAD = bytes([0x97, MAGIC, TASKS])
 
 
 @dataclass(frozen=True, slots=True)

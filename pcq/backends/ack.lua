@@ -9,7 +9,8 @@
 -- KEYS[7] holding         hash consumer id -> the suspect it holds (see take.lua)
 -- KEYS[8] deaths          hash message -> consumers that died with it in flight
 -- KEYS[9] killing         hash consumer id -> 1 while its supervisor kills it
--- KEYS[10..13] only for a stage's outputs (no > 0): the target queue's ready,
+-- KEYS[10] landing:<me>   list; where our idle wait put a message (see take.lua)
+-- KEYS[11..14] only for a stage's outputs (no > 0): the target queue's ready,
 --          counters, closed and epoch (as in put.lua)
 -- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] n   messages in the lease      ARGV[2] nr  retries
@@ -76,6 +77,7 @@ if mark == token then  -- a repeat; it writes so that a WAIT after it covers the
   return {tonumber(first), redis.call('LLEN', KEYS[1])}
 end
 if ARGV[11] ~= 'supervisor' and redis.call('HEXISTS', KEYS[9], me) == 1 then return finish(0) end
+absorb(KEYS[10], KEYS[1], KEYS[5], KEYS[2])  -- a lease our wait landed is in flight now
 
 -- list[at .. at+n-1] holds the lease (newest first, as LPUSH left it)
 local function holds(list, at)
@@ -143,16 +145,16 @@ push('RPUSH', KEYS[5], ARGV, at + 1, at + nb)
 add_queued(KEYS[2], tasks_in_all(ARGV, at + 1, at + nb))
 at = at + nb
 if no > 0 then
-  if redis.call('EXISTS', KEYS[12]) == 1 then  -- as put.lua: a closed target reopens
-    redis.call('DEL', KEYS[12])
-    redis.call('INCR', KEYS[13])
+  if redis.call('EXISTS', KEYS[13]) == 1 then  -- as put.lua: a closed target reopens
+    redis.call('DEL', KEYS[13])
+    redis.call('INCR', KEYS[14])
   end
-  queued(KEYS[10], KEYS[11])  -- read before the push
-  push('LPUSH', KEYS[10], ARGV, at + 1, at + no)
-  add_queued(KEYS[11], tasks_in_all(ARGV, at + 1, at + no))
+  queued(KEYS[11], KEYS[12])  -- read before the push
+  push('LPUSH', KEYS[11], ARGV, at + 1, at + no)
+  add_queued(KEYS[12], tasks_in_all(ARGV, at + 1, at + no))
   if out_tasks > 0 then
-    redis.call('HINCRBY', KEYS[11], 'pending', out_tasks)
-    redis.call('HINCRBY', KEYS[11], 'produced', out_tasks)
+    redis.call('HINCRBY', KEYS[12], 'pending', out_tasks)
+    redis.call('HINCRBY', KEYS[12], 'produced', out_tasks)
   end
 end
 if n == 1 and redis.call('HGET', KEYS[7], me) == ARGV[lease + 1] then

@@ -5,6 +5,8 @@
 -- KEYS[8] suspects (ready too: tasks of dead consumers, taken one at a time)
 -- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] in-flight key prefix ("pcq:{NAME}:inflight:"; same hash slot as KEYS)
+-- ARGV[2] landing key prefix: a consumer's landing list is in flight too, and
+--         still counted in `queued` (see take.lua)
 --
 -- Returns {ready, in_flight, pending, produced, done, failed, retried, dead,
 --          delayed, live consumers, live producers, closed}.
@@ -16,11 +18,13 @@
 if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local in_flight = 0
+local in_flight, landed = 0, 0
 for _, id in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   in_flight = in_flight + tasks_in_all(redis.call('LRANGE', ARGV[1] .. id, 0, -1))
+  landed = landed + tasks_in_all(redis.call('LRANGE', ARGV[2] .. id, 0, -1))
 end
-local ready = queued(KEYS[1], KEYS[2], true)
+local ready = queued(KEYS[1], KEYS[2], true) - landed
+in_flight = in_flight + landed
 local c = redis.call('HMGET', KEYS[2], 'pending', 'produced', 'done', 'failed', 'retried')
 return {
   ready + redis.call('LLEN', KEYS[8]), in_flight,

@@ -6,6 +6,7 @@
 -- KEYS[11] puts (ids of the puts of the run; see put.lua)
 -- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] in-flight key prefix ("pcq:{NAME}:inflight:"; same hash slot as KEYS)
+-- ARGV[2] landing key prefix ("pcq:{NAME}:landing:"; see take.lua)
 --
 -- Returns how many tasks were dropped: those pending (ready, suspects, delayed or
 -- in flight).
@@ -16,7 +17,7 @@
 if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local n = math.max(0, tonumber(redis.call('HGET', KEYS[3], 'pending') or '0'))
 for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-  redis.call('DEL', ARGV[1] .. id)
+  redis.call('DEL', ARGV[1] .. id, ARGV[2] .. id)
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6], KEYS[7])
 redis.call('DEL', KEYS[8], KEYS[9], KEYS[10], KEYS[11])

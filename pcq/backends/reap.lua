@@ -16,6 +16,7 @@
 -- ARGV[2] prefix or id ('' for 'expired')
 -- ARGV[3] in-flight key prefix ("pcq:{NAME}:inflight:"; same hash slot as KEYS)
 -- ARGV[4] SENTINEL_PREFIX
+-- ARGV[5] landing key prefix ("pcq:{NAME}:landing:"; see take.lua)
 --
 -- Returns how many tasks went back to ready.
 --
@@ -61,6 +62,7 @@ local moved = 0
 queued(KEYS[3], KEYS[9])  -- read before the first push below
 for _, id in ipairs(victims) do
   local key = inflight .. id
+  absorb(ARGV[5] .. id, key, KEYS[3], KEYS[9])  -- what its wait landed is in flight too
   local len = redis.call('LLEN', key)
   local suspect = died and redis.call('HGET', KEYS[7], id)
   for at = 0, len - 1, 1000 do  -- left to right = newest first, so the oldest ends rightmost

@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+import msgpack
 import redis
 
 from pcq.backends.base import (
@@ -60,6 +61,7 @@ from pcq.backends.redis_keys import REGISTRY, Keys, TakeStatus, check_name, key
 from pcq.backends.redis_registry import DEFAULT_URL, Receipt, Registered
 from pcq.envelope import (
     SENTINEL_PREFIX,
+    TASKS_HEAD,
     Envelope,
     Sentinel,
     decode_dead,
@@ -77,6 +79,20 @@ SPACE_WAIT = 0.25
 #: Dead letters read per requeue step.
 REQUEUE_CHUNK = 500
 
+
+
+def _runs_at_once(message: bytes, want: int) -> bool:
+    """Whether a message an idle wait landed is run as it is: a message of
+    tasks, no more than wanted.  A sentinel (whose epoch take.lua judges), a
+    larger batch (which take.lua cuts) or anything else goes through take.lua."""
+    if not message.startswith(TASKS_HEAD):
+        return False
+    try:
+        fields = msgpack.unpackb(message)
+    except Exception:  # garbage: take.lua hands it out, and the lease dead-letters it
+        return False
+    return isinstance(fields, list) and len(fields) == 7 and isinstance(fields[6], list) \
+        and 0 < len(fields[6]) <= want
 
 
 def _batch_id() -> str:
@@ -200,10 +216,17 @@ class RedisQueue(Registered):
                 return None
             pause = min(left, self.reap_interval, wait_ms / 1000 if wait_ms >= 0 else math.inf)
             pause = max(pause, 0.001)  # BLMOVE's 0 would mean "for ever"
+            landed = None
             if status == TakeStatus.SENTINEL_WAITS:
                 time.sleep(pause)  # only a sentinel is ready: wait for the retries due
             else:
-                self._link.call(self._blmove(me, pause))
+                landed = self._link.call(self._blmove(me, pause))
+            if landed is not None and _runs_at_once(landed, want):
+                # one hop from the put: the message is ours in landing:<me>, and
+                # ack.lua (or the next take) counts it into flight first
+                receipt = Receipt(me, [landed])
+                self._holding.append(receipt)
+                return [landed], receipt
             self._reap_now_and_then()
             taken = self._take_once(me, want)
 
@@ -232,14 +255,14 @@ class RedisQueue(Registered):
         return None if status == TakeStatus.ACK_MISSING else (int(status), int(wait_ms), messages)
 
     def _blmove(self, me: str, seconds: float) -> Callable[[redis.Redis], Any]:
-        """Wait until ready holds a message, moving nothing: the oldest element
-        goes back where it was, in one step, so a wait cut short strands nothing
-        and every count stays take.lua's to keep."""
-        ready = self.keys.ready
+        """Wait for one message, which lands in our landing list: ours from then
+        on, in flight as far as a reap is concerned (see take.lua), so a reply
+        lost on the way strands nothing."""
+        ready, landing = self.keys.ready, self.keys.landing(me)
 
         def op(client: redis.Redis) -> Any:
             # Redis >= 6 takes a fractional timeout; redis-py's hint says int.
-            return client.blmove(ready, ready, seconds, "RIGHT", "RIGHT")  # type: ignore[arg-type]
+            return client.blmove(ready, landing, seconds, "RIGHT", "LEFT")  # type: ignore[arg-type]
 
         return op
 
@@ -402,7 +425,9 @@ class RedisQueue(Registered):
         def lists(client: redis.Redis) -> list[tuple[str, list[bytes]]]:
             members = cast("list[bytes]", client.zrange(k.consumer_beats, 0, -1))
             ids = [m.decode() for m in members if m.startswith(prefix)]
-            return [(i, cast("list[bytes]", client.lrange(k.inflight(i), 0, -1))) for i in ids]
+            # a landed message is in flight too (ack.lua absorbs it first)
+            return [(i, cast("list[bytes]", client.lrange(k.landing(i), 0, -1))
+                     + cast("list[bytes]", client.lrange(k.inflight(i), 0, -1))) for i in ids]
 
         for consumer, messages in self._link.call(lists):
             for message in messages:
@@ -454,4 +479,4 @@ class RedisQueue(Registered):
         return requeued
 
     def purge(self) -> int:
-        return int(self._run("purge", [self.keys.inflight_prefix]))
+        return int(self._run("purge", [self.keys.inflight_prefix, self.keys.landing_prefix]))

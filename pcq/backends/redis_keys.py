@@ -11,6 +11,10 @@ stage's outputs on the next queue in the same script, share one slot.
 
 * ``ready`` — list; producers LPUSH, consumers take from the right.
 * ``inflight:<consumer>`` — list per consumer, its newest take at the left.
+* ``landing:<consumer>`` — list per consumer: where its idle wait (``BLMOVE``)
+  puts the message it wakes for; every script that reads or changes the
+  consumer's in-flight list first moves it there (``absorb`` in
+  ``lib/batches.lua``).
 * ``delayed`` — zset of retries scored by due time (server clock, ms).
 * ``dead`` — list of dead letters (:func:`pcq.envelope.encode_dead`).
 * ``counters`` — hash: ``produced``, ``pending``, ``done``, ``failed``, ``retried``.
@@ -52,10 +56,11 @@ REGISTRY = "pcq:queues"
 
 #: script -> its KEYS, by part name, as its .lua header lists them.  The
 #: in-flight list is ``inflight:<me>``: the list of the consumer the call is for.
-#: ack.lua also takes a stage's target queue's ready, counters, closed, epoch.
+#: ``landing:<me>`` is that consumer's landing list.  ack.lua also takes a stage's
+#: target queue's ready, counters, closed, epoch.
 SCRIPTS: dict[str, tuple[str, ...]] = {
     "ack": ("inflight:<me>", "counters", "delayed", "dead", "ready", "acked", "holding",
-            "deaths", "killing"),
+            "deaths", "killing", "landing:<me>"),
     "attach": ("producers", "producers:beat", "closed", "epoch", "counters", "dead"),
     "close": ("closed", "epoch", "ready", "consumers:beat", "producers", "producers:beat"),
     "counters": ("ready", "counters", "dead", "delayed", "consumers:beat", "producers:beat",
@@ -72,7 +77,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "run_state": ("epoch", "closed", "counters", "producers:beat", "consumers",
                   "consumers:beat"),
     "take": ("ready", "inflight:<me>", "delayed", "closed", "epoch", "consumers:beat", "full",
-             "space", "acked", "suspects", "deaths", "holding", "counters"),
+             "space", "acked", "suspects", "deaths", "holding", "counters", "landing:<me>"),
 }
 
 #: Every key of a queue but the in-flight lists, by part name.
@@ -148,12 +153,14 @@ class Keys:
     puts: str
     marker: str
     inflight_prefix: str
+    landing_prefix: str
 
     @classmethod
     def of(cls, name: str) -> Keys:
         fields = {part.replace("consumers:beat", "consumer_beats")
                   .replace("producers:beat", "producer_beats"): key(name, part) for part in PARTS}
-        return cls(name=name, inflight_prefix=key(name, "inflight:"), **fields)
+        return cls(name=name, inflight_prefix=key(name, "inflight:"),
+                   landing_prefix=key(name, "landing:"), **fields)
 
     def __getitem__(self, part: str) -> str:
         """The key of ``part`` (one of :data:`PARTS`)."""
@@ -162,11 +169,15 @@ class Keys:
     def inflight(self, consumer: str) -> str:
         return self.inflight_prefix + consumer
 
+    def landing(self, consumer: str) -> str:
+        return self.landing_prefix + consumer
+
     def every(self) -> list[str]:
-        """Every key but the in-flight lists."""
+        """Every key but the in-flight and landing lists."""
         return [self[part] for part in PARTS]
 
     def of_script(self, script: str, me: str = "") -> list[str]:
         """The keys of ``script`` (:data:`SCRIPTS`), for consumer ``me``; the
         caller adds the marker last."""
-        return [self.inflight(me) if p == "inflight:<me>" else self[p] for p in SCRIPTS[script]]
+        mine = {"inflight:<me>": self.inflight(me), "landing:<me>": self.landing(me)}
+        return [mine.get(p) or self[p] for p in SCRIPTS[script]]

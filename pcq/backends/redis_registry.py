@@ -185,7 +185,9 @@ class Registered(Queue):
         return self._reap("killed", f"{socket.gethostname()}:{pid}:")
 
     def _reap(self, mode: str, arg: str) -> int:
-        return int(self._run("reap", [mode, arg, self.keys.inflight_prefix, SENTINEL_PREFIX]))
+        k = self.keys
+        return int(self._run("reap", [mode, arg, k.inflight_prefix, SENTINEL_PREFIX,
+                                      k.landing_prefix]))
 
     def killing(self, pid: int, task_id: str) -> None:
         """Mark consumer ``pid``'s registrations as being killed, before the kill:
@@ -367,7 +369,8 @@ class Registered(Queue):
 
         def op(client: redis.Redis) -> None:
             consumers = cast("list[bytes]", client.hkeys(k.consumers))
-            client.delete(*names, *(k.inflight(c.decode()) for c in consumers))
+            ids = [c.decode() for c in consumers]
+            client.delete(*names, *map(k.inflight, ids), *map(k.landing, ids))
             if not self._link.in_cluster:
                 client.srem(REGISTRY, self.name)
 
@@ -400,7 +403,7 @@ class Registered(Queue):
 
     def counters(self) -> Counters:
         k = self.keys
-        v = [int(x) for x in self._run("counters", [k.inflight_prefix])]
+        v = [int(x) for x in self._run("counters", [k.inflight_prefix, k.landing_prefix])]
         return Counters(
             ready=v[0],
             in_flight=v[1],

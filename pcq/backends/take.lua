@@ -13,6 +13,7 @@
 -- KEYS[11] deaths          hash message -> consumers that died with it in flight
 -- KEYS[12] holding         hash consumer id -> the suspect it holds
 -- KEYS[13] counters        hash: queued (tasks in ready; see put.lua)
+-- KEYS[14] landing:<me>    list; an idle consumer waits in BLMOVE ready -> here
 -- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] max tasks to take (a message that holds more is cut: the rest stays ready)
 -- ARGV[2] nh: how many messages the caller holds (its open leases)
@@ -30,10 +31,17 @@
 -- wait_ms: ms until the next delayed retry is due, -1 if none.
 --
 -- Races prevented:
--- * Stranded tasks: whatever lies in our in-flight list and is not one of the
---   messages the caller holds was put there without the caller knowing — by a
---   BLMOVE, by a take whose reply was lost, or left behind by a lost write (an
---   ack an AOF-everysec crash or a failover forgot) — and is handed out first.
+-- * One hop from a put to an idle consumer's handler: the consumer waits in
+--   BLMOVE ready -> landing:<me> and runs the task message it wakes for at
+--   once, as a lease of its own.  A BLMOVE cannot count, so the landed message
+--   is still in `queued`: this script, ack.lua and reap.lua first move the
+--   landing list into the in-flight list and count it out (`absorb`), so a
+--   landed message is in flight like any other before any of them looks.
+-- * Stranded tasks: whatever lies in our in-flight list (landed messages
+--   included) and is not one of the messages the caller holds was put there
+--   without the caller knowing — by a BLMOVE or a take whose reply was lost, or
+--   left behind by a lost write (an ack an AOF-everysec crash or a failover
+--   forgot) — and is handed out first.
 --   The list's contents decide, not a length the caller remembers: a reap or a
 --   purge that emptied the list, followed by a BLMOVE, leaves the same length
 --   with other contents.  Held messages no longer in the list were reaped: their
@@ -61,6 +69,7 @@ if ARGV[8] ~= '' then
 end
 local epoch = tonumber(redis.call('GET', KEYS[5]) or '0')
 if epoch ~= tonumber(ARGV[3]) then return {1, epoch, -1, 0} end
+absorb(KEYS[14], KEYS[2], KEYS[1], KEYS[13])
 local byte, sub = string.byte, string.sub
 local current, prefix = ARGV[4], ARGV[5]
 local plen, p1 = string.len(prefix), byte(prefix, 1)
@@ -131,6 +140,11 @@ if #extra > 0 then
       local m = extra[i]
       local k = 'task'
       if stop then k = 'back' elseif is_sentinel(m) then k = sentinel_kind(m) end
+      if k == 'task' and got == 0 and tasks_in(m) > max then  -- e.g. a landed batch
+        local c = tasks_in(m)
+        local pieces = cut(m, {max, c - max})
+        if pieces then m = pieces[1]; table.insert(back, 1, pieces[2]) end
+      end
       if k == 'task' or k == 'last' then n = n + 1; reply[n + 4] = m; got = got + tasks_in(m) end
       if k == 'last' then stop = true end
       if k == 'wait' then status = 3; stop = true end

@@ -77,9 +77,13 @@ def queues(redis_url: str) -> Iterator[Any]:
 
 
 def ready_tasks(server: redis.Redis, q: RedisQueue) -> int:
-    """The tasks in ready, read from the list itself (sentinels left out)."""
+    """The tasks in ready, read from the list itself (sentinels left out), and
+    in the consumers' landing lists (a BLMOVE moves a message there without
+    counting it: the next script to look at that consumer counts it out)."""
     n = 0
-    for raw in server.lrange(q.keys.ready, 0, -1):
+    landed = [raw for key in server.scan_iter(f"{q.keys.landing_prefix}*")
+              for raw in server.lrange(key, 0, -1)]
+    for raw in [*server.lrange(q.keys.ready, 0, -1), *landed]:
         try:
             msg = decode(raw)
         except DecodeError:
@@ -235,8 +239,8 @@ def storm_step(rng: random.Random, q: RedisQueue, consumers: list[RedisQueue],
                held: dict[int, list[Lease]], fresh: Any) -> None:
     """One random move of the queue's scripts: put, take, ack (with failures,
     retries and give-backs), a death or a detach, a requeue or a purge."""
-    op = rng.choices(["put", "take", "ack", "die", "detach", "requeue", "purge"],
-                     weights=[6, 8, 8, 1, 1, 1, 0.3])[0]
+    op = rng.choices(["put", "take", "ack", "die", "detach", "requeue", "purge", "land"],
+                     weights=[6, 8, 8, 1, 1, 1, 0.3, 2])[0]
     i = rng.randrange(len(consumers))
     c = consumers[i]
     if op == "put":
@@ -245,6 +249,7 @@ def storm_step(rng: random.Random, q: RedisQueue, consumers: list[RedisQueue],
         lease = c.take(rng.choice([1, 3, 50, 1000]), timeout=0)
         if lease is not None and lease.size:
             held[i].append(lease)
+        assert not c._link.call(lambda r: r.llen(q.keys.landing(c._consumer_id)))  # absorbed
     elif op == "ack" and held[i]:
         lease = held[i].pop(rng.randrange(len(held[i])))
         envs = list(lease.envelopes())
@@ -254,12 +259,17 @@ def storm_step(rng: random.Random, q: RedisQueue, consumers: list[RedisQueue],
                     for e in envs[:min(k, 3)]]
         back = envs[len(failures):len(failures) + min(g, 5)] if rng.random() < 0.3 else []
         c.ack(lease, failures, back)
+        assert not c._link.call(lambda r: r.llen(q.keys.landing(c._consumer_id)))  # absorbed
     elif op in ("die", "detach"):
         assert c._consumer_id is not None
         q._reap("prefix" if op == "die" else "id", c._consumer_id)
         replace(consumers, held, i, fresh)
     elif op == "requeue":
         q.requeue_dead()
+    elif op == "land":  # an idle wait whose reply was lost: the consumer never knew
+        assert c._consumer_id is not None
+        c._link.call(lambda r: r.lmove(q.keys.ready, q.keys.landing(c._consumer_id), "RIGHT",
+                                       "LEFT"))
     elif op == "purge":
         q.purge()
         for j in range(len(consumers)):
@@ -298,11 +308,17 @@ def test_queued_is_what_ready_holds_through_a_random_storm(
         assert counted == ready_tasks(server, q)
         c = q.counters()
         assert c.pending == c.ready + c.in_flight + c.delayed
+        live = {m.decode() for m in server.zrange(q.keys.consumer_beats, 0, -1)}
+        landings = {k.decode().removeprefix(q.keys.landing_prefix)
+                    for k in server.scan_iter(f"{q.keys.landing_prefix}*")}
+        assert landings <= live  # a reap or purge leaves no landed message behind
 
-    # And everything left drains: every task produced ends done or failed
+    # And everything left drains: every task produced ends done or failed (a
+    # consumer that stops hands back what its lost waits landed)
     for i, leases in held.items():
         for lease in leases:
             consumers[i].ack(lease)
+        consumers[i].detach_consumer()
     last = fresh()
     while (c := q.counters()).pending:
         lease = last.take(1000, timeout=1 if c.delayed else 0)

@@ -112,6 +112,80 @@ def test_a_task_moved_into_a_purged_in_flight_list_is_handed_out(redis_url: str)
 
 
 @pytest.mark.timeout(30)
+def test_an_idle_consumer_runs_the_task_it_wakes_for_with_no_round_trip_more(
+    redis_url: str,
+) -> None:
+    # Given a consumer waiting on an empty queue, its take.lua calls counted
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    consumer, other = RedisQueue(name, url=redis_url), RedisQueue(name, url=redis_url)
+    server = redis.Redis.from_url(redis_url)
+    takes: list[int] = []
+    real = consumer._take_once
+    consumer._take_once = lambda me, want: (takes.append(want), real(me, want))[1]  # type: ignore[method-assign]
+    try:
+        consumer.attach_consumer()
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(consumer.take, 5, 5.0)
+            wait_for(lambda: blocked_in_blmove(server), timeout=5, message="a BLMOVE")
+
+            # When a task is put
+            other.put("wake")
+            lease = waiting.result(timeout=10)
+
+        # Then the wait itself delivered it: no take after the wake, the task in
+        # the consumer's landing list, still counted ready until a script looks
+        assert lease is not None and [e.body for e in lease.envelopes()] == ["wake"]
+        assert takes == [5]  # the one before the wait
+        me = consumer._consumer_id
+        assert me is not None and server.llen(other.keys.landing(me)) == 1
+        c = other.counters()
+        assert (c.ready, c.in_flight, c.pending) == (0, 1, 1)
+        # and its ack counts it once, out of the landing list
+        assert consumer.ack(lease)
+        c = other.counters()
+        assert (c.ready, c.in_flight, c.pending, c.done) == (0, 0, 0, 1)
+        assert server.llen(other.keys.landing(me)) == 0
+        assert int(server.hget(other.keys.counters, "queued") or 0) == 0
+    finally:
+        for q in (consumer, other):
+            q.forget()
+            q.dispose()
+        server.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_consumer_killed_running_a_task_it_woke_for_loses_nothing(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # Given an idle consumer host that woke for task 0 and runs it (held): the
+    # task is in its landing list, no take.lua ran since the put
+    env = pcq_env(redis_url, tmp_path)
+    server = redis.Redis.from_url(redis_url)
+    hold(tmp_path, 0)
+    a = consume(env, "--heartbeat-ttl", "1")
+    wait_for(lambda: blocked_in_blmove(server), timeout=30, message="A waits")
+    put(env, 0)
+    wait_for(lambda: started(tmp_path) == [0], timeout=30, message="A started task 0")
+    landing = f"pcq:{{{env['PCQ_QUEUE']}}}:landing:*"
+    assert sum(cast(int, server.llen(k)) for k in server.scan_iter(match=landing)) == 1
+
+    # When host A is SIGKILLed and host B starts
+    kill_session(a)
+    let_go(tmp_path, 0)
+    b = consume(env, "--heartbeat-ttl", "1")
+
+    # Then B runs task 0 (a suspect: A died with it), once, and the run ends clean
+    wait_for(lambda: handled(tmp_path) == [0], timeout=30, message="B handled task 0")
+    assert pcq(env, "close").returncode == 0
+    assert b.wait(timeout=30) == 0
+    assert started(tmp_path) == [0, 0]
+    status = json.loads(pcq(env, "status", "--json").stdout)
+    assert (status["done"], status["pending"], status["ready"]) == (1, 0, 0)
+    assert not list(server.scan_iter(match=landing))
+    server.close()
+
+
+@pytest.mark.timeout(30)
 def test_a_lease_left_in_flight_by_a_lost_ack_write_is_handed_out_again(redis_url: str) -> None:
     # Given a consumer that acknowledged task 0, holding task 1
     name = f"t-{uuid.uuid4().hex[:10]}"

@@ -167,3 +167,21 @@ local function one_each(m)
   for i = 1, h[6] do sizes[i] = 1 end
   return cut(m, sizes) or {m}
 end
+
+-- Move what an idle consumer's wait left in its landing list (BLMOVE ready ->
+-- landing:<me>, see take.lua) into its in-flight list, oldest first, and count
+-- it out of `queued`: a BLMOVE moves a message out of ready but cannot count.
+-- Every script that reads or changes that consumer's in-flight list calls
+-- this first, so a landed message is in flight like any other there.
+local function absorb(landing, inflight, ready, counters)
+  local m = redis.call('RPOP', landing)
+  if not m then return end
+  local n = 0
+  queued(ready, counters)
+  while m do
+    redis.call('LPUSH', inflight, m)
+    n = n + tasks_in(m)
+    m = redis.call('RPOP', landing)
+  end
+  add_queued(counters, -n)
+end

@@ -265,7 +265,9 @@ def test_100_runs_leave_no_child_zombie_fd_thread_or_file(
         run_once()
 
     assert set(children_of(os.getpid())) == children
-    assert open_fds() == fds
+    # No descriptor more (a leak of one a run would be 100); fewer is fine: this
+    # worker process may drop what an earlier test left open meanwhile
+    assert set(open_fds()) <= set(fds)
     assert threading.active_count() == threads
     assert sorted(tmp_path.iterdir()) == files
 

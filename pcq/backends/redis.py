@@ -76,6 +76,9 @@ __all__ = ["DEFAULT_URL", "REGISTRY", "Keys", "RedisQueue", "check_name", "key"]
 PUT_CHUNK = 1024
 #: Longest a producer held back by maxsize waits for a wake-up token (s).
 SPACE_WAIT = 0.25
+#: The same for a stage whose next queue is full: take.lua leaves one token,
+#: so a stage's other consumers waiting there ask again after this long.
+ROOM_WAIT = 0.05
 #: Dead letters read per requeue step.
 REQUEUE_CHUNK = 500
 
@@ -177,8 +180,17 @@ class RedisQueue(Registered):
             if not pushed:
                 self._link.call(self._wait_for_space)
 
-    def _wait_for_space(self, client: redis.Redis) -> Any:
-        return client.blpop([self.keys.space], timeout=SPACE_WAIT)
+    def _wait_for_space(self, client: redis.Redis, seconds: float | None = None) -> Any:
+        return client.blpop([self.keys.space], timeout=SPACE_WAIT if seconds is None else seconds)
+
+    def wait_for_room(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """A stage waits here before its ack puts outputs on this queue: while
+        maxsize tasks or more are ready, in one BLPOP for the token take.lua
+        leaves once it frees room (room.lua), not in a polling loop."""
+        if self.maxsize <= 0:
+            return
+        while not stop() and not int(self._run("room", [self.maxsize])):
+            self._link.call(lambda client: self._wait_for_space(client, ROOM_WAIT))
 
     # ------------------------------------------------------------------ consuming
 

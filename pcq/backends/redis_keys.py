@@ -74,6 +74,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "reap": ("consumers", "consumers:beat", "ready", "acked", "suspects", "deaths", "holding",
              "killing", "counters"),
     "requeue": ("dead", "ready", "counters"),
+    "room": ("ready", "counters", "full", "space"),
     "run_state": ("epoch", "closed", "counters", "producers:beat", "consumers",
                   "consumers:beat"),
     "take": ("ready", "inflight:<me>", "delayed", "closed", "epoch", "consumers:beat", "full",

@@ -8,6 +8,7 @@ holds, through a randomized storm of every move the scripts make."""
 from __future__ import annotations
 
 import random
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import suppress
@@ -17,6 +18,7 @@ from typing import Any
 import msgpack
 import pytest
 import redis
+from helpers import wait_for
 from redis_server import RedisServer
 
 from pcq.backends.base import Failure, Lease
@@ -326,3 +328,48 @@ def test_queued_is_what_ready_holds_through_a_random_storm(
             last.ack(lease)
     c = q.counters()
     assert c.ready == c.in_flight == 0 and ready_tasks(server, q) == 0
+
+
+# ------------------------------------------------------------ room for a stage
+
+
+@pytest.mark.timeout(30)
+def test_a_stage_waits_for_room_in_a_blpop_and_goes_on_once_a_take_frees_it(
+    queues: Any, server: redis.Redis
+) -> None:
+    # Given a next queue of maxsize 2 holding two tasks
+    target = queues(maxsize=2)
+    target.put_many([1, 2])
+    assert target.counters().ready == 2
+    # When a stage waits for room on it
+    waiting = threading.Thread(target=target.wait_for_room, daemon=True)
+    waiting.start()
+
+    def in_blpop() -> bool:
+        return any(c.get("cmd") == "blpop" for c in server.client_list())
+
+    wait_for(in_blpop, timeout=5, message="the stage waits in BLPOP")
+    assert waiting.is_alive() and server.get(target.keys.full) == b"2"
+
+    # Then it goes on once a consumer takes a task (take.lua leaves a token)
+    consumer = queues()
+    consumer.attach_consumer()
+    assert consumer.take(1, timeout=1) is not None
+    waiting.join(timeout=5)
+    assert not waiting.is_alive()
+    assert target.counters().ready == 1 and not server.exists(target.keys.full)
+
+
+@pytest.mark.timeout(30)
+def test_a_stage_waiting_for_room_stops_when_told(queues: Any) -> None:
+    target = queues(maxsize=1)
+    target.put_many([1])
+    stopping = threading.Event()
+    waiting = threading.Thread(target=target.wait_for_room, args=(stopping.is_set,),
+                               daemon=True)
+    waiting.start()
+    waiting.join(timeout=0.3)
+    assert waiting.is_alive()  # full: it waits
+    stopping.set()
+    waiting.join(timeout=2)
+    assert not waiting.is_alive()

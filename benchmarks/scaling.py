@@ -38,7 +38,7 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "scaling.json"
 WIDTHS = [1, 2, 4, 8, 16]
 #: noop N per system at every W (about 1-2 s each on 2 cores).
 NOOP_N = {"pcq-local-1000": 1_000_000, "pool-500": 2_000_000, "jq-unbounded": 100_000,
-          "pcq-redis": 400_000}
+          "pcq-redis": 2_000_000}  # with batches ~1 M/s: N dwarfs W processes' start and exit
 CPU_SYSTEMS = ["pcq-local-1000", "jq-unbounded"]
 HOSTS_N = 1_000_000  # the window includes three CLI start-ups (~1 s): N must dwarf them
 

@@ -114,7 +114,9 @@ class Stage(Consumer):
 
     def _settle(self, lease: Lease, failures: list[Failure], give_back: list[Envelope],
                 outputs: list[Any], take: int) -> Lease | None:
-        if outputs:  # a full next queue holds this stage back, as it would a producer
+        if outputs and not self.queue.parks_outputs:
+            # A full next queue holds this stage back, as it would a producer
+            # (a backend with parks_outputs holds the ack itself).
             self.to.wait_for_room(lambda: self._stopping)
         if take:
             return self.queue.ack_and_take(lease, failures, give_back, take, IDLE_WAIT,
@@ -126,6 +128,7 @@ class Stage(Consumer):
         # A consumer that replaces one killed between its last ack and this
         # check finds its input finished already: it closes the output too.
         close_if_finished(self.queue, self.to)
+        self.queue.unpark_when(lambda: self._stopping)
         super().consume()
         if not self._stopping:  # left at its sentinel, after its last ack
             close_if_finished(self.queue, self.to)

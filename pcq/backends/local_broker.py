@@ -44,7 +44,7 @@ from typing import Any
 
 from pcq.backends import local_wire as wire
 from pcq.backends.local_conn import Conn, Taker
-from pcq.backends.local_ledger import Ledger, Seizures
+from pcq.backends.local_ledger import Ledger, Seizures, Waiting
 from pcq.backends.local_wire import Op
 
 log = logging.getLogger("pcq")
@@ -219,7 +219,7 @@ class Broker:
         self._conns.discard(conn)
         touched: set[Ledger] = set()
         for lease_id, (ledger, items) in conn.leases.items():
-            moved = ledger.returned(items, died and lease_id != conn.ahead)  # never started
+            moved = ledger.returned(items, died and conn.running(lease_id))
             if died and moved:
                 ledger.unreported[conn.pid] = ledger.unreported.get(conn.pid, 0) + moved
             touched.add(ledger)
@@ -251,7 +251,7 @@ class Broker:
     def _table(self) -> dict[Op, Handler]:
         return {
             Op.HELLO: self._hello, Op.PUT: self._put, Op.TAKE: self._take, Op.ACK: self._ack,
-            Op.ACK_TAKE: self._ack_take, Op.COST: self._cost,
+            Op.ACK_TAKE: self._ack, Op.UNPARK: self._unpark, Op.COST: self._cost,
             Op.COUNTERS: lambda c, lg, r: lg.counters(),
             Op.COST_NOW: lambda c, lg, r: lg.cost_ns,
             Op.ATTACH_CONSUMER: lambda c, lg, r: lg.attach_consumer(c, r.born, r.closes),
@@ -327,7 +327,7 @@ class Broker:
         if ledger.room() and not ledger.putters:
             self._admit(conn, ledger, req.messages, req.tasks)
         else:
-            ledger.putters.append((conn, req.messages, req.tasks))
+            ledger.putters.append(Waiting(conn, req, None))
         self._serve(ledger)
         return NO_REPLY
 
@@ -382,24 +382,76 @@ class Broker:
             return True
         return False
 
-    def _ack(self, conn: Conn, ledger: Ledger, req: wire.Ack) -> Any:
+    # A stage's ack with outputs is a put on their queue too, and is held back
+    # as a put is: while that queue is full it waits in its ``putters``, in
+    # arrival order with the puts, and is applied whole once there is room
+    # (``_serve``), so the outputs and the ack stay one step.  Its lease stays
+    # in flight meanwhile: a death returns it (fresh: its tasks had finished,
+    # ``Conn.parked``) and its outputs were never put.  A consumer that is
+    # stopping sends UNPARK: its ack goes through over the bound, so a stop
+    # never waits for the next stage.
+
+    def _ack(self, conn: Conn, ledger: Ledger, req: wire.Ack | wire.AckTake) -> Any:
+        target = self._target(req)
+        if target is not None and self._parks(conn, ledger, target, req):
+            return NO_REPLY
+        return self._acked(conn, ledger, target, req)
+
+    def _acked(self, conn: Conn, ledger: Ledger, target: Ledger | None,
+               req: wire.Ack | wire.AckTake) -> Any:
+        """Apply an ack (and the take of an ACK_TAKE); its reply."""
         applied = req.lease_id in conn.leases  # else stale: it commits nothing
-        self._settle_lease(conn, ledger, req)
+        self._settle_lease(conn, ledger, target, req)
+        if isinstance(req, wire.AckTake):
+            return self._take(conn, ledger, req)
         return applied
 
-    def _ack_take(self, conn: Conn, ledger: Ledger, req: wire.AckTake) -> Any:
-        self._settle_lease(conn, ledger, req)
-        return self._take(conn, ledger, req)
+    def _target(self, req: wire.Ack | wire.AckTake) -> Ledger | None:
+        if req.to is None:
+            return None
+        target = self.ledgers.get(req.to)
+        if target is None or len(req.counts) != len(req.outputs):
+            raise wire.BadRequest(f"outputs for no queue named {req.to!r}")
+        return target
 
-    def _settle_lease(self, conn: Conn, ledger: Ledger, req: wire.Ack | wire.AckTake) -> None:
-        """Settle a lease; with outputs (a stage's), put them on their queue in
+    def _parks(self, conn: Conn, ledger: Ledger, target: Ledger,
+               req: wire.Ack | wire.AckTake) -> bool:
+        """Hold an ack whose outputs find ``target`` full, as a put would be."""
+        if (target.room() and not target.putters) or not req.outputs \
+                or req.lease_id not in conn.leases:
+            return False
+        if conn.parked:  # one request at a time on a connection
+            raise wire.BadRequest("an ack sent while another waits for room")
+        target.putters.append(Waiting(conn, req, ledger))
+        conn.park(req.lease_id)
+        return True
+
+    def _let_through(self, conn: Conn, waiting: Waiting, target: Ledger) -> None:
+        """Apply a parked ack now, and answer it."""
+        owner = waiting.owner
+        assert owner is not None
+        conn.parked = 0  # also if its lease was seized meanwhile (then it is stale)
+        reply = self._acked(conn, owner, target, waiting.request)
+        if reply is not NO_REPLY:
+            self._reply(conn, reply)
+        self._serve(owner)
+
+    def _unpark(self, conn: Conn, ledger: Ledger, req: wire.Nothing) -> Any:
+        """``conn``'s consumer is stopping: its parked ack goes through now."""
+        for target in self.ledgers.values():
+            for waiting in target.putters:
+                if waiting.conn is conn and waiting.owner is not None:
+                    target.putters.remove(waiting)
+                    self._let_through(conn, waiting, target)
+                    self._serve(target)
+                    return NO_REPLY
+        return NO_REPLY  # answered already: room came first
+
+    def _settle_lease(self, conn: Conn, ledger: Ledger, target: Ledger | None,
+                      req: wire.Ack | wire.AckTake) -> None:
+        """Settle a lease; with outputs (a stage's), put them on ``target`` in
         the same step.  A stale lease (handed back or settled already) counts
         nothing and puts nothing."""
-        target = None
-        if req.to is not None:
-            target = self.ledgers.get(req.to)
-            if target is None or len(req.counts) != len(req.outputs):
-                raise wire.BadRequest(f"outputs for no queue named {req.to!r}")
         if req.cost:
             ledger.note_cost(req.cost)
         entry = conn.leases.pop(req.lease_id, None)
@@ -419,8 +471,12 @@ class Broker:
         while True:
             moved = False
             while ledger.putters and ledger.room():
-                conn, messages, tasks = ledger.putters.popleft()
-                self._admit(conn, ledger, messages, tasks)
+                waiting = ledger.putters.popleft()
+                if waiting.owner is None:
+                    self._admit(waiting.conn, ledger, waiting.request.messages,
+                                waiting.request.tasks)
+                else:
+                    self._let_through(waiting.conn, waiting, ledger)
                 moved = True
             if ledger.takers and (ledger.has_ready() or ledger.closed):
                 moved = self._serve_takers(ledger) or moved

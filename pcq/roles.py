@@ -346,16 +346,17 @@ class Consumer(ChildProcess):
     def handling(self) -> Handling:
         """What the consume loop calls back for; a stage (:mod:`pcq.stages`)
         overrides :meth:`_task` and :meth:`_settle` to handle its outputs."""
-        call, outputs = self._task()
+        call, expand = self._task()
         seat = self._seat
         return Handling(
             call=call, is_async=self._is_async(), failed=self._failed, settle=self._settle,
-            count=self._count, stopping=lambda: self._stopping, outputs=outputs,
+            count=self._count, stopping=lambda: self._stopping, expand=expand,
             mark=seat.running if seat is not None else None)
 
-    def _task(self) -> tuple[Callable[[Any], Any], bool]:
-        """What runs one task's body, and whether it returns outputs to keep."""
-        return self._handler(), False
+    def _task(self) -> tuple[Callable[[Any], Any], Callable[[Any], list[Any]] | None]:
+        """What runs one task's body, and what turns its result into the
+        outputs to keep (a stage's; None: nothing is kept)."""
+        return self._handler(), None
 
     def _settle(self, lease: Lease, failures: list[Failure], give_back: list[Envelope],
                 outputs: list[Any], take: int) -> Lease | None:

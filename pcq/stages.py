@@ -174,15 +174,16 @@ class ResultStage(Stage):
         start, items = item
         func = self._handle or super().handle
         values: list[Any] = []
-        keep = values.append
         errors: dict[int, str] = {}
         first: Exception | None = None
-        for k, body in enumerate(items):
+        results = map(func, items)  # the items' loop in C, as in a Pool worker
+        while True:
             try:
-                keep(func(body))
-            except Exception as exc:
-                keep(None)
-                errors[k] = f"{type(exc).__name__}: {exc}"
+                values.extend(results)  # keeps what came before an item that raised
+                break
+            except Exception as exc:  # item len(values) failed; the rest go on
+                errors[len(values)] = f"{type(exc).__name__}: {exc}"
+                values.append(None)
                 first = first or exc
         try:
             packed = pack_value([start, values, errors or None])

@@ -20,9 +20,12 @@ with SIGINT/SIGTERM caught).  Each decision of a job's life is made here, once:
   detaches it by its own id at once (``Producer.producer_id``), on every
   backend, instead of leaving a registration that holds the queue open.
 * **The close.**  A producing job holds a producer registration of its own on
-  the first queue from its start until every producer has ended, however their
-  starts and ends interleave; it then lets go of it "close if last", so the
-  queue closes as the last producer leaves.  On the queues its stages feed it
+  the first queue from its start until every producer has attached (each says
+  so in shared memory) or ended, however their starts and ends interleave; it
+  then lets go of it "close if last", so the queue closes as the last producer
+  leaves — by that producer's own detach, the moment it is done, with no wait
+  for the job to see its process end.  A producer that ended without closing
+  (killed, or failed) is detached by the job, "close if last" too.  On the queues its stages feed it
   holds one too: it reopens what an earlier run closed, so their consumers
   serve this run; those close by propagation, and the job lets go of them at
   its stop without closing.
@@ -124,6 +127,7 @@ class Job:
                             for k, p in enumerate(self.plans)]
         # Each producer notes len() of what it returned, when it has one: the total.
         self._lengths = mp.RawArray("q", [-1] * max(1, producers))
+        self._attached = mp.RawArray("b", max(1, producers))  # 1: producer i registered
         self._running: dict[int, Producer] = {}  # sentinel -> producer process
         self._hold: str | None = None  # our registration on the first queue
         # put_here put every item and waits for the acks still registered (so
@@ -177,7 +181,7 @@ class Job:
             supervisor.start()
         for i in range(self.producers):
             producer = Producer(self.first, self._produce, name=f"pcq-producer-{i}",
-                                length=(self._lengths, i))
+                                length=(self._lengths, i), attached=(self._attached, i))
             producer.start()
             assert producer.sentinel is not None
             self._running[producer.sentinel] = producer
@@ -194,8 +198,9 @@ class Job:
                     self._ended(producer)
             for supervisor in self.supervisors:
                 supervisor.poll(ready)
-            if not self._running and self._hold is not None and not self._put_all:
-                self._release(close=True)
+            if self._hold is not None and not self._put_all and (
+                    not self._running or self._all_attached()):
+                self._release(close=True)  # the producers' registrations hold it now
             self._propagate()
             self._look_at_backend()
             if time.monotonic() >= self._next_report:
@@ -208,6 +213,10 @@ class Job:
             self._lost = True
             raise
         return False
+
+    def _all_attached(self) -> bool:
+        """Every producer process this job started has registered on the queue."""
+        return bool(self._running) and all(self._attached[:self.producers])
 
     @property
     def over(self) -> bool:
@@ -245,11 +254,14 @@ class Job:
         producer.close()
         if code and not stopped:
             self.producer_errors += 1
-        if code is not None and code < 0:
-            # Killed by a signal (SIGKILL, the OOM killer): it could not detach.
-            # By its own id, at once: without this, its registration would hold
-            # the queue open until its heartbeat expired, or forever.
-            self.first.detach_producer(producer.producer_id, close_if_last=False)
+        if code:
+            # Killed by a signal (SIGKILL, the OOM killer), it could not detach:
+            # by its own id, at once, or its registration would hold the queue
+            # open until its heartbeat expired, or forever.  Failed, it detached
+            # without closing.  Either way, unless the job still holds the
+            # queue (or stops), it closes it if that producer was the last.
+            self.first.detach_producer(producer.producer_id,
+                                       close_if_last=self._hold is None and not stopped)
 
     def _release(self, close: bool) -> None:
         """Let go of our registration on the first queue: the queue closes now

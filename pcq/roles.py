@@ -96,6 +96,7 @@ class Producer(ChildProcess):
         close_when_done: bool = True,
         name: str | None = None,
         length: tuple[Any, int] | None = None,
+        attached: tuple[Any, int] | None = None,
     ) -> None:
         super().__init__(name=name)
         self.queue = queue
@@ -108,6 +109,9 @@ class Producer(ChildProcess):
         # (shared int64 array, index): where to note len() of what produce()
         # returned, when it has one, so that a progress display knows the total.
         self._length = length
+        # (shared int8 array, index): set once registered, so that the job can
+        # let go of its own hold on the queue (see pcq.job).
+        self._attached = attached
 
     def produce(self) -> Iterable[Any]:
         """The items to put.  Override, or pass ``produce=`` to the constructor."""
@@ -120,6 +124,9 @@ class Producer(ChildProcess):
         stop = _ProducerStop(self.queue)
         queue = self.queue
         queue.attach_producer(self.producer_id)
+        if self._attached is not None:
+            array, at = self._attached
+            array[at] = 1
         code = 0
         try:
             queue.put_many(stop.items(self._produced))

@@ -31,8 +31,9 @@ Design points others build on:
     (each take returns a lease id; an ack names it).
 (c) The wire (operations, request shapes) lives in ``local_wire``, this
     process's connections and read-ahead in ``local_client``, the
-    broker's loop and dispatch in ``local_broker``, its connections in
-    ``local_conn``, the per-queue books in ``local_ledger``.
+    broker's dispatch in ``local_broker``, its sockets and loop in
+    ``local_loop``, its connections in ``local_conn``, the per-queue books
+    in ``local_ledger``.
 
 Backpressure counts tasks: a put is admitted while fewer than ``maxsize`` tasks
 are ready, so ready may exceed ``maxsize`` by at most one batch.  A batch holds

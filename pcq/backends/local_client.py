@@ -114,7 +114,9 @@ class Channel:
         stage)."""
         stopping = self._stopping
         if parks and stopping is not None:
-            while not select.select([sock], [], [], PARKED_POLL)[0]:
+            ready = select.poll()  # not select(): a handler's process may hold 1024 fds
+            ready.register(sock, select.POLLIN)
+            while not ready.poll(PARKED_POLL * 1000):
                 if stopping():
                     wire.send(sock, wire.request(Op.UNPARK, self.name))
                     break

@@ -29,8 +29,10 @@ def _produce_until(gate: Path) -> Iterator[int]:
 def _job(queue: LocalQueue, gate: Path) -> Job:
     job = Job([], first=queue, produce=lambda: _produce_until(gate), producers=1, wait=False)
     job.start()
-    # The job's hold and the producer's own registration
-    wait_for(lambda: queue.counters().producers == 2, message="the producer registered")
+    # The job's hold, the producer's own registration, and its first item (put
+    # after it said it registered)
+    wait_for(lambda: (c := queue.counters()).producers == 2 and c.produced == 1,
+             message="the producer registered and putting")
     job.tick(0)  # the job sees every producer registered
     return job
 

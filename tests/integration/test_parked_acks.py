@@ -7,13 +7,19 @@ one whose ack waited."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import finish, wait_for
+from helpers_cli import ROOT
 
 from pcq.backends.local import LocalQueue
 from pcq.envelope import Batch
@@ -180,3 +186,28 @@ def test_a_stage_that_stops_while_its_ack_waits_is_let_through_over_the_bound():
     finally:
         out.dispose()
         inq.dispose()
+
+
+@pytest.mark.timeout(90)
+def test_a_pipeline_stopped_while_its_first_stage_waits_for_room_stops_at_once(
+    tmp_path: Path,
+) -> None:
+    # Given a pipeline whose second queue holds 2 tasks and whose second stage
+    # is slow: once that stage runs, the first stage's acks wait for room
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "tests/apps/parking.py", str(tmp_path)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for(lambda: (tmp_path / "slow-started").exists(), timeout=30,
+             message="the slow stage's first task")
+    # When the job is interrupted (its grace is 30 s)
+    asked = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    done = finish(proc, timeout=60)
+    # Then it stops at once, not at the end of its grace: the waiting acks went
+    # through, and every task the first stage acknowledged put its one output
+    assert time.monotonic() - asked < 10, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["exit_code"] == 130, done.stderr
+    (made, forwarded), (received, _) = summary["stages"]
+    assert 0 < forwarded == received <= made, summary

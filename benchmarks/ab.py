@@ -79,6 +79,7 @@ PIPELINE_TARGETS = [("two-stage-local", "single-local"), ("map-local", "pool-ima
 
 def pipeline_rows(baseline: Path, repeat: int) -> int:
     rates: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     trees = [("this", ROOT), ("baseline", baseline)]
     for rep in range(repeat):
         order = PIPELINE_ROWS[rep % 4:] + PIPELINE_ROWS[: rep % 4]
@@ -90,16 +91,19 @@ def pipeline_rows(baseline: Path, repeat: int) -> int:
                 if not r.get("ok"):
                     raise SystemExit(f"{row} ({label}) failed: {r}")
                 rates.setdefault((row, label), []).append(r["rate"])
+                cpu.setdefault((row, label), []).append(r.get("cpu_us_per_item", 0.0))
                 print(f"  [{rep + 1}/{repeat}] {row:20} {label:8} {r['rate']:,.0f}/s",
                       file=sys.stderr)
     print(f"{repeat} repetitions; rate = N / wall time of the call; medians\n")
     print("| row | this (median) | baseline (median) | this / baseline per repetition "
-          "| median |\n|---|---|---|---|---|")
+          "| median | CPU us/item this / baseline |\n|---|---|---|---|---|---|")
     for row in PIPELINE_ROWS:
         mine, base = rates[(row, "this")], rates[(row, "baseline")]
         ratios = [a / b for a, b in zip(mine, base, strict=True)]
         print(f"| {row} | {statistics.median(mine):,.0f} | {statistics.median(base):,.0f} | "
-              f"{' '.join(f'{x:.2f}' for x in ratios)} | {statistics.median(ratios):.2f} |")
+              f"{' '.join(f'{x:.2f}' for x in ratios)} | {statistics.median(ratios):.2f} | "
+              f"{statistics.median(cpu[(row, 'this')]):.3f} / "
+              f"{statistics.median(cpu[(row, 'baseline')]):.3f} |")
     print("\n| target ratio | tree | per repetition | median | ratio of medians |\n"
           "|---|---|---|---|---|")
     for row, base_row in PIPELINE_TARGETS:

@@ -107,11 +107,9 @@ class Queue(SupervisorHooks, StatusHooks):
     #: them in any order (a consumer with ``--concurrency`` takes a new lease
     #: whenever slots are free); False: one lease at a time.
     multiple_leases: ClassVar[bool] = False
-    #: True when the backend itself holds back a stage's ack whose outputs find
-    #: their queue full, as it holds a put, until there is room (the lease stays
-    #: in flight meanwhile), and lets it through once the stage stops
-    #: (:meth:`unpark_when`); False: a stage waits for room before it sends
-    #: (:meth:`wait_for_room`).
+    #: True when the backend holds a stage's ack whose outputs find their queue
+    #: full until there is room, as it holds a put (the lease in flight); False:
+    #: the stage waits for room before it sends (:meth:`wait_for_room`).
     parks_outputs: ClassVar[bool] = False
 
     #: False after ``ack`` (or ``ack_and_take``) of a stale lease: nothing was
@@ -370,9 +368,8 @@ class Queue(SupervisorHooks, StatusHooks):
             pause = min(pause * 2, 0.05)
 
     def unpark_when(self, stopping: Callable[[], bool]) -> None:  # optional hook: no-op
-        """A stage's consumer says, in its process, how to tell it is stopping:
-        with ``parks_outputs``, an ack of its held back for room goes through
-        once ``stopping()`` (over the bound, as a stage's wait for room ends)."""
+        """In a stage's consumer: with ``parks_outputs``, an ack of its held back
+        for room goes through once ``stopping()``, over the bound."""
 
     def _ready_now(self) -> int:
         """Tasks ready now (a backend may answer more cheaply than counters())."""

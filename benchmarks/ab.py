@@ -5,7 +5,11 @@ load.  Prints per-repetition ratios (this / baseline) and their median.
 
     git archive integ | tar -x -C /tmp/pcq-base
     python -m benchmarks.ab --baseline-tree /tmp/pcq-base --repeat 5
+    python -m benchmarks.ab --baseline-tree /tmp/pcq-base --system pcq-redis
     python -m benchmarks.ab --baseline-tree /tmp/pcq-base --repeat 5 --pipelines
+
+A redis system gets a redis-server of its own for the run, emptied after
+every trial.
 
 ``--pipelines``: the rows of ``benchmarks.pipelines`` instead (single-local,
 two-stage-local, map-local, pool-imap-unordered), each from both trees back to
@@ -20,10 +24,13 @@ import argparse
 import json
 import statistics
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from benchmarks import pipelines, tasks, workloads
 from benchmarks.io_bound import ROOT, in_fresh_interpreter
+from benchmarks.redis_server import RedisServer
+from benchmarks.systems import SYSTEMS
 
 #: workload -> the figures compared, and whether more is better.
 FIGURES = {"noop": [("rate", True)], "cpu": [("efficiency", True), ("busy", True)],
@@ -40,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.pipelines:
         return pipeline_rows(args.baseline_tree, args.repeat)
+    with ExitStack() as stack:
+        server = stack.enter_context(RedisServer()) if SYSTEMS[args.system].needs_redis else None
+        values = _trials(args, server)
+    _report(args, values)
+    return 0
+
+
+def _trials(args: argparse.Namespace, server: RedisServer | None
+            ) -> dict[tuple[str, str, str], list[float]]:
     spin_k = tasks.calibrate_spin(workloads.CPU_TASK_SECONDS)
     chosen = args.only.split(",")
     values: dict[tuple[str, str, str], list[float]] = {}
@@ -49,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             trees = [("this", ROOT), ("baseline", args.baseline_tree)]
             for label, tree in trees if rep % 2 == 0 else trees[::-1]:
                 spec = {"rep": rep, "workload": workload, "system": args.system, "n": n,
-                        "workers": workloads.WORKERS, "spin_k": spin_k, "url": None}
+                        "workers": workloads.WORKERS, "spin_k": spin_k,
+                        "url": server.url if server else None}
                 r = in_fresh_interpreter(["benchmarks.trial", json.dumps(spec)], tree, 300)
+                if server is not None:
+                    server.command("FLUSHALL")
                 if not r.get("ok", True):
                     raise SystemExit(f"{workload} ({label}) failed: {r}")
                 shown = []
@@ -59,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
                     shown.append(f"{key} {r[key]:,.3f}")
                 print(f"  [{rep + 1}/{args.repeat}] {workload:7} {label:8} {', '.join(shown)}",
                       file=sys.stderr)
+    return values
+
+
+def _report(args: argparse.Namespace, values: dict[tuple[str, str, str], list[float]]) -> None:
+    chosen = args.only.split(",")
     print(f"{args.system}, {args.repeat} repetitions; ratio = this / baseline per repetition\n")
     print("| workload | figure | this (median) | baseline (median) | ratios | median ratio |")
     print("|---|---|---|---|---|---|")
@@ -69,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {workload} | {key} | {statistics.median(mine):,.3f} | "
                   f"{statistics.median(base):,.3f} | {' '.join(f'{x:.2f}' for x in ratios)} | "
                   f"{statistics.median(ratios):.3f} |")
-    return 0
 
 
 PIPELINE_ROWS = ["single-local", "two-stage-local", "map-local", "pool-imap-unordered"]

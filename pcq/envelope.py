@@ -223,8 +223,9 @@ def decode_many(raws: Iterable[bytes]) -> Decoded:
     messages that continue one another — same tag, attempts and enqueue time,
     the next sequence number — into one :class:`Batch`.
 
-    The Redis backend stores one task a message, so a take of many tasks is many
-    messages from a few producer runs; merged, they cost one Batch, not one each,
+    A take may return many messages from a few producer runs (single-task
+    retries, suspects, a dead consumer's batch cut into one message a task); merged,
+    they cost one Batch, not one each,
     and every envelope is what the message alone would give.  A message exactly as
     the encoders write it is checked by exact types and merged inline; anything
     else takes :func:`decode`'s path, checks, error messages and all.

@@ -1,7 +1,7 @@
 -- ack: finish one lease — check it is still ours, remove it, apply its outcome.
 --
 -- KEYS[1] inflight:<me>   list; LPUSH in take order (see take.lua)
--- KEYS[2] counters        hash: pending, done, failed, retried
+-- KEYS[2] counters        hash: pending, done, failed, retried, queued (see put.lua)
 -- KEYS[3] delayed         zset of retries, member = 8 unique bytes .. message, score = due ms
 -- KEYS[4] dead            list of dead letters
 -- KEYS[5] ready           list; its right end is taken next
@@ -18,6 +18,8 @@
 -- ARGV[7] consumer id   ARGV[8] token: unique to this ack, the same when it is resent
 -- ARGV[9] no  output messages for the target queue   ARGV[10] the tasks they hold
 -- ARGV[11] 'supervisor' when the supervisor acks for a consumer it kills, else ''
+-- ARGV[12] what a task costs this consumer (ns; 0 = no news): kept in counters
+--          as `cost_ns`, a moving average, which put.lua hands producers
 -- then the n lease messages in take order, nr pairs (delay ms, member),
 -- nd dead letters, nb give-backs in RPUSH order (the first to take is last),
 -- no outputs in LPUSH order.
@@ -56,11 +58,12 @@
 -- ran: a consumer whose lease was reaped is stale here and commits nothing.  The
 -- target's keys must live on this server (one Redis Cluster slot: give the
 -- queues of one pipeline one hash tag, e.g. {crawl}.fetch, {crawl}.parse).
+-- needs: batches
 if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local n, nr, nd, nb = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local me, token = ARGV[7], ARGV[8]
 local no, out_tasks = tonumber(ARGV[9]), tonumber(ARGV[10])
-local lease = 11  -- ARGV[lease + j] is the j-th message taken
+local lease = 12  -- ARGV[lease + j] is the j-th message taken
 
 local function finish(code)
   redis.call('HSET', KEYS[6], me, token .. ' ' .. code)
@@ -109,6 +112,12 @@ if n > 0 then
   end
 end
 
+local cost = tonumber(ARGV[12])
+if cost > 0 then
+  local old = tonumber(redis.call('HGET', KEYS[2], 'cost_ns') or '0')
+  if old > 0 then cost = math.floor((old * 3 + cost) / 4) end
+  redis.call('HSET', KEYS[2], 'cost_ns', cost)
+end
 local done, failed = tonumber(ARGV[5]), tonumber(ARGV[6])
 if done + failed ~= 0 then redis.call('HINCRBY', KEYS[2], 'pending', -(done + failed)) end
 if done ~= 0 then redis.call('HINCRBY', KEYS[2], 'done', done) end
@@ -129,14 +138,18 @@ if nr > 0 then
 end
 push('RPUSH', KEYS[4], ARGV, at + 1, at + nd)
 at = at + nd
+if nb > 0 then queued(KEYS[5], KEYS[2]) end  -- read before the push
 push('RPUSH', KEYS[5], ARGV, at + 1, at + nb)
+add_queued(KEYS[2], tasks_in_all(ARGV, at + 1, at + nb))
 at = at + nb
 if no > 0 then
   if redis.call('EXISTS', KEYS[12]) == 1 then  -- as put.lua: a closed target reopens
     redis.call('DEL', KEYS[12])
     redis.call('INCR', KEYS[13])
   end
+  queued(KEYS[10], KEYS[11])  -- read before the push
   push('LPUSH', KEYS[10], ARGV, at + 1, at + no)
+  add_queued(KEYS[11], tasks_in_all(ARGV, at + 1, at + no))
   if out_tasks > 0 then
     redis.call('HINCRBY', KEYS[11], 'pending', out_tasks)
     redis.call('HINCRBY', KEYS[11], 'produced', out_tasks)

@@ -100,8 +100,9 @@ class Queue(SupervisorHooks, StatusHooks):
 
     #: Name this backend is registered under ("local", "redis").
     backend: ClassVar[str]
-    #: True when a backend ships a batch of tasks as one message (local); False
-    #: when every task is a message of its own (redis: one list element a task).
+    #: True when a backend ships a batch of tasks as one message (both backends:
+    #: the local wire's unit, a Redis list element); False when every task is a
+    #: message of its own.
     one_message_per_batch: ClassVar[bool] = False
     #: True when one consumer may hold several leases at once and acknowledge
     #: them in any order (a consumer with ``--concurrency`` takes a new lease

@@ -8,6 +8,7 @@
 -- KEYS[6] deaths           hash message -> consumers that died with it in flight
 -- KEYS[7] holding          hash consumer id -> the suspect it holds (see take.lua)
 -- KEYS[8] killing          hash consumer id -> 1 while its supervisor kills it
+-- KEYS[9] counters         hash: queued (tasks in ready; see put.lua)
 -- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
 -- ARGV[1] 'expired' (heartbeat expired), 'prefix' (ids starting with ARGV[2],
 --         i.e. "host:pid:" of a process seen dead), 'id' (exactly ARGV[2]: detach)
@@ -33,7 +34,11 @@
 -- dead-letters it.  A detach ('id') or a kill for a known reason ('killed')
 -- counts no death: those tasks go back to ready.  A consumer that died holding
 -- a suspect (`holding`) is blamed on that suspect alone: the fresh tasks it held
--- beside it become suspects with no death counted against them.
+-- beside it become suspects with no death counted against them.  A suspect is
+-- one task: a message that holds a batch is cut into one message a task as it
+-- becomes suspect, so a poison task is found alone, and its count in `deaths`
+-- is its own.
+-- needs: batches
 if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -53,6 +58,7 @@ else
   victims = {arg}
 end
 local moved = 0
+queued(KEYS[3], KEYS[9])  -- read before the first push below
 for _, id in ipairs(victims) do
   local key = inflight .. id
   local len = redis.call('LLEN', key)
@@ -60,14 +66,25 @@ for _, id in ipairs(victims) do
   for at = 0, len - 1, 1000 do  -- left to right = newest first, so the oldest ends rightmost
     local tasks = {}
     for _, m in ipairs(redis.call('LRANGE', key, at, at + 999)) do
-      if string.sub(m, 1, plen) ~= prefix then tasks[#tasks + 1] = m end
+      if string.sub(m, 1, plen) ~= prefix then
+        local blamed = died and (not suspect or m == suspect)
+        if m == suspect then suspect = nil; died = false end  -- blamed once
+        if target == KEYS[5] then
+          for _, one in ipairs(one_each(m)) do
+            tasks[#tasks + 1] = one
+            if blamed then redis.call('HINCRBY', KEYS[6], one, 1) end
+          end
+        else
+          tasks[#tasks + 1] = m
+        end
+      end
     end
-    if #tasks > 0 then redis.call('RPUSH', target, unpack(tasks)) end
-    for _, m in ipairs(tasks) do
-      if died and (not suspect or m == suspect) then redis.call('HINCRBY', KEYS[6], m, 1) end
-      if m == suspect then suspect = nil; died = false end  -- blamed once
+    if #tasks > 0 then
+      for i = 1, #tasks, 1000 do redis.call('RPUSH', target, unpack(tasks, i, math.min(i + 999, #tasks))) end
     end
-    moved = moved + #tasks
+    local n = tasks_in_all(tasks)
+    if target == KEYS[3] then add_queued(KEYS[9], n) end
+    moved = moved + n
   end
   died = mode == 'expired' or mode == 'prefix'
   redis.call('DEL', key)

@@ -19,8 +19,17 @@ queue's marker first: a FLUSHDB or an eviction is
 A busy consumer acknowledges a lease and takes the next in one round trip: the
 ``ack`` and ``take`` calls go out in one pipeline (``ack_and_take``).
 
-Blocking without polling: an idle consumer waits in ``BLMOVE ready -> in-flight``
-(the next ``take`` adopts what it moved); a producer held back by ``maxsize``
+A list element is a message that holds a batch of tasks (what one put call
+sent), so a put, a take and an ack cost per batch what they cost per task
+before; the scripts count tasks, not elements (``queued`` in the counters
+hash), cut a message when a take wants fewer tasks than it holds, and cut a
+dead consumer's messages into one task each as they become suspects
+(``lib/batches.lua``).
+
+Blocking without polling: an idle consumer waits in ``BLMOVE ready ready RIGHT
+RIGHT``, which moves nothing (it takes the oldest element and puts it back where
+it was) but returns as soon as ready holds one; then it calls ``take``.  A
+producer held back by ``maxsize``
 waits in ``BLPOP space`` for the token that ``take`` pushes when it frees room
 below the ``maxsize`` the producer left in ``full``.  Both waits are capped (a
 second or less), so an idle consumer also reaps, and a lost token costs a moment,
@@ -38,7 +47,15 @@ from typing import Any, cast
 
 import redis
 
-from pcq.backends.base import MAX_BATCH, Failure, Lease, Outcome, PutInterrupted, Queue
+from pcq.backends.base import (
+    MAX_BATCH,
+    TARGET_BATCH_SECONDS,
+    Failure,
+    Lease,
+    Outcome,
+    PutInterrupted,
+    Queue,
+)
 from pcq.backends.redis_keys import REGISTRY, Keys, TakeStatus, check_name, key
 from pcq.backends.redis_registry import DEFAULT_URL, Receipt, Registered
 from pcq.envelope import (
@@ -87,18 +104,35 @@ class RedisQueue(Registered):
     """
 
     backend = "redis"
-    one_message_per_batch = False
+    one_message_per_batch = True
     multiple_leases = True  # ack.lua finds a lease anywhere in the in-flight list
 
     # ------------------------------------------------------------------ processes
 
     # ------------------------------------------------------------------ producing
 
+    def batch_limit(self) -> int:
+        """As on the local backend: a message holds about TARGET_BATCH_SECONDS of
+        the consumers' work (one task until a consumer has reported), so a
+        bounded queue's ready passes maxsize by that much work at most, and a
+        message of slow tasks is never the one batch every consumer waits on."""
+        self._here()
+        if self._cost_ns is None:
+            counters = self.keys.counters
+            cost = self._link.call(lambda client: client.hget(counters, "cost_ns"))
+            self._cost_ns = int(cost or 0)
+        if self._cost_ns <= 0:
+            return 1
+        return max(1, min(MAX_BATCH, int(TARGET_BATCH_SECONDS * 1e9 / self._cost_ns)))
+
+    def note_task_cost(self, seconds_per_task: float) -> None:
+        self._here()
+        self._cost_report = max(1, int(seconds_per_task * 1e9))
+        self._cost_ns = None  # a stage's consumer puts too: ask before its next batch
+
     def _put(self, messages: list[bytes], tasks: int) -> None:
-        # One message is one task here (tasks == 0 only for a test's foreign
-        # message), so put.lua counts the messages it pushes, or none.
-        if tasks not in (0, len(messages)):
-            raise ValueError(f"the Redis backend carries one task a message, not {tasks}")
+        # put.lua counts the tasks each message holds (tasks == 0 only for a
+        # test's foreign messages, which are not pending).
         each = 1 if tasks else 0
         if self.maxsize > 0:
             self._put_bounded(messages, each)
@@ -108,7 +142,8 @@ class RedisQueue(Registered):
             keys = self._keys("put")
             calls = [("put", keys, [0, each, _batch_id(), *messages[i : i + PUT_CHUNK]])
                      for i in range(0, len(messages), PUT_CHUNK)]
-            self._link.call(lambda client: self._link.pipelined(client, calls))
+            replies = self._link.call(lambda client: self._link.pipelined(client, calls))
+            self._cost_ns = int(replies[-1][1])
 
     def _put_bounded(self, messages: list[bytes], each: int) -> None:
         # put.lua pushes only what fits under maxsize; when nothing fits it leaves
@@ -120,8 +155,9 @@ class RedisQueue(Registered):
                 raise PutInterrupted
             chunk = messages[at : at + PUT_CHUNK]
             args = [self.maxsize, each, _batch_id(), *chunk]
-            pushed = int(self._run("put", args, durable=True))
-            at += pushed
+            pushed, cost = self._run("put", args, durable=True)
+            self._cost_ns = int(cost)
+            at += int(pushed)
             if not pushed:
                 self._link.call(self._wait_for_space)
 
@@ -196,13 +232,14 @@ class RedisQueue(Registered):
         return None if status == TakeStatus.ACK_MISSING else (int(status), int(wait_ms), messages)
 
     def _blmove(self, me: str, seconds: float) -> Callable[[redis.Redis], Any]:
-        """Wait for one message; it lands in our in-flight list, where the next
-        take.lua adopts it (so a reply lost on the way strands nothing)."""
-        ready, inflight = self.keys.ready, self.keys.inflight(me)
+        """Wait until ready holds a message, moving nothing: the oldest element
+        goes back where it was, in one step, so a wait cut short strands nothing
+        and every count stays take.lua's to keep."""
+        ready = self.keys.ready
 
         def op(client: redis.Redis) -> Any:
             # Redis >= 6 takes a fractional timeout; redis-py's hint says int.
-            return client.blmove(ready, inflight, seconds, "RIGHT", "LEFT")  # type: ignore[arg-type]
+            return client.blmove(ready, ready, seconds, "RIGHT", "RIGHT")  # type: ignore[arg-type]
 
         return op
 
@@ -284,7 +321,8 @@ class RedisQueue(Registered):
         if target is not None and outcome.outputs:
             extra = [target.ready, target.counters, target.closed, target.epoch]
             outputs = outcome.outputs
-        head += [len(outputs), outcome.output_tasks if outputs else 0, by]
+        cost, self._cost_report = self._cost_report, 0  # it rides on this ack
+        head += [len(outputs), outcome.output_tasks if outputs else 0, by, cost]
         args = [*head, *receipt.messages, *retry, *outcome.dead, *reversed(outcome.give_back)]
         return self._keys("ack", receipt.consumer, extra), [*args, *outputs]
 
@@ -370,8 +408,12 @@ class RedisQueue(Registered):
             for message in messages:
                 lease = super()._lease([message], Receipt(consumer, [message]))
                 envs = list(lease.envelopes())
-                if len(envs) == 1 and envs[0].id == task_id:
-                    outcome = self._outcome(lease, [failure(envs[0])], ())
+                running = [env for env in envs if env.id == task_id]
+                if running:
+                    # The message's other tasks go back unstarted (those the
+                    # consumer ran before are run again: at least once).
+                    others = [env for env in envs if env.id != task_id]
+                    outcome = self._outcome(lease, [failure(running[0])], others)
                     token = f"s{os.getpid()}.{self._token()}"  # not the consumer's own
                     call = self._ack_call(lease.receipt, outcome, token, by="supervisor")
                     return int(self._link.run("ack", *call, durable=True)[0]) == 1

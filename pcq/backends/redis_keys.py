@@ -2,7 +2,8 @@
 
 Every key is ``pcq:{NAME}:<part>`` (see :class:`Keys`); the ``{NAME}`` hash tag
 keeps a queue in one Redis Cluster slot, which the Lua scripts need because they
-also touch in-flight lists they find by name.  One task is one list element.
+also touch in-flight lists they find by name.  A list element is a message
+holding a batch of tasks (``lib/batches.lua`` reads and cuts them).
 A name that holds a hash tag of its own (``{crawl}.parse``) keeps it instead —
 ``pcq:{crawl}.parse:<part>`` — so the queues of one pipeline, whose ack puts a
 stage's outputs on the next queue in the same script, share one slot.
@@ -66,12 +67,12 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
               "suspects", "deaths", "holding", "puts"),
     "put": ("ready", "counters", "closed", "epoch", "full", "space", "puts"),
     "reap": ("consumers", "consumers:beat", "ready", "acked", "suspects", "deaths", "holding",
-             "killing"),
+             "killing", "counters"),
     "requeue": ("dead", "ready", "counters"),
     "run_state": ("epoch", "closed", "counters", "producers:beat", "consumers",
                   "consumers:beat"),
     "take": ("ready", "inflight:<me>", "delayed", "closed", "epoch", "consumers:beat", "full",
-             "space", "acked", "suspects", "deaths", "holding"),
+             "space", "acked", "suspects", "deaths", "holding", "counters"),
 }
 
 #: Every key of a queue but the in-flight lists, by part name.

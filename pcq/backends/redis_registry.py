@@ -113,6 +113,8 @@ class Registered(Queue):
         self._beat_lock = threading.Lock()
         self._heartbeat: _Heartbeat | None = None
         self._next_reap = 0.0
+        self._cost_ns: int | None = None  # the consumers' cost per task, as last heard
+        self._cost_report = 0  # this consumer's, not sent yet (it rides on an ack)
 
     def _here(self) -> None:
         if self._pid != os.getpid():
@@ -372,8 +374,19 @@ class Registered(Queue):
         self._link.call(op)
 
     def _ready_now(self) -> int:
-        ready = self.keys.ready
-        return int(self._link.call(lambda client: client.llen(ready)))
+        k = self.keys
+
+        def op(client: redis.Redis) -> tuple[Any, Any]:
+            pipe = client.pipeline(transaction=False)
+            pipe.hget(k.counters, "queued")
+            pipe.llen(k.suspects)
+            queued, suspects = pipe.execute()
+            return queued, suspects
+
+        queued, suspects = self._link.call(op)
+        if queued is None:  # a queue from before `queued` was kept: counters.lua counts
+            return self.counters().ready
+        return int(queued) + int(suspects)
 
     def set_feeds(self, to: str) -> None:
         feeds = self.keys.feeds
@@ -387,8 +400,7 @@ class Registered(Queue):
 
     def counters(self) -> Counters:
         k = self.keys
-        args = [k.inflight_prefix, SENTINEL_PREFIX]
-        v = [int(x) for x in self._run("counters", args)]
+        v = [int(x) for x in self._run("counters", [k.inflight_prefix])]
         return Counters(
             ready=v[0],
             in_flight=v[1],

@@ -1,4 +1,4 @@
--- take: move up to ARGV[1] messages from ready into this consumer's in-flight list.
+-- take: move up to ARGV[1] tasks from ready into this consumer's in-flight list.
 --
 -- KEYS[1] ready            list; producers LPUSH, consumers take from the right
 -- KEYS[2] inflight:<me>    list; LPUSH in take order, so its right end is the oldest
@@ -12,8 +12,9 @@
 -- KEYS[10] suspects        list; tasks of consumers that died (see reap.lua)
 -- KEYS[11] deaths          hash message -> consumers that died with it in flight
 -- KEYS[12] holding         hash consumer id -> the suspect it holds
+-- KEYS[13] counters        hash: queued (tasks in ready; see put.lua)
 -- KEYS[#KEYS] marker     the queue's data marker: gone means the server lost the queue
--- ARGV[1] max messages to take
+-- ARGV[1] max tasks to take (a message that holds more is cut: the rest stays ready)
 -- ARGV[2] nh: how many messages the caller holds (its open leases)
 -- ARGV[3] epoch the caller knows; ARGV[4] the sentinel of that epoch (exact bytes)
 -- ARGV[5] SENTINEL_PREFIX (first bytes of any sentinel)
@@ -47,6 +48,11 @@
 -- * Poison tasks: a suspect is handed out alone, to a consumer that holds no
 --   other suspect (`holding` says which one it holds), whatever else it holds:
 --   two suspects never share a process, and none waits for a busy consumer.
+-- * Counting: `queued` (tasks in ready, in counters) moves with every message
+--   that enters or leaves ready here, in this step.  A message whose reply was
+--   lost left ready (and `queued`) when it was first taken; adopting it counts
+--   nothing again.
+-- needs: batches
 if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return redis.error_reply('PCQ_DATA_LOST') end
 local max, nh = tonumber(ARGV[1]), tonumber(ARGV[2])
 if ARGV[8] ~= '' then
@@ -62,17 +68,20 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[7]), ARGV[6])
 
+queued(KEYS[1], KEYS[13])  -- read before the first push below
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)
 if #due > 0 then
   local msgs = {}
   for i = #due, 1, -1 do msgs[#msgs + 1] = sub(due[i], 9) end
   redis.call('RPUSH', KEYS[1], unpack(msgs))  -- earliest due ends rightmost: next taken
+  add_queued(KEYS[13], tasks_in_all(msgs))
   redis.call('ZREMRANGEBYRANK', KEYS[3], 0, #due - 1)
 end
 local delayed = redis.call('ZCARD', KEYS[3])
 
--- The reply: 4 header fields, then the n messages taken (in take order).
-local reply, n, status, stop = {0, epoch, -1, 0}, 0, 0, false
+-- The reply: 4 header fields, then the n messages taken (in take order), which
+-- hold `got` tasks.
+local reply, n, status, stop, got = {0, epoch, -1, 0}, 0, 0, false, 0
 local function is_sentinel(m) return byte(m, 1) == p1 and sub(m, 1, plen) == prefix end
 -- for a sentinel: 'drop' (stale), 'wait' (leave it: retries are due later), 'last'
 local function sentinel_kind(m)
@@ -122,12 +131,15 @@ if #extra > 0 then
       local m = extra[i]
       local k = 'task'
       if stop then k = 'back' elseif is_sentinel(m) then k = sentinel_kind(m) end
-      if k == 'task' or k == 'last' then n = n + 1; reply[n + 4] = m end
+      if k == 'task' or k == 'last' then n = n + 1; reply[n + 4] = m; got = got + tasks_in(m) end
       if k == 'last' then stop = true end
       if k == 'wait' then status = 3; stop = true end
       if k == 'wait' or k == 'back' then table.insert(back, 1, m) end
     end
-    if #back > 0 then redis.call('RPUSH', KEYS[1], unpack(back)) end  -- first back ends rightmost
+    if #back > 0 then  -- the first back ends rightmost
+      redis.call('RPUSH', KEYS[1], unpack(back))
+      add_queued(KEYS[13], tasks_in_all(back))
+    end
   end
 end
 if suspect and not holds_suspect then redis.call('HDEL', KEYS[12], ARGV[6]) end
@@ -142,14 +154,23 @@ if n == 0 and not stop and suspects > 0 and not holds_suspect then
   redis.call('HSET', KEYS[12], ARGV[6], m)
 end
 
-while not stop and n < max do
-  local want = max - n
+-- Whole messages, oldest first, until `max` tasks; the message that would pass
+-- `max` is cut, its rest left where it was (taken next).
+local before, rest = got, nil
+while not stop and got < max do
+  local want = max - got
   local chunk = redis.call('LRANGE', KEYS[1], -want, -1)
   local used = 0
   for i = #chunk, 1, -1 do
     local m = chunk[i]
     if not is_sentinel(m) then
-      used = used + 1; n = n + 1; reply[n + 4] = m
+      local c = tasks_in(m)
+      if c > max - got then
+        local pieces = cut(m, {max - got, c - (max - got)})
+        if pieces then m, rest, c = pieces[1], pieces[2], max - got end
+      end
+      used = used + 1; n = n + 1; reply[n + 4] = m; got = got + c
+      if got >= max then break end
     else
       local k = sentinel_kind(m)
       if k == 'wait' then status = 3; stop = true; break end
@@ -158,8 +179,10 @@ while not stop and n < max do
     end
   end
   if used > 0 then redis.call('LTRIM', KEYS[1], 0, -used - 1) end
-  if #chunk < want then break end
+  if rest then redis.call('RPUSH', KEYS[1], rest) end
+  if #chunk < want or rest then break end
 end
+add_queued(KEYS[13], before - got)
 
 for i = 5, n + 4, 1000 do
   redis.call('LPUSH', KEYS[2], unpack(reply, i, math.min(i + 999, n + 4)))
@@ -167,7 +190,7 @@ end
 
 local ready = redis.call('LLEN', KEYS[1])
 local full = redis.call('GET', KEYS[7])
-if full and ready < tonumber(full) then
+if full and queued(KEYS[1], KEYS[13]) < tonumber(full) then
   redis.call('DEL', KEYS[7], KEYS[8])
   redis.call('LPUSH', KEYS[8], 1)
   redis.call('PEXPIRE', KEYS[8], 10000)

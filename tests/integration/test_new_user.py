@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import redis
 from helpers import finish, session_members, wait_for
-from helpers_cli import PCQ, ROOT, pcq_env, read_terminal, start_pcq
+from helpers_cli import PCQ, ROOT, pcq_env, read_terminal, session_pids, start_pcq
 from redis_server import RedisServer
 
 from pcq.cli import command
@@ -364,5 +364,6 @@ def test_purge_with_consumers_attached_asks_on_a_terminal(env: dict[str, str]) -
     code, shown = on_a_terminal(["purge", "--yes"], env)
     assert code == 0, shown
     assert f"pcq: purged 1 task(s) from {env['PCQ_QUEUE']!r}" in shown
-    os.killpg(consumer.pid, signal.SIGTERM)
-    finish(consumer, 30)
+    for pid in session_pids(consumer.pid):  # its task sleeps a minute: no grace to wait out
+        os.kill(pid, signal.SIGKILL)
+    consumer.communicate(timeout=30)

@@ -902,11 +902,14 @@ def warm(q: RedisQueue) -> None:
 def test_ack_and_take_is_one_round_trip_while_tasks_are_ready(
     make: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a consumer with a lease and more tasks ready (no heartbeat meanwhile)
+    # Given a consumer with a lease and more tasks ready (no heartbeat meanwhile),
+    # all put as one message (a consumer reported cheap tasks)
     q = make(heartbeat_ttl=60)
     q.attach_consumer()
+    q.note_task_cost(1e-6)
     warm(q)
     q.put_many(range(6))
+    assert q.counters().ready == 6 and q._link.call(lambda r: r.llen(q.keys.ready)) < 6
     lease = q.take(2, timeout=1)
     assert lease is not None and bodies(lease) == [0, 1]
     wire = Wire(monkeypatch, q)
@@ -917,7 +920,7 @@ def test_ack_and_take_is_one_round_trip_while_tasks_are_ready(
     # Then both went out in one write, the lease is done and the next is in flight
     assert wire.writes == [["EVALSHA ack", "EVALSHA take"]]
     assert after is not None and bodies(after) == [2, 3, 4]
-    assert len(after.batches) == 1  # one producer run: one batch, not one per task
+    assert len(after.batches) == 1  # cut from one message: one batch, not one per task
     c = q.counters()
     assert (c.done, c.in_flight, c.ready, c.pending) == (3, 3, 1, 4)
 

@@ -126,8 +126,11 @@ class Job:
                                        self._setup_report)
                             for k, p in enumerate(self.plans)]
         # Each producer notes len() of what it returned, when it has one: the total.
-        self._lengths = mp.RawArray("q", [-1] * max(1, producers))
-        self._attached = mp.RawArray("b", max(1, producers))  # 1: producer i registered
+        # And when it has registered (1), in the same block of shared memory: one
+        # allocation a job, as before (a job's blocks go back when it is collected).
+        slots = max(1, producers)
+        self._shared = mp.RawArray("q", [-1] * slots + [0] * slots)
+        self._slots = slots
         self._running: dict[int, Producer] = {}  # sentinel -> producer process
         self._hold: str | None = None  # our registration on the first queue
         # put_here put every item and waits for the acks still registered (so
@@ -181,7 +184,8 @@ class Job:
             supervisor.start()
         for i in range(self.producers):
             producer = Producer(self.first, self._produce, name=f"pcq-producer-{i}",
-                                length=(self._lengths, i), attached=(self._attached, i))
+                                length=(self._shared, i),
+                                attached=(self._shared, self._slots + i))
             producer.start()
             assert producer.sentinel is not None
             self._running[producer.sentinel] = producer
@@ -216,7 +220,8 @@ class Job:
 
     def _all_attached(self) -> bool:
         """Every producer process this job started has registered on the queue."""
-        return bool(self._running) and all(self._attached[:self.producers])
+        attached = self._shared[self._slots : self._slots + self.producers]
+        return bool(self._running) and all(attached)
 
     @property
     def over(self) -> bool:
@@ -335,7 +340,7 @@ class Job:
         or failed half way leaves the queue open: it must not end the run."""
         self.producers = 1
         if isinstance(items, Sized):
-            self._lengths[0] = len(items)
+            self._shared[0] = len(items)
         put_all = False
         try:
             with self._reporting():
@@ -385,7 +390,7 @@ class Job:
         if self._on_progress is None:
             return
         elapsed = time.monotonic() - self._started
-        lengths = list(self._lengths)
+        lengths = list(self._shared[: self._slots])
         total = sum(lengths) if self.producers and min(lengths) >= 0 else None
         rows = []
         for k, q in enumerate(self.queues):

@@ -109,7 +109,7 @@ class Producer(ChildProcess):
         # (shared int64 array, index): where to note len() of what produce()
         # returned, when it has one, so that a progress display knows the total.
         self._length = length
-        # (shared int8 array, index): set once registered, so that the job can
+        # (shared int64 array, index): set to 1 once registered, so that the job can
         # let go of its own hold on the queue (see pcq.job).
         self._attached = attached
 

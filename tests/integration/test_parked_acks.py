@@ -62,19 +62,32 @@ def _stage(inq: LocalQueue, out: LocalQueue, ahead: bool, report: Connection) ->
     signal.pause()
 
 
-def _start(inq: LocalQueue, out: LocalQueue, ahead: bool = False) -> Any:
+@pytest.fixture
+def started() -> Any:
+    """The stage processes a test started: killed, joined and their pipes
+    closed at its end, whatever happened."""
+    procs: list[Any] = []
+    yield procs
+    for proc in procs:
+        _stop(proc)
+
+
+def _start(inq: LocalQueue, out: LocalQueue, started: list[Any], ahead: bool = False) -> Any:
     mine, theirs = fork_context().Pipe()
     proc = fork_context().Process(target=_stage, args=(inq, out, ahead, theirs))
+    proc.reports = mine  # type: ignore[attr-defined]
     proc.start()
+    started.append(proc)
+    theirs.close()  # the child's end; its own copy stays open there
     assert mine.poll(10), "the stage reported nothing"
     proc.running = mine.recv()[1]  # type: ignore[attr-defined]
-    proc.reports = mine  # type: ignore[attr-defined]
     return proc
 
 
 def _stop(proc: Any) -> None:
     proc.kill()
     proc.join(5)
+    proc.reports.close()  # now, not at some later garbage collection
 
 
 def _taken_from(queue: LocalQueue, n: int) -> list[Any]:
@@ -86,13 +99,15 @@ def _taken_from(queue: LocalQueue, n: int) -> list[Any]:
 
 
 @pytest.mark.timeout(30)
-def test_an_ack_whose_outputs_find_their_queue_full_waits_for_room_and_is_applied_whole():
+def test_an_ack_whose_outputs_find_their_queue_full_waits_for_room_and_is_applied_whole(
+    started: list[Any],
+) -> None:
     # Given a stage's next queue full (2 of 2) and one task for the stage
     inq, out = _queues("parked", room=2)
     inq.put("a")
     try:
         # When the stage acknowledges its task with an output
-        proc = _start(inq, out)
+        proc = _start(inq, out, started)
         # Then the ack waits: its lease in flight, nothing done, nothing put
         wait_for(lambda: not proc.reports.poll(0.05) and inq.counters().in_flight == 1)
         assert not proc.reports.poll(0.3), "the ack was answered while its queue was full"
@@ -105,20 +120,21 @@ def test_an_ack_whose_outputs_find_their_queue_full_waits_for_room_and_is_applie
         c, o = inq.counters(), out.counters()
         assert (c.in_flight, c.done, o.ready, o.produced) == (0, 1, 2, 3), (c, o)
         assert _taken_from(out, 5) == ["old-1", "out-a"]
-        _stop(proc)
     finally:
         out.dispose()
         inq.dispose()
 
 
 @pytest.mark.timeout(30)
-def test_a_stage_killed_while_its_ack_waits_loses_nothing_and_puts_nothing():
+def test_a_stage_killed_while_its_ack_waits_loses_nothing_and_puts_nothing(
+    started: list[Any],
+) -> None:
     # Given a full next queue, a queue that dead-letters a task at its first
     # consumer death, and a stage whose ack of task a waits for room
     inq, out = _queues("parked-kill", room=2, max_deliveries=1)
     inq.put("a")
     try:
-        proc = _start(inq, out)
+        proc = _start(inq, out, started)
         wait_for(lambda: inq.counters().in_flight == 1, message="the lease in flight")
         assert not proc.reports.poll(0.2)
         # When the stage is SIGKILLed there
@@ -132,14 +148,15 @@ def test_a_stage_killed_while_its_ack_waits_loses_nothing_and_puts_nothing():
         assert _taken_from(out, 5) == ["old-0", "old-1"]
         assert out.counters().produced == 2
         assert _taken_from(inq, 1) == ["a"]
-        _stop(proc)
     finally:
         out.dispose()
         inq.dispose()
 
 
 @pytest.mark.timeout(30)
-def test_a_death_while_an_ack_waits_counts_against_the_lease_running_after_it():
+def test_a_death_while_an_ack_waits_counts_against_the_lease_running_after_it(
+    started: list[Any],
+) -> None:
     # Given a full next queue, tasks a, b, c on a queue that dead-letters a task
     # at its first consumer death, and a stage with read-ahead: its ack of a
     # (with a's output) waits for room while it runs b, taken ahead
@@ -147,7 +164,7 @@ def test_a_death_while_an_ack_waits_counts_against_the_lease_running_after_it():
     for item in "abc":
         inq.put(item)
     try:
-        proc = _start(inq, out, ahead=True)
+        proc = _start(inq, out, started, ahead=True)
         assert proc.running == ["b"]
         wait_for(lambda: inq.counters().in_flight == 2, message="a waiting, b running")
         # When the stage dies running b
@@ -159,19 +176,20 @@ def test_a_death_while_an_ack_waits_counts_against_the_lease_running_after_it():
         assert (c.dead, c.ready, c.done, o.produced) == (1, 2, 0, 2), (c, o)
         assert [d["body"] for d in inq.dead_letters()] == ["b"]
         assert sorted(_taken_from(inq, 5)) == ["a", "c"]
-        _stop(proc)
     finally:
         out.dispose()
         inq.dispose()
 
 
 @pytest.mark.timeout(30)
-def test_a_stage_that_stops_while_its_ack_waits_is_let_through_over_the_bound():
+def test_a_stage_that_stops_while_its_ack_waits_is_let_through_over_the_bound(
+    started: list[Any],
+) -> None:
     # Given a full next queue and a stage whose ack of task a waits for room
     inq, out = _queues("parked-stop", room=2)
     inq.put("a")
     try:
-        proc = _start(inq, out)
+        proc = _start(inq, out, started)
         wait_for(lambda: inq.counters().in_flight == 1, message="the lease in flight")
         assert not proc.reports.poll(0.2)
         # When the stage is asked to stop (SIGTERM)
@@ -182,7 +200,6 @@ def test_a_stage_that_stops_while_its_ack_waits_is_let_through_over_the_bound():
         c, o = inq.counters(), out.counters()
         assert (c.in_flight, c.done, o.ready, o.produced) == (0, 1, 3, 3), (c, o)
         assert _taken_from(out, 5) == ["old-0", "old-1", "out-a"]
-        _stop(proc)
     finally:
         out.dispose()
         inq.dispose()

@@ -110,6 +110,11 @@ def _unencodable(bodies: Sequence[Any], exc: Exception) -> SerializationError:
     return SerializationError(f"cannot encode tasks: {exc}")
 
 
+#: Types msgpack always encodes (an int too, within 64 bits): a value of one of
+#: them needs no trial encoding to be known to travel.
+PLAIN = frozenset({type(None), bool, float, str, bytes})
+
+
 def check_encodable(bodies: Sequence[Any]) -> None:
     """Raise SerializationError, naming the type, unless every body can travel."""
     try:

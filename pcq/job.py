@@ -20,9 +20,12 @@ with SIGINT/SIGTERM caught).  Each decision of a job's life is made here, once:
   detaches it by its own id at once (``Producer.producer_id``), on every
   backend, instead of leaving a registration that holds the queue open.
 * **The close.**  A producing job holds a producer registration of its own on
-  the first queue from its start until every producer has ended, however their
-  starts and ends interleave; it then lets go of it "close if last", so the
-  queue closes as the last producer leaves.  On the queues its stages feed it
+  the first queue from its start until every producer has attached (each says
+  so in shared memory) or ended, however their starts and ends interleave; it
+  then lets go of it "close if last", so the queue closes as the last producer
+  leaves — by that producer's own detach, the moment it is done, with no wait
+  for the job to see its process end.  A producer that ended without closing
+  (killed, or failed) is detached by the job, "close if last" too.  On the queues its stages feed it
   holds one too: it reopens what an earlier run closed, so their consumers
   serve this run; those close by propagation, and the job lets go of them at
   its stop without closing.
@@ -123,7 +126,11 @@ class Job:
                                        self._setup_report)
                             for k, p in enumerate(self.plans)]
         # Each producer notes len() of what it returned, when it has one: the total.
-        self._lengths = mp.RawArray("q", [-1] * max(1, producers))
+        # And when it has registered (1), in the same block of shared memory: one
+        # allocation a job, as before (a job's blocks go back when it is collected).
+        slots = max(1, producers)
+        self._shared = mp.RawArray("q", [-1] * slots + [0] * slots)
+        self._slots = slots
         self._running: dict[int, Producer] = {}  # sentinel -> producer process
         self._hold: str | None = None  # our registration on the first queue
         # put_here put every item and waits for the acks still registered (so
@@ -177,7 +184,8 @@ class Job:
             supervisor.start()
         for i in range(self.producers):
             producer = Producer(self.first, self._produce, name=f"pcq-producer-{i}",
-                                length=(self._lengths, i))
+                                length=(self._shared, i),
+                                attached=(self._shared, self._slots + i))
             producer.start()
             assert producer.sentinel is not None
             self._running[producer.sentinel] = producer
@@ -194,8 +202,9 @@ class Job:
                     self._ended(producer)
             for supervisor in self.supervisors:
                 supervisor.poll(ready)
-            if not self._running and self._hold is not None and not self._put_all:
-                self._release(close=True)
+            if self._hold is not None and not self._put_all and (
+                    not self._running or self._all_attached()):
+                self._release(close=True)  # the producers' registrations hold it now
             self._propagate()
             self._look_at_backend()
             if time.monotonic() >= self._next_report:
@@ -208,6 +217,11 @@ class Job:
             self._lost = True
             raise
         return False
+
+    def _all_attached(self) -> bool:
+        """Every producer process this job started has registered on the queue."""
+        attached = self._shared[self._slots : self._slots + self.producers]
+        return bool(self._running) and all(attached)
 
     @property
     def over(self) -> bool:
@@ -245,11 +259,14 @@ class Job:
         producer.close()
         if code and not stopped:
             self.producer_errors += 1
-        if code is not None and code < 0:
-            # Killed by a signal (SIGKILL, the OOM killer): it could not detach.
-            # By its own id, at once: without this, its registration would hold
-            # the queue open until its heartbeat expired, or forever.
-            self.first.detach_producer(producer.producer_id, close_if_last=False)
+        if code:
+            # Killed by a signal (SIGKILL, the OOM killer), it could not detach:
+            # by its own id, at once, or its registration would hold the queue
+            # open until its heartbeat expired, or forever.  Failed, it detached
+            # without closing.  Either way, unless the job still holds the
+            # queue (or stops), it closes it if that producer was the last.
+            self.first.detach_producer(producer.producer_id,
+                                       close_if_last=self._hold is None and not stopped)
 
     def _release(self, close: bool) -> None:
         """Let go of our registration on the first queue: the queue closes now
@@ -323,7 +340,7 @@ class Job:
         or failed half way leaves the queue open: it must not end the run."""
         self.producers = 1
         if isinstance(items, Sized):
-            self._lengths[0] = len(items)
+            self._shared[0] = len(items)
         put_all = False
         try:
             with self._reporting():
@@ -373,7 +390,7 @@ class Job:
         if self._on_progress is None:
             return
         elapsed = time.monotonic() - self._started
-        lengths = list(self._lengths)
+        lengths = list(self._shared[: self._slots])
         total = sum(lengths) if self.producers and min(lengths) >= 0 else None
         rows = []
         for k, q in enumerate(self.queues):

@@ -171,15 +171,16 @@ class MapIterator(Iterator[Any]):
     def _loop(self) -> Iterator[Any]:
         try:
             while True:
-                current, pos = self._current, self._pos
-                if pos < len(current):
-                    self._pos = pos + 1
-                    if self._errors is None or pos not in self._errors:
-                        yield current[pos]
-                        continue
-                    raise TaskFailed(self._start + pos, self._errors[pos])
-                if not self._advance():
+                if self._pos >= len(self._current) and not self._advance():
                     return
+                current, errors = self._current, self._errors
+                for pos in range(self._pos, len(current)):  # a chunk's results
+                    if self._pos != pos or self._current is not current:
+                        break  # next() went on meanwhile: look again
+                    self._pos = pos + 1
+                    if errors is not None and pos in errors:
+                        raise TaskFailed(self._start + pos, errors[pos])
+                    yield current[pos]
         except GeneratorExit:  # the loop was left early: nothing goes on for it
             self.close()
             raise

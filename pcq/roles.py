@@ -96,6 +96,7 @@ class Producer(ChildProcess):
         close_when_done: bool = True,
         name: str | None = None,
         length: tuple[Any, int] | None = None,
+        attached: tuple[Any, int] | None = None,
     ) -> None:
         super().__init__(name=name)
         self.queue = queue
@@ -108,6 +109,9 @@ class Producer(ChildProcess):
         # (shared int64 array, index): where to note len() of what produce()
         # returned, when it has one, so that a progress display knows the total.
         self._length = length
+        # (shared int64 array, index): set to 1 once registered, so that the job can
+        # let go of its own hold on the queue (see pcq.job).
+        self._attached = attached
 
     def produce(self) -> Iterable[Any]:
         """The items to put.  Override, or pass ``produce=`` to the constructor."""
@@ -120,6 +124,9 @@ class Producer(ChildProcess):
         stop = _ProducerStop(self.queue)
         queue = self.queue
         queue.attach_producer(self.producer_id)
+        if self._attached is not None:
+            array, at = self._attached
+            array[at] = 1
         code = 0
         try:
             queue.put_many(stop.items(self._produced))
@@ -346,16 +353,17 @@ class Consumer(ChildProcess):
     def handling(self) -> Handling:
         """What the consume loop calls back for; a stage (:mod:`pcq.stages`)
         overrides :meth:`_task` and :meth:`_settle` to handle its outputs."""
-        call, outputs = self._task()
+        call, expand = self._task()
         seat = self._seat
         return Handling(
             call=call, is_async=self._is_async(), failed=self._failed, settle=self._settle,
-            count=self._count, stopping=lambda: self._stopping, outputs=outputs,
+            count=self._count, stopping=lambda: self._stopping, expand=expand,
             mark=seat.running if seat is not None else None)
 
-    def _task(self) -> tuple[Callable[[Any], Any], bool]:
-        """What runs one task's body, and whether it returns outputs to keep."""
-        return self._handler(), False
+    def _task(self) -> tuple[Callable[[Any], Any], Callable[[Any], list[Any]] | None]:
+        """What runs one task's body, and what turns its result into the
+        outputs to keep (a stage's; None: nothing is kept)."""
+        return self._handler(), None
 
     def _settle(self, lease: Lease, failures: list[Failure], give_back: list[Envelope],
                 outputs: list[Any], take: int) -> Lease | None:

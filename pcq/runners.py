@@ -31,6 +31,13 @@ The inline runner runs a batch of tasks in one call (a tight loop: at
 concurrency 1 a cheap handler costs little more than the call); the others take
 one task at a time and put each outcome, a :data:`Finished` tuple, on the
 loop's ``finished`` queue.
+
+A stage's task also turns its handler's result into its list of outputs
+(``expand``), within the task: a generator runs to its end, and every output
+is checked to travel, inside the task's timeout, and either failure is the
+task's.  The threads and the event loop run :func:`with_outputs`; the inline
+runner does the same in its loop, where a plain result (a value msgpack always
+encodes, the common case) is one output with no call at all.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from queue import SimpleQueue
 from types import FrameType
 from typing import Any, Protocol
 
-from pcq.envelope import Batch
+from pcq.envelope import PLAIN, Batch
 from pcq.errors import TaskTimeout
 
 #: An async task past its timeout is cancelled by :func:`run_coroutine`; the
@@ -54,6 +61,20 @@ ASYNC_SLACK = 0.25
 
 #: (task key, error or None, seconds the handler ran, what the handler returned)
 Finished = tuple[int, BaseException | None, float, Any]
+#: A stage's: the list of outputs one result of its handler gives.
+Expand = Callable[[Any], list[Any]]
+
+
+def with_outputs(handle: Callable[[Any], Any], expand: Expand,
+                 is_async: bool) -> Callable[[Any], Any]:
+    """``handle`` returning its result's outputs, made within the call."""
+    if is_async:
+
+        async def outputs_async(body: Any) -> list[Any]:
+            return expand(await handle(body))
+
+        return outputs_async
+    return lambda body: expand(handle(body))
 
 
 def expired(timeout: float) -> TaskTimeout:
@@ -77,10 +98,16 @@ class InlineRunner:
     """Each call in the calling (main) thread; see the module docstring.
 
     ``mark(task_id)`` is told which task runs ('' when none), for a supervisor
-    that kills a process stuck past its timeout; None when no one watches."""
+    that kills a process stuck past its timeout; None when no one watches.
+    ``expand``: a stage's (see the module docstring)."""
 
     def __init__(self, handle: Callable[[Any], Any], *, is_async: bool, timeout: float | None,
-                 mark: Callable[[str], None] | None) -> None:
+                 mark: Callable[[str], None] | None, expand: Expand | None = None) -> None:
+        # With a timeout or a coroutine, outputs are made inside the call (so
+        # within the timeout); else the loop makes them (_run_outputs).
+        self._expand = expand if not (is_async or timeout) else None
+        if expand is not None and self._expand is None:
+            handle = with_outputs(handle, expand, is_async)
         self._handle = handle
         self._timeout = timeout
         self._expired = False
@@ -114,20 +141,20 @@ class InlineRunner:
 
     def run_lease(
         self, batches: list[Batch], batch: int, index: int, stopping: Callable[[], bool],
-        keep: Callable[[Any], Any] | None,
+        outputs: list[Any] | None,
     ) -> tuple[int, int, int, list[tuple[Batch, int, Exception]]]:
         """Run a lease's tasks one by one from ``batches[batch].bodies[index]``
-        on, until ``stopping()``.  ``keep(result)`` gets what each successful
-        call returned (None: nothing is kept).  Returns the position of the first
-        task not started (batch, index), how many ran, and the failures as
-        (batch, index, error)."""
+        on, until ``stopping()``.  ``outputs`` (a stage's) receives the outputs
+        of each successful task.  Returns the position of the first task not
+        started (batch, index), how many ran, and the failures as (batch,
+        index, error)."""
         failures: list[tuple[Batch, int, Exception]] = []
         ran = 0
         while batch < len(batches):
             current = batches[batch]
             end = len(current.bodies)
             while index < end:
-                stop, error = self._run_from(current, index, end, stopping, keep)
+                stop, error = self._run_from(current, index, end, stopping, outputs)
                 ran += stop - index
                 if error is None:
                     if stop < end:
@@ -141,20 +168,23 @@ class InlineRunner:
         return batch, index, ran, failures
 
     def _run_from(self, current: Batch, start: int, end: int, stopping: Callable[[], bool],
-                  keep: Callable[[Any], Any] | None) -> tuple[int, Exception | None]:
+                  outputs: list[Any] | None) -> tuple[int, Exception | None]:
         """Run ``current``'s tasks ``start`` to ``end`` until a stop or a failure:
         the first task not finished, and its error (None: not started)."""
         if self.mark is not None:
-            return self._run_watched(current, start, end, stopping, keep)
+            return self._run_watched(current, start, end, stopping, outputs)
+        if outputs is not None and self._expand is not None:
+            return self._run_outputs(current, start, end, stopping, outputs, self._expand)
         call, bodies = self.call, current.bodies
         i = start
         try:  # no timeout watch: as tight as it gets
-            if keep is None:
+            if outputs is None:
                 for i in range(start, end):
                     if stopping():
                         return i, None
                     call(bodies[i])
             else:
+                keep = outputs.extend
                 for i in range(start, end):
                     if stopping():
                         return i, None
@@ -163,9 +193,31 @@ class InlineRunner:
             return i, exc
         return end, None
 
+    def _run_outputs(self, current: Batch, start: int, end: int, stopping: Callable[[], bool],
+                     outputs: list[Any], expand: Expand) -> tuple[int, Exception | None]:
+        """:meth:`_run_from` for a stage with no timeout: a plain result is one
+        output, kept with no call (what ``expand`` would give for it); any other
+        goes through ``expand``, still within its task."""
+        call, bodies, keep, plain = self.call, current.bodies, outputs.append, PLAIN
+        i = start
+        try:
+            for i in range(start, end):
+                if stopping():
+                    return i, None
+                result = call(bodies[i])
+                kind = type(result)
+                if kind in plain or (kind is int and -(2**63) <= result < 2**64):
+                    keep(result)
+                else:
+                    outputs.extend(expand(result))
+        except Exception as exc:  # the task's failure; a BaseException stops us
+            return i, exc
+        return end, None
+
     def _run_watched(self, current: Batch, start: int, end: int, stopping: Callable[[], bool],
-                     keep: Callable[[Any], Any] | None) -> tuple[int, Exception | None]:
+                     outputs: list[Any] | None) -> tuple[int, Exception | None]:
         """:meth:`_run_from` with the timeout watch told which task runs."""
+        keep = outputs.extend if outputs is not None else None
         call, mark, bodies = self.call, self.mark, current.bodies
         assert mark is not None
         i = start

@@ -59,7 +59,15 @@ from typing import Any
 
 from pcq.backends.base import MAX_BATCH, TARGET_BATCH_SECONDS, Failure, Lease, Queue, poisoned
 from pcq.envelope import Batch, Envelope
-from pcq.runners import AsyncRunner, Finished, InlineRunner, Runner, ThreadRunner, expired
+from pcq.runners import (
+    AsyncRunner,
+    Finished,
+    InlineRunner,
+    Runner,
+    ThreadRunner,
+    expired,
+    with_outputs,
+)
 from pcq.settings import IDLE_WAIT, StageSettings
 
 #: At concurrency 1, the longest a lease may run (measured) for the next one to
@@ -75,7 +83,7 @@ POLL = 0.02
 class Handling:
     """What the loop asks of its consumer (:meth:`pcq.roles.Consumer.handling`)."""
 
-    #: Runs one task's body; for a stage (``outputs``) it returns a list of outputs.
+    #: Runs one task's body.
     call: Callable[[Any], Any]
     is_async: bool
     #: A failed attempt at ``batch``'s task ``index``: its Failure (retry or dead
@@ -87,7 +95,9 @@ class Handling:
     #: The consumer's tally of an acknowledged lease: (handled, failures).
     count: Callable[[int, list[Failure]], None]
     stopping: Callable[[], bool]
-    outputs: bool = False
+    #: A stage's: the list of outputs a result of ``call`` gives, made within
+    #: its task (:func:`~pcq.runners.with_outputs`).  None: nothing is kept.
+    expand: Callable[[Any], list[Any]] | None = None
     #: Told which task runs inline ('' : none), for a supervisor's timeout kill.
     mark: Callable[[str], None] | None = None
 
@@ -211,10 +221,10 @@ class Slots:
         """Run the lease's tasks not started yet in this thread, until a stop;
         False if none ran."""
         assert self._inline is not None
-        keep = entry.outputs.extend if self._h.outputs else None
+        outputs = entry.outputs if self._h.expand is not None else None
         began = time.perf_counter()
         entry.batch, entry.index, ran, failures = self._inline.run_lease(
-            entry.lease.batches, entry.batch, entry.index, self._h.stopping, keep)
+            entry.lease.batches, entry.batch, entry.index, self._h.stopping, outputs)
         entry.busy += time.perf_counter() - began
         entry.left -= ran
         entry.handled += ran
@@ -274,7 +284,7 @@ class Slots:
         entry.busy += seconds
         if error is not None:
             self._fail(entry, batch, index, error)
-        elif self._h.outputs:
+        elif self._h.expand is not None:
             entry.outputs.extend(result)
 
     def _until_overdue(self) -> float:
@@ -340,13 +350,17 @@ def consume(queue: Queue, handling: Handling, settings: StageSettings) -> None:
     once, with the runner that concurrency and handler need."""
     finished: SimpleQueue[Finished] = SimpleQueue()
     runner: InlineRunner | Runner
-    if settings.concurrency == 1:
-        runner = InlineRunner(handling.call, is_async=handling.is_async,
-                              timeout=settings.timeout, mark=handling.mark)
-    elif handling.is_async:
-        runner = AsyncRunner(handling.call, settings.timeout, finished)
+    call = handling.call
+    if settings.concurrency == 1:  # it makes a stage's outputs within each task itself
+        runner = InlineRunner(call, is_async=handling.is_async, timeout=settings.timeout,
+                              mark=handling.mark, expand=handling.expand)
     else:
-        runner = ThreadRunner(handling.call, settings.concurrency, finished)
+        if handling.expand is not None:  # a task's outputs are made in its thread or task
+            call = with_outputs(call, handling.expand, handling.is_async)
+        if handling.is_async:
+            runner = AsyncRunner(call, settings.timeout, finished)
+        else:
+            runner = ThreadRunner(call, settings.concurrency, finished)
     try:
         Slots(queue, handling, settings, runner, finished).run()
     finally:

@@ -4,9 +4,10 @@ A :class:`Stage` is a :class:`~pcq.roles.Consumer` with a target queue ``to``.
 What its handler gives for a task becomes tasks of ``to``: a plain function's
 return value is one output (``None`` included), a generator's yields are zero or
 more (so a stage can filter and fan out).  One mechanism carries them, at every
-concurrency: each task returns its outputs as a list (:meth:`Stage._task`), the
-consume loop (:mod:`pcq.slots`) keeps that list with the task's lease — only for
-a task that succeeded, within its timeout — and the lease's ack
+concurrency: each task's result becomes its list of outputs within the task
+(:func:`as_outputs`, which :meth:`Stage._task` names), the consume loop
+(:mod:`pcq.slots`) keeps that list with the task's lease — only for a task that
+succeeded, within its timeout — and the lease's ack
 (:meth:`Stage._settle`) puts them on ``to`` by the same atomic step that
 acknowledges the lease (``Queue.ack(..., outputs=, to=)``).  So each task's
 outputs reach the next queue exactly once, while the handler itself still runs
@@ -32,11 +33,11 @@ from collections.abc import Callable
 from typing import Any
 
 from pcq.backends.base import Failure, Lease, Queue
-from pcq.envelope import Batch, Envelope, check_encodable, pack_value
+from pcq.envelope import PLAIN, Batch, Envelope, check_encodable, pack_value
 from pcq.errors import ConfigError, SerializationError
 from pcq.map_text import chunk_error, chunk_text, chunk_traceback
 from pcq.roles import Consumer
-from pcq.settings import IDLE_WAIT, is_async_handler
+from pcq.settings import IDLE_WAIT
 
 
 def finished(q: Queue) -> bool:
@@ -61,16 +62,12 @@ def outputs_of(result: Any) -> list[Any]:
     return [result]
 
 
-#: Types msgpack always encodes (an int only within 64 bits): no need to try.
-_PLAIN = frozenset({type(None), bool, float, str, bytes})
-
-
 def _check(outputs: list[Any]) -> None:
     """SerializationError unless every output can travel; plain values are
     recognised by type, so a stage of small values pays no trial encoding."""
     for value in outputs:
         kind = type(value)
-        if kind in _PLAIN or (kind is int and -(2**63) <= value < 2**64):
+        if kind in PLAIN or (kind is int and -(2**63) <= value < 2**64):
             continue
         check_encodable(outputs)
         return
@@ -80,11 +77,12 @@ class Stage(Consumer):
     """A consumer that puts what ``handle`` gives on queue ``to`` (see the module
     docstring); the other arguments are :class:`~pcq.roles.Consumer`'s.
 
-    Each task returns its outputs as a list — a generator is run to its end
-    inside the task (and its timeout), and every output is checked to travel:
-    either failure is the task's.  The consume loop keeps a task's list with
-    its lease and hands them to :meth:`_settle`, which puts them with the
-    lease's ack: one mechanism at every concurrency."""
+    Each task's result becomes its list of outputs (:func:`as_outputs`) inside
+    the task — a generator is run to its end there (and within its timeout),
+    and every output is checked to travel: either failure is the task's.  The
+    consume loop keeps a task's list with its lease and hands them to
+    :meth:`_settle`, which puts them with the lease's ack: one mechanism at
+    every concurrency."""
 
     def __init__(
         self,
@@ -98,23 +96,14 @@ class Stage(Consumer):
         queue._check_target(to)
         self.to = to
 
-    def _task(self) -> tuple[Callable[[Any], Any], bool]:
-        handler = self._handler()
-        if is_async_handler(handler):
-
-            async def task_async(item: Any) -> list[Any]:
-                return as_outputs(await handler(item))
-
-            return task_async, True
-
-        def task(item: Any) -> list[Any]:
-            return as_outputs(handler(item))
-
-        return task, True
+    def _task(self) -> tuple[Callable[[Any], Any], Callable[[Any], list[Any]] | None]:
+        return self._handler(), as_outputs
 
     def _settle(self, lease: Lease, failures: list[Failure], give_back: list[Envelope],
                 outputs: list[Any], take: int) -> Lease | None:
-        if outputs:  # a full next queue holds this stage back, as it would a producer
+        if outputs and not self.queue.parks_outputs:
+            # A full next queue holds this stage back, as it would a producer
+            # (a backend with parks_outputs holds the ack itself).
             self.to.wait_for_room(lambda: self._stopping)
         if take:
             return self.queue.ack_and_take(lease, failures, give_back, take, IDLE_WAIT,
@@ -126,6 +115,7 @@ class Stage(Consumer):
         # A consumer that replaces one killed between its last ack and this
         # check finds its input finished already: it closes the output too.
         close_if_finished(self.queue, self.to)
+        self.queue.unpark_when(lambda: self._stopping)
         super().consume()
         if not self._stopping:  # left at its sentinel, after its last ack
             close_if_finished(self.queue, self.to)
@@ -142,11 +132,15 @@ def as_outputs(result: Any) -> list[Any]:
     else the value itself (``None`` included); SerializationError unless every
     output can travel."""
     kind = type(result)
-    if kind in _PLAIN or (kind is int and -(2**63) <= result < 2**64):  # the common case
+    if kind in PLAIN or (kind is int and -(2**63) <= result < 2**64):  # the common case
         return [result]
     outputs = list(result) if kind is types.GeneratorType else [result]
     _check(outputs)
     return outputs
+
+
+def _one(result: Any) -> list[Any]:
+    return [result]
 
 
 class ChunkFailed(Exception):
@@ -180,15 +174,16 @@ class ResultStage(Stage):
         start, items = item
         func = self._handle or super().handle
         values: list[Any] = []
-        keep = values.append
         errors: dict[int, str] = {}
         first: Exception | None = None
-        for k, body in enumerate(items):
+        results = map(func, items)  # the items' loop in C, as in a Pool worker
+        while True:
             try:
-                keep(func(body))
-            except Exception as exc:
-                keep(None)
-                errors[k] = f"{type(exc).__name__}: {exc}"
+                values.extend(results)  # keeps what came before an item that raised
+                break
+            except Exception as exc:  # item len(values) failed; the rest go on
+                errors[len(values)] = f"{type(exc).__name__}: {exc}"
+                values.append(None)
                 first = first or exc
         try:
             packed = pack_value([start, values, errors or None])
@@ -204,9 +199,8 @@ class ResultStage(Stage):
             raise ChunkFailed(chunk_error(start, len(items), errors), packed) from first
         return packed  # one output
 
-    def _task(self) -> tuple[Callable[[Any], Any], bool]:
-        handle = self.handle  # no generator unrolling: a chunk gives one packed result
-        return (lambda item: [handle(item)]), True
+    def _task(self) -> tuple[Callable[[Any], Any], Callable[[Any], list[Any]] | None]:
+        return self.handle, _one  # no generator unrolling: a chunk gives one packed result
 
     def task_text(self, env: Envelope) -> str:
         start, items = env.body

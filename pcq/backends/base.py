@@ -108,6 +108,10 @@ class Queue(SupervisorHooks, StatusHooks):
     #: them in any order (a consumer with ``--concurrency`` takes a new lease
     #: whenever slots are free); False: one lease at a time.
     multiple_leases: ClassVar[bool] = False
+    #: True when the backend holds a stage's ack whose outputs find their queue
+    #: full until there is room, as it holds a put (the lease in flight); False:
+    #: the stage waits for room before it sends (:meth:`wait_for_room`).
+    parks_outputs: ClassVar[bool] = False
 
     #: False after ``ack`` (or ``ack_and_take``) of a stale lease: nothing was
     #: applied, so a consumer must not count its tasks as its own work.
@@ -363,6 +367,10 @@ class Queue(SupervisorHooks, StatusHooks):
         while self._ready_now() >= self.maxsize and not stop():
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+    def unpark_when(self, stopping: Callable[[], bool]) -> None:  # optional hook: no-op
+        """In a stage's consumer: with ``parks_outputs``, an ack of its held back
+        for room goes through once ``stopping()``, over the bound."""
 
     def _ready_now(self) -> int:
         """Tasks ready now (a backend may answer more cheaply than counters())."""

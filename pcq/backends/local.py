@@ -24,14 +24,16 @@ Design points others build on:
     "put these outputs on queue B and acknowledge this lease on queue A" — is
     atomic by construction.  That is what a stage's ack is (``_ack_out``: an ACK
     or ACK_TAKE request whose tail names B, carries the outputs, and the tasks
-    each holds); a stale lease puts nothing.  B's room is not checked there: the
-    stage waits for room before it sends (``Queue.wait_for_room``).
+    each holds); a stale lease puts nothing.  While B is full the broker holds
+    that request back as it holds a put, and applies it whole once there is
+    room (``parks_outputs``): the stage needs no look at B's counters first.
 (b) A connection may hold several leases at once, acknowledged independently
     (each take returns a lease id; an ack names it).
 (c) The wire (operations, request shapes) lives in ``local_wire``, this
     process's connections and read-ahead in ``local_client``, the
-    broker's loop and dispatch in ``local_broker``, its connections in
-    ``local_conn``, the per-queue books in ``local_ledger``.
+    broker's dispatch in ``local_broker``, its sockets and loop in
+    ``local_loop``, its connections in ``local_conn``, the per-queue books
+    in ``local_ledger``.
 
 Backpressure counts tasks: a put is admitted while fewer than ``maxsize`` tasks
 are ready, so ready may exceed ``maxsize`` by at most one batch.  A batch holds
@@ -79,6 +81,7 @@ class LocalQueue(Channel, Queue):
     backend = "local"
     one_message_per_batch = True
     multiple_leases = True  # leases live per connection, each acknowledged by its id
+    parks_outputs = True  # the broker holds an ack with outputs while their queue is full
 
     def __init__(
         self,
@@ -227,7 +230,8 @@ class LocalQueue(Channel, Queue):
         if not lease.receipt:
             return
         self._applied(self._call(Op.ACK, *self._ack_fields(lease, outcome, to),
-                                 point="give-back" if outcome.give_back else "ack"))
+                                 point="give-back" if outcome.give_back else "ack",
+                                 parks=bool(outcome.outputs)))
 
     def _applied(self, applied: Any) -> None:
         """A lease the broker no longer held (set aside for a kill, or its
@@ -283,12 +287,14 @@ class LocalQueue(Channel, Queue):
         outcome = self._outcome(lease, failures, give_back, outputs, to)
         fields = [*self._ack_fields(lease, outcome, to), max(1, max_tasks)]
         point = "give-back" if outcome.give_back else "ack"
+        parks = bool(outcome.outputs)  # the broker holds it while ``to`` is full
         reply = self._taken_ahead()
         if reply is not None:  # run it now; the next one comes while it runs
-            self._call(Op.ACK_TAKE, *fields, 0, True, point=point, reply=False)
+            self._call(Op.ACK_TAKE, *fields, 0, True, point=point, reply=False, parks=parks)
         else:
             reply = self._then_ahead(self._call(Op.ACK_TAKE, *fields, timeout, False,
-                                                point=point, take=True), max_tasks)
+                                                point=point, take=True, parks=parks),
+                                     max_tasks)
         got = self._leased(reply)
         return None if got is None else self._lease(*got)
 

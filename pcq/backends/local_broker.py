@@ -18,8 +18,9 @@ Why a thread, not a process: the owner's death must end the queue anyway (its
 children die with it through PDEATHSIG), a thread dies with it for free, and
 the owner's own calls need no process to be spawned or reaped.  The fork hazard
 of a threaded parent is handled by an after-fork hook that closes the broker's
-sockets in every child: a child never touches the broker's state (it only
-reads, once, which run each queue was in when it was forked).  A threaded
+sockets in every child (``local_loop``, the sockets and the loop of the
+thread): a child never touches the broker's state (it only reads, once, which
+run each queue was in when it was forked).  A threaded
 owner also means a child may get PDEATHSIG twice — when the forking thread
 dies, while getppid() still names the owner, and when the process is gone —
 which ``roles`` allows for.
@@ -27,27 +28,18 @@ which ``roles`` allows for.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
-import logging
-import os
-import selectors
-import socket
-import tempfile
-import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from pcq.backends import local_wire as wire
 from pcq.backends.local_conn import Conn, Taker
-from pcq.backends.local_ledger import Ledger, Seizures
+from pcq.backends.local_ledger import Ledger, Seizures, Waiting
+from pcq.backends.local_loop import Loop
 from pcq.backends.local_wire import Op
-
-log = logging.getLogger("pcq")
 
 #: What an operation's handler returns when it answers later, or never.
 NO_REPLY: Any = object()
@@ -55,35 +47,20 @@ NO_REPLY: Any = object()
 Handler = Callable[[Conn, Ledger, Any], Any]
 
 
-class Broker:
-    """The thread that serves every connection of one local-queue family."""
+class Broker(Loop):
+    """The thread that serves every connection of one local-queue family
+    (its sockets and loop: :class:`~pcq.backends.local_loop.Loop`)."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="pcq-local-")  # mode 0700: ours alone
-        self.address = os.path.join(self.dir, "broker.sock")
+        super().__init__()
         self.ledgers: dict[str, Ledger] = {}
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self.address)
-        self._listener.listen(128)
-        self._listener.setblocking(False)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._listener, selectors.EVENT_READ, "listen")
-        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._conns: set[Conn] = set()
         self._seized = Seizures()
         self._deadlines: list[tuple[float, int, Taker]] = []
         self._tiebreak = itertools.count()
-        self._stopping = False
-        self._owner = os.getpid()
         #: In a forked child: each queue's epoch at the fork, whether it was idle,
         #: and how many close() calls it had seen.
         self.forked_in: dict[str, tuple[int, bool, int]] = {}
         self._ops = self._table()
-        self._thread = threading.Thread(target=self._run, name="pcq-broker", daemon=True)
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: _close_in_child(ref))
 
     def open(self, name: str, maxsize: int, max_deliveries: int) -> Ledger:
         ledger = self.ledgers.get(name)
@@ -91,46 +68,12 @@ class Broker:
             ledger = self.ledgers[name] = Ledger(name, maxsize, max_deliveries)
         return ledger
 
-    def start(self) -> None:
-        self._thread.start()
+    def _forked(self) -> None:
+        # A child reads, once, which run each queue was in when it was forked.
+        self.forked_in = {name: (lg.epoch, lg.state() == "idle", lg.closes)
+                          for name, lg in self.ledgers.items()}
 
-    def stop(self) -> None:
-        """Stop the thread and close every socket (in the owner process only)."""
-        if os.getpid() != self._owner or self._stopping:
-            return
-        self._stopping = True
-        if self._thread.is_alive():
-            self._wake_w.send(b"x")
-            self._thread.join()
-        self._close_all()
-        for name in os.listdir(self.dir):
-            os.unlink(os.path.join(self.dir, name))
-        os.rmdir(self.dir)
-
-    def _close_all(self) -> None:
-        for conn in self._conns:
-            conn.sock.close()
-        self._conns.clear()
-        self._sel.close()
-        for sock in (self._listener, self._wake_r, self._wake_w):
-            sock.close()
-
-    # ------------------------------------------------------------------ the loop
-
-    def _run(self) -> None:
-        while not self._stopping:
-            for key, mask in self._sel.select(self._wait()):
-                if key.data == "listen":
-                    self._accept()
-                elif key.data == "wake":
-                    self._wake_r.recv(64)
-                else:
-                    conn: Conn = key.data
-                    if mask & selectors.EVENT_WRITE:
-                        self._flush(conn)
-                    if mask & selectors.EVENT_READ and not conn.closed:
-                        self._read(conn)
-            self._tick()
+    # ------------------------------------------------------------------ the clock, the ends
 
     def _wait(self) -> float | None:
         soonest: float | None = None
@@ -158,68 +101,16 @@ class Broker:
             if ledger.takers and ledger.takers[0].done:
                 ledger.takers = deque(t for t in ledger.takers if not t.done)
 
-    def _accept(self) -> None:
-        try:
-            sock, _ = self._listener.accept()
-        except BlockingIOError:
-            return
-        sock.setblocking(False)
-        conn = Conn(sock)
-        self._conns.add(conn)
-        self._sel.register(sock, selectors.EVENT_READ, conn)
-
-    def _read(self, conn: Conn) -> None:
-        requests = conn.requests()
-        if requests is None:
-            self._drop(conn, died=True)
-            return
-        for payload in requests:
-            try:
-                self._handle(conn, payload)
-            except Exception as exc:  # one client's frame never stops the broker
-                self._refuse(conn, exc)
-
-    def _refuse(self, conn: Conn, exc: Exception) -> None:
-        """A request that could not be applied: drop its connection (its leases
-        go back as for a death), log one line, serve everyone else."""
-        why = str(exc) if isinstance(exc, wire.BadRequest) else f"{type(exc).__name__}: {exc}"
-        log.warning("pcq: warning: local broker dropped the connection of process %s: %s",
-                    conn.pid or "?", why)
-        self._drop(conn, died=True)
-
-    def _reply(self, conn: Conn, value: Any) -> None:
-        if conn.closed:
-            return
-        try:
-            waits = conn.write(wire.frame(value))
-        except OSError:
-            self._drop(conn, died=True)
-            return
-        if waits:
-            self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
-
-    def _flush(self, conn: Conn) -> None:
-        try:
-            flushed = conn.flush()
-        except OSError:
-            self._drop(conn, died=True)
-            return
-        if flushed:
-            self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
-
     def _drop(self, conn: Conn, died: bool) -> None:
         """A connection ended: without a detach, its process died holding its
         leases and its producer registrations."""
         if conn.closed:
             return
-        conn.closed = True
+        self._close(conn)
         died = died and not conn.killed
-        self._sel.unregister(conn.sock)
-        conn.sock.close()
-        self._conns.discard(conn)
         touched: set[Ledger] = set()
         for lease_id, (ledger, items) in conn.leases.items():
-            moved = ledger.returned(items, died and lease_id != conn.ahead)  # never started
+            moved = ledger.returned(items, died and conn.running(lease_id))
             if died and moved:
                 ledger.unreported[conn.pid] = ledger.unreported.get(conn.pid, 0) + moved
             touched.add(ledger)
@@ -251,7 +142,7 @@ class Broker:
     def _table(self) -> dict[Op, Handler]:
         return {
             Op.HELLO: self._hello, Op.PUT: self._put, Op.TAKE: self._take, Op.ACK: self._ack,
-            Op.ACK_TAKE: self._ack_take, Op.COST: self._cost,
+            Op.ACK_TAKE: self._ack, Op.UNPARK: self._unpark, Op.COST: self._cost,
             Op.COUNTERS: lambda c, lg, r: lg.counters(),
             Op.COST_NOW: lambda c, lg, r: lg.cost_ns,
             Op.ATTACH_CONSUMER: lambda c, lg, r: lg.attach_consumer(c, r.born, r.closes),
@@ -327,7 +218,7 @@ class Broker:
         if ledger.room() and not ledger.putters:
             self._admit(conn, ledger, req.messages, req.tasks)
         else:
-            ledger.putters.append((conn, req.messages, req.tasks))
+            ledger.putters.append(Waiting(conn, req, None))
         self._serve(ledger)
         return NO_REPLY
 
@@ -382,24 +273,76 @@ class Broker:
             return True
         return False
 
-    def _ack(self, conn: Conn, ledger: Ledger, req: wire.Ack) -> Any:
+    # A stage's ack with outputs is a put on their queue too, and is held back
+    # as a put is: while that queue is full it waits in its ``putters``, in
+    # arrival order with the puts, and is applied whole once there is room
+    # (``_serve``), so the outputs and the ack stay one step.  Its lease stays
+    # in flight meanwhile: a death returns it (fresh: its tasks had finished,
+    # ``Conn.parked``) and its outputs were never put.  A consumer that is
+    # stopping sends UNPARK: its ack goes through over the bound, so a stop
+    # never waits for the next stage.
+
+    def _ack(self, conn: Conn, ledger: Ledger, req: wire.Ack | wire.AckTake) -> Any:
+        target = self._target(req)
+        if target is not None and self._parks(conn, ledger, target, req):
+            return NO_REPLY
+        return self._acked(conn, ledger, target, req)
+
+    def _acked(self, conn: Conn, ledger: Ledger, target: Ledger | None,
+               req: wire.Ack | wire.AckTake) -> Any:
+        """Apply an ack (and the take of an ACK_TAKE); its reply."""
         applied = req.lease_id in conn.leases  # else stale: it commits nothing
-        self._settle_lease(conn, ledger, req)
+        self._settle_lease(conn, ledger, target, req)
+        if isinstance(req, wire.AckTake):
+            return self._take(conn, ledger, req)
         return applied
 
-    def _ack_take(self, conn: Conn, ledger: Ledger, req: wire.AckTake) -> Any:
-        self._settle_lease(conn, ledger, req)
-        return self._take(conn, ledger, req)
+    def _target(self, req: wire.Ack | wire.AckTake) -> Ledger | None:
+        if req.to is None:
+            return None
+        target = self.ledgers.get(req.to)
+        if target is None or len(req.counts) != len(req.outputs):
+            raise wire.BadRequest(f"outputs for no queue named {req.to!r}")
+        return target
 
-    def _settle_lease(self, conn: Conn, ledger: Ledger, req: wire.Ack | wire.AckTake) -> None:
-        """Settle a lease; with outputs (a stage's), put them on their queue in
+    def _parks(self, conn: Conn, ledger: Ledger, target: Ledger,
+               req: wire.Ack | wire.AckTake) -> bool:
+        """Hold an ack whose outputs find ``target`` full, as a put would be."""
+        if (target.room() and not target.putters) or not req.outputs \
+                or req.lease_id not in conn.leases:
+            return False
+        if conn.parked:  # one request at a time on a connection
+            raise wire.BadRequest("an ack sent while another waits for room")
+        target.putters.append(Waiting(conn, req, ledger))
+        conn.park(req.lease_id)
+        return True
+
+    def _let_through(self, conn: Conn, waiting: Waiting, target: Ledger) -> None:
+        """Apply a parked ack now, and answer it."""
+        owner = waiting.owner
+        assert owner is not None
+        conn.parked = 0  # also if its lease was seized meanwhile (then it is stale)
+        reply = self._acked(conn, owner, target, waiting.request)
+        if reply is not NO_REPLY:
+            self._reply(conn, reply)
+        self._serve(owner)
+
+    def _unpark(self, conn: Conn, ledger: Ledger, req: wire.Nothing) -> Any:
+        """``conn``'s consumer is stopping: its parked ack goes through now."""
+        for target in self.ledgers.values():
+            for waiting in target.putters:
+                if waiting.conn is conn and waiting.owner is not None:
+                    target.putters.remove(waiting)
+                    self._let_through(conn, waiting, target)
+                    self._serve(target)
+                    return NO_REPLY
+        return NO_REPLY  # answered already: room came first
+
+    def _settle_lease(self, conn: Conn, ledger: Ledger, target: Ledger | None,
+                      req: wire.Ack | wire.AckTake) -> None:
+        """Settle a lease; with outputs (a stage's), put them on ``target`` in
         the same step.  A stale lease (handed back or settled already) counts
         nothing and puts nothing."""
-        target = None
-        if req.to is not None:
-            target = self.ledgers.get(req.to)
-            if target is None or len(req.counts) != len(req.outputs):
-                raise wire.BadRequest(f"outputs for no queue named {req.to!r}")
         if req.cost:
             ledger.note_cost(req.cost)
         entry = conn.leases.pop(req.lease_id, None)
@@ -419,8 +362,12 @@ class Broker:
         while True:
             moved = False
             while ledger.putters and ledger.room():
-                conn, messages, tasks = ledger.putters.popleft()
-                self._admit(conn, ledger, messages, tasks)
+                waiting = ledger.putters.popleft()
+                if waiting.owner is None:
+                    self._admit(waiting.conn, ledger, waiting.request.messages,
+                                waiting.request.tasks)
+                else:
+                    self._let_through(waiting.conn, waiting, ledger)
                 moved = True
             if ledger.takers and (ledger.has_ready() or ledger.closed):
                 moved = self._serve_takers(ledger) or moved
@@ -442,15 +389,3 @@ class Broker:
             ledger.takers = deque(t for t in ledger.takers if not t.done)
         return served
 
-
-def _close_in_child(ref: weakref.ref[Broker]) -> None:
-    """In a forked child: close the broker's sockets (its thread did not follow),
-    and note each queue's run as it was when the child was forked."""
-    broker = ref()
-    if broker is None or broker._stopping:
-        return
-    broker.forked_in = {name: (lg.epoch, lg.state() == "idle", lg.closes)
-                        for name, lg in broker.ledgers.items()}
-    broker._stopping = True
-    with contextlib.suppress(OSError):
-        broker._close_all()

@@ -13,13 +13,18 @@ next call.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pcq.backends import local_wire as wire
 from pcq.backends.local_wire import Op
 from pcq.errors import BackendUnavailable
+
+#: How often a consumer whose ack waits for room looks whether it is stopping.
+PARKED_POLL = 0.05
 
 
 class Channel:
@@ -44,10 +49,12 @@ class Channel:
         self._read_ahead = False  # see read_ahead
         self._ahead_sent = False  # a take-ahead request whose reply is not read yet
         self._ahead: Any = None  # its reply, read: the lease taken ahead, or None
+        self._ahead_parks = False  # that request was an ack that may wait for room
+        self._stopping: Callable[[], bool] | None = None  # see unpark_when
 
     #: What __getstate__ leaves out: it belongs to this process.
     CHANNEL_STATE = ("_pid", "_sock", "_lock", "_side", "_side_lock", "_read_ahead",
-                     "_ahead_sent", "_ahead")
+                     "_ahead_sent", "_ahead", "_ahead_parks", "_stopping")
 
     def _here(self) -> None:
         if self._pid != os.getpid():  # forked: the parent's connections are not ours
@@ -70,12 +77,13 @@ class Channel:
         return sock
 
     def _call(self, op: Op | None, *args: Any, point: str = "", take: bool = False,
-              reply: bool = True) -> Any:
+              reply: bool = True, parks: bool = False) -> Any:
         """One request and its reply on this process's connection (``reply=False``:
-        a take-ahead, whose reply the next call reads; ``op`` None: only that).  Anything that
-        interrupts it (a signal's exception, a dead broker) closes the
-        connection, so the next call starts clean; the broker settles what the
-        closed connection held."""
+        a take-ahead, whose reply the next call reads; ``op`` None: only that;
+        ``parks``: an ack with outputs, which may wait in the broker for room).
+        Anything that interrupts it (a signal's exception, a dead broker)
+        closes the connection, so the next call starts clean; the broker
+        settles what the closed connection held."""
         self._here()
         with self._lock:
             if self._sock is None:
@@ -84,20 +92,41 @@ class Channel:
             try:
                 if self._ahead_sent:  # the broker answers in order: that reply first
                     self._ahead_sent = False
-                    self._ahead = wire.receive(sock, "take")
+                    self._ahead = self._receive(sock, "take", self._ahead_parks)
                 if op is None:
                     return None
                 wire.send(sock, wire.request(op, self.name, *args), point)
                 if not reply:
-                    self._ahead_sent = True
+                    self._ahead_sent, self._ahead_parks = True, parks
                     return None
-                return wire.receive(sock, "take" if take else "")
+                return self._receive(sock, "take" if take else "", parks)
             except BaseException as exc:
                 self._sock, self._ahead_sent, self._ahead = None, False, None
                 sock.close()
                 if isinstance(exc, OSError):
                     raise BackendUnavailable(f"local queue {self.name!r}: {exc}") from exc
                 raise
+
+    def _receive(self, sock: socket.socket, point: str, parks: bool) -> Any:
+        """The reply to the request sent last.  An ack that may wait for room
+        is waited for with an eye on this consumer's stop request: once it
+        stops, UNPARK lets the ack through (a stop never waits for the next
+        stage)."""
+        stopping = self._stopping
+        if parks and stopping is not None:
+            ready = select.poll()  # not select(): a handler's process may hold 1024 fds
+            ready.register(sock, select.POLLIN)
+            while not ready.poll(PARKED_POLL * 1000):
+                if stopping():
+                    wire.send(sock, wire.request(Op.UNPARK, self.name))
+                    break
+        return wire.receive(sock, point)
+
+    def unpark_when(self, stopping: Callable[[], bool]) -> None:
+        """A stage's consumer (in its process) says how to tell it is stopping:
+        an ack of its that waits for room goes through once ``stopping()``."""
+        self._here()
+        self._stopping = stopping
 
     def _ask(self, op: Op, *args: Any, reply: bool = True) -> Any:
         """A question on the side connection (never blocks in the broker);

@@ -39,12 +39,35 @@ class Conn:
     #: The lease taken ahead (read-ahead, ``local_wire.Take``), not started
     #: while another lease is held here: a death counts none against it.  0: none.
     ahead: int = 0
+    #: The lease whose ack (with outputs) waits in the broker for room on its
+    #: outputs' queue: its tasks have finished, so a death counts none against
+    #: it either (they go back, fresh, and their outputs were never put).  0: none.
+    parked: int = 0
 
     def settled(self, lease_id: int) -> None:
-        """Lease ``lease_id`` left this connection: a lease taken ahead starts
-        (the consumer runs it as soon as it sent that ack) once it is the last."""
-        if self.ahead == lease_id or (self.ahead and len(self.leases) == 1):
+        """Lease ``lease_id`` left this connection."""
+        if self.parked == lease_id:
+            self.parked = 0
+        if self.ahead == lease_id:
             self.ahead = 0
+        self._ahead_starts()
+
+    def park(self, lease_id: int) -> None:
+        """The ack of lease ``lease_id`` waits for room; its consumer went on."""
+        self.parked = lease_id
+        self._ahead_starts()
+
+    def _ahead_starts(self) -> None:
+        # The consumer runs a lease taken ahead as soon as it has sent the ack
+        # of the one before: it starts once every other lease here is settled
+        # or waits in an ack.
+        if self.ahead and all(k in (self.ahead, self.parked) for k in self.leases):
+            self.ahead = 0
+
+    def running(self, lease_id: int) -> bool:
+        """Lease ``lease_id`` may be running here: neither taken ahead nor
+        finished and waiting in its ack.  A death counts against it only then."""
+        return lease_id not in (self.ahead, self.parked)
 
     def holding(self, ledger: Ledger) -> int:
         return sum(i.tasks for lg, items in self.leases.values() if lg is ledger for i in items)

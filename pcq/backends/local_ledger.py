@@ -55,6 +55,15 @@ class Item(NamedTuple):
     deaths: int = 0
 
 
+class Waiting(NamedTuple):
+    """A request parked until its queue has room: a put (``owner`` None), or a
+    stage's ack whose outputs go to this queue (``owner``: its lease's queue)."""
+
+    conn: Conn
+    request: Any
+    owner: Ledger | None
+
+
 class Settlement(Protocol):
     """What an acknowledgement settles (``local_wire.Ack``, ``AckTake``, ``Settle``)."""
 
@@ -97,7 +106,7 @@ class Ledger:
         self.producers: set[str] = set()
         self.consumers: dict[Conn, int] = {}  # conn -> epoch whose close stops it (-1: none)
         self.takers: deque[Taker] = deque()
-        self.putters: deque[tuple[Conn, list[bytes], int]] = deque()
+        self.putters: deque[Waiting] = deque()  # puts and stages' acks, in arrival order
         self.cost_ns = 0
         self.unreported: dict[int, int] = {}  # pid -> tasks returned after it died
         self._tiebreak = itertools.count()
@@ -160,8 +169,8 @@ class Ledger:
         self.produced += tasks
 
     def receive_outputs(self, messages: list[bytes], counts: list[int]) -> None:
-        """A stage's outputs, put as part of the ack of their lease.  No room
-        check: the stage waited for room before it sent them."""
+        """A stage's outputs, put as part of the ack of their lease (the broker
+        admitted that ack as it admits a put: see ``Broker._parks``)."""
         if self.closed:  # a new run of this queue, as for a put on Redis
             self.closed = False
             self.epoch += 1

@@ -2,8 +2,9 @@
 
 Every process talks to the broker over a Unix stream socket of its own.  A
 frame is a 4-byte little-endian length and a msgpack array ``[op, queue, *fields]``;
-the broker answers every request with one frame (a parked ``take`` or a ``put``
-on a full queue answers later; ``HELLO`` and ``COST`` are never answered).  Task
+the broker answers every request with one frame (a parked ``take``, a ``put``
+on a full queue or an ack whose outputs find their queue full answers later;
+``HELLO``, ``COST`` and ``UNPARK`` are never answered).  Task
 messages travel as opaque ``bytes``: the broker decodes them only to split a
 batch (a take that asks for fewer tasks, a dead consumer's batch).
 
@@ -68,6 +69,7 @@ class Op(enum.IntEnum):
     REQUEUE_DEAD = 20
     PURGE_DEAD = 21
     PURGE = 22
+    UNPARK = 23
 
 
 class BadRequest(Exception):
@@ -101,7 +103,10 @@ class Take(NamedTuple):
 
 class Ack(NamedTuple):
     """Settle lease ``lease_id``; with ``to``, put ``outputs`` (holding ``counts``
-    tasks each) on queue ``to`` in the same step."""
+    tasks each) on queue ``to`` in the same step.  While ``to`` is full the
+    whole request waits in the broker, as a put does, its lease still in
+    flight; an ``UNPARK`` from the same connection (its consumer is stopping)
+    lets it through over the bound."""
 
     lease_id: int
     done: int
@@ -246,6 +251,7 @@ SPECS: dict[int, Spec] = {spec.op: spec for spec in (
     _spec(Op.REQUEUE_DEAD, Nothing),
     _spec(Op.PURGE_DEAD, Nothing),
     _spec(Op.PURGE, Nothing),
+    _spec(Op.UNPARK, Nothing),
 )}
 
 

@@ -173,6 +173,20 @@ def test_next_keeps_a_map_running_until_it_is_closed():
     assert live_children() <= before
 
 
+@pytest.mark.timeout(60)
+def test_next_and_a_for_loop_may_share_a_map_and_see_each_result_once():
+    # Given an ordered map of small chunks, read by a for loop that also calls
+    # next() every fifth item (so next() crosses chunks under the loop)
+    got = []
+    with pcq.map(abs, range(600), workers=2, chunksize=7, ordered=True) as results:
+        for k, value in enumerate(results):
+            got.append(value)
+            if k % 5 == 0:
+                got.append(next(results, None))
+    # Then every result comes once, in order
+    assert [v for v in got if v is not None] == list(range(600))
+
+
 SCRIPTS = {
     # an item fails and nothing catches TaskFailed: the traceback, then exit 1
     "uncaught-task-failed": (

@@ -130,6 +130,23 @@ def test_a_result_stage_reports_a_failure_as_an_output(
     assert (q.counters().retried, q.counters().failed) == (1, 1)
 
 
+def test_a_result_stage_maps_every_item_after_failures_anywhere_in_a_chunk(
+    queues: tuple[RedisQueue, RedisQueue],
+) -> None:
+    # Given a chunk whose first, two middle ones in a row and last items fail
+    q, out = queues
+    q.put_many([[10, [0, 4, 0, 0, 2, 0]]])
+    q.close()
+    # When it runs out of retries
+    run_stage(ResultStage(q, lambda x: 8 // x, to=out))
+    out.attach_consumer()
+    # Then each item has its result or its own error, in its place
+    [(start, values, errors)] = [unpack_value(packed) for lease in drain(out) for packed in lease]
+    assert (start, values) == (10, [None, 2, None, None, 4, None])
+    assert sorted(errors) == [0, 2, 3, 5]
+    assert all("ZeroDivisionError" in e for e in errors.values())
+
+
 def test_outputs_of() -> None:
     assert outputs_of(None) == [None]
     assert outputs_of([1, 2]) == [[1, 2]]

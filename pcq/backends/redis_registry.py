@@ -376,21 +376,6 @@ class Registered(Queue):
 
         self._link.call(op)
 
-    def _ready_now(self) -> int:
-        k = self.keys
-
-        def op(client: redis.Redis) -> tuple[Any, Any]:
-            pipe = client.pipeline(transaction=False)
-            pipe.hget(k.counters, "queued")
-            pipe.llen(k.suspects)
-            queued, suspects = pipe.execute()
-            return queued, suspects
-
-        queued, suspects = self._link.call(op)
-        if queued is None:  # a queue from before `queued` was kept: counters.lua counts
-            return self.counters().ready
-        return int(queued) + int(suspects)
-
     def set_feeds(self, to: str) -> None:
         feeds = self.keys.feeds
         self._link.call(lambda client: client.set(feeds, to))

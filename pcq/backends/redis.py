@@ -26,12 +26,12 @@ hash), cut a message when a take wants fewer tasks than it holds, and cut a
 dead consumer's messages into one task each as they become suspects
 (``lib/batches.lua``).
 
-Blocking without polling: an idle consumer waits in ``BLMOVE ready ready RIGHT
-RIGHT``, which moves nothing (it takes the oldest element and puts it back where
-it was) but returns as soon as ready holds one; then it calls ``take``.  A
-producer held back by ``maxsize``
-waits in ``BLPOP space`` for the token that ``take`` pushes when it frees room
-below the ``maxsize`` the producer left in ``full``.  Both waits are capped (a
+Blocking without polling: an idle consumer waits in ``BLMOVE ready
+landing:<me>`` and runs the message it wakes for at once, one hop from the put
+(take, ack and reap first count a landed message into flight: see take.lua);
+a producer held back by ``maxsize``, or a stage whose next queue is full, waits
+in ``BLPOP space`` for the token that ``take`` pushes when it frees room below
+the ``maxsize`` left in ``full``.  Both waits are capped (a
 second or less), so an idle consumer also reaps, and a lost token costs a moment,
 not a hang.
 """

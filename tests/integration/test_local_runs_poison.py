@@ -78,7 +78,8 @@ def test_python_api_takes_max_deliveries() -> None:
             "print(s.failed, s.done, s.restarts)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    # one death was enough (the default, 3, takes three restarts); at 1 the tasks
-    # that shared the poison's lease when it first struck go with it
+    # one death was enough (the default, 3, takes three deaths); at 1 the tasks
+    # that shared the poison's lease when it first struck go with it.  The one
+    # death is replaced unless the other consumer finished the run first.
     failed, done, restarts = map(int, proc.stdout.split())
-    assert (failed + done, restarts) == (5, 1) and failed >= 1, proc.stderr[-2000:]
+    assert failed + done == 5 and failed >= 1 and restarts <= 1, proc.stderr[-2000:]

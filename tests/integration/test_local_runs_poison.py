@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from apps.jobs import handled
@@ -69,17 +70,20 @@ def test_a_crash_loop_restarts_consumers_with_a_backoff_and_ends(tmp_path):
     assert summary["elapsed_s"] > min(5.0, 0.1 * 2 ** (restarts - 2))
 
 
-def test_python_api_takes_max_deliveries() -> None:
-    code = ("import pcq, os\n"
+def test_python_api_takes_max_deliveries(tmp_path: Path) -> None:
+    code = ("import pcq, os, sys\n"
             "def produce(): return range(5)\n"
             "def handle(x):\n"
-            "    if x == 2: os._exit(1)\n"
+            "    if x == 2:\n"
+            "        open(os.path.join(sys.argv[1], f'died-{os.getpid()}'), 'w').close()\n"
+            "        os._exit(1)\n"
             "s = pcq.run(produce, handle, workers=2, max_deliveries=1)\n"
             "print(s.failed, s.done, s.restarts)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    # one death was enough (the default, 3, takes three deaths); at 1 the tasks
-    # that shared the poison's lease when it first struck go with it.  The one
-    # death is replaced unless the other consumer finished the run first.
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    # one death was enough (the default, 3, takes three); at 1 the tasks that
+    # shared the poison's lease when it first struck go with it.  The dead
+    # consumer is replaced unless the other one finished the run first.
     failed, done, restarts = map(int, proc.stdout.split())
     assert failed + done == 5 and failed >= 1 and restarts <= 1, proc.stderr[-2000:]
+    assert len(list(tmp_path.glob("died-*"))) == 1

@@ -100,17 +100,15 @@ class Queue(SupervisorHooks, StatusHooks):
 
     #: Name this backend is registered under ("local", "redis").
     backend: ClassVar[str]
-    #: True when a backend ships a batch of tasks as one message (both backends:
-    #: the local wire's unit, a Redis list element); False when every task is a
-    #: message of its own.
+    #: True when a backend ships a batch of tasks as one message (both built-in
+    #: backends do); False when every task is a message of its own.
     one_message_per_batch: ClassVar[bool] = False
     #: True when one consumer may hold several leases at once and acknowledge
     #: them in any order (a consumer with ``--concurrency`` takes a new lease
     #: whenever slots are free); False: one lease at a time.
     multiple_leases: ClassVar[bool] = False
-    #: True when the backend holds a stage's ack whose outputs find their queue
-    #: full until there is room, as it holds a put (the lease in flight); False:
-    #: the stage waits for room before it sends (:meth:`wait_for_room`).
+    #: True when the backend holds a stage's ack until its outputs' queue has
+    #: room, as it holds a put; False: the stage calls :meth:`wait_for_room` first.
     parks_outputs: ClassVar[bool] = False
 
     #: False after ``ack`` (or ``ack_and_take``) of a stale lease: nothing was
@@ -364,17 +362,13 @@ class Queue(SupervisorHooks, StatusHooks):
         if self.maxsize <= 0:
             return
         pause = 0.001
-        while self._ready_now() >= self.maxsize and not stop():
+        while self.counters().ready >= self.maxsize and not stop():
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
     def unpark_when(self, stopping: Callable[[], bool]) -> None:  # optional hook: no-op
         """In a stage's consumer: with ``parks_outputs``, an ack of its held back
         for room goes through once ``stopping()``, over the bound."""
-
-    def _ready_now(self) -> int:
-        """Tasks ready now (a backend may answer more cheaply than counters())."""
-        return self.counters().ready
 
     def note_task_cost(self, seconds_per_task: float) -> None:  # optional hook: no-op by default
         """Consumers report what a task costs, so producers can size batches."""

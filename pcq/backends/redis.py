@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -48,6 +47,7 @@ from typing import Any, cast
 import msgpack
 import redis
 
+from pcq.backends import redis_repair
 from pcq.backends.base import (
     MAX_BATCH,
     TARGET_BATCH_SECONDS,
@@ -64,9 +64,6 @@ from pcq.envelope import (
     TASKS_HEAD,
     Envelope,
     Sentinel,
-    decode_dead,
-    encode_envelope,
-    envelope_from_dead,
 )
 from pcq.errors import ConfigError
 
@@ -79,23 +76,25 @@ SPACE_WAIT = 0.25
 #: The same for a stage whose next queue is full: take.lua leaves one token,
 #: so a stage's other consumers waiting there ask again after this long.
 ROOM_WAIT = 0.05
-#: Dead letters read per requeue step.
-REQUEUE_CHUNK = 500
-
 
 
 def _runs_at_once(message: bytes, want: int) -> bool:
     """Whether a message an idle wait landed is run as it is: a message of
-    tasks, no more than wanted.  A sentinel (whose epoch take.lua judges), a
-    larger batch (which take.lua cuts) or anything else goes through take.lua."""
+    tasks, no more than wanted — read from its header alone (the lease decodes
+    the bodies).  A sentinel (whose epoch take.lua judges), a larger batch
+    (which take.lua cuts) or anything else goes through take.lua."""
     if not message.startswith(TASKS_HEAD):
         return False
+    header = msgpack.Unpacker()
+    header.feed(message)
     try:
-        fields = msgpack.unpackb(message)
+        header.read_array_header()
+        for _ in range(6):  # magic, kind, tag, seq, attempts, enqueued_at
+            header.skip()
+        count = int(header.read_array_header())
     except Exception:  # garbage: take.lua hands it out, and the lease dead-letters it
         return False
-    return isinstance(fields, list) and len(fields) == 7 and isinstance(fields[6], list) \
-        and 0 < len(fields[6]) <= want
+    return 0 < count <= want
 
 
 def _batch_id() -> str:
@@ -428,67 +427,16 @@ class RedisQueue(Registered):
     def fail_running(
         self, pid: int, task_id: str, failure: Callable[[Envelope], Failure]
     ) -> bool:
-        """Find task ``task_id`` in the in-flight list of the dead process ``pid``
-        and acknowledge it there, as that consumer would have, with
-        ``failure(envelope)``: ack.lua's checks make this safe against a reap."""
-        prefix = f"{socket.gethostname()}:{pid}:".encode()
-        k = self.keys
-
-        def lists(client: redis.Redis) -> list[tuple[str, list[bytes]]]:
-            members = cast("list[bytes]", client.zrange(k.consumer_beats, 0, -1))
-            ids = [m.decode() for m in members if m.startswith(prefix)]
-            # a landed message is in flight too (ack.lua absorbs it first)
-            return [(i, cast("list[bytes]", client.lrange(k.landing(i), 0, -1))
-                     + cast("list[bytes]", client.lrange(k.inflight(i), 0, -1))) for i in ids]
-
-        for consumer, messages in self._link.call(lists):
-            for message in messages:
-                lease = super()._lease([message], Receipt(consumer, [message]))
-                envs = list(lease.envelopes())
-                running = [env for env in envs if env.id == task_id]
-                if running:
-                    # The message's other tasks go back unstarted (those the
-                    # consumer ran before are run again: at least once).
-                    others = [env for env in envs if env.id != task_id]
-                    outcome = self._outcome(lease, [failure(running[0])], others)
-                    token = f"s{os.getpid()}.{self._token()}"  # not the consumer's own
-                    call = self._ack_call(lease.receipt, outcome, token, by="supervisor")
-                    return int(self._link.run("ack", *call, durable=True)[0]) == 1
-        return False
+        """Acknowledge task ``task_id`` of the dead consumer process ``pid`` as it
+        would have, with ``failure(envelope)`` (see :mod:`~pcq.backends.redis_repair`)."""
+        return redis_repair.fail_running(self, pid, task_id, failure)
 
     # ------------------------------------------------------------------ dead letters
 
     def requeue_dead(self) -> int:
-        """Put every dead-lettered task back in ready with its attempts reset.
-
-        A requeued task is pending again and no longer counted failed (``produced``
-        is unchanged: it was produced once).  It goes to the consumer end of ready,
-        as a retry does, so on a closed queue consumers handle it before they stop.
-        Letters that hold no task — the raw bytes of an undecodable message — stay
-        in dead.
-        """
-        k = self.keys
-        total = int(self._link.call(lambda client: client.llen(k.dead)))
-        seen = requeued = 0
-        while seen < total:
-            letters = self._read_dead(min(REQUEUE_CHUNK, total - seen))
-            if not letters:
-                break
-            fresh: list[bytes] = []
-            kept: list[bytes] = []
-            for letter in letters:
-                env = envelope_from_dead(decode_dead(letter))
-                if env is None:
-                    kept.append(letter)
-                else:
-                    fresh.append(encode_envelope(env))
-            fresh.reverse()  # the oldest letter ends rightmost: taken first
-            args = [len(letters), len(fresh), len(kept), *letters, *fresh, *kept]
-            n = int(self._run("requeue", args))
-            if n >= 0:  # -1: dead changed under us; read it again
-                seen += len(letters)
-                requeued += n
-        return requeued
+        """Put every dead-lettered task back in ready with its attempts reset
+        (see :func:`~pcq.backends.redis_repair.requeue_dead`)."""
+        return redis_repair.requeue_dead(self)
 
     def purge(self) -> int:
         return int(self._run("purge", [self.keys.inflight_prefix, self.keys.landing_prefix]))

@@ -107,16 +107,14 @@ class _MarkerChanged(RedisError):
 
 
 def load_script(name: str) -> str:
-    """The source of ``pcq/backends/<name>.lua``, after the Lua library
-    ``lib/batches.lua`` when its header says ``-- needs: batches``."""
+    """The source of ``pcq/backends/<name>.lua``, with ``lib/batches.lua`` after
+    its header (which says what the script is) when that says ``-- needs: batches``."""
     here = files("pcq.backends")
-    source = here.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-    if "\n-- needs: batches\n" in source:  # after the header, which says what the script is
-        library = here.joinpath("lib").joinpath("batches.lua").read_text(encoding="utf-8")
-        lines = source.splitlines(keepends=True)
+    lines = here.joinpath(f"{name}.lua").read_text(encoding="utf-8").splitlines(keepends=True)
+    if "-- needs: batches\n" in lines:
         body = next(i for i, line in enumerate(lines) if not line.startswith("--"))
-        source = "".join([*lines[:body], library, *lines[body:]])
-    return source
+        lines.insert(body, here.joinpath("lib").joinpath("batches.lua").read_text("utf-8"))
+    return "".join(lines)
 
 
 class Link:

@@ -2,7 +2,8 @@
 layout, each script's keys and take.lua's statuses are in
 :mod:`pcq.backends.redis_keys`; registrations, heartbeats and closing in
 :mod:`pcq.backends.redis_registry`; the connection in
-:mod:`pcq.backends.redis_link`).  This module holds the queue's moves.
+:mod:`pcq.backends.redis_link`; a killed consumer's task and dead letters
+in :mod:`pcq.backends.redis_repair`).  This module holds the queue's moves.
 
 Each move that must be atomic is one Lua script in a ``.lua`` file beside this
 module; each file opens with the keys it touches and the race it prevents:
